@@ -1,0 +1,105 @@
+"""Half Fine-Tuning (HFT), a comparison method: freeze a random half of the
+parameter matrices, re-drawn periodically."""
+
+from __future__ import annotations
+
+import itertools
+from typing import NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from gmt_optax import _masking
+
+
+class HFTState(NamedTuple):
+  """State of :func:`hft`.
+
+  Attributes:
+    count: updates done; the frozen set is re-drawn every ``period``.
+    rng_key: base key of the draws.
+    frozen: ``[num_selected]`` bools, the frozen leaves of the last update.
+    inner_state: state of the wrapped optimizer.
+  """
+
+  count: jax.Array
+  rng_key: jax.Array
+  frozen: jax.Array
+  inner_state: optax.OptState
+
+
+def _is_matrix(updates):
+  return jax.tree_util.tree_map(lambda x: getattr(x, "ndim", 0) >= 2, updates)
+
+
+def hft(
+    inner: optax.GradientTransformation,
+    *,
+    freeze_fraction: float = 0.5,
+    period: int = 100,
+    seed: int = 0,
+    mask: Optional[_masking.LeafMask] = None,
+) -> optax.GradientTransformationExtraArgs:
+  r"""Freezes a random ``freeze_fraction`` of the parameter matrices.
+
+  Every ``period`` updates, ``round(freeze_fraction * L)`` of the ``L``
+  selected leaves are drawn at random (uniformly, without replacement). A
+  frozen leaf gets a zero gradient into ``inner`` and a zero final update, so
+  it does not move at all (no momentum drift, no weight decay); the others are
+  updated by ``inner`` as usual. Leaves not selected always train.
+
+  This follows Hui et al. (2024) at the granularity of whole matrices, drawn
+  over the whole model rather than per block.
+
+  Args:
+    inner: the optimizer, e.g. ``optax.adamw(lr)``.
+    freeze_fraction: fraction of selected leaves frozen, in ``[0, 1]``.
+    period: updates between re-draws of the frozen set.
+    seed: seed of the draws.
+    mask: leaves taking part in the draw (pytree prefix of bools or callable,
+      as ``optax.masked``); default: every leaf with ``ndim >= 2``.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs`` with an :class:`HFTState`.
+
+  References:
+    Hui et al., `HFT: Half Fine-Tuning for Large Language Models
+    <https://arxiv.org/abs/2404.18466>`_, 2024.
+  """
+  if not 0.0 <= freeze_fraction <= 1.0:
+    raise ValueError(
+        f"freeze_fraction must be in [0, 1], got {freeze_fraction!r}.")
+  if not isinstance(period, int) or period < 1:
+    raise ValueError(f"period must be an int >= 1, got {period!r}.")
+  inner = optax.with_extra_args_support(inner)
+  mask = _is_matrix if mask is None else mask
+
+  def draw(rng_key, count, num_selected):
+    rng = jax.random.fold_in(rng_key, count // period)
+    num_frozen = round(freeze_fraction * num_selected)
+    return jax.random.permutation(rng, num_selected) < num_frozen
+
+  def freeze(tree, frozen):
+    leaves, treedef, selected = _masking.selected_leaves(tree, mask)
+    position = itertools.count()
+    out = [jnp.where(frozen[next(position)], jnp.zeros_like(x), x) if s else x
+           for x, s in zip(leaves, selected)]
+    return treedef.unflatten(out)
+
+  def init_fn(params):
+    num_selected = sum(_masking.selected_leaves(params, mask)[2])
+    rng_key = jax.random.PRNGKey(seed)
+    return HFTState(count=jnp.zeros([], jnp.int32), rng_key=rng_key,
+                    frozen=draw(rng_key, 0, num_selected),
+                    inner_state=inner.init(params))
+
+  def update_fn(updates, state, params=None, **extra_args):
+    frozen = draw(state.rng_key, state.count, state.frozen.shape[0])
+    new_updates, inner_state = inner.update(
+        freeze(updates, frozen), state.inner_state, params, **extra_args)
+    return freeze(new_updates, frozen), HFTState(
+        count=optax.safe_increment(state.count), rng_key=state.rng_key,
+        frozen=frozen, inner_state=inner_state)
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
