@@ -1,0 +1,395 @@
+"""A Flax NNX decoder for the Llama family (Llama 2/3/3.1, Mistral, Qwen2, SmolLM2).
+
+One flat file: config, layers, model and KV cache. Parameter names mirror the
+Hugging Face module names so that checkpoint mapping stays a table of regexes
+(see :mod:`train.checkpoints`). Every parameter carries ``out_sharding``
+metadata naming the mesh axes ``"fsdp"`` and ``"tensor"`` directly: kernels
+that produce heads/features are ``("fsdp", "tensor")``, kernels that consume
+them are ``("tensor", "fsdp")`` (Megatron-style), norms are replicated.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+_ARCHITECTURES = {
+    "llama": "LlamaForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Shape and numerics of a Llama-family decoder."""
+
+  vocab_size: int
+  hidden_size: int
+  intermediate_size: int
+  num_layers: int
+  num_heads: int
+  num_kv_heads: int
+  head_dim: int
+  rms_norm_eps: float = 1e-5
+  rope_theta: float = 10000.0
+  rope_scaling: dict | None = None
+  max_position_embeddings: int = 2048
+  tie_word_embeddings: bool = False
+  attention_bias: bool = False
+  model_type: str = "llama"
+
+  def __hash__(self):
+    # rope_scaling is a dict; the config is static jit/graph metadata, so it
+    # must hash.
+    return hash(json.dumps(dataclasses.asdict(self), sort_keys=True))
+
+  @classmethod
+  def from_hf(cls, hf: dict) -> "ModelConfig":
+    """Builds a config from a Hugging Face ``config.json`` dict.
+
+    :raises ValueError: naming the unknown ``model_type`` or the field whose
+      value this implementation does not support.
+    """
+    model_type = hf.get("model_type")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+      raise ValueError(
+          f"config.json: unsupported model_type {model_type!r}; "
+          f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
+
+    def unsupported(field, why):
+      raise ValueError(
+          f"config.json ({model_type}): unsupported {field}={hf.get(field)!r}: {why}")
+
+    if hf.get("hidden_act", "silu") != "silu":
+      unsupported("hidden_act", "only 'silu' (SwiGLU) is implemented")
+    if hf.get("mlp_bias", False):
+      unsupported("mlp_bias", "MLP biases are not implemented")
+    if model_type != "qwen2" and hf.get("attention_bias", False):
+      unsupported("attention_bias", "o_proj bias is not implemented")
+    if model_type == "qwen2":
+      if hf.get("use_sliding_window", False):
+        unsupported("use_sliding_window", "sliding-window attention is not implemented")
+      if any(t != "full_attention" for t in hf.get("layer_types") or ()):
+        unsupported("layer_types", "only full attention is implemented")
+    elif hf.get("sliding_window") is not None and (
+        hf["sliding_window"] < hf.get("max_position_embeddings", 2048)):
+      unsupported("sliding_window", "sliding-window attention is not implemented")
+    if hf.get("partial_rotary_factor", 1.0) != 1.0:
+      unsupported("partial_rotary_factor", "only full rotary embeddings")
+
+    # transformers 5 writes `rope_parameters`; older files `rope_scaling` and
+    # `rope_theta`.
+    rope = dict(hf.get("rope_scaling") or hf.get("rope_parameters") or {})
+    rope_theta = float(hf.get("rope_theta", rope.pop("rope_theta", 10000.0)))
+    rope.pop("rope_theta", None)
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    field = "rope_scaling" if "rope_scaling" in hf else "rope_parameters"
+    if rope_type == "default":
+      rope_scaling = None
+    elif rope_type == "llama3":
+      rope_scaling = {
+          "rope_type": "llama3",
+          "factor": float(rope["factor"]),
+          "low_freq_factor": float(rope["low_freq_factor"]),
+          "high_freq_factor": float(rope["high_freq_factor"]),
+          "original_max_position_embeddings": int(rope["original_max_position_embeddings"]),
+      }
+    else:
+      unsupported(field, f"rope type {rope_type!r} (only default and 'llama3')")
+
+    num_heads = hf["num_attention_heads"]
+    return cls(
+        vocab_size=hf["vocab_size"],
+        hidden_size=hf["hidden_size"],
+        intermediate_size=hf["intermediate_size"],
+        num_layers=hf["num_hidden_layers"],
+        num_heads=num_heads,
+        num_kv_heads=hf.get("num_key_value_heads") or num_heads,
+        head_dim=hf.get("head_dim") or hf["hidden_size"] // num_heads,
+        rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+        rope_theta=rope_theta,
+        rope_scaling=rope_scaling,
+        max_position_embeddings=hf.get("max_position_embeddings", 2048),
+        tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        attention_bias=model_type == "qwen2",
+        model_type=model_type,
+    )
+
+  def to_hf(self) -> dict:
+    """The Hugging Face ``config.json`` dict (float32 weights)."""
+    rope = {"rope_type": "default", "rope_theta": self.rope_theta}
+    if self.rope_scaling:
+      rope.update(self.rope_scaling)
+    hf = {
+        "architectures": [_ARCHITECTURES[self.model_type]],
+        "model_type": self.model_type,
+        "vocab_size": self.vocab_size,
+        "hidden_size": self.hidden_size,
+        "intermediate_size": self.intermediate_size,
+        "num_hidden_layers": self.num_layers,
+        "num_attention_heads": self.num_heads,
+        "num_key_value_heads": self.num_kv_heads,
+        "head_dim": self.head_dim,
+        "hidden_act": "silu",
+        "rms_norm_eps": self.rms_norm_eps,
+        "rope_theta": self.rope_theta,
+        "rope_scaling": rope if self.rope_scaling else None,
+        "rope_parameters": rope,
+        "max_position_embeddings": self.max_position_embeddings,
+        "tie_word_embeddings": self.tie_word_embeddings,
+        "torch_dtype": "float32",
+        "dtype": "float32",
+    }
+    if self.model_type == "qwen2":
+      hf.update(use_sliding_window=False, sliding_window=None)
+    elif self.model_type == "mistral":
+      hf["sliding_window"] = None
+    else:
+      hf.update(attention_bias=False, mlp_bias=False)
+    return hf
+
+
+def _mesh_active() -> bool:
+  return not jax.sharding.get_abstract_mesh().empty
+
+
+def _param(rngs, init, shape, sharding, param_dtype):
+  # Shard eagerly only inside a mesh context, so the model also builds on a
+  # single device without one.
+  return nnx.Param(
+      init(rngs.params(), shape, param_dtype),
+      out_sharding=sharding, eager_sharding=_mesh_active())
+
+
+class Linear(nnx.Module):
+  """``y = x @ kernel (+ bias)``; kernel is ``[in, out]``."""
+
+  def __init__(self, din, dout, *, sharding, use_bias=False, rngs, dtype, param_dtype):
+    self.kernel = _param(rngs, nnx.initializers.normal(0.02), (din, dout),
+                         sharding, param_dtype)
+    self.bias = (_param(rngs, nnx.initializers.zeros, (dout,), sharding[1:],
+                        param_dtype) if use_bias else None)
+    self.dtype = dtype
+
+  def __call__(self, x):
+    y = jnp.dot(x, self.kernel[...].astype(self.dtype))
+    if self.bias is not None:
+      y = y + self.bias[...].astype(self.dtype)
+    return y
+
+
+class RMSNorm(nnx.Module):
+  """RMSNorm computed in float32, as the reference implementation does."""
+
+  def __init__(self, dim, eps, *, rngs, dtype, param_dtype):
+    self.weight = _param(rngs, nnx.initializers.ones, (dim,), (None,), param_dtype)
+    self.eps = eps
+    self.dtype = dtype
+
+  def __call__(self, x):
+    x32 = x.astype(jnp.float32)
+    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    return self.weight[...].astype(self.dtype) * x32.astype(self.dtype)
+
+
+def rope_inv_freq(config: ModelConfig) -> np.ndarray:
+  """Inverse RoPE frequencies [head_dim // 2], with Llama 3.1 scaling if set."""
+  dim = config.head_dim
+  exponent = np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / np.float32(dim)
+  inv_freq = (1.0 / (np.float32(config.rope_theta) ** exponent)).astype(np.float32)
+  scaling = config.rope_scaling
+  if scaling:
+    factor = scaling["factor"]
+    low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+    old_len = scaling["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv_freq
+    scaled = np.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+    inv_freq = np.where(medium, smoothed, scaled).astype(np.float32)
+  return inv_freq
+
+
+def _rotate_half(x):
+  x1, x2 = jnp.split(x, 2, axis=-1)
+  return jnp.concatenate([-x2, x1], axis=-1)
+
+
+def apply_rope(x, cos, sin):
+  """Rotates ``x`` [B, S, heads, head_dim] (half-split layout, as in HF)."""
+  cos, sin = cos[:, :, None, :], sin[:, :, None, :]
+  return (x * cos + _rotate_half(x) * sin).astype(x.dtype)
+
+
+class Attention(nnx.Module):
+  """Grouped-query attention; k/v heads are never repeated in memory."""
+
+  def __init__(self, config: ModelConfig, *, rngs, dtype, param_dtype):
+    d, h = config.hidden_size, config.head_dim
+    kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+    bias = config.attention_bias
+    self.q_proj = Linear(d, config.num_heads * h, sharding=("fsdp", "tensor"), use_bias=bias, **kw)
+    self.k_proj = Linear(d, config.num_kv_heads * h, sharding=("fsdp", "tensor"), use_bias=bias, **kw)
+    self.v_proj = Linear(d, config.num_kv_heads * h, sharding=("fsdp", "tensor"), use_bias=bias, **kw)
+    self.o_proj = Linear(config.num_heads * h, d, sharding=("tensor", "fsdp"), **kw)
+    self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, h
+    self.dtype = dtype
+
+  def __call__(self, x, cos, sin, mask, layer_cache=None, cache_index=None):
+    b, s, _ = x.shape
+    k_heads, groups, h = self.num_kv_heads, self.num_heads // self.num_kv_heads, self.head_dim
+    q = apply_rope(self.q_proj(x).reshape(b, s, self.num_heads, h), cos, sin)
+    k = apply_rope(self.k_proj(x).reshape(b, s, k_heads, h), cos, sin)
+    v = self.v_proj(x).reshape(b, s, k_heads, h)
+    new_cache = None
+    if layer_cache is not None:
+      start = (0, cache_index, 0, 0)
+      k = jax.lax.dynamic_update_slice(layer_cache["k"], k.astype(layer_cache["k"].dtype), start)
+      v = jax.lax.dynamic_update_slice(layer_cache["v"], v.astype(layer_cache["v"].dtype), start)
+      new_cache = {"k": k, "v": v}
+      k, v = k.astype(self.dtype), v.astype(self.dtype)
+    # Query heads grouped per kv head: [B, S, K, G, H] against k/v [B, T, K, H].
+    q = q.reshape(b, s, k_heads, groups, h) * jnp.asarray(h ** -0.5, self.dtype)
+    scores = jnp.einsum("bskgh,btkh->bkgst", q, k, preferred_element_type=jnp.float32)
+    scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
+    out = jnp.einsum("bkgst,btkh->bskgh", probs, v).reshape(b, s, self.num_heads * h)
+    return self.o_proj(out), new_cache
+
+
+class MLP(nnx.Module):
+  """SwiGLU: ``down(silu(gate(x)) * up(x))``."""
+
+  def __init__(self, config: ModelConfig, *, rngs, dtype, param_dtype):
+    d, f = config.hidden_size, config.intermediate_size
+    kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+    self.gate_proj = Linear(d, f, sharding=("fsdp", "tensor"), **kw)
+    self.up_proj = Linear(d, f, sharding=("fsdp", "tensor"), **kw)
+    self.down_proj = Linear(f, d, sharding=("tensor", "fsdp"), **kw)
+
+  def __call__(self, x):
+    return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nnx.Module):
+  """Pre-norm attention and MLP blocks with residual connections."""
+
+  def __init__(self, config: ModelConfig, *, rngs, dtype, param_dtype):
+    kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+    self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, **kw)
+    self.self_attn = Attention(config, **kw)
+    self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, **kw)
+    self.mlp = MLP(config, **kw)
+
+  def __call__(self, x, cos, sin, mask, layer_cache=None, cache_index=None):
+    attn, new_cache = self.self_attn(self.input_layernorm(x), cos, sin, mask,
+                                     layer_cache, cache_index)
+    x = x + attn
+    x = x + self.mlp(self.post_attention_layernorm(x))
+    return x, new_cache
+
+
+def _run_layer(layer, x, cos, sin, mask, layer_cache, cache_index):
+  return layer(x, cos, sin, mask, layer_cache, cache_index)
+
+
+class Llama(nnx.Module):
+  """Llama-family causal LM.
+
+  :param config: model shape and numerics.
+  :param rngs: parameter initialisation keys.
+  :param dtype: compute dtype (activations); logits are always float32.
+  :param param_dtype: parameter storage dtype.
+  :param remat: rematerialise each decoder layer in the backward pass.
+  """
+
+  def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs, dtype=jnp.float32,
+               param_dtype=jnp.float32, remat: bool = False):
+    self.config = config
+    self.dtype = dtype
+    self.remat = remat
+    kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+    self.embed_tokens = _param(rngs, nnx.initializers.normal(0.02),
+                               (config.vocab_size, config.hidden_size),
+                               ("tensor", "fsdp"), param_dtype)
+    self.layers = nnx.List([DecoderLayer(config, **kw) for _ in range(config.num_layers)])
+    self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, **kw)
+    self.lm_head = (None if config.tie_word_embeddings else
+                    Linear(config.hidden_size, config.vocab_size,
+                           sharding=("fsdp", "tensor"), **kw))
+
+  def init_cache(self, batch: int, max_len: int, dtype=None) -> dict:
+    """An empty KV cache for ``batch`` rows of up to ``max_len`` tokens.
+
+    ``index`` is the next slot to write; ``segment_ids`` marks filled slots
+    (0 = empty or padding), so left-padded rows never attend to padding.
+    """
+    c = self.config
+    shape = (batch, max_len, c.num_kv_heads, c.head_dim)
+    dtype = dtype or self.dtype
+    return {
+        "index": jnp.zeros((), jnp.int32),
+        "segment_ids": jnp.zeros((batch, max_len), jnp.int32),
+        "layers": [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+                   for _ in range(c.num_layers)],
+    }
+
+  def __call__(self, input_ids, *, positions=None, segment_ids=None, cache=None):
+    """Logits [B, S, V] float32, or ``(logits, new_cache)`` when ``cache`` is given.
+
+    :param input_ids: int32 [B, S].
+    :param positions: int32 [B, S] RoPE positions; default ``arange(S)``
+      (offset by the cache index when decoding).
+    :param segment_ids: int32 [B, S] for packing: a token attends to earlier
+      tokens of the same nonzero segment only; 0 marks padding.
+    :param cache: a pytree from :meth:`init_cache`.
+    """
+    b, s = input_ids.shape
+    start = 0 if cache is None else cache["index"]
+    if positions is None:
+      positions = jnp.broadcast_to(start + jnp.arange(s, dtype=jnp.int32), (b, s))
+    q_seg = jnp.ones((b, s), jnp.int32) if segment_ids is None else segment_ids
+    q_slot = start + jnp.arange(s)
+    if cache is None:
+      kv_seg, kv_slot = q_seg, q_slot
+    else:
+      kv_seg = jax.lax.dynamic_update_slice(cache["segment_ids"], q_seg.astype(jnp.int32),
+                                            (0, start))
+      kv_slot = jnp.arange(kv_seg.shape[1])
+    mask = ((q_seg[:, :, None] == kv_seg[:, None, :]) & (kv_seg[:, None, :] != 0)
+            & (q_slot[:, None] >= kv_slot[None, :])[None])
+
+    freqs = positions.astype(jnp.float32)[..., None] * jnp.asarray(rope_inv_freq(self.config))
+    freqs = jnp.concatenate([freqs, freqs], axis=-1)
+    cos, sin = jnp.cos(freqs).astype(self.dtype), jnp.sin(freqs).astype(self.dtype)
+
+    x = jnp.take(self.embed_tokens[...], input_ids, axis=0).astype(self.dtype)
+    run = nnx.remat(_run_layer) if self.remat else _run_layer
+    new_layers = []
+    for i, layer in enumerate(self.layers):
+      layer_cache = None if cache is None else cache["layers"][i]
+      x, new_layer_cache = run(layer, x, cos, sin, mask, layer_cache, start)
+      new_layers.append(new_layer_cache)
+    x = self.norm(x)
+    if self.lm_head is None:
+      head = self.embed_tokens[...].astype(self.dtype).T
+    else:
+      head = self.lm_head.kernel[...].astype(self.dtype)
+    logits = jnp.dot(x, head, preferred_element_type=jnp.float32)
+    if cache is None:
+      return logits
+    return logits, {"index": start + s, "segment_ids": kv_seg, "layers": new_layers}
+
+
+def num_params(model: nnx.Module) -> int:
+  """Number of parameter entries."""
+  return sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+
