@@ -1,0 +1,94 @@
+"""Data pipeline: chat template + loss mask, packing, batching, bad inputs."""
+
+import json
+
+import numpy as np
+import pytest
+
+from train.config import load_config
+from train.data import (Batches, ByteTokenizer, pack, prepare, reasoning_gym_examples, tokenize,
+                        tokenize_all)
+
+TOK = ByteTokenizer()
+
+
+def _cfg(tmp_path=None, **data):
+    return load_config({"data": {"tokenizer": "bytes", **data}}).data
+
+
+def test_tokenize_masks_only_assistant_tokens():
+    messages = [{"role": "user", "content": "1+1"}, {"role": "assistant", "content": "2"}]
+    ids, mask = tokenize(TOK, messages)
+    prompt = TOK.encode("<user>1+1</s><assistant>")
+    assert ids == prompt + TOK.encode("2</s>")
+    assert mask == [0] * len(prompt) + [1, 1]  # the answer and its end-of-turn
+
+
+def test_pack_segments_positions_and_shifted_targets():
+    a = ([5, 6, 7], [0, 1, 1])
+    b = ([8, 9], [0, 1])
+    rows = pack([a, b, a], max_length=4, pack_rows=True)
+    np.testing.assert_array_equal(rows["inputs"], [[5, 6, 8, 0], [5, 6, 0, 0]])
+    np.testing.assert_array_equal(rows["targets"], [[6, 7, 9, 0], [6, 7, 0, 0]])
+    np.testing.assert_array_equal(rows["loss_mask"], [[1, 1, 1, 0], [1, 1, 0, 0]])
+    np.testing.assert_array_equal(rows["segment_ids"], [[1, 1, 2, 0], [1, 1, 0, 0]])
+    np.testing.assert_array_equal(rows["positions"], [[0, 1, 0, 0], [0, 1, 0, 0]])
+    unpacked = pack([a, b], max_length=4, pack_rows=False)
+    assert unpacked["inputs"].shape == (2, 4)
+
+
+def test_too_long_examples_are_counted():
+    examples = reasoning_gym_examples(_cfg(train_size=4, eval_size=2))[0]
+    _, stats = tokenize_all(TOK, examples, max_length=10, too_long="drop")
+    assert stats == {"too_long_dropped": 4, "too_long_truncated": 0}
+    kept, stats = tokenize_all(TOK, examples, max_length=10, too_long="truncate")
+    assert stats["too_long_truncated"] == 4 and all(len(ids) == 11 for ids, _ in kept)
+
+
+def test_reasoning_gym_held_out_has_no_overlap():
+    train, held_out, report = reasoning_gym_examples(_cfg(train_size=300, eval_size=50))
+    questions = {e.entry["question"] for e in train}
+    assert len(held_out) == 50 and not any(e.entry["question"] in questions for e in held_out)
+    assert "eval_overlap_removed" in report
+
+
+def test_batches_deterministic_and_cover_every_row():
+    rows = pack([([i, i + 1], [0, 1]) for i in range(10)], max_length=1, pack_rows=True)
+    batches = Batches(rows, batch_size=4, micro_batch_size=2, seed=3)
+    assert batches.shape == (2, 2, 1)
+    epoch0 = np.concatenate([batches.row_ids(0), batches.row_ids(1), batches.row_ids(2)[:2]])
+    assert sorted(epoch0) == list(range(10))
+    again = Batches(rows, batch_size=4, micro_batch_size=2, seed=3)
+    np.testing.assert_array_equal(again.row_ids(7), batches.row_ids(7))
+    full = batches.local(1, "inputs", (slice(None), slice(None), slice(None)))
+    half = batches.local(1, "inputs", (slice(None), slice(1, 2), slice(None)))
+    np.testing.assert_array_equal(full[:, 1:2], half)
+
+
+def test_files_source_with_field_mapping(tmp_path):
+    path = tmp_path / "train.jsonl"
+    path.write_text("\n".join(json.dumps({"q": f"{i}+1", "a": str(i + 1)}) for i in range(20)))
+    cfg = _cfg(source="files", train_files=[str(path)], prompt_field="q", response_field="a",
+               eval_size=5)
+    train_rows, eval_rows, held_out, report = prepare(cfg, TOK)
+    assert report["train_examples"] == 18 and len(held_out) == 2  # a 10% tail at most
+    assert eval_rows is not None and train_rows["loss_mask"].sum() > 0
+
+
+def test_bad_inputs(tmp_path):
+    with pytest.raises(FileNotFoundError, match="missing.jsonl"):
+        prepare(_cfg(source="files", train_files=[str(tmp_path / "missing.jsonl")]), TOK)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"question": "a", "answer": "b"}\n{"question": oops}\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl:2: malformed JSON"):
+        prepare(_cfg(source="files", train_files=[str(bad)]), TOK)
+    empty = tmp_path / "empty.csv"
+    empty.write_text("question,answer\n")
+    with pytest.raises(ValueError, match="empty dataset"):
+        prepare(_cfg(source="files", train_files=[str(empty)]), TOK)
+    wrong = tmp_path / "wrong.jsonl"
+    wrong.write_text('{"x": 1}\n')
+    with pytest.raises(ValueError, match=r"missing field\(s\) \['question', 'answer'\].*\['x'\]"):
+        prepare(_cfg(source="files", train_files=[str(wrong)]), TOK)
+    with pytest.raises(ValueError, match="no example fits"):
+        prepare(_cfg(train_size=4, eval_size=2, max_length=4), TOK)

@@ -1,0 +1,339 @@
+"""Instruction data: load, apply the chat template, mask the prompt, pack, batch.
+
+Pipeline: a source (reasoning-gym task, local files, hub dataset) gives
+examples as chat `messages`; `tokenize` renders them with the tokenizer's chat
+template and marks the assistant tokens as the only ones with loss; `pack`
+concatenates examples into fixed-length rows with per-example `segment_ids`
+(0 = padding) and positions that restart at 0 for each example; `Batches`
+serves the rows for optimizer step `s` as a pure function of (seed, s), so the
+data position in a checkpoint is just the step number.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from train.config import DataConfig
+
+
+@dataclasses.dataclass
+class Example:
+    messages: list[dict]  # [{"role": ..., "content": ...}], ends with the assistant turn
+    entry: dict | None = None  # the reasoning-gym item, for its score_answer
+
+
+class ByteTokenizer:
+    """A dependency-free byte tokenizer with a tiny chat template (tests, smoke runs)."""
+
+    pad_token_id, bos_token_id, eos_token_id = 0, 1, 2
+    vocab_size = 259
+    _EOS_TEXT = "</s>"
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        ids = [self.bos_token_id] if add_special_tokens else []
+        for i, piece in enumerate(text.split(self._EOS_TEXT)):
+            if i:
+                ids.append(self.eos_token_id)
+            ids.extend(b + 3 for b in piece.encode("utf-8"))
+        return ids
+
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        out = bytearray()
+        for i in ids:
+            if i >= 3:
+                out.append(i - 3)
+            elif i == self.eos_token_id and not skip_special_tokens:
+                out.extend(self._EOS_TEXT.encode())
+        return out.decode("utf-8", errors="replace")
+
+    def apply_chat_template(self, messages, add_generation_prompt: bool = True) -> str:
+        text = "".join(f"<{m['role']}>{m['content']}{self._EOS_TEXT}" for m in messages)
+        return text + ("<assistant>" if add_generation_prompt else "")
+
+
+# ----------------------------------------------------------------------------
+# Sources -> Examples
+
+
+def _messages(prompt: str, response: str, system: str | None) -> list[dict]:
+    head = [{"role": "system", "content": system}] if system else []
+    return head + [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
+
+
+def reasoning_gym_examples(cfg: DataConfig) -> tuple[list[Example], list[Example], dict]:
+    """Train items from `train_seed`, held-out items from `eval_seed`, overlap removed."""
+    import reasoning_gym
+
+    def make(seed: int, size: int) -> list[dict]:
+        return list(reasoning_gym.create_dataset(cfg.task, seed=seed, size=size, **cfg.task_options))
+
+    train_items = make(cfg.train_seed, cfg.train_size or 2000)
+    # Generate extra held-out items so that dropping overlaps still leaves eval_size.
+    eval_items = make(cfg.eval_seed, 2 * cfg.eval_size)
+    seen = {item["question"] for item in train_items}
+    held_out = [item for item in eval_items if item["question"] not in seen]
+    overlap = len(eval_items) - len(held_out)
+    held_out = held_out[: cfg.eval_size]
+
+    def to_example(item):
+        return Example(_messages(item["question"], str(item["answer"]), cfg.system_prompt), item)
+
+    report = {"eval_overlap_removed": overlap}
+    return [to_example(i) for i in train_items], [to_example(i) for i in held_out], report
+
+
+def _check_jsonl(path: Path) -> None:
+    """HF datasets reports malformed JSON without a line number: find it first."""
+    with path.open("rb") as f:
+        for line_number, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}:{line_number}: malformed JSON line: {e.msg}") from None
+
+
+def _load_files(paths: tuple[str, ...]):
+    import datasets
+
+    formats = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
+    kinds = set()
+    for name in paths:
+        path = Path(name)
+        if not path.is_file():
+            raise FileNotFoundError(f"data file not found: {path}")
+        if path.suffix not in formats:
+            raise ValueError(f"{path}: unsupported file type {path.suffix!r}; use one of {sorted(formats)}")
+        if path.suffix == ".jsonl":
+            _check_jsonl(path)
+        kinds.add(formats[path.suffix])
+    if len(kinds) > 1:
+        raise ValueError(f"data files mix formats {sorted(kinds)}: {list(paths)}")
+    try:
+        return datasets.load_dataset(kinds.pop(), data_files=list(paths), split="train")
+    except ValueError as e:  # e.g. a CSV with only a header: "corresponds to no data"
+        raise ValueError(f"empty dataset or unreadable file(s) {list(paths)}: {e}") from e
+
+
+def _rows_to_examples(rows, cfg: DataConfig, where: str) -> list[Example]:
+    if len(rows) == 0:
+        raise ValueError(f"empty dataset: {where}")
+    columns = rows.column_names
+    needed = [cfg.messages_field] if cfg.messages_field else [cfg.prompt_field, cfg.response_field]
+    missing = [c for c in needed if c not in columns]
+    if missing:
+        raise ValueError(f"{where}: missing field(s) {missing}; available columns: {columns} "
+                         "(set data.prompt_field/response_field or data.messages_field)")
+    if cfg.messages_field:
+        head = [{"role": "system", "content": cfg.system_prompt}] if cfg.system_prompt else []
+        return [Example(head + list(r[cfg.messages_field])) for r in rows]
+    return [Example(_messages(str(r[cfg.prompt_field]), str(r[cfg.response_field]), cfg.system_prompt))
+            for r in rows]
+
+
+def table_examples(cfg: DataConfig) -> tuple[list[Example], list[Example], dict]:
+    """Local files or a hub dataset; held-out split from eval files/split or a tail of train."""
+    import datasets
+
+    if cfg.source == "files":
+        train_rows, where = _load_files(cfg.train_files), ", ".join(cfg.train_files)
+        eval_rows = _load_files(cfg.eval_files) if cfg.eval_files else None
+    else:
+        train_rows = datasets.load_dataset(cfg.hub_name, cfg.hub_config, split=cfg.train_split)
+        where = f"{cfg.hub_name}[{cfg.train_split}]"
+        eval_rows = (datasets.load_dataset(cfg.hub_name, cfg.hub_config, split=cfg.eval_split)
+                     if cfg.eval_split else None)
+    train = _rows_to_examples(train_rows, cfg, where)
+    if eval_rows is not None:
+        held_out = _rows_to_examples(eval_rows, cfg, "eval data")[: cfg.eval_size]
+    else:  # deterministic split: shuffle once by seed, hold out the tail
+        order = np.random.default_rng(cfg.shuffle_seed).permutation(len(train))
+        n_eval = min(cfg.eval_size, len(train) // 10)
+        held_out = [train[i] for i in order[len(train) - n_eval:]]
+        train = [train[i] for i in order[: len(train) - n_eval]]
+    if cfg.train_size:
+        train = train[: cfg.train_size]
+    return train, held_out, {}
+
+
+def load_examples(cfg: DataConfig) -> tuple[list[Example], list[Example], dict]:
+    if cfg.source == "reasoning_gym":
+        return reasoning_gym_examples(cfg)
+    return table_examples(cfg)
+
+
+# ----------------------------------------------------------------------------
+# Examples -> tokens with a loss mask
+
+
+def tokenize(tokenizer, messages: list[dict]) -> tuple[list[int], list[int]]:
+    """Token ids of the chat and a 0/1 mask that is 1 on assistant tokens only.
+
+    Each assistant turn is the text the template adds between the prompt (with
+    the generation prompt) and the conversation including that turn, so the
+    end-of-turn marker is trained too and the model learns to stop.
+    """
+    ids: list[int] = []
+    mask: list[int] = []
+    rendered = ""
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        prompt = tokenizer.apply_chat_template(messages[:i], add_generation_prompt=True)
+        full = tokenizer.apply_chat_template(messages[: i + 1], add_generation_prompt=False)
+        if not prompt.startswith(rendered) or not full.startswith(prompt):
+            raise ValueError("the chat template does not render conversations as prefixes of "
+                             "each other; cannot locate the assistant tokens")
+        prompt_ids = tokenizer.encode(prompt[len(rendered):], add_special_tokens=False)
+        answer_ids = tokenizer.encode(full[len(prompt):], add_special_tokens=False)
+        ids += prompt_ids + answer_ids
+        mask += [0] * len(prompt_ids) + [1] * len(answer_ids)
+        rendered = full
+    if not ids:
+        raise ValueError(f"example has no assistant turn: {messages}")
+    return ids, mask
+
+
+def tokenize_all(tokenizer, examples: list[Example], max_length: int, too_long: str):
+    """Tokenizes examples; those longer than max_length + 1 tokens are dropped or truncated."""
+    out, dropped, truncated = [], 0, 0
+    for example in examples:
+        ids, mask = tokenize(tokenizer, example.messages)
+        if len(ids) > max_length + 1:  # a row holds max_length (input, target) pairs
+            if too_long == "drop":
+                dropped += 1
+                continue
+            ids, mask = ids[: max_length + 1], mask[: max_length + 1]
+            truncated += 1
+        out.append((ids, mask))
+    return out, {"too_long_dropped": dropped, "too_long_truncated": truncated}
+
+
+# ----------------------------------------------------------------------------
+# Tokens -> packed rows
+
+ROW_FIELDS = ("inputs", "targets", "loss_mask", "segment_ids", "positions")
+
+
+def pack(tokenized: list[tuple[list[int], list[int]]], max_length: int, pack_rows: bool,
+         pad_id: int = 0) -> dict[str, np.ndarray]:
+    """Packs examples (in order) into rows of max_length (input, target) pairs.
+
+    Targets are shifted inside each example, so no example predicts its
+    neighbour's first token; loss_mask is the target's mask.
+    """
+    rows: list[list[tuple]] = []
+    used = max_length  # forces a new row for the first example
+    for ids, mask in tokenized:
+        n = len(ids) - 1
+        if n < 1:
+            continue
+        if not pack_rows or used + n > max_length:
+            rows.append([])
+            used = 0
+        rows[-1].append((ids, mask))
+        used += n
+    if not rows:
+        raise ValueError("no example fits: every example was empty or too long")
+    shape = (len(rows), max_length)
+    out = {"inputs": np.full(shape, pad_id, np.int32), "targets": np.full(shape, pad_id, np.int32),
+           "loss_mask": np.zeros(shape, np.float32), "segment_ids": np.zeros(shape, np.int32),
+           "positions": np.zeros(shape, np.int32)}
+    for r, row in enumerate(rows):
+        start = 0
+        for segment, (ids, mask) in enumerate(row, 1):
+            n = len(ids) - 1
+            span = slice(start, start + n)
+            out["inputs"][r, span] = ids[:-1]
+            out["targets"][r, span] = ids[1:]
+            out["loss_mask"][r, span] = mask[1:]
+            out["segment_ids"][r, span] = segment
+            out["positions"][r, span] = np.arange(n)
+            start += n
+    return out
+
+
+def prepare(cfg: DataConfig, tokenizer) -> tuple[dict, dict, list[Example], dict]:
+    """Returns (train rows, held-out rows, held-out examples, report)."""
+    train, held_out, report = load_examples(cfg)
+    if not train:
+        raise ValueError("empty training dataset")
+    # Shuffle examples before packing (deterministic by seed), so rows mix examples.
+    order = np.random.default_rng(cfg.shuffle_seed).permutation(len(train))
+    train_tokens, train_stats = tokenize_all(tokenizer, [train[i] for i in order],
+                                             cfg.max_length, cfg.too_long)
+    eval_tokens, eval_stats = tokenize_all(tokenizer, held_out, cfg.max_length, cfg.too_long)
+    train_rows = pack(train_tokens, cfg.max_length, cfg.pack, tokenizer.pad_token_id or 0)
+    eval_rows = (pack(eval_tokens, cfg.max_length, cfg.pack, tokenizer.pad_token_id or 0)
+                 if eval_tokens else None)
+    report.update({
+        "train_examples": len(train_tokens), "train_rows": len(train_rows["inputs"]),
+        "train_loss_tokens": int(train_rows["loss_mask"].sum()),
+        "eval_examples": len(eval_tokens),
+        "too_long_dropped": train_stats["too_long_dropped"] + eval_stats["too_long_dropped"],
+        "too_long_truncated": train_stats["too_long_truncated"] + eval_stats["too_long_truncated"],
+    })
+    return train_rows, eval_rows, held_out, report
+
+
+# ----------------------------------------------------------------------------
+# Rows -> global batches
+
+
+class Batches:
+    """Global batch for step s = rows at positions [s*B, (s+1)*B) of an endless stream.
+
+    The stream visits every row once per epoch in an order drawn from
+    (seed, epoch), so any step's batch is computable without replaying the
+    earlier ones: resuming at step s needs nothing but s.
+    """
+
+    def __init__(self, rows: dict[str, np.ndarray], batch_size: int, micro_batch_size: int, seed: int):
+        self.rows = rows
+        self.num_rows = len(rows["inputs"])
+        self.batch_size = batch_size
+        self.micro_batch_size = micro_batch_size
+        self.seed = seed
+        self._orders: dict[int, np.ndarray] = {}
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """[accumulation steps, micro-batch rows, sequence length]."""
+        accumulation = self.batch_size // self.micro_batch_size
+        return (accumulation, self.micro_batch_size, self.rows["inputs"].shape[1])
+
+    def _order(self, epoch: int) -> np.ndarray:
+        if epoch not in self._orders:
+            self._orders = {epoch: np.random.default_rng([self.seed, epoch]).permutation(self.num_rows)}
+        return self._orders[epoch]
+
+    def row_ids(self, step: int) -> np.ndarray:
+        positions = step * self.batch_size + np.arange(self.batch_size)
+        return np.array([self._order(p // self.num_rows)[p % self.num_rows] for p in positions])
+
+    def epoch(self, step: int) -> float:
+        return step * self.batch_size / self.num_rows
+
+    def local(self, step: int, field: str, index: tuple[slice, ...]) -> np.ndarray:
+        """The part `index` of the [A, M, L] global batch of `field`.
+
+        Only the rows that this process's devices hold are gathered, so each
+        host touches only its share of the batch.
+        """
+        ids = self.row_ids(step).reshape(self.shape[:2])[index[0], index[1]]
+        return self.rows[field][ids][..., index[2]]
+
+
+def examples_for_generation(tokenizer, examples: list[Example]) -> list[dict[str, Any]]:
+    """Prompt ids (with the generation prompt) and the reference answer of each example."""
+    out = []
+    for example in examples:
+        prompt = tokenizer.apply_chat_template(example.messages[:-1], add_generation_prompt=True)
+        out.append({"prompt_ids": tokenizer.encode(prompt, add_special_tokens=False),
+                    "reference": example.messages[-1]["content"], "entry": example.entry})
+    return out
