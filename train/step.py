@@ -13,6 +13,7 @@ jit can shard, donate and checkpoint.
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Any, Callable
 
@@ -93,9 +94,28 @@ def split_params(model: nnx.Module) -> tuple[nnx.GraphDef, dict, nnx.State]:
     return graphdef, nnx.to_pure_dict(params), rest
 
 
+def _fit(spec: tuple, shape: tuple, mesh) -> P:
+    """Drops mesh axes that do not divide their dimension (that dimension is replicated)."""
+    fitted = []
+    for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+        names = (axes,) if isinstance(axes, str) else tuple(axes or ())
+        size = math.prod(mesh.shape[a] for a in names)
+        fitted.append(axes if names and dim % size == 0 else None)
+    return P(*fitted)
+
+
 def param_shardings(params: nnx.State, mesh) -> dict:
-    """NamedShardings from the parameters' partitioning metadata, as a pure dict."""
-    return nnx.to_pure_dict(nnx.get_named_sharding(params, mesh))
+    """NamedShardings from the parameters' partitioning metadata, as a pure dict.
+
+    Works on abstract (`nnx.eval_shape`) or concrete parameters; an axis that
+    does not divide its dimension (e.g. an odd vocabulary) is dropped, as the
+    checkpoint loader does.
+    """
+    def sharding(variable):
+        spec = variable.get_metadata().get("out_sharding") or ()
+        return NamedSharding(mesh, _fit(spec, variable.shape, mesh))
+
+    return nnx.to_pure_dict(jax.tree.map(sharding, params, is_leaf=lambda x: isinstance(x, nnx.Variable)))
 
 
 def shard_model(model: nnx.Module, mesh) -> tuple[nnx.GraphDef, dict, nnx.State, dict]:

@@ -1,0 +1,29 @@
+"""Command line: python -m train --config configs/default.yaml [section.key=value ...]"""
+
+import argparse
+import sys
+
+from train.config import ConfigError, load_config
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m train", description=__doc__)
+    parser.add_argument("--config", default="configs/default.yaml", help="YAML config file")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optimizer.mask_ratio=0.3")
+    args = parser.parse_args(argv)
+    try:  # fail on a bad key or value before importing JAX or loading anything
+        config = load_config(args.config, args.overrides)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    from train.loop import NonFiniteLossError, run
+    try:
+        run(config)
+    except NonFiniteLossError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,75 @@
+"""Held-out evaluation: token loss on held-out rows and answer accuracy by greedy decoding."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import jax
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from train.step import BATCH_AXES
+
+_NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
+
+
+def held_out_loss(eval_step, params, rows: dict, batch_size: int, mesh) -> float:
+    """Mean cross-entropy over the loss tokens of all held-out rows."""
+    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    batch_size = -(-batch_size // shards) * shards  # rows must split evenly over devices
+    sharding = NamedSharding(mesh, P(BATCH_AXES, None))
+    total, tokens = 0.0, 0.0
+    num_rows = len(rows["inputs"])
+    for start in range(0, num_rows, batch_size):
+        chunk = {}
+        for name in ("inputs", "targets", "loss_mask", "segment_ids", "positions"):
+            part = rows[name][start:start + batch_size]
+            pad = np.zeros((batch_size - len(part),) + part.shape[1:], part.dtype)  # no loss tokens
+            full = np.concatenate([part, pad])
+            chunk[name] = jax.make_array_from_callback(full.shape, sharding, lambda i, a=full: a[i])
+        loss_sum, count = eval_step(params, chunk)
+        total += float(loss_sum)
+        tokens += float(count)
+    return total / max(tokens, 1.0)
+
+
+def parse_answer(text: str) -> str:
+    """The last number in the completion (the reference's parse), else the stripped text."""
+    numbers = _NUMBER.findall(text)
+    return numbers[-1] if numbers else text.strip()
+
+
+def score(prediction: str, item: dict) -> float:
+    """reasoning-gym's own scorer when the item comes from it, else exact match."""
+    entry = item["entry"]
+    if entry is not None:
+        import reasoning_gym
+        dataset = reasoning_gym.get_score_answer_fn(entry["metadata"]["source_dataset"])
+        return float(dataset(prediction, entry))
+    return float(prediction.strip() == item["reference"].strip())
+
+
+def answer_accuracy(model, tokenizer, items: list[dict], *, max_new_tokens: int, batch_size: int,
+                    samples_path: Path | None = None) -> float:
+    """Greedy completions of the held-out prompts, scored; completions saved as JSONL."""
+    from train.generate import generate
+
+    scores, records = [], []
+    for start in range(0, len(items), batch_size):
+        chunk = items[start:start + batch_size]
+        completions = generate(model, [it["prompt_ids"] for it in chunk],
+                               max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id,
+                               pad_token_id=tokenizer.pad_token_id or 0)
+        for item, ids in zip(chunk, completions):
+            text = tokenizer.decode(ids, skip_special_tokens=True)
+            prediction = parse_answer(text)
+            scores.append(score(prediction, item))
+            records.append({"completion": text, "prediction": prediction,
+                            "reference": item["reference"], "score": scores[-1]})
+    if samples_path is not None and jax.process_index() == 0:
+        with open(samples_path, "w") as f:
+            for record in records:
+                f.write(json.dumps(record) + "\n")
+    return float(np.mean(scores)) if scores else float("nan")

@@ -1,0 +1,240 @@
+"""The training job, top to bottom: config -> mesh -> model -> data -> steps -> outputs.
+
+`run(config)` validates the config, starts multi-host JAX when asked, loads
+(or randomly initialises) the model sharded over the mesh, prepares the data,
+evaluates, trains with periodic Orbax checkpoints and per-step JSONL logs,
+evaluates again and returns the final metrics. Everything it writes goes under
+`train.output_dir`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+from flax import nnx
+from tqdm.auto import tqdm
+
+from train import evaluate
+from train.config import Config, load_config, save_config
+from train.data import ROW_FIELDS, Batches, ByteTokenizer, examples_for_generation, prepare
+from train.model import Llama, ModelConfig
+from train.step import (batch_sharding, build_optimizer, initialize_distributed, make_eval_step,
+                        make_mesh, make_train_step, merge, opt_state_shardings, param_shardings)
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss became NaN or Inf; the last good checkpoint is kept."""
+
+
+def _log(message: str) -> None:
+    if jax.process_index() == 0:
+        tqdm.write(message)
+
+
+def load_model(config: Config, mesh):
+    """(graphdef, params, rest, param shardings, tokenizer).
+
+    The graph comes from an abstract `Llama` built with the configured compute
+    dtype and remat, so weights loaded in `param_dtype` can compute in bf16
+    without a second copy.
+    """
+    cfg = config.model
+    param_dtype, dtype = jnp.dtype(cfg.param_dtype), jnp.dtype(cfg.dtype)
+    if cfg.path is not None:
+        from train.checkpoints import default_gguf_path, load_pretrained
+
+        path = default_gguf_path() if cfg.path == "smollm2" else cfg.path
+        model, tokenizer = load_pretrained(path, mesh=mesh, dtype=param_dtype)
+        model_config = model.config
+    else:
+        model_config = ModelConfig.from_hf(cfg.hf_config)
+        model, tokenizer = Llama(model_config, rngs=nnx.Rngs(cfg.seed), param_dtype=param_dtype), None
+    if config.data.tokenizer == "bytes":
+        tokenizer = ByteTokenizer()
+    if tokenizer is None:
+        raise ValueError("model.path is null (random init), which has no tokenizer: set data.tokenizer=bytes")
+    if tokenizer.vocab_size > model_config.vocab_size:
+        raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens, the model only "
+                         f"{model_config.vocab_size}")
+    abstract = nnx.eval_shape(lambda: Llama(model_config, rngs=nnx.Rngs(0), dtype=dtype,
+                                            param_dtype=param_dtype, remat=cfg.remat))
+    graphdef, abstract_params, rest = nnx.split(abstract, nnx.Param, ...)
+    shardings = param_shardings(abstract_params, mesh)
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    params = jax.device_put(params, shardings)  # a no-op for weights already loaded onto the mesh
+    return graphdef, params, rest, shardings, tokenizer
+
+
+def _global_batch(batches: Batches, step: int, sharding) -> dict:
+    """The step's global batch as sharded arrays; each process fills only its own devices."""
+    shape = batches.shape
+    return {name: jax.make_array_from_callback(
+                shape, sharding, lambda index, name=name: batches.local(step, name, index))
+            for name in ROW_FIELDS}
+
+
+def _checkpoint_manager(directory: Path, cfg) -> ocp.CheckpointManager:
+    # Orbax writes into a temporary directory and renames it when complete, so
+    # a save interrupted mid-way is never listed as a checkpoint.
+    options = ocp.CheckpointManagerOptions(max_to_keep=cfg.keep, create=True)
+    return ocp.CheckpointManager(directory.absolute(), options=options)
+
+
+def _save(manager, step: int, params, opt_state, meta: dict) -> None:
+    manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave({"params": params, "opt_state": opt_state}),
+        meta=ocp.args.JsonSave(meta)), force=True)
+
+
+def _restore(manager, params, opt_state) -> tuple:
+    step = manager.latest_step()
+    abstract = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+        {"params": params, "opt_state": opt_state})
+    restored = manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
+    return restored["state"]["params"], restored["state"]["opt_state"], restored["meta"]
+
+
+def _evaluate(tag: str, config: Config, out: Path, eval_step, graphdef, params, rest, tokenizer,
+              eval_rows, eval_items, mesh) -> dict:
+    """Held-out loss and (optionally) answer accuracy; completions go to eval_<tag>.jsonl."""
+    result = {}
+    start = time.time()
+    if eval_rows is not None:
+        result["eval_loss"] = evaluate.held_out_loss(eval_step, params, eval_rows,
+                                                     config.eval.batch_size, mesh)
+    if config.eval.accuracy and eval_items:
+        result["accuracy"] = evaluate.answer_accuracy(
+            merge(graphdef, params, rest), tokenizer, eval_items[: config.eval.size],
+            max_new_tokens=config.eval.max_new_tokens, batch_size=config.eval.generate_batch_size,
+            samples_path=out / f"eval_{tag}.jsonl")
+    shown = ", ".join(f"{k} {v:.4f}" for k, v in result.items())
+    _log(f"[eval {tag}] {shown} ({time.time() - start:.1f} s)")
+    return result
+
+
+def run(config_source="configs/default.yaml", overrides=None) -> dict:
+    """Runs the whole job; returns {"before": ..., "after": ..., "steps": ..., ...}."""
+    config = load_config(config_source, overrides)  # all validation happens here, before any work
+    initialize_distributed(config.mesh)
+    out = Path(config.train.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if jax.process_index() == 0:
+        save_config(config, out / "config.yaml")
+    mesh = make_mesh(config.mesh)
+    _log(f"mesh {dict(mesh.shape)} over {jax.device_count()} {jax.devices()[0].platform} device(s), "
+         f"{jax.process_count()} process(es)")
+
+    start = time.time()
+    graphdef, params, rest, p_shardings, tokenizer = load_model(config, mesh)
+    num_params = sum(x.size for x in jax.tree.leaves(params))
+    _log(f"model: {num_params / 1e6:.1f}M parameters ({time.time() - start:.1f} s)")
+
+    train_rows, eval_rows, held_out, report = prepare(config.data, tokenizer)
+    _log("data: " + ", ".join(f"{k} {v}" for k, v in report.items()))
+    eval_items = examples_for_generation(tokenizer, held_out)
+    t = config.train
+    batches = Batches(train_rows, t.batch_size, t.micro_batch_size, config.data.shuffle_seed)
+    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    if t.micro_batch_size % shards:
+        raise ValueError(f"train.micro_batch_size={t.micro_batch_size} must be a multiple of "
+                         f"mesh data x fsdp = {shards}")
+    total_steps = t.steps or math.ceil(t.epochs * batches.num_rows / t.batch_size)
+
+    tx, schedule = build_optimizer(config.optimizer, total_steps)
+    o_shardings = opt_state_shardings(tx, params, p_shardings, mesh)
+    opt_state = jax.jit(tx.init, out_shardings=o_shardings)(params)
+    shardings = {"params": p_shardings, "opt_state": o_shardings, "batch": batch_sharding(mesh)}
+    train_step = make_train_step(graphdef, rest, tx, schedule, shardings, mesh)
+    eval_step = make_eval_step(graphdef, rest, p_shardings, mesh)
+
+    manager = _checkpoint_manager(out / "checkpoints", config.checkpoint)
+    first_step = 0
+    if t.resume:
+        source = manager if t.resume is True else _checkpoint_manager(Path(t.resume), config.checkpoint)
+        if source.latest_step() is None:
+            raise FileNotFoundError(f"train.resume: no checkpoint in {source.directory}")
+        params, opt_state, meta = _restore(source, params, opt_state)
+        if meta["batch_size"] != t.batch_size or meta["data_seed"] != config.data.shuffle_seed:
+            raise ValueError(f"checkpoint was written with batch_size={meta['batch_size']} and "
+                             f"data_seed={meta['data_seed']}; the data position would not match")
+        first_step = meta["step"]
+        _log(f"resumed from {source.directory} at step {first_step} (row {meta['data_position']})")
+
+    summary: dict = {"output_dir": str(out), "num_params": num_params, "data": report}
+    if config.eval.before and first_step == 0:
+        summary["before"] = _evaluate("before", config, out, eval_step, graphdef, params, rest,
+                                      tokenizer, eval_rows, eval_items, mesh)
+
+    def meta(step):
+        return {"step": step, "data_position": step * t.batch_size, "batch_size": t.batch_size,
+                "data_seed": config.data.shuffle_seed, "optimizer_seed": config.optimizer.seed}
+
+    log_file = open(out / "train_log.jsonl", "a") if jax.process_index() == 0 else None
+    progress = tqdm(range(first_step, total_steps), initial=first_step, total=total_steps,
+                    desc=config.optimizer.method, disable=not t.tqdm or jax.process_index() != 0)
+    step_times, last_saved = [], manager.latest_step()
+    for step in progress:
+        tokens = int((train_rows["segment_ids"][batches.row_ids(step)] > 0).sum())
+        tick = time.perf_counter()
+        batch = _global_batch(batches, step, shardings["batch"])
+        params, opt_state, metrics = train_step(params, opt_state, batch, jnp.int32(step))
+        every = config.checkpoint.every
+        save_now = every and (step + 1) % every == 0 and step + 1 < total_steps
+        # A checkpoint is only written after its loss was seen to be finite.
+        if (step + 1) % t.log_every == 0 or step + 1 == total_steps or save_now:
+            metrics = {k: float(v) for k, v in metrics.items()}  # waits for the step
+            seconds = time.perf_counter() - tick
+            step_times.append(seconds)
+            record = {"step": step + 1, **metrics, "tokens": tokens, "tokens_per_s": tokens / seconds,
+                      "step_time_s": seconds, "epoch": batches.epoch(step + 1)}
+            if log_file:
+                log_file.write(json.dumps(record) + "\n")
+                log_file.flush()
+            if not math.isfinite(metrics["loss"]):
+                raise NonFiniteLossError(
+                    f"loss is {metrics['loss']} at step {step + 1}: stopping. The last good "
+                    f"checkpoint (step {last_saved}) is kept in {manager.directory}.")
+            progress.set_postfix(loss=f"{metrics['loss']:.3f}", lr=f"{metrics['lr']:.1e}",
+                                 **({"kept": f"{metrics['kept_fraction']:.2f}"}
+                                    if "kept_fraction" in metrics else {}))
+        if save_now:
+            _save(manager, step + 1, params, opt_state, meta(step + 1))
+            last_saved = step + 1
+        if config.eval.every and (step + 1) % config.eval.every == 0 and step + 1 < total_steps:
+            summary[f"step_{step + 1}"] = _evaluate(f"step{step + 1}", config, out, eval_step,
+                                                    graphdef, params, rest, tokenizer, eval_rows,
+                                                    eval_items, mesh)
+    progress.close()
+    if log_file:
+        log_file.close()
+    if config.checkpoint.save_final and total_steps > first_step:
+        _save(manager, total_steps, params, opt_state, meta(total_steps))
+    manager.wait_until_finished()
+
+    if config.eval.after:
+        summary["after"] = _evaluate("after", config, out, eval_step, graphdef, params, rest,
+                                     tokenizer, eval_rows, eval_items, mesh)
+    if step_times:
+        summary["median_step_time_s"] = float(np.median(step_times[1:] or step_times))
+    summary["steps"] = total_steps
+    if config.checkpoint.export:
+        from train.checkpoints import export_pretrained
+
+        export_dir = Path(config.checkpoint.export_dir or out / "hf")
+        export_pretrained(merge(graphdef, params, rest), None if isinstance(tokenizer, ByteTokenizer)
+                          else tokenizer, str(export_dir))
+        summary["export_dir"] = str(export_dir)
+    if jax.process_index() == 0:
+        (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    _log(f"outputs: {out}/ (config.yaml, train_log.jsonl, checkpoints/, eval_*.jsonl, summary.json"
+         + (f", {summary['export_dir']}" if "export_dir" in summary else "") + ")")
+    return summary
