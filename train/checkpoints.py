@@ -13,6 +13,7 @@ kernels ``[in, out]``, hence the transpose flag.
 
 from __future__ import annotations
 
+import gc
 import glob
 import importlib.metadata
 import json
@@ -56,9 +57,13 @@ _IGNORED_HF = re.compile(r".*rotary_emb\.inv_freq$")
 # llama.cpp tensor names -> HF names.
 GGUF_NAME_TABLE = [
     ("token_embd.weight", "model.embed_tokens.weight"),
-    ("blk.{i}.attn_{p}.weight", "model.layers.{i}.self_attn.{p}_proj.weight"),
+    ("blk.{i}.attn_q.weight", "model.layers.{i}.self_attn.q_proj.weight"),
+    ("blk.{i}.attn_k.weight", "model.layers.{i}.self_attn.k_proj.weight"),
+    ("blk.{i}.attn_v.weight", "model.layers.{i}.self_attn.v_proj.weight"),
     ("blk.{i}.attn_output.weight", "model.layers.{i}.self_attn.o_proj.weight"),
-    ("blk.{i}.ffn_{p}.weight", "model.layers.{i}.mlp.{p}_proj.weight"),
+    ("blk.{i}.ffn_gate.weight", "model.layers.{i}.mlp.gate_proj.weight"),
+    ("blk.{i}.ffn_up.weight", "model.layers.{i}.mlp.up_proj.weight"),
+    ("blk.{i}.ffn_down.weight", "model.layers.{i}.mlp.down_proj.weight"),
     ("blk.{i}.attn_norm.weight", "model.layers.{i}.input_layernorm.weight"),
     ("blk.{i}.ffn_norm.weight", "model.layers.{i}.post_attention_layernorm.weight"),
     ("output_norm.weight", "model.norm.weight"),
@@ -351,7 +356,7 @@ def build_model(config: ModelConfig, tensors, *, mesh=None, dtype=None, source: 
     if array.shape != variable.shape:
       raise ValueError(f"{source}: tensor {name!r} has shape {array.shape[::-1] if transpose else array.shape}, "
                        f"expected {variable.shape[::-1] if transpose else variable.shape}")
-    variable.set_value(_place(array.astype(dtype), variable, mesh))
+    variable.set_value(_place(array.astype(dtype, copy=False), variable, mesh))
     filled.add(path)
     del array
   missing = sorted(set(variables) - filled)
@@ -468,20 +473,32 @@ def permute_rope_rows(weight: np.ndarray, n_heads: int) -> np.ndarray:
           .swapaxes(1, 2).reshape(weight.shape))
 
 
-def _gguf_tensors(reader, path: str, config: ModelConfig):
+def _dequantize_rows(raw: np.ndarray, qtype, chunk: int = 2048) -> np.ndarray:
+  """Dequantizes to float32 in row chunks, bounding the temporaries."""
   import gguf  # pylint: disable=import-outside-toplevel
-  for t in reader.tensors:
-    name, _ = _translate(t.name, GGUF_NAME_TABLE, 0, 1)
-    if name is None:
-      raise ValueError(f"{path}: unexpected GGUF tensor {t.name!r}")
+  if raw.ndim < 2 or raw.shape[0] <= chunk:
+    return gguf.quants.dequantize(raw, qtype).astype(np.float32, copy=False)
+  first = gguf.quants.dequantize(raw[:1], qtype)
+  out = np.empty((raw.shape[0],) + first.shape[1:], np.float32)
+  for start in range(0, raw.shape[0], chunk):
+    out[start:start + chunk] = gguf.quants.dequantize(raw[start:start + chunk], qtype)
+  return out
 
-    def read(t=t, name=name):
-      # Plain read of this tensor's bytes (t.data is a memory map view).
+
+def _gguf_tensors(infos, path: str, config: ModelConfig):
+  """``(hf_name, read)`` pairs from ``(name, offset, nbytes, dtype, shape, qtype)`` infos."""
+  for gguf_name, offset, nbytes, raw_dtype, raw_shape, qtype in infos:
+    name, _ = _translate(gguf_name, GGUF_NAME_TABLE, 0, 1)
+    if name is None:
+      raise ValueError(f"{path}: unexpected GGUF tensor {gguf_name!r}")
+
+    def read(offset=offset, nbytes=nbytes, raw_dtype=raw_dtype, raw_shape=raw_shape,
+             qtype=qtype, name=name):
+      # A plain read: a memory map would keep the whole file resident.
       with open(path, "rb") as f:
-        f.seek(t.data_offset)
-        raw = np.fromfile(f, dtype=np.uint8, count=t.n_bytes)
-      raw = raw.view(t.data.dtype).reshape(t.data.shape)
-      array = gguf.quants.dequantize(raw, t.tensor_type).astype(np.float32, copy=False)
+        f.seek(offset)
+        raw = np.fromfile(f, dtype=np.uint8, count=nbytes)
+      array = _dequantize_rows(raw.view(raw_dtype).reshape(raw_shape), qtype)
       if name.endswith("q_proj.weight"):
         array = unpermute_rope_rows(array, config.num_heads)
       elif name.endswith("k_proj.weight"):
@@ -502,7 +519,11 @@ def load_gguf(path: str, *, mesh=None, dtype=None):
     raise ValueError(f"{path}: not a readable GGUF file: {e}") from None
   config = gguf_config(reader, path)
   tokenizer = gguf_tokenizer(reader, path)
-  model = build_model(config, _gguf_tensors(reader, path, config), mesh=mesh, dtype=dtype,
+  infos = [(t.name, t.data_offset, t.n_bytes, t.data.dtype, t.data.shape, t.tensor_type)
+           for t in reader.tensors]
+  del reader  # its parsed metadata is large (170 MB for a 49k vocabulary)
+  gc.collect()
+  model = build_model(config, _gguf_tensors(infos, path, config), mesh=mesh, dtype=dtype,
                       source=path)
   return model, tokenizer
 
