@@ -1,0 +1,152 @@
+"""The Flax NNX Llama-family model against Hugging Face reference logits."""
+
+import dataclasses
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from train.checkpoints import load_pretrained
+from train.model import Llama, ModelConfig, rope_inv_freq
+
+FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
+NAMES = ("llama", "qwen2", "mistral")
+
+
+def fixture(name):
+  path = os.path.join(FIXTURES, name)
+  return path, np.load(os.path.join(path, "input_ids.npy")), np.load(os.path.join(path, "logits.npy"))
+
+
+def hf_config(name):
+  with open(os.path.join(FIXTURES, name, "config.json")) as f:
+    return json.load(f)
+
+
+@pytest.fixture(scope="module")
+def llama():
+  return load_pretrained(os.path.join(FIXTURES, "llama"))[0]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_logits_match_transformers(name):
+  path, ids, expected = fixture(name)
+  model, _ = load_pretrained(path)
+  logits = model(jnp.asarray(ids))
+  assert logits.dtype == jnp.float32 and logits.shape == expected.shape
+  np.testing.assert_allclose(np.asarray(logits), expected, atol=1e-4, rtol=0)
+
+
+def test_fixture_configs_cover_the_family():
+  configs = {n: ModelConfig.from_hf(hf_config(n)) for n in NAMES}
+  assert configs["llama"].rope_scaling["rope_type"] == "llama3"
+  assert configs["llama"].tie_word_embeddings
+  assert configs["qwen2"].attention_bias
+  assert configs["mistral"].num_kv_heads < configs["mistral"].num_heads
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_config_round_trip(name):
+  config = ModelConfig.from_hf(hf_config(name))
+  assert ModelConfig.from_hf(config.to_hf()) == config
+  hash(config)  # static jit metadata
+
+
+def test_llama3_rope_scaling_divides_low_frequencies():
+  config = ModelConfig.from_hf(hf_config("llama"))
+  plain = rope_inv_freq(dataclasses.replace(config, rope_scaling=None))
+  scaled = rope_inv_freq(config)
+  np.testing.assert_allclose(scaled[1:], plain[1:] / 8.0, rtol=1e-6)  # wavelength > 16
+  assert plain[0] / 8.0 < scaled[0] < plain[0]  # smoothed band
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("model_type", "gpt2", "model_type 'gpt2'"),
+    ("sliding_window", 16, "sliding_window"),
+    ("hidden_act", "gelu", "hidden_act"),
+    ("mlp_bias", True, "mlp_bias"),
+    ("rope_scaling", {"rope_type": "yarn", "factor": 4.0}, "yarn"),
+])
+def test_unsupported_config_names_the_field(field, value, message):
+  config = {**hf_config("mistral"), field: value}
+  with pytest.raises(ValueError, match=message):
+    ModelConfig.from_hf(config)
+
+
+def test_qwen2_sliding_window_in_use_is_rejected():
+  with pytest.raises(ValueError, match="use_sliding_window"):
+    ModelConfig.from_hf({**hf_config("qwen2"), "use_sliding_window": True})
+
+
+def test_partitioning_metadata(llama):
+  specs = nnx.get_partition_spec(nnx.state(llama, nnx.Param))
+  layer = specs["layers"][0]
+  assert tuple(layer["self_attn"]["q_proj"]["kernel"].get_value()) == ("fsdp", "tensor")
+  assert tuple(layer["self_attn"]["o_proj"]["kernel"].get_value()) == ("tensor", "fsdp")
+  assert tuple(layer["mlp"]["down_proj"]["kernel"].get_value()) == ("tensor", "fsdp")
+  assert tuple(specs["embed_tokens"].get_value()) == ("tensor", "fsdp")
+  assert tuple(specs["norm"]["weight"].get_value()) == (None,)
+
+
+def test_packing_equals_separate_sequences(llama):
+  rng = np.random.default_rng(1)
+  a, b = rng.integers(3, 288, size=5), rng.integers(3, 288, size=4)
+  packed = np.concatenate([a, b, [0, 0, 0]])[None].astype(np.int32)
+  segments = np.array([[1] * 5 + [2] * 4 + [0] * 3], np.int32)
+  positions = np.array([list(range(5)) + list(range(4)) + [0] * 3], np.int32)
+  logits = llama(jnp.asarray(packed), positions=jnp.asarray(positions),
+                 segment_ids=jnp.asarray(segments))
+  alone_a = llama(jnp.asarray(a[None], jnp.int32))
+  alone_b = llama(jnp.asarray(b[None], jnp.int32))
+  np.testing.assert_allclose(logits[0, :5], alone_a[0], atol=1e-5)
+  np.testing.assert_allclose(logits[0, 5:9], alone_b[0], atol=1e-5)
+  assert np.isfinite(np.asarray(logits)).all()  # padding rows too
+
+
+def test_kv_cache_matches_full_forward(llama):
+  _, ids, _ = fixture("llama")
+  full = llama(jnp.asarray(ids))
+  cache = llama.init_cache(ids.shape[0], 16)
+  step = jax.jit(lambda m, x, c: m(x, cache=c))  # nnx modules are pytrees
+  logits, cache = step(llama, jnp.asarray(ids[:, :7]), cache)
+  pieces = [logits]
+  for i in range(7, ids.shape[1]):
+    logits, cache = step(llama, jnp.asarray(ids[:, i:i + 1]), cache)
+    pieces.append(logits)
+  assert int(cache["index"]) == ids.shape[1]
+  np.testing.assert_allclose(np.concatenate(pieces, axis=1), full, atol=1e-5)
+
+
+def test_remat_same_values_and_gradients():
+  config = ModelConfig.from_hf(hf_config("qwen2"))
+  ids = jnp.asarray(fixture("qwen2")[1])
+
+  def loss_and_grads(remat):
+    model = Llama(config, rngs=nnx.Rngs(0), remat=remat)
+    loss = lambda m: jnp.mean(jax.nn.log_softmax(m(ids))[..., 0])
+    return nnx.value_and_grad(loss)(model)
+
+  (l0, g0), (l1, g1) = loss_and_grads(False), loss_and_grads(True)
+  np.testing.assert_allclose(l0, l1, rtol=1e-6)
+  for x, y in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)):
+    np.testing.assert_allclose(x, y, atol=1e-6)
+
+
+def test_bfloat16_compute_is_close():
+  path, ids, expected = fixture("mistral")
+  model, _ = load_pretrained(path, dtype=jnp.bfloat16)
+  assert model.layers[0].mlp.up_proj.kernel.dtype == jnp.bfloat16
+  logits = model(jnp.asarray(ids))
+  assert logits.dtype == jnp.float32
+  np.testing.assert_allclose(np.asarray(logits), expected, atol=0.1)
+
+
+def test_random_init_without_mesh():
+  config = ModelConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_layers=1,
+                       num_heads=2, num_kv_heads=1, head_dim=8)
+  model = Llama(config, rngs=nnx.Rngs(0))
+  assert model(jnp.zeros((1, 3), jnp.int32)).shape == (1, 3, 64)
