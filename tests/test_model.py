@@ -27,6 +27,11 @@ def hf_config(name):
     return json.load(f)
 
 
+@jax.jit
+def forward(model, ids, positions=None, segment_ids=None):
+  return model(ids, positions=positions, segment_ids=segment_ids)
+
+
 @pytest.fixture(scope="module")
 def llama():
   return load_pretrained(os.path.join(FIXTURES, "llama"))[0]
@@ -36,7 +41,7 @@ def llama():
 def test_logits_match_transformers(name):
   path, ids, expected = fixture(name)
   model, _ = load_pretrained(path)
-  logits = model(jnp.asarray(ids))
+  logits = forward(model, jnp.asarray(ids))
   assert logits.dtype == jnp.float32 and logits.shape == expected.shape
   np.testing.assert_allclose(np.asarray(logits), expected, atol=1e-4, rtol=0)
 
@@ -98,10 +103,9 @@ def test_packing_equals_separate_sequences(llama):
   packed = np.concatenate([a, b, [0, 0, 0]])[None].astype(np.int32)
   segments = np.array([[1] * 5 + [2] * 4 + [0] * 3], np.int32)
   positions = np.array([list(range(5)) + list(range(4)) + [0] * 3], np.int32)
-  logits = llama(jnp.asarray(packed), positions=jnp.asarray(positions),
-                 segment_ids=jnp.asarray(segments))
-  alone_a = llama(jnp.asarray(a[None], jnp.int32))
-  alone_b = llama(jnp.asarray(b[None], jnp.int32))
+  logits = forward(llama, jnp.asarray(packed), jnp.asarray(positions), jnp.asarray(segments))
+  alone_a = forward(llama, jnp.asarray(a[None], jnp.int32))
+  alone_b = forward(llama, jnp.asarray(b[None], jnp.int32))
   np.testing.assert_allclose(logits[0, :5], alone_a[0], atol=1e-5)
   np.testing.assert_allclose(logits[0, 5:9], alone_b[0], atol=1e-5)
   assert np.isfinite(np.asarray(logits)).all()  # padding rows too
@@ -109,7 +113,7 @@ def test_packing_equals_separate_sequences(llama):
 
 def test_kv_cache_matches_full_forward(llama):
   _, ids, _ = fixture("llama")
-  full = llama(jnp.asarray(ids))
+  full = forward(llama, jnp.asarray(ids))
   cache = llama.init_cache(ids.shape[0], 16)
   step = jax.jit(lambda m, x, c: m(x, cache=c))  # nnx modules are pytrees
   logits, cache = step(llama, jnp.asarray(ids[:, :7]), cache)
@@ -128,7 +132,7 @@ def test_remat_same_values_and_gradients():
   def loss_and_grads(remat):
     model = Llama(config, rngs=nnx.Rngs(0), remat=remat)
     loss = lambda m: jnp.mean(jax.nn.log_softmax(m(ids))[..., 0])
-    return nnx.value_and_grad(loss)(model)
+    return nnx.jit(nnx.value_and_grad(loss))(model)
 
   (l0, g0), (l1, g1) = loss_and_grads(False), loss_and_grads(True)
   np.testing.assert_allclose(l0, l1, rtol=1e-6)
@@ -140,7 +144,7 @@ def test_bfloat16_compute_is_close():
   path, ids, expected = fixture("mistral")
   model, _ = load_pretrained(path, dtype=jnp.bfloat16)
   assert model.layers[0].mlp.up_proj.kernel.dtype == jnp.bfloat16
-  logits = model(jnp.asarray(ids))
+  logits = forward(model, jnp.asarray(ids))
   assert logits.dtype == jnp.float32
   np.testing.assert_allclose(np.asarray(logits), expected, atol=0.1)
 
@@ -149,4 +153,4 @@ def test_random_init_without_mesh():
   config = ModelConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_layers=1,
                        num_heads=2, num_kv_heads=1, head_dim=8)
   model = Llama(config, rngs=nnx.Rngs(0))
-  assert model(jnp.zeros((1, 3), jnp.int32)).shape == (1, 3, 64)
+  assert forward(model, jnp.zeros((1, 3), jnp.int32)).shape == (1, 3, 64)
