@@ -1,0 +1,220 @@
+"""Train-step, decode and load benchmarks: Flax NNX model vs PyTorch transformers.
+
+Every measurement runs in its own subprocess so that peak RSS is its own.
+Shapes: SmolLM2-135M (random init), batch 4 x 256 for the train step.
+
+    python benchmarks/model_step.py [--steps 3] [--skip-torch]
+
+Prints a markdown table (recorded in docs/model.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMOLLM2 = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=30,
+               num_heads=9, num_kv_heads=3, head_dim=64, rms_norm_eps=1e-5,
+               rope_theta=100000.0, max_position_embeddings=8192, tie_word_embeddings=True)
+BATCH, SEQ = 4, 256
+PROMPT, NEW_TOKENS = 32, 128
+
+
+def _peak_rss_mb():
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _timed(fn, steps):
+  fn()  # compile / warm up
+  start = time.perf_counter()
+  for _ in range(steps):
+    fn()
+  return (time.perf_counter() - start) / steps
+
+
+def jax_train(steps, optimizer, remat=False, dtype="float32"):
+  import jax
+  import jax.numpy as jnp
+  import optax
+  from flax import nnx
+  from train.model import Llama, ModelConfig
+
+  dtype = jnp.dtype(dtype)
+  model = Llama(ModelConfig(**SMOLLM2), rngs=nnx.Rngs(0), dtype=dtype, remat=remat)
+  ids = jax.random.randint(jax.random.key(1), (BATCH, SEQ), 0, SMOLLM2["vocab_size"])
+
+  def loss_fn(model, ids):
+    logits = model(ids[:, :-1])
+    return optax.softmax_cross_entropy_with_integer_labels(logits, ids[:, 1:]).mean()
+
+  if optimizer:
+    opt = nnx.Optimizer(model, optax.adamw(1e-4), wrt=nnx.Param)
+
+    @nnx.jit
+    def step(model, opt, ids):
+      loss, grads = nnx.value_and_grad(loss_fn)(model, ids)
+      opt.update(model, grads)
+      return loss
+
+    run = lambda: step(model, opt, ids).block_until_ready()
+  else:
+    grad_fn = nnx.jit(nnx.value_and_grad(loss_fn))
+    run = lambda: jax.block_until_ready(grad_fn(model, ids))
+  seconds = _timed(run, steps)
+  return {"s_per_step": seconds, "tokens_per_s": BATCH * SEQ / seconds}
+
+
+def jax_decode(steps, batch=1):
+  import jax.numpy as jnp
+  from flax import nnx
+  from train.generate import generate
+  from train.model import Llama, ModelConfig
+
+  model = Llama(ModelConfig(**SMOLLM2), rngs=nnx.Rngs(0))
+  prompts = [list(range(10, 10 + PROMPT))] * batch
+  run = lambda: generate(model, prompts, max_new_tokens=NEW_TOKENS, eos_token_id=-1)
+  seconds = _timed(run, steps)
+  return {"s_per_step": seconds, "tokens_per_s": batch * NEW_TOKENS / seconds}
+
+
+def _torch_model():
+  import torch
+  import transformers
+  torch.manual_seed(0)
+  config = transformers.LlamaConfig(
+      vocab_size=SMOLLM2["vocab_size"], hidden_size=SMOLLM2["hidden_size"],
+      intermediate_size=SMOLLM2["intermediate_size"], num_hidden_layers=SMOLLM2["num_layers"],
+      num_attention_heads=SMOLLM2["num_heads"], num_key_value_heads=SMOLLM2["num_kv_heads"],
+      rms_norm_eps=SMOLLM2["rms_norm_eps"], rope_theta=SMOLLM2["rope_theta"],
+      max_position_embeddings=SMOLLM2["max_position_embeddings"], tie_word_embeddings=True)
+  return transformers.LlamaForCausalLM(config)
+
+
+def torch_train(steps, optimizer):
+  import torch
+  model = _torch_model()
+  ids = torch.randint(0, SMOLLM2["vocab_size"], (BATCH, SEQ))
+  opt = torch.optim.AdamW(model.parameters(), lr=1e-4) if optimizer else None
+
+  def run():
+    loss = model(ids, labels=ids).loss
+    loss.backward()
+    if opt is not None:
+      opt.step()
+    model.zero_grad(set_to_none=True)
+
+  seconds = _timed(run, steps)
+  return {"s_per_step": seconds, "tokens_per_s": BATCH * SEQ / seconds}
+
+
+def torch_decode(steps, batch=1):
+  import torch
+  model = _torch_model().eval()
+  ids = torch.arange(10, 10 + PROMPT)[None].repeat(batch, 1)
+
+  def run():
+    with torch.no_grad():
+      model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW_TOKENS,
+                     min_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0)
+
+  seconds = _timed(run, steps)
+  return {"s_per_step": seconds, "tokens_per_s": batch * NEW_TOKENS / seconds}
+
+
+def load_gguf(steps):
+  del steps
+  import jax
+  import jax.numpy as jnp
+  from train.checkpoints import default_gguf_path, load_pretrained
+  from train.model import num_params
+  jnp.zeros(1).block_until_ready()  # count the runtime itself in the baseline
+  path = default_gguf_path()
+  with open("/proc/self/status") as f:
+    base = next(int(l.split()[1]) for l in f if l.startswith("VmRSS")) / 1024
+  start = time.perf_counter()
+  model, _ = load_pretrained(path)
+  seconds = time.perf_counter() - start
+  model_mb = num_params(model) * 4 / 2**20
+  growth = _peak_rss_mb() - base
+  return {"s_per_step": seconds, "model_mb": model_mb, "load_growth_mb": growth,
+          "ratio": growth / model_mb, "devices": jax.device_count()}
+
+
+WORKERS = {
+    "jax_fwd_bwd": lambda s: jax_train(s, optimizer=False),
+    "jax_adamw": lambda s: jax_train(s, optimizer=True),
+    "jax_adamw_remat": lambda s: jax_train(s, optimizer=True, remat=True),
+    "jax_decode": jax_decode,
+    "jax_decode_b4": lambda s: jax_decode(s, batch=4),
+    "torch_fwd_bwd": lambda s: torch_train(s, optimizer=False),
+    "torch_adamw": lambda s: torch_train(s, optimizer=True),
+    "torch_decode": torch_decode,
+    "torch_decode_b4": lambda s: torch_decode(s, batch=4),
+    "load_gguf": load_gguf,
+}
+ROWS = [
+    ("train step fwd+bwd, 4x256", "jax_fwd_bwd", "torch_fwd_bwd"),
+    ("train step fwd+bwd+AdamW, 4x256", "jax_adamw", "torch_adamw"),
+    ("train step + AdamW, remat", "jax_adamw_remat", None),
+    (f"greedy decode, batch 1, {PROMPT}+{NEW_TOKENS}", "jax_decode", "torch_decode"),
+    (f"greedy decode, batch 4, {PROMPT}+{NEW_TOKENS}", "jax_decode_b4", "torch_decode_b4"),
+]
+
+
+def _run_worker(name, steps):
+  env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+  proc = subprocess.run([sys.executable, __file__, "--worker", name, "--steps", str(steps)],
+                        capture_output=True, text=True, env=env, check=False)
+  if proc.returncode != 0:
+    print(f"{name} failed:\n{proc.stderr[-2000:]}", file=sys.stderr)
+    return None
+  return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__)
+  parser.add_argument("--steps", type=int, default=3)
+  parser.add_argument("--worker", choices=sorted(WORKERS))
+  parser.add_argument("--skip-torch", action="store_true")
+  args = parser.parse_args()
+  if args.worker:
+    if args.worker.startswith("torch"):
+      import torch
+      torch.set_num_threads(os.cpu_count())
+    result = WORKERS[args.worker](args.steps)
+    result["peak_rss_mb"] = _peak_rss_mb()
+    print(json.dumps(result))
+    return
+
+  try:
+    import torch  # noqa: F401  pylint: disable=unused-import
+    import transformers  # noqa: F401  pylint: disable=unused-import
+    have_torch = not args.skip_torch
+  except ImportError:
+    have_torch = False
+  cell = lambda r: "n/a" if r is None else (
+      f"{r['tokens_per_s']:.0f} tok/s ({r['s_per_step']:.2f} s), {r['peak_rss_mb'] / 1024:.2f} GB")
+  print(f"CPU cores: {os.cpu_count()}; SmolLM2-135M shape, float32, random init; "
+        f"mean of {args.steps} steps after one warm-up step.\n")
+  print("| measurement | Flax NNX (this repo) | PyTorch transformers |")
+  print("| --- | --- | --- |")
+  for label, jax_name, torch_name in ROWS:
+    jax_result = _run_worker(jax_name, args.steps)
+    torch_result = _run_worker(torch_name, args.steps) if have_torch and torch_name else None
+    print(f"| {label} | {cell(jax_result)} | "
+          f"{cell(torch_result) if torch_name and have_torch else 'n/a'} |", flush=True)
+  load = _run_worker("load_gguf", 1)
+  if load:
+    print(f"\nload_pretrained(SmolLM2-135M-Instruct.Q4_1.gguf): {load['s_per_step']:.1f} s, "
+          f"RSS growth {load['load_growth_mb']:.0f} MB for a {load['model_mb']:.0f} MB float32 "
+          f"model ({load['ratio']:.2f}x), peak RSS {load['peak_rss_mb']:.0f} MB")
+
+
+if __name__ == "__main__":
+  main()
