@@ -179,7 +179,10 @@ class Linear(nnx.Module):
     self.dtype = dtype
 
   def __call__(self, x):
-    y = jnp.dot(x, self.kernel[...].astype(self.dtype))
+    # A 2-D matmul: XLA:CPU runs the weight gradient of a [B, S, D] dot
+    # (two contracting dims) several times slower.
+    kernel = self.kernel[...].astype(self.dtype)
+    y = jnp.dot(x.reshape(-1, x.shape[-1]), kernel).reshape(*x.shape[:-1], kernel.shape[1])
     if self.bias is not None:
       y = y + self.bias[...].astype(self.dtype)
     return y
@@ -378,12 +381,13 @@ class Llama(nnx.Module):
       layer_cache = None if cache is None else cache["layers"][i]
       x, new_layer_cache = run(layer, x, cos, sin, mask, layer_cache, start)
       new_layers.append(new_layer_cache)
-    x = self.norm(x)
-    if self.lm_head is None:
-      head = self.embed_tokens[...].astype(self.dtype).T
+    x = self.norm(x).reshape(b * s, -1)
+    if self.lm_head is None:  # tied: contract with the [V, D] embedding directly
+      head, dims = self.embed_tokens[...].astype(self.dtype), (((1,), (1,)), ((), ()))
     else:
-      head = self.lm_head.kernel[...].astype(self.dtype)
-    logits = jnp.dot(x, head, preferred_element_type=jnp.float32)
+      head, dims = self.lm_head.kernel[...].astype(self.dtype), (((1,), (0,)), ((), ()))
+    logits = jax.lax.dot_general(x, head, dims, preferred_element_type=jnp.float32)
+    logits = logits.reshape(b, s, -1)
     if cache is None:
       return logits
     return logits, {"index": start + s, "segment_ids": kv_seg, "layers": new_layers}
