@@ -17,6 +17,7 @@ LeafMask = Union[Any, Callable[[optax.Params], Any]]
 
 GRANULARITIES = ("tensor", "global")
 SELECTIONS = ("auto", "exact", "bisect", "sample")
+DEFAULT_SAMPLE_SIZE = 16384
 
 
 class GradientMaskState(NamedTuple):
@@ -85,13 +86,6 @@ def selected_leaves(updates, mask: Optional[LeafMask]):
   return leaves, treedef, selected
 
 
-def _leaf_rng(rng, index, axis_name):
-  rng = jax.random.fold_in(rng, index)
-  if axis_name is not None:
-    rng = jax.random.fold_in(rng, lax.axis_index(axis_name))
-  return rng
-
-
 def _psum(x, axis_name):
   return x if axis_name is None else lax.psum(x, axis_name)
 
@@ -99,6 +93,11 @@ def _psum(x, axis_name):
 def magnitude_keep_masks(grads, ratio, *, granularity, selection, sample_size,
                          rng, axis_name):
   """Keep masks ``|g| >= T`` for a list of gradient arrays.
+
+  Each tensor contributes one *row*: its magnitude keys, or the keys of
+  ``sample_size`` sampled entries. Rows of equal shape and dtype are stacked
+  into blocks, so the whole selection is a handful of ops whatever the number
+  of tensors (fast to compile, one all-reduce per bisection step).
 
   Returns ``(keep, kept)``: one boolean array per gradient and the (estimated
   for sampled tensors) total number of kept entries.
@@ -111,72 +110,78 @@ def magnitude_keep_masks(grads, ratio, *, granularity, selection, sample_size,
     methods = [selection] * len(grads)
   key_fn = (_selection.magnitude_key if granularity == "tensor"
             else _selection.magnitude_key_f32)
-  full_keys = [key_fn(g) for g in grads]
-  samples = [
-      key_fn(_selection.sample_entries(g, sample_size,
-                                       _leaf_rng(rng, i, axis_name)))
-      if m == "sample" else None
-      for i, (g, m) in enumerate(zip(grads, methods))
-  ]
+
+  rows = list(grads)
+  sampled = [i for i, m in enumerate(methods) if m == "sample"]
+  if sampled:
+    if axis_name is not None:
+      rng = jax.random.fold_in(rng, lax.axis_index(axis_name))
+    drawn = _selection.sample_entries([grads[i] for i in sampled], sample_size,
+                                      rng)
+    for i, sample in zip(sampled, drawn):
+      rows[i] = sample
+  rows = [key_fn(r) for r in rows]
+  layout = list(_selection.group_by_layout(rows).values())
+  blocks = [jnp.stack([rows[i] for i in members]) for members in layout]
+  members = [np.asarray(m, np.int32) for m in layout]
+  # Entries each row stands for, counted over all shards.
+  counted = [sample_size * shards if m == "sample" else n
+             for m, n in zip(methods, sizes)]
 
   if granularity == "tensor":
-    thresholds = [None] * len(grads)
-    counting = [i for i, m in enumerate(methods) if m != "exact"]
-    for i, m in enumerate(methods):
-      if m == "exact":
-        thresholds[i] = _selection.sorted_key(
-            full_keys[i], _selection.num_masked(ratio, sizes[i]), axis_name)
-    if counting:
-      counted = [samples[i] if methods[i] == "sample" else full_keys[i]
-                 for i in counting]
-      counted_sizes = [
-          sample_size * shards if methods[i] == "sample" else sizes[i]
-          for i in counting
-      ]
-      targets = jnp.stack([
-          jnp.asarray(_selection.num_masked(ratio, n), jnp.int32) + 1
-          for n in counted_sizes
-      ])
-      found = _selection.bisect(
-          _selection.CountingProblem(counted, range(len(counting)), None,
-                                     targets), axis_name)
-      for j, i in enumerate(counting):
-        thresholds[i] = found[j]
+    ranks = [_selection.num_masked(ratio, c) for c in counted]
+    if selection == "exact":
+      thresholds = jnp.zeros(len(rows), jnp.int64 if any(
+          b.dtype.itemsize > 4 for b in blocks) else jnp.int32)
+      for block, rows_of in zip(blocks, members):
+        found = _selection.sorted_keys(
+            block, jnp.stack([jnp.asarray(ranks[i]) for i in rows_of]),
+            axis_name)
+        thresholds = thresholds.at[rows_of].set(found.astype(thresholds.dtype))
+    else:
+      targets = jnp.stack([jnp.asarray(k, jnp.int32) for k in ranks]) + 1
+      thresholds = _selection.bisect(
+          _selection.CountingProblem(blocks, members, None, targets),
+          axis_name)
   else:
-    total = float(sum(sizes))
-    target = jnp.reshape(
-        jnp.asarray(_selection.num_masked(ratio, int(total)), jnp.float32) + 1,
-        [1])
-    if all(m == "exact" for m in methods):
-      flat = jnp.concatenate([k.reshape(-1) for k in full_keys])
+    rank = _selection.num_masked(ratio, int(sum(sizes)))
+    if selection == "exact":
+      flat = jnp.concatenate([b.reshape(-1) for b in blocks])
       if axis_name is not None:
         flat = lax.all_gather(flat, axis_name, tiled=True)
-      threshold = jnp.sort(flat)[target[0].astype(jnp.int32) - 1]
+      threshold = jnp.sort(flat)[jnp.asarray(rank, jnp.int32)]
     else:
-      counted = [s if s is not None else k for s, k in zip(samples, full_keys)]
-      weights = [g.size / sample_size if m == "sample" else 1.0
-                 for g, m in zip(grads, methods)]
+      weights = None
+      if sampled:
+        weights = [np.asarray([grads[i].size / sample_size
+                               if methods[i] == "sample" else 1.0
+                               for i in rows_of]) for rows_of in members]
+      target = jnp.reshape(jnp.asarray(rank, jnp.float32) + 1, [1])
       threshold = _selection.bisect(
-          _selection.CountingProblem(counted, [0] * len(grads), weights,
-                                     target), axis_name)[0]
-    thresholds = [threshold] * len(grads)
+          _selection.CountingProblem(
+              blocks, [np.zeros_like(m) for m in members], weights, target),
+          axis_name)[0]
+    thresholds = jnp.broadcast_to(threshold, [len(rows)])
 
   # Masking nothing must be the identity, whatever the selector estimated.
-  thresholds = [jnp.where(jnp.asarray(ratio) > 0, t, 0) for t in thresholds]
-  keep = [k >= t.astype(k.dtype) for k, t in zip(full_keys, thresholds)]
+  thresholds = jnp.where(jnp.asarray(ratio) > 0, thresholds, 0)
+  keep = [key_fn(g) >= thresholds[i].astype(rows[i].dtype)
+          for i, g in enumerate(grads)]
   kept = 0.0
-  for g, m, k, s, t in zip(grads, methods, keep, samples, thresholds):
-    if m == "sample":
-      frac = _psum(jnp.sum(s >= t.astype(s.dtype), dtype=jnp.float32),
-                   axis_name) / (sample_size * shards)
-      kept = kept + frac * (g.size * shards)
-    else:
-      kept = kept + _psum(jnp.sum(k, dtype=jnp.float32), axis_name)
+  for block, rows_of in zip(blocks, members):
+    row_threshold = thresholds[rows_of].astype(block.dtype)
+    row_threshold = row_threshold.reshape(
+        row_threshold.shape + (1,) * (block.ndim - 1))
+    row_kept = _psum(jnp.sum(block >= row_threshold,
+                             axis=tuple(range(1, block.ndim)),
+                             dtype=jnp.float32), axis_name)
+    scale = np.asarray([sizes[i] / counted[i] for i in rows_of], np.float32)
+    kept = kept + jnp.sum(row_kept * scale)
   return keep, kept
 
 
 def keep_mask_fn(mask_ratio, *, granularity="tensor", selection="auto",
-                 sample_size=16384, mask=None, axis_name=None):
+                 sample_size=None, mask=None, axis_name=None):
   """Validates :func:`gradient_mask`'s options and returns
   ``keep_masks(updates, count, rng_key) -> (keep, kept_fraction)``: a pytree
   of boolean masks (``None`` for leaves passed through) and the fraction of
@@ -188,9 +193,12 @@ def keep_mask_fn(mask_ratio, *, granularity="tensor", selection="auto",
   if selection not in SELECTIONS:
     raise ValueError(
         f"selection must be one of {SELECTIONS}, got {selection!r}.")
+  if sample_size is None:
+    sample_size = DEFAULT_SAMPLE_SIZE
   if not isinstance(sample_size, (int, np.integer)) or sample_size < 1:
     raise ValueError(
-        f"sample_size must be a positive int, got {sample_size!r}.")
+        f"sample_size must be a positive Python int, got {sample_size!r} "
+        "(under optax.inject_hyperparams, pass static_args=('sample_size',)).")
   sample_size = int(sample_size)
 
   def keep_masks(updates, count, rng_key):
@@ -225,7 +233,7 @@ def gradient_mask(
     *,
     granularity: str = "tensor",
     selection: str = "auto",
-    sample_size: int = 16384,
+    sample_size: Optional[int] = None,
     mask: Optional[LeafMask] = None,
     axis_name: Optional[str] = None,
     seed: int = 0,
@@ -274,8 +282,11 @@ def gradient_mask(
     granularity: ``"tensor"`` (one threshold per leaf) or ``"global"`` (one
       threshold over all selected leaves).
     selection: ``"auto"``, ``"exact"``, ``"bisect"`` or ``"sample"``.
-    sample_size: entries sampled per tensor (``"sample"``/``"auto"``). Static:
-      under ``optax.inject_hyperparams`` pass it in ``static_args``.
+    sample_size: entries sampled per tensor (``"sample"``/``"auto"``);
+      ``None`` means ``DEFAULT_SAMPLE_SIZE``. Static: under
+      ``optax.inject_hyperparams`` pass it in ``static_args`` (and ``mask``
+      too when it is a callable, which inject_hyperparams would otherwise take
+      for a schedule).
     mask: which leaves to mask, as in ``optax.masked``: a pytree (prefix) of
       bools or a callable of the updates returning one. Other leaves, and all
       non-floating-point or empty leaves, pass through unchanged.
@@ -358,18 +369,19 @@ def random_mask(
     ratio = _ratio_at(mask_ratio, state.count)
     leaves, treedef, selected = selected_leaves(updates, mask)
     rng = jax.random.fold_in(state.rng_key, state.count)
-    out, kept, total = [], 0.0, 0
-    for i, (x, s) in enumerate(zip(leaves, selected)):
-      if not s:
-        out.append(x)
-        continue
-      keep = jax.random.uniform(_leaf_rng(rng, i, axis_name), x.shape) >= ratio
-      out.append(jnp.where(keep, x, jnp.zeros_like(x)))
-      kept = kept + _psum(jnp.sum(keep, dtype=jnp.float32), axis_name)
-      total += x.size * (1 if axis_name is None else lax.axis_size(axis_name))
+    if axis_name is not None:
+      rng = jax.random.fold_in(rng, lax.axis_index(axis_name))
+    keep = [
+        jax.random.uniform(jax.random.fold_in(rng, i), x.shape) >= ratio
+        if s else None for i, (x, s) in enumerate(zip(leaves, selected))
+    ]
+    kept = sum(_psum(jnp.sum(k, dtype=jnp.float32), axis_name)
+               for k in keep if k is not None)
+    shards = 1 if axis_name is None else lax.axis_size(axis_name)
+    total = sum(x.size for x, s in zip(leaves, selected) if s) * shards
     kept_fraction = (jnp.asarray(kept / total, jnp.float32) if total
                      else jnp.ones([], jnp.float32))
-    return treedef.unflatten(out), state._replace(
+    return apply_keep_masks(updates, treedef.unflatten(keep)), state._replace(
         count=optax.safe_increment(state.count), kept_fraction=kept_fraction)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

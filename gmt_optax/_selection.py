@@ -63,39 +63,44 @@ def num_masked(ratio, n):
   return jnp.clip(k, 0, jnp.maximum(jnp.asarray(n, jnp.float32) - 1, 0))
 
 
-def sample_entries(x: jax.Array, num_samples: int, rng: jax.Array) -> jax.Array:
-  """``num_samples`` entries of ``x`` drawn uniformly with replacement.
+def sample_entries(arrays: Sequence[jax.Array], num_samples: int,
+                   rng: jax.Array) -> list[jax.Array]:
+  """``num_samples`` entries of each array, drawn uniformly with replacement.
 
-  One independent index vector per dimension: a uniform draw over the
-  entries, and a gather the SPMD partitioner keeps local (``ravel`` of a
-  sharded array would all-gather it).
+  One index vector per dimension (all drawn in one ``randint`` call): a
+  uniform draw over the entries, and a gather the SPMD partitioner keeps
+  local, where ``ravel`` of a sharded array would all-gather it.
   """
-  if x.ndim == 0:
-    return jnp.broadcast_to(x, (num_samples,))
-  rngs = jax.random.split(rng, x.ndim)
-  index = tuple(
-      jax.random.randint(r, (num_samples,), 0, d, dtype=jnp.int32)
-      for r, d in zip(rngs, x.shape)
-  )
-  return x[index]
+  max_ndim = max(max(x.ndim for x in arrays), 1)
+  bounds = np.ones((len(arrays), max_ndim, 1), np.int32)
+  for i, x in enumerate(arrays):
+    bounds[i, :x.ndim, 0] = x.shape
+  index = jax.random.randint(rng, (len(arrays), max_ndim, num_samples), 0,
+                             bounds, dtype=jnp.int32)
+  return [
+      x[tuple(index[i, :x.ndim])] if x.ndim else jnp.broadcast_to(
+          x, (num_samples,))
+      for i, x in enumerate(arrays)
+  ]
 
 
 @dataclasses.dataclass(frozen=True)
 class CountingProblem:
-  """Batched bisection: find, per group, the smallest key ``t`` with
-  ``sum_l weight_l * count(keys_l <= t) >= target``.
+  """Batched bisection: find, per group ``g``, the smallest key ``t`` with
+  ``sum over rows r of group g of weight_r * count(row_r <= t) >= target_g``.
 
   Attributes:
-    keys: one integer key array per tensor (full tensor or a sample of it).
-    group: for each key array, the index of its threshold.
-    weights: per key array, the weight of one counted entry (``None`` means
-      all ones and exact int32 counting).
+    blocks: integer key arrays ``[rows, ...]``; each row is one tensor (or a
+      sample of one) and is counted over its other axes.
+    row_groups: per block, the ``[rows]`` group index of each row.
+    row_weights: per block, ``[rows]`` weight of one counted entry, or
+      ``None`` for all ones and exact int32 counting.
     targets: ``[num_groups]`` count each group must reach (``k + 1``).
   """
 
-  keys: Sequence[jax.Array]
-  group: Sequence[int]
-  weights: Optional[Sequence[float]]
+  blocks: Sequence[jax.Array]
+  row_groups: Sequence[np.ndarray]
+  row_weights: Optional[Sequence[np.ndarray]]
   targets: jax.Array
 
 
@@ -106,31 +111,37 @@ def bisect(problem: CountingProblem, axis_name=None) -> jax.Array:
   step), so local shards agree on the threshold of the whole tensor.
   """
   num_groups = problem.targets.shape[0]
+  row_groups = np.concatenate(problem.row_groups)
+  row_bits = np.concatenate([
+      np.full(len(g), key_bits(b.dtype))
+      for b, g in zip(problem.blocks, problem.row_groups)
+  ])
   group_bits = np.zeros(num_groups, np.int64)
-  for k, g in zip(problem.keys, problem.group):
-    group_bits[g] = max(group_bits[g], key_bits(k.dtype))
+  np.maximum.at(group_bits, row_groups, row_bits)
   steps = int(group_bits.max())
   carry_dtype = jnp.int64 if steps > 31 else jnp.int32
   lo = jnp.zeros(num_groups, carry_dtype)
   hi = jnp.asarray((1 << group_bits) - 1, carry_dtype)
-  count_dtype = jnp.int32 if problem.weights is None else jnp.float32
-  targets = problem.targets.astype(count_dtype)
-  group_ids = np.asarray(problem.group, np.int32)
-  weights = (None if problem.weights is None
-             else jnp.asarray(problem.weights, jnp.float32))
+  weights = (None if problem.row_weights is None else jnp.asarray(
+      np.concatenate(problem.row_weights), jnp.float32))
+  targets = problem.targets.astype(
+      jnp.int32 if weights is None else jnp.float32)
 
   def step(_, bounds):
     lo, hi = bounds
     mid = lo + (hi - lo) // 2
-    counts = jnp.stack([
-        jnp.sum(k <= mid[g].astype(k.dtype), dtype=jnp.int32)
-        for k, g in zip(problem.keys, problem.group)
-    ])
+    counts = []
+    for block, groups in zip(problem.blocks, problem.row_groups):
+      row_mid = mid[groups].astype(block.dtype)
+      row_mid = row_mid.reshape(row_mid.shape + (1,) * (block.ndim - 1))
+      counts.append(jnp.sum(block <= row_mid, axis=tuple(range(1, block.ndim)),
+                            dtype=jnp.int32))
+    counts = jnp.concatenate(counts)
     if axis_name is not None:
       counts = lax.psum(counts, axis_name)
     if weights is not None:
       counts = counts.astype(jnp.float32) * weights
-    group_counts = jax.ops.segment_sum(counts, group_ids, num_groups)
+    group_counts = jax.ops.segment_sum(counts, row_groups, num_groups)
     enough = group_counts >= targets
     return jnp.where(enough, lo, mid + 1), jnp.where(enough, mid, hi)
 
@@ -138,9 +149,20 @@ def bisect(problem: CountingProblem, axis_name=None) -> jax.Array:
   return lo
 
 
-def sorted_key(keys: jax.Array, k, axis_name=None) -> jax.Array:
-  """Exact key of rank ``k`` by sorting (the reference selector)."""
-  flat = keys.reshape(-1)
+def sorted_keys(block: jax.Array, ranks, axis_name=None) -> jax.Array:
+  """Exact key of rank ``ranks[r]`` of each row of ``block`` by sorting
+  (the reference selector)."""
+  flat = block.reshape(block.shape[0], -1)
   if axis_name is not None:
-    flat = lax.all_gather(flat, axis_name, tiled=True)
-  return jnp.sort(flat)[jnp.asarray(k, jnp.int32)]
+    flat = lax.all_gather(flat, axis_name, axis=1, tiled=True)
+  rows = jnp.arange(flat.shape[0])
+  return jnp.sort(flat, axis=1)[rows, jnp.asarray(ranks, jnp.int32)]
+
+
+def group_by_layout(arrays: Sequence[jax.Array]) -> dict:
+  """Indices of ``arrays`` grouped by (shape, dtype), so each group stacks
+  into one block and is reduced by one op instead of one op per tensor."""
+  groups = {}
+  for i, x in enumerate(arrays):
+    groups.setdefault((x.shape, jnp.dtype(x.dtype)), []).append(i)
+  return groups

@@ -1,0 +1,126 @@
+"""Cost of gradient masking over plain AdamW, one jitted optimizer update.
+
+Usage::
+
+    python benchmarks/optimizer_step.py                 # SmolLM2-135M-shaped tree
+    python benchmarks/optimizer_step.py --model 1b --grad-dtype bfloat16  # GPU
+
+Every row is timed in the same process on the same random parameter tree
+(Llama-shaped leaves: embedding, per-layer q/k/v/o, gate/up/down, norms), and
+reported as the median of ``--repeats`` runs and as a ratio to ``adamw``.
+The accumulation rows time 4 calls (4 micro-steps, one update).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import optax
+
+import gmt_optax
+
+# (vocab, d_model, d_ff, layers, q heads, kv heads)
+SHAPES = {
+    "tiny": (4096, 128, 384, 2, 4, 2),
+    "135m": (49152, 576, 1536, 30, 9, 3),
+    "1b": (128256, 2048, 8192, 16, 32, 8),
+}
+
+
+def llama_tree(name: str, dtype) -> dict:
+  vocab, d, ff, layers, heads, kv_heads = SHAPES[name]
+  head_dim = d // heads
+  shapes = {"embed": (vocab, d), "final_norm": (d,)}
+  for i in range(layers):
+    shapes |= {
+        f"layer{i}/q": (d, heads * head_dim),
+        f"layer{i}/k": (d, kv_heads * head_dim),
+        f"layer{i}/v": (d, kv_heads * head_dim),
+        f"layer{i}/o": (heads * head_dim, d),
+        f"layer{i}/gate": (d, ff),
+        f"layer{i}/up": (d, ff),
+        f"layer{i}/down": (ff, d),
+        f"layer{i}/attn_norm": (d,),
+        f"layer{i}/mlp_norm": (d,),
+    }
+  keys = jax.random.split(jax.random.PRNGKey(0), len(shapes))
+  return {
+      name: (jax.random.normal(k, shape, jnp.float32) * 0.02).astype(dtype)
+      for k, (name, shape) in zip(keys, shapes.items())
+  }
+
+
+def time_update(tx, params, grads, calls: int, repeats: int) -> float:
+  """Median seconds of ``calls`` jitted update+apply calls."""
+
+  @jax.jit
+  def step(params, state, grads):
+    updates, state = tx.update(grads, state, params)
+    return optax.apply_updates(params, updates), state
+
+  state = tx.init(params)
+  params = jax.tree_util.tree_map(jnp.copy, params)
+  params, state = jax.block_until_ready(step(params, state, grads))  # compile
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    for _ in range(calls):
+      params, state = step(params, state, grads)
+    jax.block_until_ready((params, state))
+    times.append(time.perf_counter() - start)
+  return statistics.median(times)
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--model", choices=SHAPES, default="135m")
+  parser.add_argument("--grad-dtype", default="float32")
+  parser.add_argument("--mask-ratio", type=float, default=0.5)
+  parser.add_argument("--repeats", type=int, default=5)
+  parser.add_argument("--skip-exact", action="store_true",
+                      help="skip the sort-based reference (slow on CPU)")
+  args = parser.parse_args()
+
+  params = llama_tree(args.model, jnp.float32)
+  grads = jax.tree_util.tree_map(
+      lambda p: (p * 0.1).astype(args.grad_dtype), params)
+  n = sum(p.size for p in jax.tree_util.tree_leaves(params))
+  adamw = optax.adamw(1e-4)
+  r = args.mask_ratio
+  single = {"adamw": adamw}
+  selections = ["auto", "sample", "bisect"] + ([] if args.skip_exact
+                                                else ["exact"])
+  for selection in selections:
+    single[f"gradient_mask({selection}) + adamw"] = optax.chain(
+        gmt_optax.gradient_mask(r, selection=selection), adamw)
+  single["gradient_mask(auto, global) + adamw"] = optax.chain(
+      gmt_optax.gradient_mask(r, granularity="global"), adamw)
+  single["random_mask + adamw"] = optax.chain(gmt_optax.random_mask(r), adamw)
+  accumulated = {
+      "adamw, MultiSteps(4)": optax.MultiSteps(adamw, 4),
+      "gmt(accumulation_steps=4)": gmt_optax.gmt(adamw, r, accumulation_steps=4),
+      "MultiSteps(chain(gradient_mask, adamw), 4)": optax.MultiSteps(
+          optax.chain(gmt_optax.gradient_mask(r), adamw), 4),
+  }
+
+  print(f"# {args.model}: {n / 1e6:.1f}M parameters in "
+        f"{len(params)} leaves, {args.grad_dtype} grads, mask_ratio {r}, "
+        f"{jax.devices()[0].platform} x{jax.device_count()}, jax "
+        f"{jax.__version__}")
+  print("| update | median s | × adamw |")
+  print("| --- | --- | --- |")
+  base = None
+  for rows, calls in ((single, 1), (accumulated, 4)):
+    for name, tx in rows.items():
+      seconds = time_update(tx, params, grads, calls, args.repeats)
+      base = base or seconds
+      label = name if calls == 1 else f"{name}, {calls} calls"
+      print(f"| {label} | {seconds:.3f} | {seconds / base:.2f} |", flush=True)
+
+
+if __name__ == "__main__":
+  main()
