@@ -89,7 +89,7 @@ class TrainConfig:
     epochs: float = 0.0
     batch_size: int = 8  # rows (packed sequences) per optimizer update, all hosts
     micro_batch_size: int = 8  # rows per forward/backward; batch_size / this = accumulation
-    output_dir: str = "runs/default"
+    output_dir: str = "outputs/default"
     resume: bool | str = False  # true: latest checkpoint in output_dir; or a path
     log_every: int = 1
     tqdm: bool = True
