@@ -53,6 +53,9 @@ class DataConfig:
     response_field: str = "answer"
     messages_field: str | None = None  # chat column; overrides prompt/response
     system_prompt: str | None = None
+    # chat: the tokenizer's chat template; alpaca: the Alpaca instruction format
+    # (for base models without a chat template, as MetaMath and Magicoder used).
+    template: Literal["chat", "alpaca"] = "chat"
     max_length: int = 128  # tokens per packed row
     too_long: Literal["drop", "truncate"] = "drop"
     pack: bool = True
@@ -109,7 +112,7 @@ class EvalConfig:
 
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
-    data: int = -1  # -1: all devices not used by fsdp and tensor
+    data: int = -1  # -1 (on one axis at most): all devices the other axes leave
     fsdp: int = 1
     tensor: int = 1
     # "auto": initialise jax.distributed when the launcher set the standard env

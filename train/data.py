@@ -56,6 +56,33 @@ class ByteTokenizer:
         return text + ("<assistant>" if add_generation_prompt else "")
 
 
+class AlpacaTemplate:
+    """A tokenizer whose chat template is the Alpaca instruction format.
+
+    For base models without a chat template: each user turn becomes
+    "### Instruction:" and each assistant turn "### Response:" text ending in
+    EOS; system messages are dropped.
+    """
+
+    HEADER = ("Below is an instruction that describes a task. "
+              "Write a response that appropriately completes the request.\n\n")
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+
+    def __getattr__(self, name):  # encode, decode, token ids: the wrapped tokenizer's
+        return getattr(self.tokenizer, name)
+
+    def apply_chat_template(self, messages, add_generation_prompt: bool = True) -> str:
+        text = getattr(self.tokenizer, "bos_token", None) or ""
+        for message in messages:
+            if message["role"] == "user":
+                text += f"{self.HEADER}### Instruction:\n{message['content']}\n\n### Response:\n"
+            elif message["role"] == "assistant":
+                text += message["content"] + (getattr(self.tokenizer, "eos_token", None) or "")
+        return text
+
+
 # ----------------------------------------------------------------------------
 # Sources -> Examples
 

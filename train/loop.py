@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from train import evaluate
 from train.config import Config, load_config, save_config
-from train.data import ROW_FIELDS, Batches, ByteTokenizer, examples_for_generation, prepare
+from train.data import ROW_FIELDS, AlpacaTemplate, Batches, ByteTokenizer, examples_for_generation, prepare
 from train.model import Llama, ModelConfig
 from train.step import (batch_sharding, build_optimizer, initialize_distributed, make_eval_step,
                         make_mesh, make_train_step, merge, opt_state_shardings, param_shardings)
@@ -60,6 +60,8 @@ def load_model(config: Config, mesh):
         tokenizer = ByteTokenizer()
     if tokenizer is None:
         raise ValueError("model.path is null (random init), which has no tokenizer: set data.tokenizer=bytes")
+    if config.data.template == "alpaca":
+        tokenizer = AlpacaTemplate(tokenizer)
     if tokenizer.vocab_size > model_config.vocab_size:
         raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens, the model only "
                          f"{model_config.vocab_size}")
@@ -200,6 +202,7 @@ def run(config_source="configs/default.yaml", overrides=None) -> dict:
                 log_file.write(json.dumps(record) + "\n")
                 log_file.flush()
             if not math.isfinite(metrics["loss"]):
+                manager.wait_until_finished()  # let an in-flight (async) save of good state land
                 raise NonFiniteLossError(
                     f"loss is {metrics['loss']} at step {step + 1}: stopping. The last good "
                     f"checkpoint (step {last_saved}) is kept in {manager.directory}.")
@@ -230,8 +233,9 @@ def run(config_source="configs/default.yaml", overrides=None) -> dict:
         from train.checkpoints import export_pretrained
 
         export_dir = Path(config.checkpoint.export_dir or out / "hf")
-        export_pretrained(merge(graphdef, params, rest), None if isinstance(tokenizer, ByteTokenizer)
-                          else tokenizer, str(export_dir))
+        plain = tokenizer.tokenizer if isinstance(tokenizer, AlpacaTemplate) else tokenizer
+        export_pretrained(merge(graphdef, params, rest),
+                          None if isinstance(plain, ByteTokenizer) else plain, str(export_dir))
         summary["export_dir"] = str(export_dir)
     if jax.process_index() == 0:
         (out / "summary.json").write_text(json.dumps(summary, indent=1))

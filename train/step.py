@@ -61,17 +61,22 @@ def initialize_distributed(cfg: MeshConfig) -> bool:
 
 
 def make_mesh(cfg: MeshConfig) -> jax.sharding.Mesh:
-    """A (data, fsdp, tensor) mesh over all devices of all processes."""
+    """A (data, fsdp, tensor) mesh over all devices of all processes; one axis may be -1 (fill)."""
     devices = jax.device_count()
-    if devices % (cfg.fsdp * cfg.tensor):
-        raise ValueError(f"mesh.fsdp={cfg.fsdp} x mesh.tensor={cfg.tensor} does not divide "
-                         f"the {devices} devices")
-    data = cfg.data if cfg.data > 0 else devices // (cfg.fsdp * cfg.tensor)
-    if data * cfg.fsdp * cfg.tensor != devices:
-        raise ValueError(f"mesh data={data} x fsdp={cfg.fsdp} x tensor={cfg.tensor} != "
-                         f"{devices} devices; use mesh.data=-1 to fill")
+    sizes = {"data": cfg.data, "fsdp": cfg.fsdp, "tensor": cfg.tensor}
+    fill = [name for name, size in sizes.items() if size == -1]
+    known = math.prod(size for size in sizes.values() if size != -1)
+    if len(fill) > 1 or any(size == 0 or size < -1 for size in sizes.values()):
+        raise ValueError(f"mesh {sizes}: sizes must be >= 1, with at most one -1 (fill)")
+    if fill:
+        if devices % known:
+            raise ValueError(f"mesh {sizes}: {known} does not divide the {devices} devices")
+        sizes[fill[0]] = devices // known
+    if math.prod(sizes.values()) != devices:
+        raise ValueError(f"mesh {sizes} needs {math.prod(sizes.values())} devices, there are "
+                         f"{devices}; set one axis to -1 to fill")
     # Auto axes: shardings are given to jit explicitly and XLA propagates the rest.
-    return jax.make_mesh((data, cfg.fsdp, cfg.tensor), MESH_AXES,
+    return jax.make_mesh(tuple(sizes.values()), MESH_AXES,
                          axis_types=(jax.sharding.AxisType.Auto,) * 3)
 
 

@@ -1,0 +1,130 @@
+"""End-to-end runs of `train.run` on a tiny random Llama: resume, NaN stop, checkpoints,
+multi-process equivalence, shipped configs, CLI errors."""
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import pytest
+from flax import nnx
+
+import train
+from train.config import load_config
+from train.loop import NonFiniteLossError
+from train.model import Llama, ModelConfig
+from train.step import build_optimizer
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = {
+    "model": {"path": None, "hf_config": {
+        "model_type": "llama", "vocab_size": 320, "hidden_size": 32, "intermediate_size": 64,
+        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2}},
+    "data": {"tokenizer": "bytes", "train_size": 64, "eval_size": 8, "max_length": 64},
+    "optimizer": {"lr": 3e-3, "warmup_steps": 1},
+    "train": {"steps": 6, "batch_size": 8, "micro_batch_size": 4, "tqdm": False},
+    "eval": {"accuracy": False, "before": False},
+    "mesh": {"data": 4, "fsdp": 1, "tensor": 2},
+}
+
+
+def _losses(out: Path) -> dict[int, float]:
+    records = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in records}
+
+
+def test_exact_resume_after_interruption(tmp_path):
+    out = tmp_path / "run"
+    config = {**TINY, "train": {**TINY["train"], "output_dir": str(out)},
+              "checkpoint": {"every": 3, "keep": 5, "export": True},
+              "eval": {"accuracy": True, "size": 4, "max_new_tokens": 4, "before": False}}
+    summary = train.run(config)
+    straight = _losses(out)
+    assert sorted(straight) == [1, 2, 3, 4, 5, 6] and "accuracy" in summary["after"]
+    assert (out / "config.yaml").is_file() and (out / "eval_after.jsonl").is_file()
+    assert (Path(summary["export_dir"]) / "config.json").is_file()
+    # Interrupt after step 3: drop the final checkpoint and the log of steps 4-6.
+    shutil.rmtree(out / "checkpoints" / "6")
+    log = (out / "train_log.jsonl").read_text().splitlines()[:3]
+    (out / "train_log.jsonl").write_text("\n".join(log) + "\n")
+    resumed = train.run(config, ["train.resume=true", "checkpoint.export=false"])
+    again = _losses(out)
+    assert [again[s] for s in (4, 5, 6)] == [straight[s] for s in (4, 5, 6)]  # bit-identical
+    assert resumed["after"]["eval_loss"] == summary["after"]["eval_loss"]
+
+
+def test_interrupted_save_is_never_restored(tmp_path):
+    out = tmp_path / "run"
+    train.run({**TINY, "train": {**TINY["train"], "steps": 2, "output_dir": str(out)}})
+    # What Orbax leaves behind when a save dies before its atomic rename.
+    partial = out / "checkpoints" / "9.orbax-checkpoint-tmp-1234567890"
+    partial.mkdir()
+    (partial / "junk").write_text("half written")
+    import orbax.checkpoint as ocp
+    assert ocp.CheckpointManager((out / "checkpoints").absolute()).latest_step() == 2
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+    out = tmp_path / "run"
+    config = {**TINY, "optimizer": {"lr": 1e30, "warmup_steps": 0, "clip_norm": 0.0, "method": "sft"},
+              "train": {**TINY["train"], "output_dir": str(out)}, "checkpoint": {"every": 1}}
+    with pytest.raises(NonFiniteLossError, match=r"loss is (nan|inf) at step (\d).*last good checkpoint"):
+        train.run(config)
+    bad_step = max(_losses(out))
+    saved = sorted(int(p.name) for p in (out / "checkpoints").iterdir() if p.name.isdigit())
+    assert saved and max(saved) < bad_step
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_processes_match_one(tmp_path):
+    single = tmp_path / "single"
+    train.run({**TINY, "train": {**TINY["train"], "output_dir": str(single)}})
+    port = _free_port()
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
+    config_path = tmp_path / "tiny.json"
+    config_path.write_text(json.dumps({**TINY, "train": {**TINY["train"], "output_dir": str(tmp_path / "multi")}}))
+    code = ("import json, sys, train; train.run(json.load(open(sys.argv[1])), sys.argv[2:])")
+    procs = [subprocess.Popen(
+        [sys.executable, "-c", code, str(config_path), "mesh.distributed=true",
+         f"mesh.coordinator_address=127.0.0.1:{port}", "mesh.num_processes=2", f"mesh.process_id={i}"],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    outputs = [p.communicate(timeout=600)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), outputs
+    one, two = _losses(single), _losses(tmp_path / "multi")
+    assert one.keys() == two.keys()
+    for step in one:
+        assert abs(one[step] - two[step]) <= 1e-5 * abs(one[step]), (step, one[step], two[step])
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_configs_resolve_and_build(path):
+    config = load_config(path)
+    tx, _ = build_optimizer(config.optimizer, total_steps=1000)
+    if config.model.hf_config is not None:
+        model_config = ModelConfig.from_hf(config.model.hf_config)
+    else:  # the default: read the architecture from the GGUF's metadata only
+        import gguf
+        from train.checkpoints import default_gguf_path, gguf_config
+        path = default_gguf_path()
+        model_config = gguf_config(gguf.GGUFReader(path), path)
+    abstract = nnx.eval_shape(lambda: Llama(model_config, rngs=nnx.Rngs(0), remat=config.model.remat))
+    params = nnx.to_pure_dict(nnx.state(abstract, nnx.Param))
+    opt_state = jax.eval_shape(tx.init, params)
+    assert jax.tree.leaves(opt_state)
+
+
+def test_cli_rejects_a_bad_key_before_any_work():
+    result = subprocess.run([sys.executable, "-m", "train", "--config", "configs/default.yaml",
+                             "optimizer.mask_ration=0.3"], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 2
+    assert "did you mean 'optimizer.mask_ratio'" in result.stderr
