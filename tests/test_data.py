@@ -92,3 +92,29 @@ def test_bad_inputs(tmp_path):
         prepare(_cfg(source="files", train_files=[str(wrong)]), TOK)
     with pytest.raises(ValueError, match="no example fits"):
         prepare(_cfg(train_size=4, eval_size=2, max_length=4), TOK)
+
+
+def test_alpaca_template_masks_the_response_and_ends_with_eos():
+    class WithSpecials(ByteTokenizer):
+        bos_token, eos_token = "", "</s>"
+
+    from train.data import AlpacaTemplate
+    tok = AlpacaTemplate(WithSpecials())
+    ids, mask = tokenize(tok, [{"role": "system", "content": "ignored"},
+                               {"role": "user", "content": "2+2?"},
+                               {"role": "assistant", "content": "4"}])
+    text = TOK.decode(ids, skip_special_tokens=False)
+    assert text.endswith("### Instruction:\n2+2?\n\n### Response:\n4</s>") and "ignored" not in text
+    assert TOK.decode([i for i, m in zip(ids, mask) if m], skip_special_tokens=False) == "4</s>"
+
+
+def test_chat_messages_column_trains_every_assistant_turn(tmp_path):
+    path = tmp_path / "chat.jsonl"
+    turns = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "A"},
+             {"role": "user", "content": "again"}, {"role": "assistant", "content": "B"}]
+    path.write_text("\n".join(json.dumps({"conversation": turns}) for _ in range(12)))
+    cfg = _cfg(source="files", train_files=[str(path)], messages_field="conversation", eval_size=1)
+    rows, _, _, _ = prepare(cfg, TOK)
+    first = (rows["loss_mask"][0] > 0) & (rows["segment_ids"][0] == 1)  # the first packed example
+    trained = rows["targets"][0][first]
+    assert TOK.decode(trained, skip_special_tokens=False) == "A</s>B</s>"
