@@ -11,6 +11,7 @@ Prints a markdown table (recorded in docs/model.md).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import resource
@@ -49,29 +50,35 @@ def jax_train(steps, optimizer, remat=False, dtype="float32"):
   model = Llama(ModelConfig(**SMOLLM2), rngs=nnx.Rngs(0), dtype=dtype, remat=remat)
   ids = jax.random.randint(jax.random.key(1), (BATCH, SEQ), 0, SMOLLM2["vocab_size"])
 
-  def loss_fn(model, ids):
-    logits = model(ids[:, :-1])
+  graphdef, params = nnx.split(model, nnx.Param)
+  del model
+
+  def loss_fn(params, ids):
+    logits = nnx.merge(graphdef, params)(ids[:, :-1])
     return optax.softmax_cross_entropy_with_integer_labels(logits, ids[:, 1:]).mean()
 
   if optimizer:
-    opt = nnx.Optimizer(model, optax.adamw(1e-4), wrt=nnx.Param)
+    tx = optax.adamw(1e-4)
+    state = [params, tx.init(params)]
 
-    @nnx.jit
-    def step(model, opt, ids):
-      loss, grads = nnx.value_and_grad(loss_fn)(model, ids)
-      opt.update(model, grads)
-      return loss
+    # Donated buffers: params and moments are updated in place, as a trainer does.
+    @functools.partial(jax.jit, donate_argnums=(0, 1))
+    def step(params, opt_state, ids):
+      loss, grads = jax.value_and_grad(loss_fn)(params, ids)
+      updates, opt_state = tx.update(grads, opt_state, params)
+      return optax.apply_updates(params, updates), opt_state, loss
 
-    run = lambda: step(model, opt, ids).block_until_ready()
+    def run():
+      state[0], state[1], loss = step(state[0], state[1], ids)
+      loss.block_until_ready()
   else:
-    grad_fn = nnx.jit(nnx.value_and_grad(loss_fn))
-    run = lambda: jax.block_until_ready(grad_fn(model, ids))
+    grad_fn = jax.jit(jax.value_and_grad(loss_fn))
+    run = lambda: jax.block_until_ready(grad_fn(params, ids))
   seconds = _timed(run, steps)
   return {"s_per_step": seconds, "tokens_per_s": BATCH * SEQ / seconds}
 
 
 def jax_decode(steps, batch=1):
-  import jax.numpy as jnp
   from flax import nnx
   from train.generate import generate
   from train.model import Llama, ModelConfig

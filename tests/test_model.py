@@ -11,7 +11,7 @@ import pytest
 from flax import nnx
 
 from train.checkpoints import load_pretrained
-from train.model import Llama, ModelConfig, rope_inv_freq
+from train.model import Llama, ModelConfig, attention, rope_inv_freq
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
 NAMES = ("llama", "qwen2", "mistral")
@@ -154,3 +154,25 @@ def test_random_init_without_mesh():
                        num_heads=2, num_kv_heads=1, head_dim=8)
   model = Llama(config, rngs=nnx.Rngs(0))
   assert forward(model, jnp.zeros((1, 3), jnp.int32)).shape == (1, 3, 64)
+
+
+def test_attention_custom_gradient_matches_autodiff():
+  keys = jax.random.split(jax.random.key(0), 4)
+  q = jax.random.normal(keys[0], (2, 7, 2, 3, 8))
+  k, v = jax.random.normal(keys[1], (2, 7, 2, 8)), jax.random.normal(keys[2], (2, 7, 2, 8))
+  mask = jnp.tril(jnp.ones((7, 7), bool))[None].repeat(2, 0).at[1, :2].set(False)
+  weights = jax.random.normal(keys[3], q.shape)
+
+  def reference(q, k, v):
+    scores = jnp.einsum("bskgh,btkh->bkgst", q, k)
+    probs = jax.nn.softmax(jnp.where(mask[:, None, None], scores, -jnp.inf), axis=-1)
+    probs = jnp.where(mask[:, None, None], probs, 0.0)  # fully masked rows -> 0
+    return jnp.einsum("bkgst,btkh->bskgh", jnp.nan_to_num(probs), v)
+
+  loss = lambda fn: lambda q, k, v: jnp.sum(fn(q, k, v) * weights)
+  np.testing.assert_allclose(attention(q, k, v, mask), reference(q, k, v), atol=1e-5)
+  assert not np.asarray(attention(q, k, v, mask))[1, :2].any()
+  ours = jax.grad(loss(lambda q, k, v: attention(q, k, v, mask)), argnums=(0, 1, 2))(q, k, v)
+  theirs = jax.grad(loss(reference), argnums=(0, 1, 2))(q, k, v)
+  for a, b in zip(ours, theirs):
+    np.testing.assert_allclose(a, b, atol=1e-5)

@@ -232,6 +232,57 @@ def apply_rope(x, cos, sin):
   return (x * cos + _rotate_half(x) * sin).astype(x.dtype)
 
 
+def _scores(q, k, mask):
+  s = jnp.einsum("bskgh,btkh->bkgst", q, k, preferred_element_type=jnp.float32)
+  return jnp.where(mask[:, None, None], s, jnp.finfo(jnp.float32).min)
+
+
+def _probs(scores, lse, mask):
+  # Explicit zeros: a fully masked (padding) row would otherwise get
+  # exp(min - min) = 1 everywhere, since min + log(T) rounds to min.
+  return jnp.where(mask[:, None, None], jnp.exp(scores - lse), 0.0)
+
+
+@jax.custom_vjp
+def attention(q, k, v, mask):
+  """Softmax attention of grouped queries; k/v heads are never repeated.
+
+  :param q: [B, S, K, G, H] queries (already scaled), G query heads per kv head.
+  :param k: [B, T, K, H]; ``v`` likewise.
+  :param mask: bool [B, S, T], True where query s may attend to key t.
+  :returns: [B, S, K, G, H]; zeros for a query that may attend to nothing.
+
+  The backward pass recomputes the probabilities from the saved log-sum-exp
+  (as flash attention does) instead of keeping three [B, K, G, S, T] float32
+  intermediates per layer alive: about 0.85 GB less for SmolLM2 at 4 x 256.
+  """
+  return _attention_fwd(q, k, v, mask)[0]
+
+
+def _attention_fwd(q, k, v, mask):
+  scores = _scores(q, k, mask)
+  lse = jax.nn.logsumexp(scores, axis=-1, keepdims=True)
+  probs = _probs(scores, lse, mask).astype(v.dtype)
+  out = jnp.einsum("bkgst,btkh->bskgh", probs, v)
+  return out, (q, k, v, mask, lse, out)
+
+
+def _attention_bwd(res, d_out):
+  q, k, v, mask, lse, out = res
+  probs = _probs(_scores(q, k, mask), lse, mask)
+  d_v = jnp.einsum("bkgst,bskgh->btkh", probs.astype(v.dtype), d_out)
+  d_probs = jnp.einsum("bskgh,btkh->bkgst", d_out, v, preferred_element_type=jnp.float32)
+  # softmax backward: dS = P * (dP - rowsum(dP * P)), and rowsum(dP * P) = <dO, O>.
+  row = jnp.einsum("bskgh,bskgh->bkgs", d_out.astype(jnp.float32), out.astype(jnp.float32))
+  d_scores = (probs * (d_probs - row[..., None])).astype(q.dtype)
+  d_q = jnp.einsum("bkgst,btkh->bskgh", d_scores, k)
+  d_k = jnp.einsum("bkgst,bskgh->btkh", d_scores, q)
+  return d_q, d_k, d_v, None
+
+
+attention.defvjp(_attention_fwd, _attention_bwd)
+
+
 class Attention(nnx.Module):
   """Grouped-query attention; k/v heads are never repeated in memory."""
 
@@ -259,12 +310,8 @@ class Attention(nnx.Module):
       v = jax.lax.dynamic_update_slice(layer_cache["v"], v.astype(layer_cache["v"].dtype), start)
       new_cache = {"k": k, "v": v}
       k, v = k.astype(self.dtype), v.astype(self.dtype)
-    # Query heads grouped per kv head: [B, S, K, G, H] against k/v [B, T, K, H].
     q = q.reshape(b, s, k_heads, groups, h) * jnp.asarray(h ** -0.5, self.dtype)
-    scores = jnp.einsum("bskgh,btkh->bkgst", q, k, preferred_element_type=jnp.float32)
-    scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
-    out = jnp.einsum("bkgst,btkh->bskgh", probs, v).reshape(b, s, self.num_heads * h)
+    out = attention(q, k, v, mask).reshape(b, s, self.num_heads * h)
     return self.o_proj(out), new_cache
 
 
