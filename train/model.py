@@ -253,8 +253,9 @@ def attention(q, k, v, mask):
   :returns: [B, S, K, G, H]; zeros for a query that may attend to nothing.
 
   The backward pass recomputes the probabilities from the saved log-sum-exp
-  (as flash attention does) instead of keeping three [B, K, G, S, T] float32
-  intermediates per layer alive: about 0.85 GB less for SmolLM2 at 4 x 256.
+  (as flash attention does) instead of keeping [B, K, G, S, T] float32
+  intermediates alive (measured: 0.2 GB less XLA temp memory for the SmolLM2
+  train step at 4 x 256).
   """
   return _attention_fwd(q, k, v, mask)[0]
 
