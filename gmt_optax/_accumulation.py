@@ -74,9 +74,11 @@ def accumulate_gradients(
 
   def init_fn(params):
     return AccumulationState(
-        mini_step=jnp.zeros([], jnp.int32),
+        mini_step=_masking.replicate_like(params, jnp.zeros([], jnp.int32)),
+        # zeros_like keeps each parameter's sharding.
         grad_mean=jax.tree_util.tree_map(
-            lambda p: jnp.zeros(p.shape, accumulator_dtype or p.dtype), params),
+            lambda p: jnp.zeros_like(p, dtype=accumulator_dtype or p.dtype),
+            params),
         inner_state=inner.init(params),
     )
 

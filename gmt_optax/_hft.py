@@ -90,8 +90,10 @@ def hft(
   def init_fn(params):
     num_selected = sum(_masking.selected_leaves(params, mask)[2])
     rng_key = jax.random.PRNGKey(seed)
-    return HFTState(count=jnp.zeros([], jnp.int32), rng_key=rng_key,
-                    frozen=draw(rng_key, 0, num_selected),
+    count, rng_key, frozen = _masking.replicate_like(
+        params, (jnp.zeros([], jnp.int32), rng_key,
+                 draw(rng_key, 0, num_selected)))
+    return HFTState(count=count, rng_key=rng_key, frozen=frozen,
                     inner_state=inner.init(params))
 
   def update_fn(updates, state, params=None, **extra_args):

@@ -55,12 +55,25 @@ def _ratio_at(mask_ratio: MaskRatio, count: jax.Array):
   return mask_ratio(count) if callable(mask_ratio) else mask_ratio
 
 
-def _init_state(state_type, seed):
-  return state_type(
+def replicate_like(params, state):
+  """Places ``state`` (small, parameter-independent arrays) replicated on the
+  mesh of the first concretely ``NamedSharding``-ed parameter, where a jitted
+  update returns it; a no-op otherwise (unsharded, abstract or traced)."""
+  for leaf in jax.tree_util.tree_leaves(params):
+    sharding = getattr(leaf, "sharding", None)
+    if (isinstance(leaf, jax.Array) and not isinstance(leaf, jax.core.Tracer)
+        and isinstance(sharding, jax.sharding.NamedSharding)):
+      return jax.device_put(state, jax.sharding.NamedSharding(
+          sharding.mesh, jax.sharding.PartitionSpec()))
+  return state
+
+
+def _init_state(state_type, seed, params):
+  return replicate_like(params, state_type(
       count=jnp.zeros([], jnp.int32),
       rng_key=jax.random.PRNGKey(seed),
       kept_fraction=jnp.ones([], jnp.float32),
-  )
+  ))
 
 
 def selected_leaves(updates, mask: Optional[LeafMask]):
@@ -317,8 +330,7 @@ def gradient_mask(
       sample_size=sample_size, mask=mask, axis_name=axis_name)
 
   def init_fn(params):
-    del params
-    return _init_state(GradientMaskState, seed)
+    return _init_state(GradientMaskState, seed, params)
 
   def update_fn(updates, state, params=None, **extra_args):
     del params, extra_args
@@ -361,8 +373,7 @@ def random_mask(
   _check_ratio(mask_ratio)
 
   def init_fn(params):
-    del params
-    return _init_state(RandomMaskState, seed)
+    return _init_state(RandomMaskState, seed, params)
 
   def update_fn(updates, state, params=None, **extra_args):
     del params, extra_args

@@ -165,3 +165,32 @@ def test_pmap_with_axis_name_gives_the_same_result_on_every_device():
       replicated, state)
   for device_update in updates[1:]:
     np.testing.assert_array_equal(device_update, updates[0])
+
+
+# Stateless inner optimizers: optax's own scalar counts are placed on one
+# device by init, which is optax's business.
+@pytest.mark.parametrize("factory", [
+    lambda: gmt_optax.gmt(optax.sgd(1e-3), 0.5, sample_size=SAMPLE_SIZE),
+    lambda: gmt_optax.gmt(optax.sgd(1e-3), 0.5, accumulation_steps=2,
+                          sample_size=SAMPLE_SIZE),
+    lambda: gmt_optax.random_mask(0.5),
+    lambda: gmt_optax.hft(optax.sgd(1e-3)),
+])
+def test_state_sharding_is_stable_under_jit(factory):
+  mesh, specs = layouts()["fsdp+tensor"]
+  params = shard(grads_tree(), mesh, specs)
+  tx = factory()
+  # The accumulator is sharded like the parameters, even from a plain init.
+  for leaf, acc in zip(jax.tree_util.tree_leaves(params),
+                       jax.tree_util.tree_leaves(
+                           getattr(tx.init(params), "grad_mean", params))):
+    assert acc.sharding.is_equivalent_to(leaf.sharding, leaf.ndim)
+  state = tx.init(params)
+  update = jax.jit(tx.update)
+  signature = lambda s: jax.tree_util.tree_map(
+      lambda x: (x.shape, x.dtype, x.sharding), s)
+  before = signature(state)
+  for _ in range(3):
+    _, state = update(params, state, params)
+  assert signature(state) == before
+  assert update._cache_size() == 1
