@@ -85,14 +85,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.slow
 def test_two_processes_match_one(tmp_path):
+    quick = {**TINY, "eval": {"before": False, "after": False}, "checkpoint": {"save_final": False}}
     single = tmp_path / "single"
-    train.run({**TINY, "train": {**TINY["train"], "output_dir": str(single)}})
+    train.run({**quick, "train": {**TINY["train"], "steps": 3, "output_dir": str(single)}})
     port = _free_port()
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
     config_path = tmp_path / "tiny.json"
-    config_path.write_text(json.dumps({**TINY, "train": {**TINY["train"], "output_dir": str(tmp_path / "multi")}}))
+    config_path.write_text(json.dumps(
+        {**quick, "train": {**TINY["train"], "steps": 3, "output_dir": str(tmp_path / "multi")}}))
     code = ("import json, sys, train; train.run(json.load(open(sys.argv[1])), sys.argv[2:])")
     procs = [subprocess.Popen(
         [sys.executable, "-c", code, str(config_path), "mesh.distributed=true",
