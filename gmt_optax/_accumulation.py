@@ -86,24 +86,23 @@ def accumulate_gradients(
     grad_mean = jax.tree_util.tree_map(
         lambda a, g: a + g.astype(a.dtype) / accumulation_steps,
         state.grad_mean, updates)
+    is_update_step = state.mini_step == accumulation_steps - 1
 
-    def apply_inner(_):
+    def apply_inner(inner_state):
       mean = jax.tree_util.tree_map(
           lambda a, g: a.astype(g.dtype), grad_mean, updates)
-      new_updates, inner_state = inner.update(
-          mean, state.inner_state, params, **extra_args)
-      return (new_updates, inner_state,
-              jax.tree_util.tree_map(jnp.zeros_like, grad_mean))
+      return inner.update(mean, inner_state, params, **extra_args)
 
-    def skip_inner(_):
-      shapes = jax.eval_shape(apply_inner, None)[0]
-      zeros = jax.tree_util.tree_map(
-          lambda s: jnp.zeros(s.shape, s.dtype), shapes)
-      return zeros, state.inner_state, grad_mean
+    def skip_inner(inner_state):
+      shapes = jax.eval_shape(apply_inner, inner_state)[0]
+      return (jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype),
+                                     shapes), inner_state)
 
-    is_update_step = state.mini_step == accumulation_steps - 1
-    new_updates, inner_state, grad_mean = lax.cond(
-        is_update_step, apply_inner, skip_inner, None)
+    new_updates, inner_state = lax.cond(is_update_step, apply_inner,
+                                        skip_inner, state.inner_state)
+    # A select outside the cond: fused with the sum, no copy of the buffer.
+    grad_mean = jax.tree_util.tree_map(
+        lambda a: jnp.where(is_update_step, jnp.zeros_like(a), a), grad_mean)
     return new_updates, AccumulationState(
         mini_step=(state.mini_step + 1) % accumulation_steps,
         grad_mean=grad_mean,

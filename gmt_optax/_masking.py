@@ -382,9 +382,10 @@ def random_mask(
     rng = jax.random.fold_in(state.rng_key, state.count)
     if axis_name is not None:
       rng = jax.random.fold_in(rng, lax.axis_index(axis_name))
+    seeds = jax.random.bits(rng, (len(leaves),), jnp.uint32)
     keep = [
-        jax.random.uniform(jax.random.fold_in(rng, i), x.shape) >= ratio
-        if s else None for i, (x, s) in enumerate(zip(leaves, selected))
+        _selection.uniform_like(x, seeds[i]) >= ratio if s else None
+        for i, (x, s) in enumerate(zip(leaves, selected))
     ]
     kept = sum(_psum(jnp.sum(k, dtype=jnp.float32), axis_name)
                for k in keep if k is not None)

@@ -194,3 +194,15 @@ def test_state_sharding_is_stable_under_jit(factory):
     _, state = update(params, state, params)
   assert signature(state) == before
   assert update._cache_size() == 1
+
+
+@pytest.mark.parametrize("layout", ["fsdp", "fsdp+tensor"])
+def test_random_mask_is_the_same_sharded_or_not(layout):
+  mesh, specs = layouts()[layout]
+  grads = grads_tree()
+  tx = gmt_optax.random_mask(0.5, seed=3)
+  expected, _ = jax.jit(tx.update)(grads, tx.init(grads))
+  sharded = shard(grads, mesh, specs)
+  updates, _ = jax.jit(tx.update)(sharded, tx.init(sharded))
+  for key in grads:
+    np.testing.assert_array_equal(updates[key], expected[key], err_msg=key)
