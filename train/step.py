@@ -52,9 +52,8 @@ def initialize_distributed(cfg: MeshConfig) -> bool:
         cfg.coordinator_address is not None or _launched_multi_host()))
     if not wanted:
         return False
-    if jax.config.jax_platforms in ("cpu",) or os.environ.get("JAX_PLATFORMS") == "cpu":
-        # CPU processes exchange collectives over gloo (tests, CPU clusters).
-        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    # CPU processes exchange collectives over gloo (tests, CPU clusters); GPU/TPU ignore it.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(coordinator_address=cfg.coordinator_address,
                                num_processes=cfg.num_processes, process_id=cfg.process_id)
     return True
