@@ -3,12 +3,11 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
 from flax import nnx
 
 from train.config import load_config
 from train.model import Llama, ModelConfig
-from train.step import (batch_sharding, build_optimizer, make_mesh, make_train_step, merge,
+from train.step import (batch_sharding, build_optimizer, make_mesh, make_train_step,
                         opt_state_shardings, shard_model, token_loss_sum)
 
 TINY = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2,

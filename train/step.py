@@ -92,12 +92,6 @@ def replicated(mesh) -> NamedSharding:
 # Model <-> pure parameter dict
 
 
-def split_params(model: nnx.Module) -> tuple[nnx.GraphDef, dict, nnx.State]:
-    """(graph, parameters as a pure dict, the rest of the state) of an NNX module."""
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    return graphdef, nnx.to_pure_dict(params), rest
-
-
 def _fit(spec: tuple, shape: tuple, mesh) -> P:
     """Drops mesh axes that do not divide their dimension (that dimension is replicated)."""
     fitted = []
