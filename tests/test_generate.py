@@ -75,3 +75,12 @@ def test_cli(capsys):
                         "--chat", "--max-new-tokens", "4"])
   printed = capsys.readouterr().out
   assert printed.endswith("\n")
+
+
+def test_sharded_model_generates_the_same(model):
+  mesh = jax.make_mesh((1, 4, 2), ("data", "fsdp", "tensor"),
+                       axis_types=(jax.sharding.AxisType.Auto,) * 3)
+  sharded, _ = load_pretrained(os.path.join(FIXTURES, "llama"), mesh=mesh)
+  expected = generate(model, PROMPTS, max_new_tokens=4, eos_token_id=-1)
+  with jax.set_mesh(mesh):
+    assert generate(sharded, PROMPTS, max_new_tokens=4, eos_token_id=-1) == expected
