@@ -27,6 +27,7 @@ import tempfile
 import zipfile
 from typing import Callable, Iterator
 
+import gguf
 import jax
 import jax.numpy as jnp
 import jinja2
@@ -475,7 +476,6 @@ def permute_rope_rows(weight: np.ndarray, n_heads: int) -> np.ndarray:
 
 def _dequantize_rows(raw: np.ndarray, qtype, chunk: int = 2048) -> np.ndarray:
   """Dequantizes to float32 in row chunks, bounding the temporaries."""
-  import gguf  # pylint: disable=import-outside-toplevel
   if raw.ndim < 2 or raw.shape[0] <= chunk:
     return gguf.quants.dequantize(raw, qtype).astype(np.float32, copy=False)
   first = gguf.quants.dequantize(raw[:1], qtype)
@@ -510,7 +510,6 @@ def _gguf_tensors(infos, path: str, config: ModelConfig):
 
 def load_gguf(path: str, *, mesh=None, dtype=None):
   """``(model, tokenizer)`` from a llama.cpp GGUF file (dequantized)."""
-  import gguf  # pylint: disable=import-outside-toplevel
   if not os.path.exists(path):
     raise FileNotFoundError(f"{path}: GGUF file not found")
   try:
