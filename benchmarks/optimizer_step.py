@@ -15,6 +15,7 @@ The accumulation rows time 4 calls (4 micro-steps, one update).
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import time
 
@@ -58,7 +59,9 @@ def llama_tree(name: str, dtype) -> dict:
 def compiled_update(tx, params, grads, calls: int):
   """A closure running ``calls`` jitted update+apply steps, compiled."""
 
-  @jax.jit
+  # Donated like a training step donates them: without donation XLA copies
+  # the optimizer state through the accumulation wrapper's lax.cond.
+  @functools.partial(jax.jit, donate_argnums=(0, 1))
   def step(params, state, grads):
     updates, state = tx.update(grads, state, params)
     return optax.apply_updates(params, updates), state
@@ -92,6 +95,8 @@ def main():
   parser.add_argument("--grad-dtype", default="float32")
   parser.add_argument("--mask-ratio", type=float, default=0.5)
   parser.add_argument("--repeats", type=int, default=5)
+  parser.add_argument("--only", default="",
+                      help="time only the rows whose name contains this")
   parser.add_argument("--skip-exact", action="store_true",
                       help="skip the sort-based reference (slow on CPU)")
   args = parser.parse_args()
@@ -130,6 +135,8 @@ def main():
   rows = [(name, tx, 1) for name, tx in single.items()]
   rows += [(f"{name}, 4 calls", tx, 4) for name, tx in accumulated.items()]
   for name, tx, calls in rows:
+    if args.only not in name:
+      continue
     base, seconds = paired_medians(
         lambda: [baseline() for _ in range(calls)],
         compiled_update(tx, params, grads, calls), args.repeats)

@@ -50,6 +50,10 @@ def accumulate_gradients(
   ``lax.cond`` on the update step only, so an expensive inner step (a mask
   selection) is paid once per update.
 
+  Donate the optimizer state to the jitted step (``donate_argnums``), as
+  training loops do: XLA then updates it in place through the ``lax.cond``;
+  without donation it copies the inner state on every micro-step.
+
   Memory: one accumulator the size of the gradients, in ``accumulator_dtype``
   (default: the parameters' dtype, as ``MultiSteps``; pass ``jnp.float32``
   to accumulate bfloat16 gradients without rounding), plus ``inner``'s state.
