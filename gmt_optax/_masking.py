@@ -141,11 +141,12 @@ def magnitude_keep_masks(grads, ratio, *, granularity, selection, sample_size,
   counted = [sample_size * shards if m == "sample" else n
              for m, n in zip(methods, sizes)]
 
+  threshold_dtype = (jnp.int64 if any(b.dtype.itemsize > 4 for b in blocks)
+                     else jnp.int32)
   if granularity == "tensor":
     ranks = [_selection.num_masked(ratio, c) for c in counted]
     if selection == "exact":
-      thresholds = jnp.zeros(len(rows), jnp.int64 if any(
-          b.dtype.itemsize > 4 for b in blocks) else jnp.int32)
+      thresholds = jnp.zeros(len(rows), threshold_dtype)
       for block, rows_of in zip(blocks, members):
         found = _selection.sorted_keys(
             block, jnp.stack([jnp.asarray(ranks[i]) for i in rows_of]),
@@ -153,9 +154,15 @@ def magnitude_keep_masks(grads, ratio, *, granularity, selection, sample_size,
         thresholds = thresholds.at[rows_of].set(found.astype(thresholds.dtype))
     else:
       targets = jnp.stack([jnp.asarray(k, jnp.int32) for k in ranks]) + 1
-      thresholds = _selection.bisect(
-          _selection.CountingProblem(blocks, members, None, targets),
-          axis_name)
+      if axis_name is None:  # no communication: search block by block
+        thresholds = jnp.zeros(len(rows), threshold_dtype)
+        for block, rows_of in zip(blocks, members):
+          thresholds = thresholds.at[rows_of].set(_selection.bisect_rows(
+              block, targets[rows_of]).astype(threshold_dtype))
+      else:  # one loop: one all-reduce of all counts per step
+        thresholds = _selection.bisect(
+            _selection.CountingProblem(blocks, members, None, targets),
+            axis_name)
   else:
     rank = _selection.num_masked(ratio, int(sum(sizes)))
     if selection == "exact":

@@ -53,6 +53,22 @@ def test_exact_per_tensor_matches_numpy(dtype, ratio, selection):
                                   expected, err_msg=key)
 
 
+@pytest.mark.parametrize("selection", ["bisect", "sample"])
+def test_many_same_shaped_tensors_searched_in_chunks(selection):
+  # 45 rows of 16 KiB stack into a block searched in cache-sized chunks
+  # (with a padded last chunk): every tensor keeps its own threshold.
+  rng = np.random.default_rng(11)
+  grads = {f"w{i}": random_grads(rng, (64, 64)) * (i + 1) for i in range(45)}
+  updates, _ = run(gmt_optax.gradient_mask(0.3, selection=selection,
+                                           sample_size=4096), grads)
+  for key, g in grads.items():
+    if selection == "bisect":
+      (expected,) = reference_mask([g], 0.3)
+      np.testing.assert_array_equal(updates[key], expected, err_msg=key)
+    else:
+      assert abs(masked_fraction(updates[key]) - 0.3) <= dkw_tolerance(4096)
+
+
 def test_ties_are_kept_and_bisect_matches_numpy():
   # 40% of the entries equal the threshold value: all of them are kept.
   g = jnp.asarray([0.1] * 3 + [0.5] * 4 + [2.0] * 3, jnp.float32)
