@@ -576,8 +576,7 @@ def export_pretrained(model: Llama, tokenizer: Tokenizer | None, out_dir: str):
         value = getattr(tokenizer, f"{key}_token_id")
         if value is not None:
           hf_config[f"{key}_token_id"] = value
-    with open(os.path.join(tmp, "config.json"), "w") as f:
-      json.dump(hf_config, f, indent=1)
+    hf_config["torch_dtype"] = hf_config["dtype"] = np.dtype(model.embed_tokens.dtype).name
     params = nnx.to_flat_state(nnx.state(model, nnx.Param))
     tensors, shapes = [], {}
     for path, var in params:
@@ -590,6 +589,8 @@ def export_pretrained(model: Llama, tokenizer: Tokenizer | None, out_dir: str):
         return array.T if transpose else array
 
       tensors.append((name, produce))
+    with open(os.path.join(tmp, "config.json"), "w") as f:
+      json.dump(hf_config, f, indent=1)
     write_safetensors(os.path.join(tmp, "model.safetensors"), tensors, shapes,
                       metadata={"format": "pt"})
     if tokenizer is not None:
