@@ -569,6 +569,9 @@ def export_pretrained(model: Llama, tokenizer: Tokenizer | None, out_dir: str):
   parent = os.path.dirname(out_dir)
   os.makedirs(parent, exist_ok=True)
   tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=parent)
+  umask = os.umask(0)
+  os.umask(umask)
+  os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would be surprising on an export
   try:
     hf_config = model.config.to_hf()
     if tokenizer is not None:
