@@ -279,9 +279,6 @@ def _attention_fwd(q, k, v, mask):
 
 def _attention_bwd(res, d_out):
   q, k, v, mask, lse, out = res
-  # Tie the recomputation to the incoming gradient so XLA cannot hoist every
-  # layer's recomputation to the start of the backward pass.
-  q, k, d_out = jax.lax.optimization_barrier((q, k, d_out))
   probs = _probs(_scores(q, k, mask), lse, mask)
   d_v = jnp.einsum("bkqt,bkqh->bkth", probs.astype(v.dtype), d_out)
   d_probs = jnp.einsum("bkqh,bkth->bkqt", d_out, v, preferred_element_type=jnp.float32)
