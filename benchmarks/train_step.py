@@ -2,9 +2,10 @@
 
     python benchmarks/train_step.py [--config configs/default.yaml] [--steps 5] [key=value ...]
 
-Loads the config's model and data exactly as `python -m train` does, then for
-each method builds the jitted step (compile time reported separately) and
-times `--steps` updates after one warm-up. Prints a Markdown table: compile
+Loads the config's model and data exactly as `python -m train` does, builds
+and compiles the jitted step of each method (compile time reported
+separately), then times `--steps` updates after one warm-up, the methods taking
+turns on the same batches. Prints a Markdown table: compile
 s, median s/step, tokens/s (non-padding tokens), ratio to sft, and the peak
 RSS of the process.
 """
@@ -41,31 +42,37 @@ def main():
     print(f"{jax.device_count()} {jax.devices()[0].platform} device(s); batch {t.batch_size} rows "
           f"x {config.data.max_length} tokens, micro-batch {t.micro_batch_size}")
 
-    rows = []
-    for method in args.methods.split(","):
+    # Build and compile every method first, then interleave their timed steps
+    # (round-robin), so that load from other processes hits all methods alike.
+    methods, compile_s, states, steps = args.methods.split(","), {}, {}, {}
+    for method in methods:
         opt = dataclasses.replace(config.optimizer, method=method)
         tx, schedule = build_optimizer(opt, args.steps + 1)
         o_shardings = opt_state_shardings(tx, params, p_shardings, mesh)
         opt_state = jax.jit(tx.init, out_shardings=o_shardings)(params)
         shardings = {"params": p_shardings, "opt_state": o_shardings, "batch": batch_sharding(mesh)}
         step_fn = make_train_step(graphdef, rest, tx, schedule, shardings, mesh)
-        # Donation consumes params: benchmark on a copy so every method starts the same.
-        p = jax.tree.map(jnp.copy, params)
+        p = jax.tree.map(jnp.copy, params)  # donation consumes it: each method owns a copy
         tick = time.perf_counter()
-        compiled = step_fn.lower(p, opt_state, _global_batch(batches, 0, shardings["batch"]),
-                                 jnp.int32(0)).compile()
-        compile_s = time.perf_counter() - tick
-        times, tokens = [], []
-        for step in range(args.steps + 1):
-            batch = _global_batch(batches, step, shardings["batch"])
+        steps[method] = step_fn.lower(p, opt_state, _global_batch(batches, 0, shardings["batch"]),
+                                      jnp.int32(0)).compile()
+        compile_s[method] = time.perf_counter() - tick
+        states[method] = (p, opt_state)
+    times = {m: [] for m in methods}
+    tokens = []
+    for step in range(args.steps + 1):
+        batch = _global_batch(batches, step, batch_sharding(mesh))
+        tokens.append(int((train_rows["segment_ids"][batches.row_ids(step)] > 0).sum()))
+        for method in methods:
             tick = time.perf_counter()
-            p, opt_state, metrics = compiled(p, opt_state, batch, jnp.int32(step))
+            p, opt_state, metrics = steps[method](*states[method], batch, jnp.int32(step))
             jax.block_until_ready(metrics)
-            times.append(time.perf_counter() - tick)
-            tokens.append(int((train_rows["segment_ids"][batches.row_ids(step)] > 0).sum()))
-        seconds = float(np.median(times[1:]))
-        rows.append((method, compile_s, seconds, float(np.mean(tokens[1:])) / seconds))
-        del p, opt_state
+            times[method].append(time.perf_counter() - tick)
+            states[method] = (p, opt_state)
+    rows = []
+    for method in methods:
+        seconds = float(np.median(times[method][1:]))  # the first step is a warm-up
+        rows.append((method, compile_s[method], seconds, float(np.mean(tokens[1:])) / seconds))
     sft = dict((r[0], r[2]) for r in rows).get("sft")
     print("\n| method | compile s | s/step (median) | tokens/s | ratio to sft |")
     print("| --- | --- | --- | --- | --- |")
