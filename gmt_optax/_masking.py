@@ -17,7 +17,7 @@ LeafMask = Union[Any, Callable[[optax.Params], Any]]
 
 GRANULARITIES = ("tensor", "global")
 SELECTIONS = ("auto", "exact", "bisect", "sample")
-DEFAULT_SAMPLE_SIZE = 16384
+DEFAULT_SAMPLE_SIZE = 8192
 
 
 class GradientMaskState(NamedTuple):
@@ -285,7 +285,7 @@ def gradient_mask(
     replacement. The masked fraction is within
     :math:`\varepsilon = \sqrt{\ln(2/\delta) / (2m)} + 1/m` of :math:`r` with
     probability :math:`1-\delta` (DKW inequality; :math:`m` = total sample
-    size, :math:`\varepsilon \approx 1.5\%` for :math:`m=16384,
+    size, :math:`\varepsilon \approx 2.2\%` for :math:`m=8192,
     \delta=10^{-3}`), when the tensor has no ties at :math:`T`.
   * ``"auto"`` (default): ``"bisect"`` for tensors of at most ``sample_size``
     entries, ``"sample"`` for larger ones.

@@ -78,7 +78,7 @@ class OptimizerConfig:
     mask_ratio: float = 0.5  # gmt, random_mask: fraction of entries zeroed
     granularity: Literal["tensor", "global"] = "tensor"
     selection: Literal["auto", "exact", "bisect", "sample"] = "auto"
-    sample_size: int = 16384
+    sample_size: int = 8192
     mask_embeddings: bool = True  # False: embeddings/head pass through unmasked
     mask_updates: bool = False  # also zero the AdamW update where the grad was masked
     hft_freeze_fraction: float = 0.5
