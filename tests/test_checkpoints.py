@@ -147,24 +147,24 @@ def test_corrupt_safetensors_header(tmp_path, header):
     load_pretrained(str(broken))
 
 
-def test_unsupported_config_field(tmp_path):
+def fixture_with_config(tmp_path, name, **changes):
+  """A copy of fixture ``name`` with ``changes`` written into its config.json."""
   broken = tmp_path / "broken"
-  shutil.copytree(os.path.join(FIXTURES, "mistral"), broken)
+  shutil.copytree(os.path.join(FIXTURES, name), broken)
   config = json.loads((broken / "config.json").read_text())
-  config["sliding_window"] = 4
-  (broken / "config.json").write_text(json.dumps(config))
+  (broken / "config.json").write_text(json.dumps(config | changes))
+  return str(broken)
+
+
+def test_unsupported_config_field(tmp_path):
   with pytest.raises(ValueError, match="sliding_window"):
-    load_pretrained(str(broken))
+    load_pretrained(fixture_with_config(tmp_path, "mistral", sliding_window=4))
 
 
 def test_wrong_tensor_shape_names_tensor(tmp_path):
-  broken = tmp_path / "broken"
-  shutil.copytree(os.path.join(FIXTURES, "mistral"), broken)
-  config = json.loads((broken / "config.json").read_text())
-  config["intermediate_size"] = 40
-  (broken / "config.json").write_text(json.dumps(config))
   with pytest.raises(ValueError, match="mlp.*_proj.weight.*shape"):
-    load_pretrained(str(broken))
+    load_pretrained(fixture_with_config(tmp_path, "mistral",
+                                        intermediate_size=40))
 
 
 def test_sharded_index(tmp_path):
