@@ -138,7 +138,7 @@ def load_gguf(steps):
   del steps
   import jax
   import jax.numpy as jnp
-  from train.checkpoints import default_gguf_path, load_pretrained
+  from train.pretrained import default_gguf_path, load_pretrained
   from train.model import num_params
   jnp.zeros(1).block_until_ready()  # count the runtime itself in the baseline
   path = default_gguf_path()

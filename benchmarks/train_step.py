@@ -22,8 +22,8 @@ import numpy as np
 from train.config import load_config
 from train.data import Batches, prepare
 from train.loop import _global_batch, load_model
-from train.step import (batch_sharding, build_optimizer, make_mesh, make_train_step,
-                        opt_state_shardings)
+from train.mesh import batch_sharding, make_mesh
+from train.step import build_steps
 
 
 def main():
@@ -47,11 +47,9 @@ def main():
     methods, compile_s, states, steps = args.methods.split(","), {}, {}, {}
     for method in methods:
         opt = dataclasses.replace(config.optimizer, method=method)
-        tx, schedule = build_optimizer(opt, args.steps + 1)
-        o_shardings = opt_state_shardings(tx, params, p_shardings, mesh)
-        opt_state = jax.jit(tx.init, out_shardings=o_shardings)(params)
-        shardings = {"params": p_shardings, "opt_state": o_shardings, "batch": batch_sharding(mesh)}
-        step_fn = make_train_step(graphdef, rest, tx, schedule, shardings, mesh)
+        built = build_steps(graphdef, rest, params, p_shardings, opt, args.steps + 1, mesh)
+        opt_state = jax.jit(built.tx.init, out_shardings=built.shardings["opt_state"])(params)
+        shardings, step_fn = built.shardings, built.train
         p = jax.tree.map(jnp.copy, params)  # donation consumes it: each method owns a copy
         tick = time.perf_counter()
         steps[method] = step_fn.lower(p, opt_state, _global_batch(batches, 0, shardings["batch"]),

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from train import generate as generate_module
-from train.checkpoints import load_pretrained
+from train.pretrained import load_pretrained
 from train.generate import generate
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")

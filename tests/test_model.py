@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from train.checkpoints import load_pretrained
+from train.pretrained import load_pretrained
 from train.model import Llama, ModelConfig, attention, rope_inv_freq
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")

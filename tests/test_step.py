@@ -7,8 +7,8 @@ from flax import nnx
 
 from train.config import load_config
 from train.model import Llama, ModelConfig
-from train.step import (batch_sharding, build_optimizer, make_mesh, make_train_step,
-                        opt_state_shardings, shard_model, token_loss_sum)
+from train.mesh import make_mesh, shard_model
+from train.step import build_steps, token_loss_sum
 
 TINY = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2,
                    num_heads=4, num_kv_heads=2, head_dim=8, tie_word_embeddings=False)
@@ -36,11 +36,9 @@ def _run(method="sft", steps=1, mesh=None, accumulation=1, micro=8, **opt):
     model = Llama(TINY, rngs=nnx.Rngs(0))
     graphdef, params, rest, p_shard = shard_model(model, mesh)
     initial = jax.tree.map(np.asarray, params)
-    tx, schedule = build_optimizer(cfg.optimizer, steps)
-    o_shard = opt_state_shardings(tx, params, p_shard, mesh)
-    opt_state = jax.jit(tx.init, out_shardings=o_shard)(params)
-    shardings = {"params": p_shard, "opt_state": o_shard, "batch": batch_sharding(mesh)}
-    step_fn = make_train_step(graphdef, rest, tx, schedule, shardings, mesh)
+    steps_ = build_steps(graphdef, rest, params, p_shard, cfg.optimizer, steps, mesh)
+    opt_state = jax.jit(steps_.tx.init, out_shardings=steps_.shardings["opt_state"])(params)
+    shardings, step_fn = steps_.shardings, steps_.train
     losses = []
     for s in range(steps):
         full = _batch(1, accumulation * micro, seed=s)

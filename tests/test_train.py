@@ -17,7 +17,7 @@ import train
 from train.config import load_config
 from train.loop import NonFiniteLossError
 from train.model import Llama, ModelConfig
-from train.step import build_optimizer
+from train.optimizer import build_optimizer
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = {
@@ -115,7 +115,7 @@ def test_shipped_configs_resolve_and_build(path):
         model_config = ModelConfig.from_hf(config.model.hf_config)
     else:  # the default: read the architecture from the GGUF's metadata only
         import gguf
-        from train.checkpoints import default_gguf_path, gguf_config
+        from train.pretrained import default_gguf_path, gguf_config
         path = default_gguf_path()
         model_config = gguf_config(gguf.GGUFReader(path), path)
     abstract = nnx.eval_shape(lambda: Llama(model_config, rngs=nnx.Rngs(0), remat=config.model.remat))

@@ -10,7 +10,7 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from train.step import BATCH_AXES
+from train.mesh import BATCH_AXES
 
 _NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
 

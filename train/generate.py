@@ -116,7 +116,7 @@ def generate(model, prompts: list[list[int]], *, max_new_tokens: int,
 
 
 def main(argv=None):
-  from train.checkpoints import default_gguf_path, load_pretrained  # pylint: disable=import-outside-toplevel
+  from train.pretrained import default_gguf_path, load_pretrained  # pylint: disable=import-outside-toplevel
   parser = argparse.ArgumentParser(description="Generate a completion with a pretrained model.")
   parser.add_argument("--model", default=None,
                       help="HF directory or .gguf file (default: the SmolLM2-135M-Instruct GGUF)")

@@ -25,8 +25,8 @@ from train import evaluate
 from train.config import Config, load_config, save_config
 from train.data import ROW_FIELDS, AlpacaTemplate, Batches, ByteTokenizer, examples_for_generation, prepare
 from train.model import Llama, ModelConfig
-from train.step import (batch_sharding, build_optimizer, initialize_distributed, make_eval_step,
-                        make_mesh, make_train_step, merge, opt_state_shardings, param_shardings)
+from train.mesh import initialize_distributed, make_mesh, param_shardings
+from train.step import build_steps, merge
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -48,7 +48,7 @@ def load_model(config: Config, mesh):
     cfg = config.model
     param_dtype, dtype = jnp.dtype(cfg.param_dtype), jnp.dtype(cfg.dtype)
     if cfg.path is not None:
-        from train.checkpoints import default_gguf_path, load_pretrained
+        from train.pretrained import default_gguf_path, load_pretrained
 
         path = default_gguf_path() if cfg.path == "smollm2" else cfg.path
         model, tokenizer = load_pretrained(path, mesh=mesh, dtype=param_dtype)
@@ -151,12 +151,9 @@ def run(config_source="configs/default.yaml", overrides=None) -> dict:
                          f"mesh data x fsdp = {shards}")
     total_steps = t.steps or math.ceil(t.epochs * batches.num_rows / t.batch_size)
 
-    tx, schedule = build_optimizer(config.optimizer, total_steps)
-    o_shardings = opt_state_shardings(tx, params, p_shardings, mesh)
-    opt_state = jax.jit(tx.init, out_shardings=o_shardings)(params)
-    shardings = {"params": p_shardings, "opt_state": o_shardings, "batch": batch_sharding(mesh)}
-    train_step = make_train_step(graphdef, rest, tx, schedule, shardings, mesh)
-    eval_step = make_eval_step(graphdef, rest, p_shardings, mesh)
+    steps = build_steps(graphdef, rest, params, p_shardings, config.optimizer, total_steps, mesh)
+    opt_state = jax.jit(steps.tx.init, out_shardings=steps.shardings["opt_state"])(params)
+    shardings, train_step, eval_step = steps.shardings, steps.train, steps.eval
 
     manager = _checkpoint_manager(out / "checkpoints", config.checkpoint)
     first_step = 0
@@ -230,7 +227,7 @@ def run(config_source="configs/default.yaml", overrides=None) -> dict:
         summary["median_step_time_s"] = float(np.median(step_times[1:] or step_times))
     summary["steps"] = total_steps
     if config.checkpoint.export:
-        from train.checkpoints import export_pretrained
+        from train.pretrained import export_pretrained
 
         export_dir = Path(config.checkpoint.export_dir or out / "hf")
         plain = tokenizer.tokenizer if isinstance(tokenizer, AlpacaTemplate) else tokenizer

@@ -2,7 +2,7 @@
 
 One flat file: config, layers, model and KV cache. Parameter names mirror the
 Hugging Face module names so that checkpoint mapping stays a table of regexes
-(see :mod:`train.checkpoints`). Every parameter carries ``out_sharding``
+(see :mod:`train.pretrained`). Every parameter carries ``out_sharding``
 metadata naming the mesh axes ``"fsdp"`` and ``"tensor"`` directly: kernels
 that produce heads/features are ``("fsdp", "tensor")``, kernels that consume
 them are ``("tensor", "fsdp")`` (Megatron-style), norms are replicated.

@@ -39,6 +39,7 @@ import tokenizers
 from flax import nnx
 from tokenizers import decoders, pre_tokenizers, processors
 
+from train.mesh import fit_spec
 from train.model import Llama, ModelConfig
 
 # (Hugging Face name, NNX path, transpose). ``{i}`` is a layer index,
@@ -307,20 +308,10 @@ class Tokenizer:
 # Building a model from a stream of HF-named tensors
 
 
-def _fit_spec(spec, shape, mesh) -> jax.sharding.PartitionSpec:
-  """Drops mesh axes that do not divide their dimension (replicate instead)."""
-  fitted = []
-  for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
-    names = (axes,) if isinstance(axes, str) else tuple(axes or ())
-    size = math.prod(mesh.shape[a] for a in names)
-    fitted.append(axes if names and dim % size == 0 else None)
-  return jax.sharding.PartitionSpec(*fitted)
-
-
 def _place(array: np.ndarray, variable, mesh):
   if mesh is None:
     return jnp.asarray(array)
-  spec = _fit_spec(variable.get_metadata().get("out_sharding") or (), array.shape, mesh)
+  spec = fit_spec(variable.get_metadata().get("out_sharding") or (), array.shape, mesh)
   sharding = jax.sharding.NamedSharding(mesh, spec)
   # Each device receives only its slice of the host tensor.
   return jax.make_array_from_callback(array.shape, sharding, lambda index: array[index])

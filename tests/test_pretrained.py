@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from train import checkpoints
-from train.checkpoints import (Tokenizer, default_gguf_path, export_pretrained,
+from train import pretrained
+from train.mesh import fit_spec
+from train.pretrained import (Tokenizer, default_gguf_path, export_pretrained,
                                load_pretrained, permute_rope_rows, unpermute_rope_rows)
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
@@ -67,7 +68,7 @@ def test_export_replaces_directory_atomically(tmp_path, monkeypatch):
   def fail(*args, **kwargs):
     raise RuntimeError("disk full")
 
-  monkeypatch.setattr(checkpoints, "write_safetensors", fail)
+  monkeypatch.setattr(pretrained, "write_safetensors", fail)
   with pytest.raises(RuntimeError, match="disk full"):
     export_pretrained(model, tok, str(out))
   assert (out / "model.safetensors").read_bytes() == before
@@ -116,7 +117,7 @@ def test_sharded_load_replicates_indivisible_dims():
   model, _ = load_pretrained(os.path.join(FIXTURES, "mistral"), mesh=mesh)
   # 16 k_proj outputs split 8 ways; 288 vocab rows do; the 48 mlp features do.
   assert model.layers[0].self_attn.k_proj.kernel[...].sharding.spec[1] == "tensor"
-  spec = checkpoints._fit_spec(("fsdp", "tensor"), (32, 12), mesh)  # 12 % 8 != 0
+  spec = fit_spec(("fsdp", "tensor"), (32, 12), mesh)  # 12 % 8 != 0
   assert tuple(spec) == ("fsdp", None)
 
 
@@ -171,7 +172,7 @@ def test_sharded_index(tmp_path):
   path, ids, expected = fixture("mistral")
   out = tmp_path / "sharded"
   shutil.copytree(path, out)
-  header, _ = checkpoints.read_safetensors_header(str(out / "model.safetensors"))
+  header, _ = pretrained.read_safetensors_header(str(out / "model.safetensors"))
   os.rename(out / "model.safetensors", out / "model-00001-of-00001.safetensors")
   weight_map = {k: "model-00001-of-00001.safetensors" for k in header if k != "__metadata__"}
   (out / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
@@ -207,12 +208,12 @@ def write_gguf(hf_dir, out, arch="llama", quantize=()):
   writer.add_eos_token_id(2)
   writer.add_pad_token_id(0)
   writer.add_chat_template("{{ messages[0]['content'] }}")
-  names = {v: k for k, v in checkpoints.GGUF_NAME_TABLE}
-  header, start = checkpoints.read_safetensors_header(os.path.join(hf_dir, "model.safetensors"))
+  names = {v: k for k, v in pretrained.GGUF_NAME_TABLE}
+  header, start = pretrained.read_safetensors_header(os.path.join(hf_dir, "model.safetensors"))
   for name, info in header.items():
     if name == "__metadata__":
       continue
-    array = checkpoints._read_tensor(os.path.join(hf_dir, "model.safetensors"), info, start)
+    array = pretrained._read_tensor(os.path.join(hf_dir, "model.safetensors"), info, start)
     if "q_proj" in name:
       array = permute_rope_rows(array, config["num_attention_heads"])
     elif "k_proj" in name:
@@ -262,7 +263,7 @@ def test_chunked_dequantize_equals_whole():
   q = gguf.quants.quantize(rows, gguf.GGMLQuantizationType.Q8_0)
   whole = gguf.quants.dequantize(q, gguf.GGMLQuantizationType.Q8_0)
   np.testing.assert_array_equal(
-      checkpoints._dequantize_rows(q, gguf.GGMLQuantizationType.Q8_0, chunk=3), whole)
+      pretrained._dequantize_rows(q, gguf.GGMLQuantizationType.Q8_0, chunk=3), whole)
 
 
 def test_gguf_other_architecture(tmp_path):

@@ -1,0 +1,65 @@
+"""The optimizer chain (clip -> method -> AdamW), its schedule and its state's shardings."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import optax
+
+import gmt_optax
+from train.config import OptimizerConfig
+from train.mesh import replicated
+
+def learning_rate_schedule(cfg: OptimizerConfig, total_steps: int) -> optax.Schedule:
+    warmup = min(cfg.warmup_steps, max(total_steps - 1, 0))
+    if cfg.schedule == "constant":
+        return optax.join_schedules(
+            [optax.linear_schedule(0.0, cfg.lr, max(warmup, 1)), optax.constant_schedule(cfg.lr)],
+            [warmup])
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0, peak_value=cfg.lr, warmup_steps=warmup,
+        decay_steps=max(total_steps, warmup + 1), end_value=cfg.lr * cfg.final_lr_fraction)
+
+
+def _not_embeddings(params: dict) -> dict:
+    """Leaf mask: True except the token embeddings and the LM head."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, _: not any(getattr(k, "key", None) in ("embed_tokens", "lm_head") for k in path),
+        params)
+
+
+def build_optimizer(cfg: OptimizerConfig, total_steps: int
+                    ) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """clip by global norm -> method (mask / freeze) -> AdamW with warmup + cosine.
+
+    Clipping comes first so that every method clips the same full gradient
+    (the mask is scale invariant per tensor, so its choice is unaffected);
+    the mask then acts on the accumulated, clipped gradient before AdamW, as in
+    the paper.
+    """
+    schedule = learning_rate_schedule(cfg, total_steps)
+    adamw = optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay)
+    leaf_mask = None if cfg.mask_embeddings else _not_embeddings
+    if cfg.method == "sft":
+        method = adamw
+    elif cfg.method == "gmt":
+        method = gmt_optax.gmt(adamw, cfg.mask_ratio, mask_updates=cfg.mask_updates,
+                               granularity=cfg.granularity, selection=cfg.selection,
+                               sample_size=cfg.sample_size, mask=leaf_mask, seed=cfg.seed)
+    elif cfg.method == "random_mask":
+        method = optax.chain(gmt_optax.random_mask(cfg.mask_ratio, seed=cfg.seed, mask=leaf_mask), adamw)
+    else:
+        method = gmt_optax.hft(adamw, freeze_fraction=cfg.hft_freeze_fraction,
+                               period=cfg.hft_period, seed=cfg.seed)
+    if cfg.clip_norm > 0:
+        method = optax.chain(optax.clip_by_global_norm(cfg.clip_norm), method)
+    return method, schedule
+
+
+def opt_state_shardings(tx, params_abstract: dict, params_shardings: dict, mesh) -> Any:
+    """Moments shard like their parameters; counters and keys are replicated."""
+    state = jax.eval_shape(tx.init, params_abstract)
+    return optax.tree_map_params(
+        tx, lambda _, sharding: sharding, state, params_shardings,
+        transform_non_params=lambda _: replicated(mesh))
