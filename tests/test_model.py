@@ -89,10 +89,12 @@ def test_qwen2_sliding_window_in_use_is_rejected():
 
 def test_partitioning_metadata(llama):
   specs = nnx.get_partition_spec(nnx.state(llama, nnx.Param))
-  layer = specs["layers"][0]
-  assert tuple(layer["self_attn"]["q_proj"]["kernel"].get_value()) == ("fsdp", "tensor")
-  assert tuple(layer["self_attn"]["o_proj"]["kernel"].get_value()) == ("tensor", "fsdp")
-  assert tuple(layer["mlp"]["down_proj"]["kernel"].get_value()) == ("tensor", "fsdp")
+  layers = specs["layers"]  # stacked: the leading layer axis is never sharded
+  assert tuple(layers["self_attn"]["q_proj"]["kernel"].get_value()) == (None, "fsdp", "tensor")
+  assert tuple(layers["self_attn"]["o_proj"]["kernel"].get_value()) == (None, "tensor", "fsdp")
+  assert tuple(layers["mlp"]["down_proj"]["kernel"].get_value()) == (None, "tensor", "fsdp")
+  assert tuple(layers["input_layernorm"]["weight"].get_value()) == (None, None)
+  assert llama.layers.mlp.up_proj.kernel.shape[0] == llama.config.num_layers
   assert tuple(specs["embed_tokens"].get_value()) == ("tensor", "fsdp")
   assert tuple(specs["norm"]["weight"].get_value()) == (None,)
 
@@ -143,7 +145,7 @@ def test_remat_same_values_and_gradients():
 def test_bfloat16_compute_is_close():
   path, ids, expected = fixture("mistral")
   model, _ = load_pretrained(path, dtype=jnp.bfloat16)
-  assert model.layers[0].mlp.up_proj.kernel.dtype == jnp.bfloat16
+  assert model.layers.mlp.up_proj.kernel.dtype == jnp.bfloat16
   logits = forward(model, jnp.asarray(ids))
   assert logits.dtype == jnp.float32
   np.testing.assert_allclose(np.asarray(logits), expected, atol=0.1)

@@ -12,7 +12,7 @@ import pytest
 from flax import nnx
 
 from train import pretrained
-from train.mesh import fit_spec
+from train.model import fit_spec
 from train.pretrained import (Tokenizer, default_gguf_path, export_pretrained,
                                load_pretrained, permute_rope_rows, unpermute_rope_rows)
 
@@ -97,15 +97,15 @@ def test_sharded_load_matches_unsharded():
   path, ids, expected = fixture("qwen2")
   model, _ = load_pretrained(path, mesh=mesh)
   P = jax.sharding.PartitionSpec
-  attn = model.layers[0].self_attn
-  assert attn.q_proj.kernel[...].sharding.spec == P("fsdp", "tensor")
-  assert attn.q_proj.bias[...].sharding.spec == P("tensor")
-  assert attn.o_proj.kernel[...].sharding.spec == P("tensor", "fsdp")
+  attn = model.layers.self_attn  # stacked layers: a leading unsharded layer axis
+  assert attn.q_proj.kernel[...].sharding.spec == P(None, "fsdp", "tensor")
+  assert attn.q_proj.bias[...].sharding.spec == P(None, "tensor")
+  assert attn.o_proj.kernel[...].sharding.spec == P(None, "tensor", "fsdp")
   assert model.embed_tokens[...].sharding.spec == P("tensor", "fsdp")
   assert model.embed_tokens[...].sharding.mesh.shape == mesh.shape
   # Each device holds a quarter of the rows and half of the columns.
-  shard = model.layers[0].mlp.up_proj.kernel[...].addressable_shards[0]
-  assert shard.data.shape == (32 // 4, 48 // 2)
+  shard = model.layers.mlp.up_proj.kernel[...].addressable_shards[0]
+  assert shard.data.shape == (model.config.num_layers, 32 // 4, 48 // 2)
   with jax.set_mesh(mesh):
     logits = jax.jit(lambda m, x: m(x))(model, jnp.asarray(ids))
   np.testing.assert_allclose(np.asarray(logits), expected, atol=1e-4)
@@ -116,7 +116,7 @@ def test_sharded_load_replicates_indivisible_dims():
                        axis_types=(jax.sharding.AxisType.Auto,) * 3)
   model, _ = load_pretrained(os.path.join(FIXTURES, "mistral"), mesh=mesh)
   # 16 k_proj outputs split 8 ways; 288 vocab rows do; the 48 mlp features do.
-  assert model.layers[0].self_attn.k_proj.kernel[...].sharding.spec[1] == "tensor"
+  assert model.layers.self_attn.k_proj.kernel[...].sharding.spec[2] == "tensor"
   spec = fit_spec(("fsdp", "tensor"), (32, 12), mesh)  # 12 % 8 != 0
   assert tuple(spec) == ("fsdp", None)
 

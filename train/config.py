@@ -29,6 +29,9 @@ class ModelConfig:
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # compute
     param_dtype: Literal["float32", "bfloat16"] = "float32"
     remat: bool = False  # rematerialise each layer: less memory, ~1.3x compute
+    # The loss visits the sequence in chunks of at most this many tokens, so the
+    # float32 logits [rows, chunk, vocab] never exist for the whole sequence; 0 = one chunk.
+    loss_chunk_tokens: int = 512
     seed: int = 0  # random init only
 
 

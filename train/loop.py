@@ -151,7 +151,8 @@ def run(config_source="configs/default.yaml", overrides=None) -> dict:
                          f"mesh data x fsdp = {shards}")
     total_steps = t.steps or math.ceil(t.epochs * batches.num_rows / t.batch_size)
 
-    steps = build_steps(graphdef, rest, params, p_shardings, config.optimizer, total_steps, mesh)
+    steps = build_steps(graphdef, rest, params, p_shardings, config.optimizer, total_steps, mesh,
+                        config.model.loss_chunk_tokens)
     opt_state = jax.jit(steps.tx.init, out_shardings=steps.shardings["opt_state"])(params)
     shardings, train_step, eval_step = steps.shardings, steps.train, steps.eval
 

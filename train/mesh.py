@@ -10,9 +10,9 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from train.config import MeshConfig
+from train.model import BATCH as BATCH_AXES, fit_spec
 
 MESH_AXES = ("data", "fsdp", "tensor")
-BATCH_AXES = ("data", "fsdp")  # the batch is split over every axis that is not tensor
 
 def _launched_multi_host() -> bool:
     """True when a launcher set the environment jax.distributed reads."""
@@ -66,16 +66,6 @@ def batch_sharding(mesh) -> NamedSharding:
 
 def replicated(mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
-
-
-def fit_spec(spec: tuple, shape: tuple, mesh) -> P:
-    """Drops mesh axes that do not divide their dimension (that dimension is replicated)."""
-    fitted = []
-    for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
-        names = (axes,) if isinstance(axes, str) else tuple(axes or ())
-        size = math.prod(mesh.shape[a] for a in names)
-        fitted.append(axes if names and dim % size == 0 else None)
-    return P(*fitted)
 
 
 def param_shardings(params: nnx.State, mesh) -> dict:

@@ -2,10 +2,24 @@
 
 One flat file: config, layers, model and KV cache. Parameter names mirror the
 Hugging Face module names so that checkpoint mapping stays a table of regexes
-(see :mod:`train.pretrained`). Every parameter carries ``out_sharding``
-metadata naming the mesh axes ``"fsdp"`` and ``"tensor"`` directly: kernels
-that produce heads/features are ``("fsdp", "tensor")``, kernels that consume
-them are ``("tensor", "fsdp")`` (Megatron-style), norms are replicated.
+(see :mod:`train.pretrained`).
+
+Scale, as MaxText and Levanter do it:
+
+* The decoder layers are stacked (every layer parameter has a leading
+  ``[num_layers]`` axis) and run by ``lax.scan``, so compile time and program
+  size do not grow with depth; with ``remat`` each scanned layer saves only its
+  input for the backward pass.
+* Every parameter carries ``out_sharding`` metadata naming the mesh axes
+  ``"fsdp"`` and ``"tensor"``: kernels that produce heads/features are
+  ``("fsdp", "tensor")``, kernels that consume them ``("tensor", "fsdp")``
+  (Megatron-style), norms are replicated, the layer axis is never sharded.
+* Activations are pinned where propagation would otherwise guess: the batch
+  over ``("data", "fsdp")``, heads, MLP features and vocabulary over
+  ``"tensor"``. Without these, XLA keeps the weights sharded and replicates the
+  activations of the whole global batch on every chip. They apply only when an
+  abstract mesh is set (:func:`train.step.make_train_step` sets it), so the
+  model runs unchanged on one device.
 """
 
 from __future__ import annotations
@@ -17,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 _ARCHITECTURES = {
@@ -154,6 +169,27 @@ class ModelConfig:
     else:
       hf.update(attention_bias=False, mlp_bias=False)
     return hf
+
+
+BATCH = ("data", "fsdp")  # mesh axes the batch is split over (every axis but tensor)
+
+
+def fit_spec(spec: tuple, shape: tuple, mesh) -> P:
+  """Drops mesh axes that do not divide their dimension (that dimension is replicated)."""
+  fitted = []
+  for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+    names = (axes,) if isinstance(axes, str) else tuple(axes or ())
+    size = math.prod(mesh.shape[a] for a in names)
+    fitted.append(axes if names and dim % size == 0 else None)
+  return P(*fitted)
+
+
+def constrain(x: jax.Array, *spec) -> jax.Array:
+  """Pins the sharding of activation ``x`` to ``spec`` under an abstract mesh; a no-op without one."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return x
+  return jax.lax.with_sharding_constraint(x, fit_spec(spec, x.shape, mesh))
 
 
 def _mesh_active() -> bool:
@@ -310,9 +346,10 @@ class Attention(nnx.Module):
   def __call__(self, x, cos, sin, mask, layer_cache=None, cache_index=None):
     b, s, _ = x.shape
     k_heads, groups, h = self.num_kv_heads, self.num_heads // self.num_kv_heads, self.head_dim
-    q = apply_rope(self.q_proj(x).reshape(b, s, self.num_heads, h), cos, sin)
-    k = apply_rope(self.k_proj(x).reshape(b, s, k_heads, h), cos, sin)
-    v = self.v_proj(x).reshape(b, s, k_heads, h)
+    heads = (BATCH, None, "tensor", None)
+    q = apply_rope(constrain(self.q_proj(x).reshape(b, s, self.num_heads, h), *heads), cos, sin)
+    k = apply_rope(constrain(self.k_proj(x).reshape(b, s, k_heads, h), *heads), cos, sin)
+    v = constrain(self.v_proj(x).reshape(b, s, k_heads, h), *heads)
     new_cache = None
     if layer_cache is not None:
       start = (0, cache_index, 0, 0)
@@ -336,7 +373,9 @@ class MLP(nnx.Module):
     self.down_proj = Linear(f, d, sharding=("tensor", "fsdp"), **kw)
 
   def __call__(self, x):
-    return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+    features = (BATCH, None, "tensor")
+    hidden = jax.nn.silu(constrain(self.gate_proj(x), *features)) * constrain(self.up_proj(x), *features)
+    return self.down_proj(hidden)
 
 
 class DecoderLayer(nnx.Module):
@@ -357,10 +396,6 @@ class DecoderLayer(nnx.Module):
     return x, new_cache
 
 
-def _run_layer(layer, x, cos, sin, mask, layer_cache, cache_index):
-  return layer(x, cos, sin, mask, layer_cache, cache_index)
-
-
 class Llama(nnx.Module):
   """Llama-family causal LM.
 
@@ -368,7 +403,8 @@ class Llama(nnx.Module):
   :param rngs: parameter initialisation keys.
   :param dtype: compute dtype (activations); logits are always float32.
   :param param_dtype: parameter storage dtype.
-  :param remat: rematerialise each decoder layer in the backward pass.
+  :param remat: rematerialise each decoder layer in the backward pass (only
+    the layer inputs are saved).
   """
 
   def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs, dtype=jnp.float32,
@@ -380,7 +416,13 @@ class Llama(nnx.Module):
     self.embed_tokens = _param(rngs, nnx.initializers.normal(0.02),
                                (config.vocab_size, config.hidden_size),
                                ("tensor", "fsdp"), param_dtype)
-    self.layers = nnx.List([DecoderLayer(config, **kw) for _ in range(config.num_layers)])
+
+    @nnx.split_rngs(splits=config.num_layers)
+    @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: None})
+    def stacked_layers(rngs):
+      return DecoderLayer(config, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+
+    self.layers = stacked_layers(rngs)  # every parameter [num_layers, ...]
     self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, **kw)
     self.lm_head = (None if config.tie_word_embeddings else
                     Linear(config.hidden_size, config.vocab_size,
@@ -393,17 +435,36 @@ class Llama(nnx.Module):
     (0 = empty or padding), so left-padded rows never attend to padding.
     """
     c = self.config
-    shape = (batch, max_len, c.num_kv_heads, c.head_dim)
+    shape = (c.num_layers, batch, max_len, c.num_kv_heads, c.head_dim)
     dtype = dtype or self.dtype
     return {
         "index": jnp.zeros((), jnp.int32),
         "segment_ids": jnp.zeros((batch, max_len), jnp.int32),
-        "layers": [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
-                   for _ in range(c.num_layers)],
+        "layers": {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)},
     }
 
   def __call__(self, input_ids, *, positions=None, segment_ids=None, cache=None):
     """Logits [B, S, V] float32, or ``(logits, new_cache)`` when ``cache`` is given.
+
+    Arguments as in :meth:`hidden_states`.
+    """
+    hidden, new_cache = self.hidden_states(input_ids, positions=positions,
+                                           segment_ids=segment_ids, cache=cache)
+    logits = self.logits(hidden)
+    return logits if cache is None else (logits, new_cache)
+
+  def head(self) -> tuple[jax.Array, tuple]:
+    """(the output projection in the compute dtype, its dot_general contraction dims)."""
+    if self.lm_head is None:  # tied: contract with the [V, D] embedding directly
+      return self.embed_tokens[...].astype(self.dtype), (((1,), (1,)), ((), ()))
+    return self.lm_head.kernel[...].astype(self.dtype), (((1,), (0,)), ((), ()))
+
+  def logits(self, hidden: jax.Array) -> jax.Array:
+    """Float32 logits [..., V] of final hidden states [..., D], vocabulary over tensor."""
+    return project_to_vocab(hidden, *self.head())
+
+  def hidden_states(self, input_ids, *, positions=None, segment_ids=None, cache=None):
+    """``(final normed hidden states [B, S, D], new cache or None)``.
 
     :param input_ids: int32 [B, S].
     :param positions: int32 [B, S] RoPE positions; default ``arange(S)``
@@ -431,23 +492,33 @@ class Llama(nnx.Module):
     freqs = jnp.concatenate([freqs, freqs], axis=-1)
     cos, sin = jnp.cos(freqs).astype(self.dtype), jnp.sin(freqs).astype(self.dtype)
 
-    x = jnp.take(self.embed_tokens[...], input_ids, axis=0).astype(self.dtype)
-    run = nnx.remat(_run_layer) if self.remat else _run_layer
-    new_layers = []
-    for i, layer in enumerate(self.layers):
-      layer_cache = None if cache is None else cache["layers"][i]
-      x, new_layer_cache = run(layer, x, cos, sin, mask, layer_cache, start)
-      new_layers.append(new_layer_cache)
-    x = self.norm(x).reshape(b * s, -1)
-    if self.lm_head is None:  # tied: contract with the [V, D] embedding directly
-      head, dims = self.embed_tokens[...].astype(self.dtype), (((1,), (1,)), ((), ()))
-    else:
-      head, dims = self.lm_head.kernel[...].astype(self.dtype), (((1,), (0,)), ((), ()))
-    logits = jax.lax.dot_general(x, head, dims, preferred_element_type=jnp.float32)
-    logits = logits.reshape(b, s, -1)
+    x = constrain(jnp.take(self.embed_tokens[...], input_ids, axis=0).astype(self.dtype),
+                  BATCH, None, None)
+    layers_graph, layers_state = nnx.split(self.layers)
+
+    def layer_step(x, layer_and_cache):
+      layer_state, layer_cache = layer_and_cache
+      layer = nnx.merge(layers_graph, layer_state)
+      x, new_layer_cache = layer(x, cos, sin, mask, layer_cache, start)
+      return constrain(x, BATCH, None, None), new_layer_cache
+
+    if self.remat:
+      layer_step = jax.checkpoint(layer_step, prevent_cse=False,
+                                  policy=jax.checkpoint_policies.nothing_saveable)
+    layer_caches = None if cache is None else cache["layers"]
+    x, new_layer_caches = jax.lax.scan(layer_step, x, (layers_state, layer_caches))
+    x = self.norm(x)
     if cache is None:
-      return logits
-    return logits, {"index": start + s, "segment_ids": kv_seg, "layers": new_layers}
+      return x, None
+    return x, {"index": start + s, "segment_ids": kv_seg, "layers": new_layer_caches}
+
+
+def project_to_vocab(hidden: jax.Array, head: jax.Array, dims: tuple) -> jax.Array:
+  """Float32 logits of ``hidden`` [..., D] against ``head`` (see :meth:`Llama.head`)."""
+  flat = hidden.reshape(-1, hidden.shape[-1])  # a 2-D matmul (fast weight gradient on CPU)
+  logits = jax.lax.dot_general(flat, head, dims, preferred_element_type=jnp.float32)
+  logits = logits.reshape(*hidden.shape[:-1], logits.shape[-1])
+  return constrain(logits, *(BATCH,) + (None,) * (hidden.ndim - 2) + ("tensor",))
 
 
 def num_params(model: nnx.Module) -> int:

@@ -6,9 +6,9 @@ resident memory) and places it straight into its target device or
 ``NamedSharding``. Peak host memory is the model plus its largest tensor.
 
 Names are mapped by one table (:data:`NAME_TABLE`) used in both directions:
-Hugging Face ``model.layers.3.mlp.up_proj.weight`` <-> NNX
-``layers.3.mlp.up_proj.kernel``. HF linear weights are ``[out, in]``, NNX
-kernels ``[in, out]``, hence the transpose flag.
+Hugging Face ``model.layers.3.mlp.up_proj.weight`` <-> slice 3 of the stacked
+NNX ``layers.mlp.up_proj.kernel`` (``[num_layers, in, out]``). HF linear
+weights are ``[out, in]``, NNX kernels ``[in, out]``, hence the transpose flag.
 """
 
 from __future__ import annotations
@@ -39,17 +39,16 @@ import tokenizers
 from flax import nnx
 from tokenizers import decoders, pre_tokenizers, processors
 
-from train.mesh import fit_spec
-from train.model import Llama, ModelConfig
+from train.model import Llama, ModelConfig, fit_spec
 
-# (Hugging Face name, NNX path, transpose). ``{i}`` is a layer index,
-# ``{p}`` a projection name.
+# (Hugging Face name, NNX path, transpose). ``{i}`` is a layer index: slice
+# ``i`` of the stacked NNX parameter; ``{p}`` a projection name.
 NAME_TABLE = [
     ("model.embed_tokens.weight", "embed_tokens", False),
-    ("model.layers.{i}.self_attn.{p}_proj.weight", "layers.{i}.self_attn.{p}_proj.kernel", True),
-    ("model.layers.{i}.self_attn.{p}_proj.bias", "layers.{i}.self_attn.{p}_proj.bias", False),
-    ("model.layers.{i}.mlp.{p}_proj.weight", "layers.{i}.mlp.{p}_proj.kernel", True),
-    ("model.layers.{i}.{p}_layernorm.weight", "layers.{i}.{p}_layernorm.weight", False),
+    ("model.layers.{i}.self_attn.{p}_proj.weight", "layers.self_attn.{p}_proj.kernel", True),
+    ("model.layers.{i}.self_attn.{p}_proj.bias", "layers.self_attn.{p}_proj.bias", False),
+    ("model.layers.{i}.mlp.{p}_proj.weight", "layers.mlp.{p}_proj.kernel", True),
+    ("model.layers.{i}.{p}_layernorm.weight", "layers.{p}_layernorm.weight", False),
     ("model.norm.weight", "norm.weight", False),
     ("lm_head.weight", "lm_head.kernel", True),
 ]
@@ -82,24 +81,28 @@ def _template_regex(template: str) -> re.Pattern:
   return re.compile(pattern + "$")
 
 
-def _translate(name: str, table, src: int, dst: int):
-  """Maps ``name`` through ``table`` from column ``src`` to ``dst``."""
+def _translate(name: str, table, src: int, dst: int, **fields):
+  """Maps ``name`` through ``table`` from column ``src`` to ``dst``:
+  ``(mapped name, row, fields matched in name)``; ``fields`` fill the
+  placeholders that ``name`` does not have (the layer index)."""
   for row in table:
     m = _template_regex(row[src]).match(name)
     if m:
-      return row[dst].format(**m.groupdict()), row
-  return None, None
+      matched = m.groupdict()
+      return row[dst].format(**fields, **matched), row, matched
+  return None, None, {}
 
 
-def hf_to_nnx_name(name: str) -> tuple[str | None, bool]:
-  """``(nnx dotted path, transpose)`` for a Hugging Face tensor name."""
-  path, row = _translate(name, NAME_TABLE, 0, 1)
-  return path, bool(row and row[2])
+def hf_to_nnx_name(name: str) -> tuple[str | None, int | None, bool]:
+  """``(NNX dotted path, layer index or None, transpose)`` for a Hugging Face tensor name."""
+  path, row, matched = _translate(name, NAME_TABLE, 0, 1)
+  layer = int(matched["i"]) if "i" in matched else None
+  return path, layer, bool(row and row[2])
 
 
-def nnx_to_hf_name(path: str) -> tuple[str, bool]:
-  """``(Hugging Face name, transpose)`` for an NNX dotted path."""
-  name, row = _translate(path, NAME_TABLE, 1, 0)
+def nnx_to_hf_name(path: str, layer: int | None = None) -> tuple[str, bool]:
+  """``(Hugging Face name, transpose)`` for an NNX dotted path (and layer of a stacked one)."""
+  name, row, _ = _translate(path, NAME_TABLE, 1, 0, i=layer)
   if name is None:
     raise ValueError(f"no Hugging Face name for parameter {path!r}")
   return name, row[2]
@@ -320,6 +323,10 @@ def _place(array: np.ndarray, variable, mesh):
 def build_model(config: ModelConfig, tensors, *, mesh=None, dtype=None, source: str = ""):
   """Fills an abstract :class:`Llama` from ``(hf_name, read)`` pairs.
 
+  A stacked layer parameter is assembled on the host slice by slice and placed
+  once its last layer arrives, so host memory stays within the model plus one
+  tensor (checkpoints list tensors layer by layer).
+
   :param dtype: parameter and compute dtype (default float32).
   :raises ValueError: naming ``source`` and the tensor on unknown names,
     shape mismatches or missing parameters.
@@ -329,9 +336,9 @@ def build_model(config: ModelConfig, tensors, *, mesh=None, dtype=None, source: 
       lambda: Llama(config, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=dtype))
   graphdef, state = nnx.split(abstract)
   variables = {".".join(map(str, path)): var for path, var in nnx.to_flat_state(state)}
-  filled = set()
+  filled, stacks = set(), {}  # stacks: path -> (host array [L, ...], layers still missing)
   for name, read in tensors:
-    path, transpose = hf_to_nnx_name(name)
+    path, layer, transpose = hf_to_nnx_name(name)
     if path is None:
       if _IGNORED_HF.match(name):
         continue
@@ -342,16 +349,28 @@ def build_model(config: ModelConfig, tensors, *, mesh=None, dtype=None, source: 
       raise ValueError(f"{source}: tensor {name!r} has no parameter {path!r} in "
                        f"this config")
     variable = variables[path]
+    expected = variable.shape if layer is None else variable.shape[1:]
     array = read()
     if transpose:
       array = array.T
-    if array.shape != variable.shape:
+    if array.shape != expected or (layer is not None and layer >= variable.shape[0]):
       raise ValueError(f"{source}: tensor {name!r} has shape {array.shape[::-1] if transpose else array.shape}, "
-                       f"expected {variable.shape[::-1] if transpose else variable.shape}")
+                       f"expected {expected[::-1] if transpose else expected}"
+                       + (f" for one of {variable.shape[0]} layers" if layer is not None else ""))
+    if layer is not None:
+      if path not in stacks:
+        stacks[path] = (np.empty(variable.shape, dtype), set(range(variable.shape[0])))
+      stack, missing_layers = stacks[path]
+      stack[layer] = array
+      missing_layers.discard(layer)
+      if missing_layers:
+        continue
+      array = stacks.pop(path)[0]
     variable.set_value(_place(array.astype(dtype, copy=False), variable, mesh))
     filled.add(path)
     del array
-  missing = sorted(set(variables) - filled)
+  missing = sorted(set(variables) - filled - set(stacks))
+  missing += [f"{path} (layers {sorted(layers)[:8]})" for path, (_, layers) in stacks.items()]
   if missing:
     raise ValueError(f"{source}: missing tensors for parameters {missing[:8]}"
                      f"{' ...' if len(missing) > 8 else ''}")
@@ -479,7 +498,7 @@ def _dequantize_rows(raw: np.ndarray, qtype, chunk: int = 2048) -> np.ndarray:
 def _gguf_tensors(infos, path: str, config: ModelConfig):
   """``(hf_name, read)`` pairs from ``(name, offset, nbytes, dtype, shape, qtype)`` infos."""
   for gguf_name, offset, nbytes, raw_dtype, raw_shape, qtype in infos:
-    name, _ = _translate(gguf_name, GGUF_NAME_TABLE, 0, 1)
+    name, _, _ = _translate(gguf_name, GGUF_NAME_TABLE, 0, 1)
     if name is None:
       raise ValueError(f"{path}: unexpected GGUF tensor {gguf_name!r}")
 
@@ -574,15 +593,19 @@ def export_pretrained(model: Llama, tokenizer: Tokenizer | None, out_dir: str):
     params = nnx.to_flat_state(nnx.state(model, nnx.Param))
     tensors, shapes = [], {}
     for path, var in params:
-      name, transpose = nnx_to_hf_name(".".join(map(str, path)))
-      shape = var.shape[::-1] if transpose else var.shape
-      shapes[name] = (tuple(shape), np.dtype(var.dtype))
+      path = ".".join(map(str, path))
+      stacked = path.startswith("layers.")
+      for layer in range(var.shape[0]) if stacked else [None]:
+        name, transpose = nnx_to_hf_name(path, layer)
+        shape = var.shape[1:] if stacked else var.shape
+        shapes[name] = (tuple(shape[::-1] if transpose else shape), np.dtype(var.dtype))
 
-      def produce(var=var, transpose=transpose):
-        array = np.asarray(jax.device_get(var[...]))
-        return array.T if transpose else array
+        def produce(var=var, layer=layer, transpose=transpose):
+          value = var[...] if layer is None else var[...][layer]
+          array = np.asarray(jax.device_get(value))
+          return array.T if transpose else array
 
-      tensors.append((name, produce))
+        tensors.append((name, produce))
     with open(os.path.join(tmp, "config.json"), "w") as f:
       json.dump(hf_config, f, indent=1)
     write_safetensors(os.path.join(tmp, "model.safetensors"), tensors, shapes,
