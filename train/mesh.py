@@ -39,23 +39,25 @@ def initialize_distributed(cfg: MeshConfig) -> bool:
     return True
 
 
-def make_mesh(cfg: MeshConfig) -> jax.sharding.Mesh:
-    """A (data, fsdp, tensor) mesh over all devices of all processes; one axis may be -1 (fill)."""
-    devices = jax.device_count()
+def make_mesh(cfg: MeshConfig, devices=None) -> jax.sharding.Mesh:
+    """A (data, fsdp, tensor) mesh over `devices` (default: all devices of all processes,
+    or e.g. the chips of a TPU topology for ahead-of-time compilation); one axis may be -1 (fill)."""
+    devices = jax.devices() if devices is None else list(devices)
+    count = len(devices)
     sizes = {"data": cfg.data, "fsdp": cfg.fsdp, "tensor": cfg.tensor}
     fill = [name for name, size in sizes.items() if size == -1]
     known = math.prod(size for size in sizes.values() if size != -1)
     if len(fill) > 1 or any(size == 0 or size < -1 for size in sizes.values()):
         raise ValueError(f"mesh {sizes}: sizes must be >= 1, with at most one -1 (fill)")
     if fill:
-        if devices % known:
-            raise ValueError(f"mesh {sizes}: {known} does not divide the {devices} devices")
-        sizes[fill[0]] = devices // known
-    if math.prod(sizes.values()) != devices:
+        if count % known:
+            raise ValueError(f"mesh {sizes}: {known} does not divide the {count} devices")
+        sizes[fill[0]] = count // known
+    if math.prod(sizes.values()) != count:
         raise ValueError(f"mesh {sizes} needs {math.prod(sizes.values())} devices, there are "
-                         f"{devices}; set one axis to -1 to fill")
+                         f"{count}; set one axis to -1 to fill")
     # Auto axes: shardings are given to jit explicitly and XLA propagates the rest.
-    return jax.make_mesh(tuple(sizes.values()), MESH_AXES,
+    return jax.make_mesh(tuple(sizes.values()), MESH_AXES, devices=devices,
                          axis_types=(jax.sharding.AxisType.Auto,) * 3)
 
 
