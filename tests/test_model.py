@@ -11,7 +11,7 @@ import pytest
 from flax import nnx
 
 from train.pretrained import load_pretrained
-from train.model import Llama, ModelConfig, attention, rope_inv_freq
+from train.model import Llama, ModelConfig, attention, rope_inv_freq, splash_attention
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
 NAMES = ("llama", "qwen2", "mistral")
@@ -125,6 +125,34 @@ def test_kv_cache_matches_full_forward(llama):
     pieces.append(logits)
   assert int(cache["index"]) == ids.shape[1]
   np.testing.assert_allclose(np.concatenate(pieces, axis=1), full, atol=1e-5)
+
+
+def test_splash_kernel_equals_xla_attention_with_packed_segments():
+  """The TPU splash kernel (run by the Pallas interpreter) against the XLA path:
+  outputs and gradients, two packed segments in one row and padding in the other."""
+  rng = np.random.default_rng(0)
+  b, s, k_heads, groups, h = 2, 256, 2, 2, 32
+  q = jnp.asarray(rng.normal(size=(b, s, k_heads, groups, h)), jnp.float32) * h ** -0.5
+  k, v = (jnp.asarray(rng.normal(size=(b, s, k_heads, h)), jnp.float32) for _ in range(2))
+  segment_ids = np.ones((b, s), np.int32)
+  segment_ids[0, 100:] = 2
+  segment_ids[1, 200:] = 0
+  segment_ids = jnp.asarray(segment_ids)
+  causal = jnp.arange(s)[:, None] >= jnp.arange(s)[None, :]
+  mask = ((segment_ids[:, :, None] == segment_ids[:, None, :]) & (segment_ids[:, None, :] != 0)
+          & causal[None])
+  valid = (segment_ids != 0)[:, :, None, None, None]
+
+  def loss(fn):
+    return lambda q, k, v: jnp.sum(jnp.where(valid, fn(q, k, v), 0.0) ** 2)
+
+  xla = lambda q, k, v: attention(q, k, v, mask)
+  splash = lambda q, k, v: splash_attention(q, k, v, segment_ids, interpret=True)
+  np.testing.assert_allclose(jnp.where(valid, splash(q, k, v), 0), jnp.where(valid, xla(q, k, v), 0),
+                             atol=1e-5)
+  for expected, got in zip(jax.grad(loss(xla), (0, 1, 2))(q, k, v),
+                           jax.grad(loss(splash), (0, 1, 2))(q, k, v)):
+    np.testing.assert_allclose(got, expected, atol=1e-4)
 
 
 def test_remat_same_values_and_gradients():

@@ -29,6 +29,8 @@ class ModelConfig:
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # compute
     param_dtype: Literal["float32", "bfloat16"] = "float32"
     remat: bool = False  # rematerialise each layer: less memory, ~1.3x compute
+    # xla: any backend; splash: the TPU Pallas kernel (training and prefill).
+    attention: Literal["xla", "splash"] = "xla"
     # The loss visits the sequence in chunks of at most this many tokens, so the
     # float32 logits [rows, chunk, vocab] never exist for the whole sequence; 0 = one chunk.
     loss_chunk_tokens: int = 512
@@ -280,6 +282,20 @@ def _merge(base: dict, extra: dict) -> dict:
     return out
 
 
+def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
+    """A YAML config; a top-level `base: other.yaml` (relative to this file) is read first
+    and this file's values are merged over it, so a recipe states only what differs."""
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    if path.resolve() in seen:
+        raise ConfigError(f"{path}: `base` chain loops back to itself")
+    values = yaml.safe_load(path.read_text()) or {}
+    base = values.pop("base", None) if isinstance(values, dict) else None
+    if base is None:
+        return values
+    return _merge(_read_yaml(path.parent / base, seen + (path.resolve(),)), values)
+
+
 def load_config(source: str | Path | dict | Config | None = None,
                 overrides: list[str] | dict | None = None) -> Config:
     """Builds a validated Config from a YAML path, a dict or a Config, plus overrides."""
@@ -290,10 +306,7 @@ def load_config(source: str | Path | dict | Config | None = None,
     elif source is None:
         values = {}
     else:
-        path = Path(source)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
-        values = yaml.safe_load(path.read_text()) or {}
+        values = _read_yaml(Path(source))
     if overrides:
         extra = parse_overrides(overrides) if isinstance(overrides, list) else overrides
         values = _merge(values, extra)

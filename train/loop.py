@@ -66,7 +66,8 @@ def load_model(config: Config, mesh):
         raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens, the model only "
                          f"{model_config.vocab_size}")
     abstract = nnx.eval_shape(lambda: Llama(model_config, rngs=nnx.Rngs(0), dtype=dtype,
-                                            param_dtype=param_dtype, remat=cfg.remat))
+                                            param_dtype=param_dtype, remat=cfg.remat,
+                                            attention=cfg.attention))
     graphdef, abstract_params, rest = nnx.split(abstract, nnx.Param, ...)
     shardings = param_shardings(abstract_params, mesh)
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))

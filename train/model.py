@@ -25,6 +25,7 @@ Scale, as MaxText and Levanter do it:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import jax
@@ -328,6 +329,45 @@ def _attention_bwd(res, d_out):
 
 _attention.defvjp(_attention_fwd, _attention_bwd)
 
+ATTENTION_KINDS = ("xla", "splash")
+
+
+def splash_attention(q, k, v, segment_ids, *, interpret: bool = False):
+  """Causal attention within packed segments by the TPU splash kernel (Pallas).
+
+  Same contract as :func:`attention` with the mask of ``segment_ids`` [B, S]
+  (0 = padding, whose outputs are unspecified). The kernel is not
+  auto-partitioned, so under a mesh it runs in ``shard_map``: rows over the
+  batch axes, kv heads over ``tensor``. ``interpret`` runs it on any backend
+  (tests).
+  """
+  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
+  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as masks
+
+  b, s, k_heads, groups, h = q.shape
+
+  def local(q, k, v, segment_ids):
+    # One kv head serves its group of query heads: the kernel's multi-query form.
+    kernel = splash.make_splash_mqa_single_device(
+        masks.MultiHeadMask([masks.CausalMask((s, s))] * groups), interpret=interpret)
+
+    def one_row(q, k, v, segment_ids):  # q [K, G, S, H], k/v [K, S, H], segment_ids [S]
+      ids = splash.SegmentIds(q=segment_ids, kv=segment_ids)
+      return jax.vmap(lambda q, k, v: kernel(q, k, v, segment_ids=ids))(q, k, v)
+
+    out = jax.vmap(one_row)(q.transpose(0, 2, 3, 1, 4), k.transpose(0, 2, 1, 3),
+                            v.transpose(0, 2, 1, 3), segment_ids)
+    return out.transpose(0, 3, 1, 2, 4).astype(q.dtype)
+
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return local(q, k, v, segment_ids)
+  heads = fit_spec((BATCH, None, "tensor", None, None), q.shape, mesh)
+  kv = fit_spec((BATCH, None, "tensor", None), k.shape, mesh)
+  rows = P(heads[0], None)
+  return jax.shard_map(local, mesh=mesh, in_specs=(heads, kv, kv, rows), out_specs=heads,
+                       check_vma=False)(q, k, v, segment_ids)
+
 
 class Attention(nnx.Module):
   """Grouped-query attention; k/v heads are never repeated in memory."""
@@ -343,7 +383,8 @@ class Attention(nnx.Module):
     self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, h
     self.dtype = dtype
 
-  def __call__(self, x, cos, sin, mask, layer_cache=None, cache_index=None):
+  def __call__(self, x, cos, sin, attend, layer_cache=None, cache_index=None):
+    """``attend(q, k, v)``: :func:`attention` with its mask bound, or :func:`splash_attention`."""
     b, s, _ = x.shape
     k_heads, groups, h = self.num_kv_heads, self.num_heads // self.num_kv_heads, self.head_dim
     heads = (BATCH, None, "tensor", None)
@@ -358,7 +399,7 @@ class Attention(nnx.Module):
       new_cache = {"k": k, "v": v}
       k, v = k.astype(self.dtype), v.astype(self.dtype)
     q = q.reshape(b, s, k_heads, groups, h) * jnp.asarray(h ** -0.5, self.dtype)
-    out = attention(q, k, v, mask).reshape(b, s, self.num_heads * h)
+    out = attend(q, k, v).reshape(b, s, self.num_heads * h)
     return self.o_proj(out), new_cache
 
 
@@ -388,8 +429,8 @@ class DecoderLayer(nnx.Module):
     self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, **kw)
     self.mlp = MLP(config, **kw)
 
-  def __call__(self, x, cos, sin, mask, layer_cache=None, cache_index=None):
-    attn, new_cache = self.self_attn(self.input_layernorm(x), cos, sin, mask,
+  def __call__(self, x, cos, sin, attend, layer_cache=None, cache_index=None):
+    attn, new_cache = self.self_attn(self.input_layernorm(x), cos, sin, attend,
                                      layer_cache, cache_index)
     x = x + attn
     x = x + self.mlp(self.post_attention_layernorm(x))
@@ -405,13 +446,19 @@ class Llama(nnx.Module):
   :param param_dtype: parameter storage dtype.
   :param remat: rematerialise each decoder layer in the backward pass (only
     the layer inputs are saved).
+  :param attention: ``"xla"`` (:func:`attention`, any backend) or ``"splash"``
+    (the TPU Pallas kernel, :func:`splash_attention`, for training and
+    prefill; decoding with a cache uses the XLA path).
   """
 
   def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs, dtype=jnp.float32,
-               param_dtype=jnp.float32, remat: bool = False):
+               param_dtype=jnp.float32, remat: bool = False, attention: str = "xla"):
+    if attention not in ATTENTION_KINDS:
+      raise ValueError(f"attention={attention!r}: expected one of {ATTENTION_KINDS}")
     self.config = config
     self.dtype = dtype
     self.remat = remat
+    self.attention = attention
     kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
     self.embed_tokens = _param(rngs, nnx.initializers.normal(0.02),
                                (config.vocab_size, config.hidden_size),
@@ -485,8 +532,12 @@ class Llama(nnx.Module):
       kv_seg = jax.lax.dynamic_update_slice(cache["segment_ids"], q_seg.astype(jnp.int32),
                                             (0, start))
       kv_slot = jnp.arange(kv_seg.shape[1])
-    mask = ((q_seg[:, :, None] == kv_seg[:, None, :]) & (kv_seg[:, None, :] != 0)
-            & (q_slot[:, None] >= kv_slot[None, :])[None])
+    if self.attention == "splash" and cache is None:
+      attend = functools.partial(splash_attention, segment_ids=q_seg)
+    else:
+      mask = ((q_seg[:, :, None] == kv_seg[:, None, :]) & (kv_seg[:, None, :] != 0)
+              & (q_slot[:, None] >= kv_slot[None, :])[None])
+      attend = functools.partial(attention, mask=mask)
 
     freqs = positions.astype(jnp.float32)[..., None] * jnp.asarray(rope_inv_freq(self.config))
     freqs = jnp.concatenate([freqs, freqs], axis=-1)
@@ -499,7 +550,7 @@ class Llama(nnx.Module):
     def layer_step(x, layer_and_cache):
       layer_state, layer_cache = layer_and_cache
       layer = nnx.merge(layers_graph, layer_state)
-      x, new_layer_cache = layer(x, cos, sin, mask, layer_cache, start)
+      x, new_layer_cache = layer(x, cos, sin, attend, layer_cache, start)
       return constrain(x, BATCH, None, None), new_layer_cache
 
     if self.remat:

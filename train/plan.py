@@ -84,6 +84,7 @@ def topology_devices(name: str) -> list:
     # libtpu reads these at start-up; any value stops it looking for a real TPU host.
     os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v5p-8")
     os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # compile-only: processes may share it
     return list(topologies.get_topology_desc(platform="tpu", topology_name=name).devices)
 
 
@@ -131,7 +132,8 @@ def plan(config: Config, devices: list, hbm_bytes: int | None) -> dict:
     model_config = model_config_of(config)
     dtype, param_dtype = jnp.dtype(config.model.dtype), jnp.dtype(config.model.param_dtype)
     abstract = nnx.eval_shape(lambda: Llama(model_config, rngs=nnx.Rngs(0), dtype=dtype,
-                                            param_dtype=param_dtype, remat=config.model.remat))
+                                            param_dtype=param_dtype, remat=config.model.remat,
+                                            attention=config.model.attention))
     graphdef, abstract_params, rest = nnx.split(abstract, nnx.Param, ...)
     p_shardings = param_shardings(abstract_params, mesh)
     params = _abstract(nnx.to_pure_dict(abstract_params), p_shardings)
