@@ -205,6 +205,13 @@ def _param(rngs, init, shape, sharding, param_dtype):
       out_sharding=sharding, eager_sharding=_mesh_active())
 
 
+def gathered(x: jax.Array, spec: tuple) -> jax.Array:
+  """``x`` (a weight in the compute dtype) all-gathered over ``fsdp`` just before use:
+  FSDP. Its gradient is reduce-scattered back. Without it, XLA may keep the weight
+  sharded and move (all-reduce) activations instead."""
+  return constrain(x, *(None if axis == "fsdp" else axis for axis in spec))
+
+
 class Linear(nnx.Module):
   """``y = x @ kernel (+ bias)``; kernel is ``[in, out]``."""
 
@@ -213,12 +220,13 @@ class Linear(nnx.Module):
                          sharding, param_dtype)
     self.bias = (_param(rngs, nnx.initializers.zeros, (dout,), sharding[1:],
                         param_dtype) if use_bias else None)
+    self.sharding = sharding
     self.dtype = dtype
 
   def __call__(self, x):
     # A 2-D matmul: XLA:CPU runs the weight gradient of a [B, S, D] dot
     # (two contracting dims) several times slower.
-    kernel = self.kernel[...].astype(self.dtype)
+    kernel = gathered(self.kernel[...].astype(self.dtype), self.sharding)
     y = jnp.dot(x.reshape(-1, x.shape[-1]), kernel).reshape(*x.shape[:-1], kernel.shape[1])
     if self.bias is not None:
       y = y + self.bias[...].astype(self.dtype)
