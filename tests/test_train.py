@@ -2,7 +2,9 @@
 multi-process equivalence, shipped configs, CLI errors."""
 
 import json
+import math
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -15,7 +17,7 @@ from flax import nnx
 
 import train
 from train.config import load_config
-from train.loop import NonFiniteLossError
+from train.checkpoints import NonFiniteLossError
 from train.model import Llama, ModelConfig
 from train.optimizer import build_optimizer
 
@@ -68,15 +70,22 @@ def test_interrupted_save_is_never_restored(tmp_path):
     assert ocp.CheckpointManager((out / "checkpoints").absolute()).latest_step() == 2
 
 
-def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+def test_nan_loss_keeps_a_checkpoint_that_resumes_to_a_finite_step(tmp_path):
     out = tmp_path / "run"
-    config = {**TINY, "optimizer": {"lr": 1e30, "warmup_steps": 0, "clip_norm": 0.0, "method": "sft"},
+    # Warmup: update 1 has lr 0, update 2 diverges. Checkpoint 2 holds weights near 1e30 whose
+    # loss (at step 3) is not finite: only checkpoint 1 may be kept.
+    config = {**TINY, "optimizer": {"lr": 1e30, "warmup_steps": 1, "clip_norm": 0.0, "method": "sft"},
               "train": {**TINY["train"], "output_dir": str(out)}, "checkpoint": {"every": 1}}
-    with pytest.raises(NonFiniteLossError, match=r"loss is (nan|inf) at step (\d).*last good checkpoint"):
+    with pytest.raises(NonFiniteLossError, match=r"loss is (nan|inf) at step 3.*step 1, is kept") as e:
         train.run(config)
-    bad_step = max(_losses(out))
+    kept = int(re.search(r"step (\d), is kept", str(e.value)).group(1))
     saved = sorted(int(p.name) for p in (out / "checkpoints").iterdir() if p.name.isdigit())
-    assert saved and max(saved) < bad_step
+    assert saved and max(saved) == kept
+    resumed = {**config, "optimizer": {**config["optimizer"], "lr": 1e-3},
+               "train": {**config["train"], "steps": kept + 1, "resume": True}}
+    train.run(resumed)
+    losses = _losses(out)
+    assert math.isfinite(losses[kept + 1]) and sorted(losses) == list(range(1, kept + 2))
 
 
 def _free_port() -> int:
