@@ -14,7 +14,9 @@ import contextlib
 import errno
 import json
 import math
+import re
 import shutil
+import time
 from pathlib import Path
 
 import jax
@@ -146,9 +148,13 @@ class Checkpoints:
             restored = self.manager.restore(step, args=ocp.args.Composite(
                 state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
         except Exception as e:
+            # The restore's other reads still report into Orbax's closed event loop from
+            # TensorStore threads ("Event loop is closed"): let them finish first, so the
+            # error below is the last thing a user sees.
+            time.sleep(1)
             raise CorruptCheckpointError(
-                f"checkpoint {self.directory / str(step)} is corrupt or truncated "
-                f"({_first_line(e)}); delete it to resume from an earlier step") from e
+                f"checkpoint {self.directory / str(step)} is corrupt or truncated: {_bad_file(e)}; "
+                "remove that step's directory to resume from the one before") from e
         self.unconfirmed.add(step)
         return restored["state"]["params"], restored["state"]["opt_state"], restored["meta"]
 
@@ -157,8 +163,11 @@ class Checkpoints:
             self.manager.wait_until_finished()
 
 
-def _first_line(error: BaseException) -> str:
-    """The innermost error's first line: TensorStore's own message, not the async wrapper's."""
+def _bad_file(error: BaseException) -> str:
+    """The file TensorStore failed on and its status code, from the innermost error of the chain
+    (the outer ones are Orbax's async wrappers, e.g. "Event loop is closed")."""
     while error.__cause__ or error.__context__:
         error = error.__cause__ or error.__context__
-    return f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+    files = re.findall(r'local file "([^"]+)"', str(error))
+    code = str(error).split(":")[0]
+    return f"{files[-1]} ({code})" if files else f"{type(error).__name__}: {code}"
