@@ -153,7 +153,7 @@ class Checkpoints:
             # error below is the last thing a user sees.
             time.sleep(1)
             raise CorruptCheckpointError(
-                f"checkpoint {self.directory / str(step)} is corrupt or truncated: {_bad_file(e)}; "
+                f"checkpoint {self.directory / str(step)} is corrupt or truncated: {_bad_file(e, self.directory / str(step))}; "
                 "remove that step's directory to resume from the one before") from e
         self.unconfirmed.add(step)
         return restored["state"]["params"], restored["state"]["opt_state"], restored["meta"]
@@ -163,11 +163,23 @@ class Checkpoints:
             self.manager.wait_until_finished()
 
 
-def _bad_file(error: BaseException) -> str:
-    """The file TensorStore failed on and its status code, from the innermost error of the chain
-    (the outer ones are Orbax's async wrappers, e.g. "Event loop is closed")."""
+def _bad_file(error: BaseException, step_dir: Path) -> str:
+    """The file a restore failed on, with the innermost error's status.
+
+    TensorStore names its file in the innermost error (the outer ones are Orbax's
+    async wrappers, e.g. "Event loop is closed"); a broken JSON metadata file is
+    not named, so the first one that does not parse is.
+    """
     while error.__cause__ or error.__context__:
         error = error.__cause__ or error.__context__
-    files = re.findall(r'local file "([^"]+)"', str(error))
-    code = str(error).split(":")[0]
-    return f"{files[-1]} ({code})" if files else f"{type(error).__name__}: {code}"
+    text = str(error).splitlines()[0] if str(error) else type(error).__name__
+    files = re.findall(r'local file "([^"]+)"', text)
+    if files:
+        return f"{files[-1]} ({text.split(':')[0]})"
+    for path in sorted(step_dir.rglob("*")):
+        if path.is_file() and path.parent.name != "d" and path.suffix != ".ocdbt" and path.suffix != ".txt":
+            try:
+                json.loads(path.read_bytes())
+            except ValueError:
+                return f"{path} ({type(error).__name__}: {text})"
+    return f"{type(error).__name__}: {text}"
