@@ -55,8 +55,8 @@ def test_exact_resume_after_interruption(tmp_path):
     log = (out / "train_log.jsonl").read_text().splitlines()[:5]
     (out / "train_log.jsonl").write_text("\n".join(log) + "\n")
     original = (out / "config.yaml").read_text()
-    with pytest.raises(ConfigError, match=r"data.max_length: 64 -> 32"):  # other rows at step 3
-        train.run(config, ["train.resume=true", "data.max_length=32"])
+    with pytest.raises(ConfigError, match=r"data.train_size: 64 -> 32"):  # other rows at step 3
+        train.run(config, ["train.resume=true", "data.train_size=32"])
     resumed = train.run(config, ["train.resume=true", "checkpoint.export=false"])
     again = _losses(out)
     assert [again[s] for s in (4, 5, 6)] == [straight[s] for s in (4, 5, 6)]  # bit-identical
