@@ -108,7 +108,7 @@ class Checkpoints:
         if not _all_finite(params):
             self.check(step, math.nan, what=f"a parameter is not finite after step {step}")
         self.save(step, params, opt_state, meta)
-        self.check(step, 0.0)
+        self._confirm(step)
         self.wait()
 
     def check(self, step: int, loss: float, what: str | None = None) -> None:
@@ -119,10 +119,7 @@ class Checkpoints:
         NonFiniteLossError names the one a resume starts from.
         """
         if math.isfinite(loss):
-            self.unconfirmed = {s for s in self.unconfirmed if s > step}
-            good = [s for s in self.manager.all_steps() if s <= step and s not in self.unconfirmed]
-            for old in sorted(good)[: -self.keep]:
-                self.manager.delete(old)
+            self._confirm(step)
             return
         self.wait()  # let in-flight saves land before deleting them
         for bad in [s for s in self.manager.all_steps() if s >= step]:
@@ -134,6 +131,12 @@ class Checkpoints:
                   else f"no checkpoint with finite weights is left in {self.directory}")
         what = what or f"loss is {loss} at step {step + 1}, computed on the weights after step {step}"
         raise NonFiniteLossError(f"{what}: stopping; {resume}.")
+
+    def _confirm(self, step: int) -> None:
+        self.unconfirmed = {s for s in self.unconfirmed if s > step}
+        good = [s for s in self.manager.all_steps() if s <= step and s not in self.unconfirmed]
+        for old in sorted(good)[: -self.keep]:
+            self.manager.delete(old)
 
     def restore(self, params, opt_state) -> tuple:
         """(params, opt_state, meta) of the latest step, placed like `params` and `opt_state`.

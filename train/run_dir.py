@@ -1,6 +1,6 @@
 """The output directory holds one run: checked before any work, continued without mixing.
 
-A directory with another run's files is refused unless the run continues it
+A directory with another run's log or checkpoints is refused unless the run continues it
 (`train.resume=true`) or replaces it (`train.overwrite=true` moves it aside);
 the directory and its `checkpoints/` must be writable. A resumed run keeps the
 original `config.yaml`, writes its own beside it and drops the log records
@@ -19,9 +19,6 @@ import jax
 
 from train.config import Config, ConfigError, save_config
 
-RUN_FILES = ("config.yaml", "train_log.jsonl", "summary.json", "checkpoints")
-
-
 def _writable(directory: Path) -> None:
     """Fails at once with the path, not after training when the first save hangs."""
     probe = directory / f".write_test-{socket.gethostname()}-{os.getpid()}"
@@ -35,8 +32,10 @@ def _writable(directory: Path) -> None:
 
 def prepare(out: Path, config: Config) -> None:
     t = config.train
-    previous = [name for name in RUN_FILES
-                if (out / name).is_file() or (out / name).is_dir() and any((out / name).iterdir())]
+    # A run that trained left log records or checkpoints; a config.yaml alone (a
+    # run that failed before its first step) is simply replaced.
+    previous = [p.name for p in (out / "train_log.jsonl", out / "checkpoints")
+                if p.is_file() and p.stat().st_size or p.is_dir() and any(p.iterdir())]
     if previous and t.resume is not True:
         if not t.overwrite:
             raise ConfigError(
