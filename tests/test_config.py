@@ -40,3 +40,29 @@ def test_save_and_reload_round_trip(tmp_path):
     config = load_config({}, ["mesh.fsdp=2", "train.resume=true", "mesh.distributed=false"])
     save_config(config, tmp_path / "config.yaml")
     assert load_config(tmp_path / "config.yaml") == config
+
+
+@pytest.mark.parametrize("override, message", [
+    ("checkpoint.keep=0", r"checkpoint.keep=0 must be >= 1"),
+    ("train.log_every=0", r"train.log_every=0 must be >= 1"),
+    ("train.steps=-5", r"train.steps=-5 must be >= 0"),
+    ("mesh.data=0", r"mesh.data=0 must be >= 1, or -1"),
+    ("mesh.tensor=-2", r"mesh.tensor=-2 must be >= 1, or -1"),
+    ("eval.batch_size=0", r"eval.batch_size=0 must be >= 1"),
+])
+def test_values_that_would_fail_late_are_refused(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config({}, [override, "train.epochs=1"])
+    with pytest.raises(ConfigError, match="at most one axis may be -1"):
+        load_config({}, ["mesh.data=-1", "mesh.fsdp=-1"])
+    with pytest.raises(ConfigError, match="choose one"):
+        load_config({}, ["train.resume=true", "train.overwrite=true"])
+
+
+def test_yaml_syntax_error_names_the_file_and_line(tmp_path):
+    path = tmp_path / "broken.yaml"
+    path.write_text("train:\n  steps: 3\n  output_dir: [a,\n")
+    with pytest.raises(ConfigError, match=r"broken.yaml:4:1: invalid YAML"):
+        load_config(path)
+    with pytest.raises(ConfigError, match=r"override 'train.steps=\[1': invalid YAML"):
+        load_config({}, ["train.steps=[1"])

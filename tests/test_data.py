@@ -40,7 +40,7 @@ def test_pack_segments_positions_and_shifted_targets():
 def test_too_long_examples_are_counted():
     examples = reasoning_gym_examples(_cfg(train_size=4, eval_size=2))[0]
     _, stats = tokenize_all(TOK, examples, max_length=10, too_long="drop")
-    assert stats == {"too_long_dropped": 4, "too_long_truncated": 0}
+    assert stats == {"too_long_dropped": 4, "too_long_truncated": 0, "prompt_too_long": 0}
     kept, stats = tokenize_all(TOK, examples, max_length=10, too_long="truncate")
     assert stats["too_long_truncated"] == 4 and all(len(ids) == 11 for ids, _ in kept)
 
@@ -118,3 +118,38 @@ def test_chat_messages_column_trains_every_assistant_turn(tmp_path):
     first = (rows["loss_mask"][0] > 0) & (rows["segment_ids"][0] == 1)  # the first packed example
     trained = rows["targets"][0][first]
     assert TOK.decode(trained, skip_special_tokens=False) == "A</s>B</s>"
+
+
+def _jsonl(path, records):
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in records))
+    return str(path)
+
+
+@pytest.mark.parametrize("record, state", [({"question": "1+1"}, "missing or null"),
+                                           ({"question": "1+1", "answer": None}, "missing or null"),
+                                           ({"question": "1+1", "answer": " "}, "empty"),
+                                           ({"question": "", "answer": "2"}, "empty")])
+def test_a_record_without_prompt_or_response_is_named(tmp_path, record, state):
+    good = {"question": "2+2", "answer": "4"}
+    path = _jsonl(tmp_path / "train.jsonl", [good, "", good, record, good])
+    field = "question" if "answer" in record and record["answer"] == "2" else "answer"
+    with pytest.raises(ValueError, match=rf"train.jsonl:4: field '{field}' is {state}"):
+        prepare(_cfg(source="files", train_files=[path]), TOK)
+    csv = tmp_path / "train.csv"
+    csv.write_text("question,answer\n1+1,2\n2+2,\n")
+    with pytest.raises(ValueError, match=r"train.csv:3: field 'answer' is missing or null"):
+        prepare(_cfg(source="files", train_files=[str(csv)]), TOK)
+
+
+def test_an_empty_jsonl_is_named(tmp_path):
+    (tmp_path / "empty.jsonl").write_text("\n")
+    with pytest.raises(ValueError, match=r"empty dataset: .*empty.jsonl holds no records"):
+        prepare(_cfg(source="files", train_files=[str(tmp_path / "empty.jsonl")]), TOK)
+
+
+def test_prompts_longer_than_max_length_leave_no_loss_tokens(tmp_path):
+    path = _jsonl(tmp_path / "train.jsonl", [{"question": "x" * 40, "answer": "y"}] * 20)
+    cfg = _cfg(source="files", train_files=[path], max_length=16, too_long="truncate")
+    with pytest.raises(ValueError, match=r"the training set has no loss tokens: 18 of 18 examples "
+                                         r"have a prompt longer than data.max_length=16"):
+        prepare(cfg, TOK)

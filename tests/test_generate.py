@@ -84,3 +84,18 @@ def test_sharded_model_generates_the_same(model):
   expected = generate(model, PROMPTS, max_new_tokens=4, eos_token_id=-1)
   with jax.set_mesh(mesh):
     assert generate(sharded, PROMPTS, max_new_tokens=4, eos_token_id=-1) == expected
+
+
+@pytest.mark.parametrize("flag, value, message", [("--top-p", "0", "top-p=0.0 must be in"),
+                                                  ("--top-p", "1.5", "top-p=1.5 must be in"),
+                                                  ("--temperature", "-1", "temperature=-1.0 must be >= 0"),
+                                                  ("--max-new-tokens", "-5", "max-new-tokens=-5 must be >= 0")])
+def test_cli_rejects_bad_sampling_values(capsys, flag, value, message):
+  with pytest.raises(SystemExit) as exit_info:
+    generate_module.main(["--model", "/nonexistent", "--prompt", "hi", flag, value])
+  assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_generate_rejects_top_p_zero(model):
+  with pytest.raises(ValueError, match=r"top_p=0 must be in \(0, 1\]"):
+    generate(model, PROMPTS, max_new_tokens=3, eos_token_id=-1, temperature=1.0, top_p=0)

@@ -2,11 +2,14 @@
 multi-process equivalence, shipped configs, CLI errors."""
 
 import json
+import math
 import os
+import re
 import shutil
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import jax
@@ -14,8 +17,8 @@ import pytest
 from flax import nnx
 
 import train
-from train.config import load_config
-from train.loop import NonFiniteLossError
+from train.config import ConfigError, load_config
+from train.checkpoints import NonFiniteLossError
 from train.model import Llama, ModelConfig
 from train.optimizer import build_optimizer
 
@@ -47,14 +50,79 @@ def test_exact_resume_after_interruption(tmp_path):
     assert sorted(straight) == [1, 2, 3, 4, 5, 6] and "accuracy" in summary["after"]
     assert (out / "config.yaml").is_file() and (out / "eval_after.jsonl").is_file()
     assert (Path(summary["export_dir"]) / "config.json").is_file()
-    # Interrupt after step 3: drop the final checkpoint and the log of steps 4-6.
+    # Interrupted after step 5: checkpoint 6 never landed, steps 4-5 were logged.
     shutil.rmtree(out / "checkpoints" / "6")
-    log = (out / "train_log.jsonl").read_text().splitlines()[:3]
+    log = (out / "train_log.jsonl").read_text().splitlines()[:5]
     (out / "train_log.jsonl").write_text("\n".join(log) + "\n")
+    original = (out / "config.yaml").read_text()
+    with pytest.raises(ConfigError, match=r"data.train_size: 64 -> 32"):  # other rows at step 3
+        train.run(config, ["train.resume=true", "data.train_size=32"])
     resumed = train.run(config, ["train.resume=true", "checkpoint.export=false"])
     again = _losses(out)
     assert [again[s] for s in (4, 5, 6)] == [straight[s] for s in (4, 5, 6)]  # bit-identical
     assert resumed["after"]["eval_loss"] == summary["after"]["eval_loss"]
+    steps = [json.loads(line)["step"] for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5, 6]  # each step once
+    assert (out / "config.yaml").read_text() == original
+    assert "export: false" in (out / "config.resumed-3.yaml").read_text()
+
+
+def test_an_output_dir_holding_a_run_is_refused_or_moved_aside(tmp_path):
+    out = tmp_path / "run"
+    config = {**TINY, "train": {**TINY["train"], "steps": 2, "output_dir": str(out)},
+              "eval": {"before": False, "after": False}}
+    train.run(config)
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    with pytest.raises(ConfigError, match=r"already holds a run.*train.resume=true.*fresh "
+                                          r"train.output_dir.*train.overwrite=true"):
+        train.run(config, ["train.steps=1"])
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before  # nothing touched
+    train.run(config, ["train.steps=1", "train.overwrite=true"])
+    aside, = tmp_path.glob("run.replaced-*")
+    assert sorted(_losses(aside)) == [1, 2] and (aside / "checkpoints" / "2").is_dir()
+    assert sorted(_losses(out)) == [1] and os.listdir(out / "checkpoints") == ["1"]
+
+
+def _cli_on_tmpfs(tmp_path, size: str, then: str, *overrides) -> subprocess.CompletedProcess:
+    """`python -m train` with output_dir on a tmpfs of `size`, mounted in a user namespace
+    (a disk that fills up, or is read-only after `then`), as root or not."""
+    if shutil.which("unshare") is None or subprocess.run(
+            ["unshare", "--user", "--map-root-user", "--mount", "true"]).returncode:
+        pytest.skip("needs unshare with user namespaces")
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    config = tmp_path / "tiny.yaml"
+    config.write_text(json.dumps({**TINY, "train": {**TINY["train"], "steps": 2,
+                                                    "output_dir": str(disk / "run")}}))
+    command = " ".join([sys.executable, "-m", "train", "--config", str(config), *overrides])
+    script = f"mount -t tmpfs -o size={size} tmpfs {disk} && mkdir {disk}/run && {then} && {command}"
+    return subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", script],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+
+
+def test_an_unwritable_output_dir_fails_before_any_work(tmp_path):
+    start = time.monotonic()
+    result = _cli_on_tmpfs(tmp_path, "1m", f"mount -o remount,ro {tmp_path / 'disk'}")
+    assert result.returncode == 1
+    assert result.stderr.splitlines()[-1] == (
+        f"error: [Errno 30] cannot write to {tmp_path / 'disk' / 'run'}: Read-only file system")
+    assert "model:" not in result.stdout and time.monotonic() - start < 10
+
+
+def test_disk_full_ends_with_the_root_cause(tmp_path):
+    result = _cli_on_tmpfs(tmp_path, "300k", "true")  # room for config and log, not a checkpoint
+    assert result.returncode == 1
+    assert result.stderr.splitlines()[-1] == (
+        f"error: [Errno 28] no space left on device at {tmp_path / 'disk' / 'run' / 'checkpoints'}")
+
+
+def test_a_corrupt_model_config_is_named(tmp_path):
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text('{"model_type": "llama",')
+    with pytest.raises(ValueError, match=rf"{model / 'config.json'}: corrupt JSON"):
+        train.run({**TINY, "model": {"path": str(model)}, "data": {**TINY["data"], "tokenizer": "model"},
+                   "train": {**TINY["train"], "output_dir": str(tmp_path / "run")}})
 
 
 def test_interrupted_save_is_never_restored(tmp_path):
@@ -68,15 +136,22 @@ def test_interrupted_save_is_never_restored(tmp_path):
     assert ocp.CheckpointManager((out / "checkpoints").absolute()).latest_step() == 2
 
 
-def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+def test_nan_loss_keeps_a_checkpoint_that_resumes_to_a_finite_step(tmp_path):
     out = tmp_path / "run"
-    config = {**TINY, "optimizer": {"lr": 1e30, "warmup_steps": 0, "clip_norm": 0.0, "method": "sft"},
+    # Warmup: update 1 has lr 0, update 2 diverges. Checkpoint 2 holds weights near 1e30 whose
+    # loss (at step 3) is not finite: only checkpoint 1 may be kept.
+    config = {**TINY, "optimizer": {"lr": 1e30, "warmup_steps": 1, "clip_norm": 0.0, "method": "sft"},
               "train": {**TINY["train"], "output_dir": str(out)}, "checkpoint": {"every": 1}}
-    with pytest.raises(NonFiniteLossError, match=r"loss is (nan|inf) at step (\d).*last good checkpoint"):
+    with pytest.raises(NonFiniteLossError, match=r"loss is (nan|inf) at step 3.*step 1, is kept") as e:
         train.run(config)
-    bad_step = max(_losses(out))
+    kept = int(re.search(r"step (\d), is kept", str(e.value)).group(1))
     saved = sorted(int(p.name) for p in (out / "checkpoints").iterdir() if p.name.isdigit())
-    assert saved and max(saved) < bad_step
+    assert saved and max(saved) == kept
+    resumed = {**config, "optimizer": {**config["optimizer"], "lr": 1e-3},
+               "train": {**config["train"], "steps": kept + 1, "resume": True}}
+    train.run(resumed)
+    losses = _losses(out)
+    assert math.isfinite(losses[kept + 1]) and sorted(losses) == list(range(1, kept + 2))
 
 
 def _free_port() -> int:
@@ -122,6 +197,17 @@ def test_shipped_configs_resolve_and_build(path):
     params = nnx.to_pure_dict(nnx.state(abstract, nnx.Param))
     opt_state = jax.eval_shape(tx.init, params)
     assert jax.tree.leaves(opt_state)
+
+
+@pytest.mark.parametrize("text, override, message", [
+    ("train: {steps: 3\n", "", r"broken.yaml:2:1: invalid YAML"),
+    ("train: {steps: 3}\n", "checkpoint.keep=0", r"checkpoint.keep=0 must be >= 1"),
+])
+def test_cli_config_errors_exit_2_and_name_the_cause(tmp_path, text, override, message):
+    (tmp_path / "broken.yaml").write_text(text)
+    result = subprocess.run([sys.executable, "-m", "train", "--config", str(tmp_path / "broken.yaml"),
+                             *filter(None, [override])], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 2 and re.search(message, result.stderr.splitlines()[-1])
 
 
 def test_cli_rejects_a_bad_key_before_any_work():

@@ -16,10 +16,14 @@ def main(argv=None) -> int:
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
-    from train.loop import NonFiniteLossError, run
+    from train.checkpoints import CorruptCheckpointError, NonFiniteLossError
+    from train.loop import run
     try:
         run(config)
-    except NonFiniteLossError as e:
+    except ConfigError as e:  # found once the output dir or a checkpoint is seen
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    except (NonFiniteLossError, CorruptCheckpointError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 0

@@ -99,6 +99,7 @@ class TrainConfig:
     micro_batch_size: int = 8  # rows per forward/backward; batch_size / this = accumulation
     output_dir: str = "outputs/default"
     resume: bool | str = False  # true: latest checkpoint in output_dir; or a path
+    overwrite: bool = False  # move a previous run in output_dir aside instead of refusing
     log_every: int = 1
     tqdm: bool = True
 
@@ -228,14 +229,40 @@ def _build(cls: type, values: dict, prefix: str) -> Any:
     return cls(**kwargs)
 
 
+# Lower bounds that need nothing loaded: a value below them fails late (after
+# the output dir exists) or silently does nothing.
+_AT_LEAST = {
+    "data.train_size": 0, "data.eval_size": 0,
+    "optimizer.lr": 0, "optimizer.warmup_steps": 0, "optimizer.weight_decay": 0,
+    "optimizer.clip_norm": 0, "optimizer.sample_size": 1, "optimizer.hft_period": 1,
+    "train.steps": 0, "train.epochs": 0, "train.log_every": 1,
+    "eval.every": 0, "eval.size": 0, "eval.batch_size": 1, "eval.generate_batch_size": 1,
+    "eval.max_new_tokens": 0, "checkpoint.every": 0, "checkpoint.keep": 1,
+}
+
+
 def _check_consistency(config: Config) -> None:
-    """Cross-field checks that a single annotation cannot express."""
-    t, o, d = config.train, config.optimizer, config.data
+    """Range and cross-field checks that a single annotation cannot express."""
+    t, o, d, m = config.train, config.optimizer, config.data, config.mesh
+    values = to_dict(config)
+    for key, low in _AT_LEAST.items():
+        section, name = key.split(".")
+        if values[section][name] < low:
+            raise ConfigError(f"{key}={values[section][name]} must be >= {low}")
+    sizes = {"mesh.data": m.data, "mesh.fsdp": m.fsdp, "mesh.tensor": m.tensor}
+    for key, size in sizes.items():
+        if size == 0 or size < -1:
+            raise ConfigError(f"{key}={size} must be >= 1, or -1 (all devices the other axes leave)")
+    if list(sizes.values()).count(-1) > 1:
+        raise ConfigError(f"mesh {sizes}: at most one axis may be -1")
+    if t.resume is True and t.overwrite:
+        raise ConfigError("train.resume=true continues the run in train.output_dir and "
+                          "train.overwrite=true moves it aside: choose one")
     if t.batch_size <= 0 or t.micro_batch_size <= 0 or t.batch_size % t.micro_batch_size:
         raise ConfigError(
             f"train.batch_size={t.batch_size} must be a positive multiple of "
             f"train.micro_batch_size={t.micro_batch_size}")
-    if t.steps <= 0 and t.epochs <= 0:
+    if t.steps == 0 and t.epochs == 0:
         raise ConfigError("set train.steps > 0 or train.epochs > 0")
     if not 0.0 <= o.mask_ratio < 1.0:
         raise ConfigError(f"optimizer.mask_ratio={o.mask_ratio} must be in [0, 1)")
@@ -268,8 +295,17 @@ def parse_overrides(overrides: list[str]) -> dict:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"override {item!r} conflicts with an earlier one")
-        node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+        try:
+            node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override {item!r}: invalid YAML value: "
+                              f"{getattr(e, 'problem', None) or e}") from None
     return nested
+
+
+def _yaml_where(error: yaml.YAMLError) -> str:
+    mark = getattr(error, "problem_mark", None)
+    return f":{mark.line + 1}:{mark.column + 1}" if mark else ""
 
 
 def _merge(base: dict, extra: dict) -> dict:
@@ -289,7 +325,11 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
         raise ConfigError(f"config file not found: {path}")
     if path.resolve() in seen:
         raise ConfigError(f"{path}: `base` chain loops back to itself")
-    values = yaml.safe_load(path.read_text()) or {}
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}{_yaml_where(e)}: invalid YAML: "
+                          f"{getattr(e, 'problem', None) or e}") from None
     base = values.pop("base", None) if isinstance(values, dict) else None
     if base is None:
         return values

@@ -114,8 +114,9 @@ def reasoning_gym_examples(cfg: DataConfig) -> tuple[list[Example], list[Example
     return [to_example(i) for i in train_items], [to_example(i) for i in held_out], report
 
 
-def _check_jsonl(path: Path) -> None:
-    """HF datasets reports malformed JSON without a line number: find it first."""
+def _jsonl_lines(path: Path) -> list[int]:
+    """The line number of each record; HF datasets reports malformed JSON without one."""
+    lines = []
     with path.open("rb") as f:
         for line_number, line in enumerate(f, 1):
             if line.strip():
@@ -123,44 +124,68 @@ def _check_jsonl(path: Path) -> None:
                     json.loads(line)
                 except json.JSONDecodeError as e:
                     raise ValueError(f"{path}:{line_number}: malformed JSON line: {e.msg}") from None
+                lines.append(line_number)
+    return lines
 
 
-def _load_files(paths: tuple[str, ...]):
+def _file_examples(paths: tuple[str, ...], cfg: DataConfig) -> list[Example]:
+    """Each file is loaded on its own, so a bad record is named by file and line (or row)."""
     import datasets
 
     formats = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
-    kinds = set()
     for name in paths:
         path = Path(name)
         if not path.is_file():
             raise FileNotFoundError(f"data file not found: {path}")
         if path.suffix not in formats:
             raise ValueError(f"{path}: unsupported file type {path.suffix!r}; use one of {sorted(formats)}")
-        if path.suffix == ".jsonl":
-            _check_jsonl(path)
-        kinds.add(formats[path.suffix])
+    kinds = {formats[Path(name).suffix] for name in paths}
     if len(kinds) > 1:
         raise ValueError(f"data files mix formats {sorted(kinds)}: {list(paths)}")
-    try:
-        return datasets.load_dataset(kinds.pop(), data_files=list(paths), split="train")
-    except ValueError as e:  # e.g. a CSV with only a header: "corresponds to no data"
-        raise ValueError(f"empty dataset or unreadable file(s) {list(paths)}: {e}") from e
+    examples = []
+    for name in paths:
+        path = Path(name)
+        lines = _jsonl_lines(path) if path.suffix == ".jsonl" else None
+        if lines == [] or path.stat().st_size == 0:
+            raise ValueError(f"empty dataset: {path} holds no records")
+        try:
+            rows = datasets.load_dataset(formats[path.suffix], data_files=[str(path)], split="train")
+        except ValueError as e:  # e.g. a CSV with only a header: "corresponds to no data"
+            raise ValueError(f"empty dataset or unreadable file {path}: {e}") from e
+        if lines is not None:
+            where = lambda i, path=path, lines=lines: f"{path}:{lines[i]}"
+        elif path.suffix == ".csv":
+            where = lambda i, path=path: f"{path}:{i + 2}"  # after the header line
+        else:
+            where = lambda i, path=path: f"{path} row {i}"
+        examples += _rows_to_examples(rows, cfg, str(path), where)
+    return examples
 
 
-def _rows_to_examples(rows, cfg: DataConfig, where: str) -> list[Example]:
+def _rows_to_examples(rows, cfg: DataConfig, source: str, where) -> list[Example]:
+    """`where(i)` names row i for an error: file:line, or the row number."""
     if len(rows) == 0:
-        raise ValueError(f"empty dataset: {where}")
+        raise ValueError(f"empty dataset: {source}")
     columns = rows.column_names
     needed = [cfg.messages_field] if cfg.messages_field else [cfg.prompt_field, cfg.response_field]
     missing = [c for c in needed if c not in columns]
     if missing:
-        raise ValueError(f"{where}: missing field(s) {missing}; available columns: {columns} "
+        raise ValueError(f"{source}: missing field(s) {missing}; available columns: {columns} "
                          "(set data.prompt_field/response_field or data.messages_field)")
-    if cfg.messages_field:
-        head = [{"role": "system", "content": cfg.system_prompt}] if cfg.system_prompt else []
-        return [Example(head + list(r[cfg.messages_field])) for r in rows]
-    return [Example(_messages(str(r[cfg.prompt_field]), str(r[cfg.response_field]), cfg.system_prompt))
-            for r in rows]
+    head = [{"role": "system", "content": cfg.system_prompt}] if cfg.system_prompt else []
+    examples = []
+    for i, r in enumerate(rows):
+        for field in needed:  # str(None) would train on the text "None"
+            value = r[field]
+            if value is None or (isinstance(value, str) and not value.strip()) or value == []:
+                state = "missing or null" if value is None else "empty"
+                raise ValueError(f"{where(i)}: field '{field}' is {state}")
+        if cfg.messages_field:
+            examples.append(Example(head + list(r[cfg.messages_field])))
+        else:
+            examples.append(Example(_messages(str(r[cfg.prompt_field]), str(r[cfg.response_field]),
+                                              cfg.system_prompt)))
+    return examples
 
 
 def table_examples(cfg: DataConfig) -> tuple[list[Example], list[Example], dict]:
@@ -168,17 +193,16 @@ def table_examples(cfg: DataConfig) -> tuple[list[Example], list[Example], dict]
     import datasets
 
     if cfg.source == "files":
-        train_rows, where = _load_files(cfg.train_files), ", ".join(cfg.train_files)
-        eval_rows = _load_files(cfg.eval_files) if cfg.eval_files else None
+        train = _file_examples(cfg.train_files, cfg)
+        held_out = _file_examples(cfg.eval_files, cfg)[: cfg.eval_size] if cfg.eval_files else None
     else:
-        train_rows = datasets.load_dataset(cfg.hub_name, cfg.hub_config, split=cfg.train_split)
-        where = f"{cfg.hub_name}[{cfg.train_split}]"
-        eval_rows = (datasets.load_dataset(cfg.hub_name, cfg.hub_config, split=cfg.eval_split)
-                     if cfg.eval_split else None)
-    train = _rows_to_examples(train_rows, cfg, where)
-    if eval_rows is not None:
-        held_out = _rows_to_examples(eval_rows, cfg, "eval data")[: cfg.eval_size]
-    else:  # deterministic split: shuffle once by seed, hold out the tail
+        def hub(split):
+            source = f"{cfg.hub_name}[{split}]"
+            rows = datasets.load_dataset(cfg.hub_name, cfg.hub_config, split=split)
+            return _rows_to_examples(rows, cfg, source, lambda i: f"{source} row {i}")
+        train = hub(cfg.train_split)
+        held_out = hub(cfg.eval_split)[: cfg.eval_size] if cfg.eval_split else None
+    if held_out is None:  # deterministic split: shuffle once by seed, hold out the tail
         order = np.random.default_rng(cfg.shuffle_seed).permutation(len(train))
         n_eval = min(cfg.eval_size, len(train) // 10)
         held_out = [train[i] for i in order[len(train) - n_eval:]]
@@ -227,8 +251,11 @@ def tokenize(tokenizer, messages: list[dict]) -> tuple[list[int], list[int]]:
 
 
 def tokenize_all(tokenizer, examples: list[Example], max_length: int, too_long: str):
-    """Tokenizes examples; those longer than max_length + 1 tokens are dropped or truncated."""
-    out, dropped, truncated = [], 0, 0
+    """Tokenizes examples; those longer than max_length + 1 tokens are dropped or truncated.
+
+    `prompt_too_long` counts truncated examples left without a loss token.
+    """
+    out, dropped, truncated, prompt_too_long = [], 0, 0, 0
     for example in examples:
         ids, mask = tokenize(tokenizer, example.messages)
         if len(ids) > max_length + 1:  # a row holds max_length (input, target) pairs
@@ -237,8 +264,10 @@ def tokenize_all(tokenizer, examples: list[Example], max_length: int, too_long: 
                 continue
             ids, mask = ids[: max_length + 1], mask[: max_length + 1]
             truncated += 1
+            prompt_too_long += not any(mask[1:])  # mask[1:]: the targets' mask
         out.append((ids, mask))
-    return out, {"too_long_dropped": dropped, "too_long_truncated": truncated}
+    return out, {"too_long_dropped": dropped, "too_long_truncated": truncated,
+                 "prompt_too_long": prompt_too_long}
 
 
 # ----------------------------------------------------------------------------
@@ -298,12 +327,21 @@ def prepare(cfg: DataConfig, tokenizer) -> tuple[dict, dict, list[Example], dict
     train_rows = pack(train_tokens, cfg.max_length, cfg.pack, tokenizer.pad_token_id or 0)
     eval_rows = (pack(eval_tokens, cfg.max_length, cfg.pack, tokenizer.pad_token_id or 0)
                  if eval_tokens else None)
+    for name, rows, stats, tokens in (("training", train_rows, train_stats, train_tokens),
+                                      ("held-out", eval_rows, eval_stats, eval_tokens)):
+        if rows is not None and not rows["loss_mask"].any():  # the loss would be 0/0, reported as 0
+            raise ValueError(
+                f"the {name} set has no loss tokens: {stats['prompt_too_long']} of "
+                f"{len(tokens)} examples have a prompt longer than "
+                f"data.max_length={cfg.max_length}, so data.too_long=truncate cut off the whole "
+                "response; raise data.max_length or set data.too_long=drop")
     report.update({
         "train_examples": len(train_tokens), "train_rows": len(train_rows["inputs"]),
         "train_loss_tokens": int(train_rows["loss_mask"].sum()),
         "eval_examples": len(eval_tokens),
         "too_long_dropped": train_stats["too_long_dropped"] + eval_stats["too_long_dropped"],
         "too_long_truncated": train_stats["too_long_truncated"] + eval_stats["too_long_truncated"],
+        "prompt_too_long": train_stats["prompt_too_long"] + eval_stats["prompt_too_long"],
     })
     return train_rows, eval_rows, held_out, report
 

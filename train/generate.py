@@ -76,6 +76,16 @@ def _generate(graphdef, state, tokens, segment_ids, key, temperature, top_p, pad
   return jax.lax.while_loop(cond, body, carry)[5]
 
 
+def check_sampling(max_new_tokens: int, temperature: float, top_p: float) -> None:
+  """Raises ValueError for values that would silently sample garbage (top_p 0 keeps no token)."""
+  if max_new_tokens < 0:
+    raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 0")
+  if not temperature >= 0:
+    raise ValueError(f"temperature={temperature} must be >= 0 (0 = greedy)")
+  if not 0 < top_p <= 1:
+    raise ValueError(f"top_p={top_p} must be in (0, 1] (1 = no nucleus cut)")
+
+
 def generate(model, prompts: list[list[int]], *, max_new_tokens: int,
              eos_token_id: int | Sequence[int], pad_token_id: int = 0,
              temperature: float = 0.0, top_p: float = 1.0, seed: int = 0) -> list[list[int]]:
@@ -86,11 +96,12 @@ def generate(model, prompts: list[list[int]], *, max_new_tokens: int,
   :param eos_token_id: one id or several; generation of a row stops at the
     first of them (not included in the output).
   :param temperature: 0 for greedy decoding, else the sampling temperature.
-  :param top_p: nucleus sampling mass (1.0 disables it).
+  :param top_p: nucleus sampling mass in (0, 1] (1.0 disables it).
   """
+  check_sampling(max_new_tokens, temperature, top_p)
   if not prompts:
     return []
-  if max_new_tokens <= 0:
+  if max_new_tokens == 0:
     return [[] for _ in prompts]
   if any(len(p) == 0 for p in prompts):
     raise ValueError("generate: every prompt needs at least one token")
@@ -127,6 +138,10 @@ def main(argv=None):
   parser.add_argument("--top-p", type=float, default=1.0)
   parser.add_argument("--seed", type=int, default=0)
   args = parser.parse_args(argv)
+  try:
+    check_sampling(args.max_new_tokens, args.temperature, args.top_p)
+  except ValueError as e:
+    parser.error(str(e).replace("_", "-"))  # exit code 2, before loading the model
 
   model, tokenizer = load_pretrained(args.model or default_gguf_path())
   if args.chat:

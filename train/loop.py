@@ -17,20 +17,16 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
 from flax import nnx
 from tqdm.auto import tqdm
 
-from train import evaluate
-from train.config import Config, load_config, save_config
+from train import evaluate, run_dir
+from train.checkpoints import Checkpoints, check_fingerprint, data_fingerprint
+from train.config import Config, load_config
 from train.data import ROW_FIELDS, AlpacaTemplate, Batches, ByteTokenizer, examples_for_generation, prepare
 from train.model import Llama, ModelConfig
 from train.mesh import initialize_distributed, make_mesh, param_shardings
 from train.step import build_steps, merge
-
-
-class NonFiniteLossError(FloatingPointError):
-    """The loss became NaN or Inf; the last good checkpoint is kept."""
 
 
 def _log(message: str) -> None:
@@ -83,29 +79,6 @@ def _global_batch(batches: Batches, step: int, sharding) -> dict:
             for name in ROW_FIELDS}
 
 
-def _checkpoint_manager(directory: Path, cfg) -> ocp.CheckpointManager:
-    # Orbax writes into a temporary directory and renames it when complete, so
-    # a save interrupted mid-way is never listed as a checkpoint.
-    options = ocp.CheckpointManagerOptions(max_to_keep=cfg.keep, create=True)
-    return ocp.CheckpointManager(directory.absolute(), options=options)
-
-
-def _save(manager, step: int, params, opt_state, meta: dict) -> None:
-    manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave({"params": params, "opt_state": opt_state}),
-        meta=ocp.args.JsonSave(meta)), force=True)
-
-
-def _restore(manager, params, opt_state) -> tuple:
-    step = manager.latest_step()
-    abstract = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
-        {"params": params, "opt_state": opt_state})
-    restored = manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
-    return restored["state"]["params"], restored["state"]["opt_state"], restored["meta"]
-
-
 def _evaluate(tag: str, config: Config, out: Path, eval_step, graphdef, params, rest, tokenizer,
               eval_rows, eval_items, mesh) -> dict:
     """Held-out loss and (optionally) answer accuracy; completions go to eval_<tag>.jsonl."""
@@ -129,9 +102,7 @@ def run(config_source="configs/default.yaml", overrides=None) -> dict:
     config = load_config(config_source, overrides)  # all validation happens here, before any work
     initialize_distributed(config.mesh)
     out = Path(config.train.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    if jax.process_index() == 0:
-        save_config(config, out / "config.yaml")
+    run_dir.prepare(out, config)  # refuses another run's directory, probes that it is writable
     mesh = make_mesh(config.mesh)
     _log(f"mesh {dict(mesh.shape)} over {jax.device_count()} {jax.devices()[0].platform} device(s), "
          f"{jax.process_count()} process(es)")
@@ -157,17 +128,17 @@ def run(config_source="configs/default.yaml", overrides=None) -> dict:
     opt_state = jax.jit(steps.tx.init, out_shardings=steps.shardings["opt_state"])(params)
     shardings, train_step, eval_step = steps.shardings, steps.train, steps.eval
 
-    manager = _checkpoint_manager(out / "checkpoints", config.checkpoint)
+    checkpoints = Checkpoints(out / "checkpoints", config.checkpoint.keep)
     first_step = 0
     if t.resume:
-        source = manager if t.resume is True else _checkpoint_manager(Path(t.resume), config.checkpoint)
+        source = (checkpoints if t.resume is True
+                  else Checkpoints(Path(t.resume), config.checkpoint.keep))
         if source.latest_step() is None:
             raise FileNotFoundError(f"train.resume: no checkpoint in {source.directory}")
-        params, opt_state, meta = _restore(source, params, opt_state)
-        if meta["batch_size"] != t.batch_size or meta["data_seed"] != config.data.shuffle_seed:
-            raise ValueError(f"checkpoint was written with batch_size={meta['batch_size']} and "
-                             f"data_seed={meta['data_seed']}; the data position would not match")
+        params, opt_state, meta = source.restore(params, opt_state)
+        check_fingerprint(meta, config, source.directory)
         first_step = meta["step"]
+        run_dir.resumed(out, config, first_step)
         _log(f"resumed from {source.directory} at step {first_step} (row {meta['data_position']})")
 
     summary: dict = {"output_dir": str(out), "num_params": num_params, "data": report}
@@ -176,13 +147,13 @@ def run(config_source="configs/default.yaml", overrides=None) -> dict:
                                       tokenizer, eval_rows, eval_items, mesh)
 
     def meta(step):
-        return {"step": step, "data_position": step * t.batch_size, "batch_size": t.batch_size,
-                "data_seed": config.data.shuffle_seed, "optimizer_seed": config.optimizer.seed}
+        return {"step": step, "data_position": step * t.batch_size,
+                "optimizer_seed": config.optimizer.seed, "fingerprint": data_fingerprint(config)}
 
     log_file = open(out / "train_log.jsonl", "a") if jax.process_index() == 0 else None
     progress = tqdm(range(first_step, total_steps), initial=first_step, total=total_steps,
                     desc=config.optimizer.method, disable=not t.tqdm or jax.process_index() != 0)
-    step_times, last_saved = [], manager.latest_step()
+    step_times = []
     for step in progress:
         tokens = int((train_rows["segment_ids"][batches.row_ids(step)] > 0).sum())
         tick = time.perf_counter()
@@ -190,8 +161,8 @@ def run(config_source="configs/default.yaml", overrides=None) -> dict:
         params, opt_state, metrics = train_step(params, opt_state, batch, jnp.int32(step))
         every = config.checkpoint.every
         save_now = every and (step + 1) % every == 0 and step + 1 < total_steps
-        # A checkpoint is only written after its loss was seen to be finite.
-        if (step + 1) % t.log_every == 0 or step + 1 == total_steps or save_now:
+        # This step's loss is on the weights of checkpoint `step`, if any: it decides whether it is kept.
+        if (step + 1) % t.log_every == 0 or step + 1 == total_steps or step in checkpoints.unconfirmed:
             metrics = {k: float(v) for k, v in metrics.items()}  # waits for the step
             seconds = time.perf_counter() - tick
             step_times.append(seconds)
@@ -200,17 +171,12 @@ def run(config_source="configs/default.yaml", overrides=None) -> dict:
             if log_file:
                 log_file.write(json.dumps(record) + "\n")
                 log_file.flush()
-            if not math.isfinite(metrics["loss"]):
-                manager.wait_until_finished()  # let an in-flight (async) save of good state land
-                raise NonFiniteLossError(
-                    f"loss is {metrics['loss']} at step {step + 1}: stopping. The last good "
-                    f"checkpoint (step {last_saved}) is kept in {manager.directory}.")
+            checkpoints.check(step, metrics["loss"])
             progress.set_postfix(loss=f"{metrics['loss']:.3f}", lr=f"{metrics['lr']:.1e}",
                                  **({"kept": f"{metrics['kept_fraction']:.2f}"}
                                     if "kept_fraction" in metrics else {}))
         if save_now:
-            _save(manager, step + 1, params, opt_state, meta(step + 1))
-            last_saved = step + 1
+            checkpoints.save(step + 1, params, opt_state, meta(step + 1))
         if config.eval.every and (step + 1) % config.eval.every == 0 and step + 1 < total_steps:
             summary[f"step_{step + 1}"] = _evaluate(f"step{step + 1}", config, out, eval_step,
                                                     graphdef, params, rest, tokenizer, eval_rows,
@@ -219,8 +185,8 @@ def run(config_source="configs/default.yaml", overrides=None) -> dict:
     if log_file:
         log_file.close()
     if config.checkpoint.save_final and total_steps > first_step:
-        _save(manager, total_steps, params, opt_state, meta(total_steps))
-    manager.wait_until_finished()
+        checkpoints.save_final(total_steps, params, opt_state, meta(total_steps))
+    checkpoints.wait()
 
     if config.eval.after:
         summary["after"] = _evaluate("after", config, out, eval_step, graphdef, params, rest,

@@ -562,7 +562,10 @@ def load_pretrained(path: str, *, mesh=None, dtype=None):
   if not os.path.exists(config_file):
     raise FileNotFoundError(f"{config_file}: not found")
   with open(config_file) as f:
-    hf_config = json.load(f)
+    try:
+      hf_config = json.load(f)
+    except json.JSONDecodeError as e:
+      raise ValueError(f"{config_file}: corrupt JSON: {e}") from None
   config = ModelConfig.from_hf(hf_config)
   tokenizer = Tokenizer.from_dir(path, hf_config)
   model = build_model(config, _hf_tensors(path), mesh=mesh, dtype=dtype, source=path)
