@@ -1,6 +1,7 @@
 """Command line: python -m train --config configs/default.yaml [section.key=value ...]"""
 
 import argparse
+import os
 import sys
 
 from train.config import ConfigError, load_config
@@ -30,4 +31,10 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    if code:
+        # Fail without interpreter teardown: Orbax's TensorStore threads would otherwise
+        # print "Event loop is closed" tracebacks after the root cause printed above.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)

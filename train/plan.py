@@ -50,8 +50,9 @@ HBM_BYTES = {
 COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute")
 _DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "bf16": 2, "f16": 2,
                 "s32": 4, "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8}
-# `%name = f32[8,128]{1,0} all-gather(...)`, or a tuple result for async `-start` ops.
-_OP = re.compile(r"= (\([^=]*?\)|[a-z0-9]+\[[\d,]*\][^ ]*) "
+# `%name = bf16[8,128]{1,0:T(8,128)(2,1)} all-gather(...)`; a tuple result for combined
+# ops (several tensors in one all-reduce) and async `-start` ops.
+_OP = re.compile(r"= (\(.*?\)|\S+) "
                  r"(all-gather|all-reduce|reduce-scatter|all-to-all|collective-permute|sort)"
                  r"(-start)?\(")
 _SHAPE = re.compile(r"([a-z0-9]+)\[([\d,]*)\]")
@@ -99,14 +100,20 @@ def _abstract(tree, shardings):
 
 
 def collectives(hlo_text: str) -> dict:
-    """{kind: {"count", "bytes"}} of the collectives (and sorts) in an HLO module's text;
-    bytes are those of each op's result (an async op's largest tuple element)."""
+    """{kind: {"count", "bytes"}} of the collectives (and sorts) in an HLO module's text.
+
+    Bytes are those of each op's result: all tensors of a combined op; the output alone of
+    an async all-gather or collective-permute, whose `-start` tuple also holds its input.
+    The TPU compiler often lowers an FSDP all-gather to an all-reduce of the zero-padded
+    shard, so weight gathers show up as all-reduces of weight-shaped bf16 tensors.
+    """
     found = collections.defaultdict(lambda: {"count": 0, "bytes": 0})
-    for result, kind, _ in _OP.findall(hlo_text):
+    for result, kind, start in _OP.findall(hlo_text):
         sizes = [math.prod(int(d) for d in dims.split(",") if d) * _DTYPE_BYTES.get(dtype, 4)
                  for dtype, dims in _SHAPE.findall(result)]
+        output_only = start and kind in ("all-gather", "collective-permute")
         found[kind]["count"] += 1
-        found[kind]["bytes"] += max(sizes, default=0)
+        found[kind]["bytes"] += max(sizes, default=0) if output_only else sum(sizes)
     return dict(found)
 
 
