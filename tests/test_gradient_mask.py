@@ -287,6 +287,10 @@ def test_schedule_and_inject_hyperparams():
     lambda: gmt_optax.gmt(optax.adamw(1e-3), 0.5, accumulation_steps=2),
     lambda: gmt_optax.gmt(optax.adamw(1e-3), 0.5, mask_updates=True),
     lambda: gmt_optax.hft(optax.adamw(1e-3), period=2),
+    lambda: gmt_optax.gradient_mask(0.5, stacked_axes=1, sample_size=16),
+    lambda: gmt_optax.gmt(optax.adamw(1e-3), 0.5, accumulation_steps=2,
+                          mask_updates=True, stacked_axes={"w": 1, "b": 0}),
+    lambda: gmt_optax.hft(optax.adamw(1e-3), period=2, stacked_axes=1),
 ])
 def test_state_structure_is_stable_across_updates(factory):
   tx = factory()
@@ -374,3 +378,97 @@ def test_inside_multisteps():
   mean = (grads[0]["w"] + grads[1]["w"]) / 2
   (expected,) = reference_mask([mean], 0.5)
   np.testing.assert_allclose(updates["w"], -expected, rtol=1e-6)
+
+
+def stacked_and_separate(rng, num_layers=3, dtype=jnp.float32):
+  """The same layer tensors as stacked leaves and as one leaf per layer."""
+  stacked = {"q": random_grads(rng, (num_layers, 33, 17), dtype)
+                  * jnp.arange(1, num_layers + 1, dtype=dtype)[:, None, None],
+             "norm": random_grads(rng, (num_layers, 9), dtype),
+             "embed": random_grads(rng, (40, 8), dtype)}
+  separate = {"embed": stacked["embed"]}
+  for layer in range(num_layers):
+    separate |= {f"q{layer}": stacked["q"][layer],
+                 f"norm{layer}": stacked["norm"][layer]}
+  return stacked, separate
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("selection", ["exact", "bisect"])
+def test_stacked_layers_equal_separate_leaves_bit_for_bit(selection, dtype):
+  stacked, separate = stacked_and_separate(np.random.default_rng(12),
+                                           dtype=dtype)
+  stacked_axes = {"q": 1, "norm": 1, "embed": 0}
+  updates, state = run(gmt_optax.gradient_mask(
+      0.4, selection=selection, stacked_axes=stacked_axes), stacked)
+  expected, expected_state = run(gmt_optax.gradient_mask(
+      0.4, selection=selection), separate)
+  np.testing.assert_array_equal(updates["embed"], expected["embed"])
+  for layer in range(3):
+    for key in ("q", "norm"):
+      np.testing.assert_array_equal(
+          np.asarray(updates[key][layer]).view(np.uint8),
+          np.asarray(expected[f"{key}{layer}"]).view(np.uint8))
+  assert float(state.kept_fraction) == float(expected_state.kept_fraction)
+
+
+def test_stacked_axes_callable_and_two_stacked_axes():
+  rng = np.random.default_rng(13)
+  g = random_grads(rng, (2, 3, 20, 10))
+  by_callable = gmt_optax.gradient_mask(
+      0.3, selection="bisect",
+      stacked_axes=lambda tree: jax.tree_util.tree_map(lambda _: 2, tree))
+  updates, _ = run(by_callable, {"g": g})
+  for i in range(2):
+    for j in range(3):
+      (expected,) = reference_mask([g[i, j]], 0.3)
+      np.testing.assert_array_equal(updates["g"][i, j], expected)
+
+
+def test_stacked_sample_selection_within_tolerance_per_slice():
+  m = 2048
+  rng = np.random.default_rng(14)
+  # Slices of very different scales: one threshold per slice masks the
+  # ratio of each; a single threshold would mask the small ones entirely.
+  g = random_grads(rng, (6, 300, 200)) * jnp.logspace(-3, 0, 6)[:, None, None]
+  for seed in range(3):
+    tx = gmt_optax.gradient_mask(0.5, sample_size=m, stacked_axes=1,
+                                 seed=seed)
+    updates, state = run(tx, {"g": g})
+    for layer in range(6):
+      error = masked_fraction(updates["g"][layer]) - 0.5
+      assert abs(error) <= dkw_tolerance(m), (seed, layer, error)
+    assert float(state.kept_fraction) == pytest.approx(0.5, abs=2 / m)
+
+
+@pytest.mark.parametrize("selection", ["exact", "bisect", "sample"])
+def test_stacked_leaves_under_a_global_threshold(selection):
+  stacked, separate = stacked_and_separate(np.random.default_rng(15))
+  tx = lambda **kw: gmt_optax.gradient_mask(
+      0.6, granularity="global", selection=selection, sample_size=256, **kw)
+  updates, state = run(tx(stacked_axes=1),
+                       {k: stacked[k] for k in ("q", "norm")})
+  expected, _ = run(tx(), {k: v for k, v in separate.items() if k != "embed"})
+  if selection == "sample":  # 256 samples per slice, weighted by its size
+    masked = (int(jnp.sum(updates["q"] == 0))
+              + int(jnp.sum(updates["norm"] == 0))) / (3 * 33 * 17 + 3 * 9)
+    assert abs(masked - 0.6) <= dkw_tolerance(256)
+    assert float(state.kept_fraction) == pytest.approx(1 - masked, abs=0.05)
+    return
+  for layer in range(3):
+    np.testing.assert_array_equal(updates["q"][layer],
+                                  expected[f"q{layer}"])
+  leaves = [stacked["q"], stacked["norm"]]
+  np.testing.assert_array_equal(
+      updates["q"], reference_mask(leaves, 0.6)[0])
+  kept = sum(int(jnp.sum(updates[k] != 0)) for k in ("q", "norm"))
+  assert float(state.kept_fraction) == pytest.approx(
+      kept / sum(g.size for g in leaves), abs=1e-6)
+
+
+def test_bad_stacked_axes_name_the_value():
+  with pytest.raises(ValueError, match="stacked_axes.*-1"):
+    gmt_optax.gradient_mask(0.5, stacked_axes=-1)
+  with pytest.raises(ValueError, match="stacked_axes.*3.*shape \\(4, 5\\)"):
+    run(gmt_optax.gradient_mask(0.5, stacked_axes=3),
+        {"w": jnp.ones((4, 5))})
