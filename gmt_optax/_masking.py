@@ -137,10 +137,6 @@ def as_rows(x: jax.Array, stacked_axes: int) -> jax.Array:
   return x.reshape((-1,) + x.shape[stacked_axes:])
 
 
-def _psum(x, axis_name):
-  return x if axis_name is None else lax.psum(x, axis_name)
-
-
 def magnitude_keep_masks(grads, ratio, *, granularity, selection, sample_size,
                          rng, axis_name, stacked_axes):
   """Keep masks ``|g| >= T`` for a list of gradient arrays.
@@ -196,34 +192,33 @@ def magnitude_keep_masks(grads, ratio, *, granularity, selection, sample_size,
   threshold_dtype = (jnp.int64 if any(b.dtype.itemsize > 4 for b in blocks)
                      else jnp.int32)
   if granularity == "tensor":
+    # Count limbs [2, rows]: ranks may exceed int32 (see _selection).
     ranks = jnp.repeat(
-        jnp.stack([jnp.asarray(_selection.num_masked(ratio, c), jnp.int32)
-                   for c in counted]), np.asarray(num_rows),
+        jnp.stack([_selection.count_limbs(_selection.num_masked(ratio, c))
+                   for c in counted], axis=1), np.asarray(num_rows), axis=1,
         total_repeat_length=offsets[-1])
     if selection == "exact":
       thresholds = jnp.zeros(offsets[-1], threshold_dtype)
       for block, rows_of in zip(blocks, members):
-        found = _selection.sorted_keys(block, ranks[rows_of], axis_name)
+        found = _selection.sorted_keys(block, ranks[:, rows_of], axis_name)
         thresholds = thresholds.at[rows_of].set(found.astype(thresholds.dtype))
     else:
-      targets = ranks + 1
+      targets = _selection.limbs_plus_one(ranks)
       if axis_name is None:  # no communication: search block by block
         thresholds = jnp.zeros(offsets[-1], threshold_dtype)
         for block, rows_of in zip(blocks, members):
           thresholds = thresholds.at[rows_of].set(_selection.bisect_rows(
-              block, targets[rows_of]).astype(threshold_dtype))
+              block, targets[:, rows_of]).astype(threshold_dtype))
       else:  # one loop: one all-reduce of all counts per step
         thresholds = _selection.bisect(
             _selection.CountingProblem(blocks, members, None, targets),
             axis_name)
   else:
-    rank = _selection.num_masked(ratio, int(sum(
-        n * r for n, r in zip(sizes, num_rows))))
+    rank = _selection.count_limbs(_selection.num_masked(ratio, int(sum(
+        n * r for n, r in zip(sizes, num_rows)))))[:, None]
     if selection == "exact":
       flat = jnp.concatenate([b.reshape(-1) for b in blocks])
-      if axis_name is not None:
-        flat = lax.all_gather(flat, axis_name, tiled=True)
-      threshold = jnp.sort(flat)[jnp.asarray(rank, jnp.int32)]
+      threshold = _selection.sorted_keys(flat[None], rank, axis_name)[0]
     else:
       weights = None
       if sampled:
@@ -231,11 +226,10 @@ def magnitude_keep_masks(grads, ratio, *, granularity, selection, sample_size,
             sizes[row_tensor[r]] / shards / sample_size
             if methods[row_tensor[r]] == "sample" else 1.0
             for r in rows_of]) for rows_of in members]
-      target = jnp.reshape(jnp.asarray(rank, jnp.float32) + 1, [1])
       threshold = _selection.bisect(
           _selection.CountingProblem(
-              blocks, [np.zeros_like(m) for m in members], weights, target),
-          axis_name)[0]
+              blocks, [np.zeros_like(m) for m in members], weights,
+              _selection.limbs_plus_one(rank)), axis_name)[0]
     thresholds = jnp.broadcast_to(threshold, [offsets[-1]])
 
   # Masking nothing must be the identity, whatever the selector estimated.
@@ -252,9 +246,8 @@ def magnitude_keep_masks(grads, ratio, *, granularity, selection, sample_size,
     row_threshold = thresholds[rows_of].astype(block.dtype)
     row_threshold = row_threshold.reshape(
         row_threshold.shape + (1,) * (block.ndim - 1))
-    row_kept = _psum(jnp.sum(block >= row_threshold,
-                             axis=tuple(range(1, block.ndim)),
-                             dtype=jnp.float32), axis_name)
+    row_kept = _selection.limbs_to_float(_selection.psum_limbs(
+        _selection.count_rows(block >= row_threshold), axis_name))
     scale = np.asarray([sizes[row_tensor[r]] / counted[row_tensor[r]]
                         for r in rows_of], np.float32)
     kept = kept + jnp.sum(row_kept * scale)
@@ -490,7 +483,8 @@ def random_mask(
         _selection.uniform_like(x, seeds[i]) >= ratio if s else None
         for i, (x, s) in enumerate(zip(leaves, selected))
     ]
-    kept = sum(_psum(jnp.sum(k, dtype=jnp.float32), axis_name)
+    kept = sum(_selection.limbs_to_float(_selection.psum_limbs(
+        _selection.count_rows(k[None]), axis_name))[0]
                for k in keep if k is not None)
     shards = 1 if axis_name is None else lax.axis_size(axis_name)
     total = sum(x.size for x, s in zip(leaves, selected) if s) * shards
