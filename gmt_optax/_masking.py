@@ -344,7 +344,12 @@ def gradient_mask(
   * ``"exact"``: sort (reference only: a sharded tensor is all-gathered).
   * ``"bisect"``: exact :math:`T` by bisection on the bit pattern of
     :math:`|g|`: 31 counting passes for float32, 15 for bfloat16/float16; no
-    sort, no gather, one small all-reduce per pass when sharded.
+    sort, no gather, one small all-reduce per pass when sharded. Counts are
+    exact without x64 up to :math:`2^{43}` entries per threshold (pairs of
+    int32, see ``gmt_optax._selection``), so a global threshold over a 7B
+    model is exact too; with a traced ``mask_ratio`` the rank
+    :math:`\lfloor r n \rfloor` itself is a float32 (within relative
+    :math:`2^{-24}` once :math:`r n > 2^{24}`).
   * ``"sample"``: bisection over ``sample_size`` entries drawn uniformly with
     replacement. The masked fraction is within
     :math:`\varepsilon = \sqrt{\ln(2/\delta) / (2m)} + 1/m` of :math:`r` with

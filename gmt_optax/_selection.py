@@ -48,6 +48,7 @@ COUNT_LOW_BITS = 12
 _LOW_MASK = (1 << COUNT_LOW_BITS) - 1
 _MAX_TERMS = 1 << (31 - COUNT_LOW_BITS)
 _MAX_COUNT = 1 << (31 + COUNT_LOW_BITS)
+_INT32_COUNT_LIMIT = 1 << 31  # entries one int32 reduction may count
 
 
 def magnitude_key(x: jax.Array) -> jax.Array:
@@ -146,7 +147,7 @@ def count_rows(hits: jax.Array) -> jax.Array:
   one at a time in limbs.
   """
   split = 1
-  while math.prod(hits.shape[split:]) >= 1 << 31:
+  while math.prod(hits.shape[split:]) >= _INT32_COUNT_LIMIT:
     split += 1
   _check_countable(max(hits.shape[1:split], default=1),
                    math.prod(hits.shape[1:]))

@@ -9,6 +9,7 @@ import optax
 import pytest
 
 import gmt_optax
+from gmt_optax import _selection
 
 SELECTIONS = ("auto", "exact", "bisect", "sample")
 
@@ -472,3 +473,82 @@ def test_bad_stacked_axes_name_the_value():
   with pytest.raises(ValueError, match="stacked_axes.*3.*shape \\(4, 5\\)"):
     run(gmt_optax.gradient_mask(0.5, stacked_axes=3),
         {"w": jnp.ones((4, 5))})
+
+
+# Counts beyond int32. vmap with an axis name over an unbatched operand
+# stands for that many identical shards: psum sums the counts of all of them,
+# so 2**21 entries in memory count as 2**32 without allocating them.
+VIRTUAL_SHARDS = 1 << 11
+
+
+def over_virtual_shards(f):
+  return jax.jit(jax.vmap(f, in_axes=None, out_axes=None, axis_name="i",
+                          axis_size=VIRTUAL_SHARDS))
+
+
+def limbs_value(limbs):
+  high, low = np.asarray(limbs, np.int64)
+  return high * 2**_selection.COUNT_LOW_BITS + low
+
+
+def test_num_masked_and_count_limbs_beyond_int32():
+  assert _selection.num_masked(0.5, 3 * 2**31) == 3 * 2**30
+  assert _selection.num_masked(0.3, 2**40) == int(np.floor(0.3 * 2**40))
+  assert limbs_value(_selection.count_limbs(2**40 + 5)) == 2**40 + 5
+  rank = jax.jit(lambda r, n=3 * 2**31: _selection.count_limbs(
+      _selection.num_masked(r, n)))
+  assert limbs_value(rank(0.5)) == 3 * 2**30
+  assert limbs_value(rank(0.3)) == pytest.approx(0.3 * 3 * 2**31, rel=2**-23)
+  # A traced ratio just below 1 still gives a rank below n.
+  n = 2**40 + 1
+  top = jax.jit(lambda r: _selection.count_limbs(_selection.num_masked(r, n)))
+  assert limbs_value(top(np.float32(1 - 2**-24))) <= n - 1
+  with pytest.raises(ValueError, match="count exactly"):
+    _selection.count_limbs(2**43)
+
+
+def test_bisect_counts_beyond_int32_exactly():
+  rng = np.random.default_rng(16)
+  block = jnp.asarray(rng.integers(0, 2**31 - 1, (1 << 10, 1 << 11)),
+                      jnp.int32)
+  total = block.size * VIRTUAL_SHARDS  # 2**32
+  for rank in (2**31 + 12345, 3 * 2**30 - 1, total - 1):
+    target = _selection.limbs_plus_one(_selection.count_limbs(rank))[:, None]
+    found = over_virtual_shards(lambda t: _selection.bisect(
+        _selection.CountingProblem([block], [np.zeros(1 << 10, np.int32)],
+                                   None, t), axis_name="i"))(target)
+    # Every key appears VIRTUAL_SHARDS times.
+    assert int(found[0]) == np.sort(np.asarray(block).ravel())[
+        rank // VIRTUAL_SHARDS]
+  # Weighted: each counted entry stands for 2**11 (float32 sums of multiples
+  # of 2**11 are exact below 2**35); 2**20 + 1 entries reach the target.
+  target = _selection.count_limbs(2**31 + 2**11)[:, None]
+  found = _selection.bisect(_selection.CountingProblem(
+      [block], [np.zeros(1 << 10, np.int32)],
+      [np.full(1 << 10, float(VIRTUAL_SHARDS))], target))
+  assert int(found[0]) == np.sort(np.asarray(block).ravel())[2**20]
+
+
+def test_count_rows_splits_rows_beyond_int32(monkeypatch):
+  # The same code path as a row of 2**31 entries or more, at a lower limit.
+  monkeypatch.setattr(_selection, "_INT32_COUNT_LIMIT", 64)
+  hits = jnp.asarray(np.random.default_rng(17).random((3, 5, 7, 40)) < 0.3)
+  counts = jax.jit(_selection.count_rows)(hits)
+  np.testing.assert_array_equal(limbs_value(counts),
+                                np.sum(np.asarray(hits), axis=(1, 2, 3)))
+
+
+@pytest.mark.parametrize("granularity", ["tensor", "global"])
+def test_gradient_mask_beyond_int32_entries(granularity):
+  rng = np.random.default_rng(18)
+  g = random_grads(rng, (1 << 10, 1 << 11))  # counted as 2**32 entries
+  tx = gmt_optax.gradient_mask(0.3, selection="bisect",
+                               granularity=granularity, axis_name="i")
+  updates, state = over_virtual_shards(tx.update)(g, tx.init(g))
+  rank = int(np.floor(0.3 * g.size * VIRTUAL_SHARDS))
+  magnitudes = np.abs(np.asarray(g))
+  threshold = np.sort(magnitudes.ravel())[rank // VIRTUAL_SHARDS]
+  expected = np.where(magnitudes >= threshold, np.asarray(g), 0)
+  np.testing.assert_array_equal(updates, expected)
+  assert float(state.kept_fraction) == pytest.approx(
+      np.mean(expected != 0), abs=1e-6)
