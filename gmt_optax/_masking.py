@@ -174,6 +174,8 @@ def magnitude_keep_masks(grads, ratio, *, granularity, selection, sample_size,
     for i, sample in zip(sampled, drawn):
       rows[i] = sample
   rows = [key_fn(r) for r in rows]
+  # Rows of equal shape and dtype stack into one block (one op for many
+  # tensors); an unsampled stacked leaf is a block already: no copy.
   by_layout = {}
   for i, r in enumerate(rows):
     alone = stacked_axes[i] > 0 and methods[i] != "sample"
@@ -332,9 +334,11 @@ def gradient_mask(
   Ties at :math:`T` are kept, so the kept fraction may exceed :math:`1 - r`.
   A leaf with ``stacked_axes`` :math:`= s` holds independent tensors stacked
   along its :math:`s` leading axes (scanned layers: ``[num_layers, d, h]``
-  with :math:`s = 1`); each slice ``g[l]`` is then a tensor of its own, with
-  its own :math:`n` and :math:`T_l`, exactly as if the layers were separate
-  leaves. The mask is recomputed at every update. Put it first in a chain, before the
+  with :math:`s = 1`); with ``granularity="tensor"`` each slice
+  :math:`g_l = g[l]` is a tensor of its own, masked with :math:`T_l` of rank
+  :math:`\lfloor r n_l \rfloor` in :math:`|g_l|`, exactly as if the layers
+  were separate leaves. The mask is recomputed at every update. Put it first
+  in a chain, before the
   optimizer, as the paper does: masked entries then still move through the
   optimizer's momentum and weight decay (see :func:`gmt` with
   ``mask_updates=True`` to hold them still).
@@ -386,9 +390,10 @@ def gradient_mask(
     stacked_axes: number of leading axes of a leaf that index independent
       tensors (e.g. 1 for scanned layers): an int for all leaves, a pytree
       prefix of ints or a callable of the updates returning one (as
-      ``mask``). With ``granularity="tensor"`` each slice gets its own
-      threshold (and ``sample_size`` samples); ``"global"`` ignores it. Under
-      ``axis_name`` the stacked axes must not be split over that axis.
+      ``mask``). Each slice gets its own threshold with
+      ``granularity="tensor"`` and its own ``sample_size`` samples (and
+      ``"auto"`` choice) with either granularity. Under ``axis_name`` the
+      stacked axes must not be split over that axis.
       ``None`` (default) means 0 for every leaf. Static: under
       ``optax.inject_hyperparams`` pass it in ``static_args``.
     seed: seed of the sampler.
@@ -408,9 +413,10 @@ def gradient_mask(
     Scanned layers: two layers' kernels stacked in one ``[2, 2, 2]`` leaf
     keep one threshold per layer, while the unstacked embedding has its own:
 
+    >>> kernel = jnp.array([[[1.0, 2.0], [3.0, 4.0]],
+    ...                     [[40.0, 30.0], [20.0, 10.0]]])
     >>> grads = {"embed": jnp.array([1.0, -2.0, 3.0, -4.0]),
-    ...          "layers": {"kernel": jnp.array([[[1.0, 2.0], [3.0, 4.0]],
-    ...                                          [[40.0, 30.0], [20.0, 10.0]]])}}
+    ...          "layers": {"kernel": kernel}}
     >>> tx = gmt_optax.gradient_mask(
     ...     0.5, stacked_axes={"embed": 0, "layers": 1})
     >>> updates, _ = tx.update(grads, tx.init(grads))

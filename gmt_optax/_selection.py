@@ -115,6 +115,8 @@ def count_limbs(count) -> jax.Array:
 
 
 def limbs_plus_one(limbs: jax.Array) -> jax.Array:
+  """Carried count limbs plus one (``k + 1`` of a rank in limbs, where a
+  float32 rank above 2**24 cannot add 1)."""
   return _carry(limbs.at[1].add(1))
 
 
@@ -342,12 +344,3 @@ def sorted_keys(block: jax.Array, ranks: jax.Array,
   flat = jnp.pad(flat, [(0, 0), (0, -flat.shape[1] % (_LOW_MASK + 1))])
   pieces = flat.reshape(flat.shape[0], -1, _LOW_MASK + 1)
   return pieces[jnp.arange(flat.shape[0]), ranks[0], ranks[1]]
-
-
-def group_by_layout(arrays: Sequence[jax.Array]) -> dict:
-  """Indices of ``arrays`` grouped by (shape, dtype), so each group stacks
-  into one block and is reduced by one op instead of one op per tensor."""
-  groups = {}
-  for i, x in enumerate(arrays):
-    groups.setdefault((x.shape, jnp.dtype(x.dtype)), []).append(i)
-  return groups
