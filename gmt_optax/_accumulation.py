@@ -179,7 +179,7 @@ def gmt(
       (see :func:`accumulate_gradients`).
     seed: seed of the mask sampler.
     **gradient_mask_options: ``granularity``, ``selection``, ``sample_size``,
-      ``mask``, ``axis_name`` of :func:`gradient_mask`.
+      ``mask``, ``axis_name``, ``stacked_axes`` of :func:`gradient_mask`.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.

@@ -3,7 +3,7 @@ parameter matrices, re-drawn periodically."""
 
 from __future__ import annotations
 
-import itertools
+import math
 from typing import NamedTuple, Optional
 
 import jax
@@ -19,7 +19,8 @@ class HFTState(NamedTuple):
   Attributes:
     count: updates done; the frozen set is re-drawn every ``period``.
     rng_key: base key of the draws.
-    frozen: ``[num_selected]`` bools, the frozen leaves of the last update.
+    frozen: ``[num_selected]`` bools, the frozen matrices (leaves, or slices
+      of stacked leaves) of the last update.
     inner_state: state of the wrapped optimizer.
   """
 
@@ -29,10 +30,6 @@ class HFTState(NamedTuple):
   inner_state: optax.OptState
 
 
-def _is_matrix(updates):
-  return jax.tree_util.tree_map(lambda x: getattr(x, "ndim", 0) >= 2, updates)
-
-
 def hft(
     inner: optax.GradientTransformation,
     *,
@@ -40,14 +37,17 @@ def hft(
     period: int = 100,
     seed: int = 0,
     mask: Optional[_masking.LeafMask] = None,
+    stacked_axes: _masking.StackedAxes = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Freezes a random ``freeze_fraction`` of the parameter matrices.
 
   Every ``period`` updates, ``round(freeze_fraction * L)`` of the ``L``
-  selected leaves are drawn at random (uniformly, without replacement). A
-  frozen leaf gets a zero gradient into ``inner`` and a zero final update, so
-  it does not move at all (no momentum drift, no weight decay); the others are
-  updated by ``inner`` as usual. Leaves not selected always train.
+  selected matrices are drawn at random (uniformly, without replacement). A
+  matrix is a selected leaf, or one slice ``x[l]`` of a leaf with stacked
+  axes (scanned layers), so a layer freezes whole whatever the layout. A
+  frozen matrix gets a zero gradient into ``inner`` and a zero final update,
+  so it does not move at all (no momentum drift, no weight decay); the others
+  are updated by ``inner`` as usual. Leaves not selected always train.
 
   This follows Hui et al. (2024) at the granularity of whole matrices, drawn
   over the whole model rather than per block.
@@ -58,7 +58,23 @@ def hft(
     period: updates between re-draws of the frozen set.
     seed: seed of the draws.
     mask: leaves taking part in the draw (pytree prefix of bools or callable,
-      as ``optax.masked``); default: every leaf with ``ndim >= 2``.
+      as ``optax.masked``); default: every leaf whose slices are matrices
+      (``ndim - stacked_axes >= 2``).
+    stacked_axes: leading axes of a leaf that index independent matrices, as
+      in :func:`gmt_optax.gradient_mask` (an int, a pytree prefix of ints or
+      a callable returning one); ``None`` (default) means 0.
+
+  Example:
+    Scanned layers: 4 layers stacked in each leaf, so 4 of the 8 layer
+    matrices freeze; the stacked norms (vectors per layer) always train:
+
+    >>> import jax.numpy as jnp, optax, gmt_optax
+    >>> params = {"q": jnp.ones((4, 8, 8)), "mlp": jnp.ones((4, 8, 16)),
+    ...           "norm": jnp.ones((4, 8))}
+    >>> tx = gmt_optax.hft(optax.sgd(1.0), stacked_axes=1)
+    >>> updates, state = tx.update(params, tx.init(params), params)
+    >>> int(state.frozen.sum()), state.frozen.shape
+    (4, (8,))
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` with an :class:`HFTState`.
@@ -72,23 +88,42 @@ def hft(
         f"freeze_fraction must be in [0, 1], got {freeze_fraction!r}.")
   if not isinstance(period, int) or period < 1:
     raise ValueError(f"period must be an int >= 1, got {period!r}.")
+  _masking.check_stacked_axes(stacked_axes)
   inner = optax.with_extra_args_support(inner)
-  mask = _is_matrix if mask is None else mask
 
   def draw(rng_key, count, num_selected):
     rng = jax.random.fold_in(rng_key, count // period)
     num_frozen = round(freeze_fraction * num_selected)
     return jax.random.permutation(rng, num_selected) < num_frozen
 
-  def freeze(tree, frozen):
+  def matrices(tree):
+    """Leaves, treedef and, per leaf, its stacked shape (``None`` when it is
+    not in the draw)."""
     leaves, treedef, selected = _masking.selected_leaves(tree, mask)
-    position = itertools.count()
-    out = [jnp.where(frozen[next(position)], jnp.zeros_like(x), x) if s else x
-           for x, s in zip(leaves, selected)]
+    stacked = _masking.leaf_stacked_axes(tree, leaves, treedef, selected,
+                                         stacked_axes)
+    if mask is None:
+      selected = [s and x.ndim - a >= 2
+                  for x, a, s in zip(leaves, stacked, selected)]
+    return leaves, treedef, [x.shape[:a] if s else None
+                             for x, a, s in zip(leaves, stacked, selected)]
+
+  def freeze(tree, frozen):
+    leaves, treedef, stacked_shapes = matrices(tree)
+    out, start = [], 0
+    for x, shape in zip(leaves, stacked_shapes):
+      if shape is not None:
+        size = math.prod(shape)
+        frozen_here = frozen[start:start + size].reshape(
+            shape + (1,) * (x.ndim - len(shape)))
+        x = jnp.where(frozen_here, jnp.zeros_like(x), x)
+        start += size
+      out.append(x)
     return treedef.unflatten(out)
 
   def init_fn(params):
-    num_selected = sum(_masking.selected_leaves(params, mask)[2])
+    num_selected = sum(math.prod(shape) for shape in matrices(params)[2]
+                       if shape is not None)
     rng_key = jax.random.PRNGKey(seed)
     count, rng_key, frozen = _masking.replicate_like(
         params, (jnp.zeros([], jnp.int32), rng_key,

@@ -139,6 +139,34 @@ def test_hft_freezes_half_of_the_matrices_and_redraws():
   assert frozen_sets[0] != frozen_sets[3]
 
 
+def test_hft_freezes_whole_slices_of_stacked_layers():
+  rng = np.random.default_rng(1)
+  params = {"q": jnp.asarray(rng.standard_normal((6, 4, 4)), jnp.float32),
+            "mlp": jnp.asarray(rng.standard_normal((6, 4, 8)), jnp.float32),
+            "norm": jnp.ones((6, 4)), "embed": jnp.ones((10, 4))}
+  tx = gmt_optax.hft(optax.sgd(0.1), period=2, seed=3,
+                     stacked_axes={"q": 1, "mlp": 1, "norm": 1, "embed": 0})
+  state = tx.init(params)
+  assert state.frozen.shape == (13,)  # 6 + 6 layer matrices, the embedding
+  update = jax.jit(tx.update)
+  frozen_sets = []
+  for _ in range(4):
+    updates, state = update(params, state, params)
+    frozen = {(k, layer) for k in ("q", "mlp")
+              for layer, u in enumerate(np.asarray(updates[k]))
+              if np.all(u == 0)}
+    frozen |= {("embed", 0)} if np.all(np.asarray(updates["embed"]) == 0) \
+        else set()
+    # Every slice is either frozen whole or moves everywhere.
+    for k in ("q", "mlp"):
+      for layer, u in enumerate(np.asarray(updates[k])):
+        assert (k, layer) in frozen or np.all(u != 0)
+    assert len(frozen) == round(0.5 * 13)
+    np.testing.assert_allclose(updates["norm"], -0.1)  # vectors train
+    frozen_sets.append(frozen)
+  assert frozen_sets[0] == frozen_sets[1] != frozen_sets[2] == frozen_sets[3]
+
+
 def test_nnx_optimizer_end_to_end():
   nnx = pytest.importorskip("flax.nnx")
 

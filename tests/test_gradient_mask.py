@@ -9,6 +9,7 @@ import optax
 import pytest
 
 import gmt_optax
+from gmt_optax import _selection
 
 SELECTIONS = ("auto", "exact", "bisect", "sample")
 
@@ -287,6 +288,10 @@ def test_schedule_and_inject_hyperparams():
     lambda: gmt_optax.gmt(optax.adamw(1e-3), 0.5, accumulation_steps=2),
     lambda: gmt_optax.gmt(optax.adamw(1e-3), 0.5, mask_updates=True),
     lambda: gmt_optax.hft(optax.adamw(1e-3), period=2),
+    lambda: gmt_optax.gradient_mask(0.5, stacked_axes=1, sample_size=16),
+    lambda: gmt_optax.gmt(optax.adamw(1e-3), 0.5, accumulation_steps=2,
+                          mask_updates=True, stacked_axes={"w": 1, "b": 0}),
+    lambda: gmt_optax.hft(optax.adamw(1e-3), period=2, stacked_axes=1),
 ])
 def test_state_structure_is_stable_across_updates(factory):
   tx = factory()
@@ -374,3 +379,176 @@ def test_inside_multisteps():
   mean = (grads[0]["w"] + grads[1]["w"]) / 2
   (expected,) = reference_mask([mean], 0.5)
   np.testing.assert_allclose(updates["w"], -expected, rtol=1e-6)
+
+
+def stacked_and_separate(rng, num_layers=3, dtype=jnp.float32):
+  """The same layer tensors as stacked leaves and as one leaf per layer."""
+  stacked = {"q": random_grads(rng, (num_layers, 33, 17), dtype)
+                  * jnp.arange(1, num_layers + 1, dtype=dtype)[:, None, None],
+             "norm": random_grads(rng, (num_layers, 9), dtype),
+             "embed": random_grads(rng, (40, 8), dtype)}
+  separate = {"embed": stacked["embed"]}
+  for layer in range(num_layers):
+    separate |= {f"q{layer}": stacked["q"][layer],
+                 f"norm{layer}": stacked["norm"][layer]}
+  return stacked, separate
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("selection", ["exact", "bisect"])
+def test_stacked_layers_equal_separate_leaves_bit_for_bit(selection, dtype):
+  stacked, separate = stacked_and_separate(np.random.default_rng(12),
+                                           dtype=dtype)
+  stacked_axes = {"q": 1, "norm": 1, "embed": 0}
+  updates, state = run(gmt_optax.gradient_mask(
+      0.4, selection=selection, stacked_axes=stacked_axes), stacked)
+  expected, expected_state = run(gmt_optax.gradient_mask(
+      0.4, selection=selection), separate)
+  np.testing.assert_array_equal(updates["embed"], expected["embed"])
+  for layer in range(3):
+    for key in ("q", "norm"):
+      np.testing.assert_array_equal(
+          np.asarray(updates[key][layer]).view(np.uint8),
+          np.asarray(expected[f"{key}{layer}"]).view(np.uint8))
+  assert float(state.kept_fraction) == float(expected_state.kept_fraction)
+
+
+def test_stacked_axes_callable_and_two_stacked_axes():
+  rng = np.random.default_rng(13)
+  g = random_grads(rng, (2, 3, 20, 10))
+  by_callable = gmt_optax.gradient_mask(
+      0.3, selection="bisect",
+      stacked_axes=lambda tree: jax.tree_util.tree_map(lambda _: 2, tree))
+  updates, _ = run(by_callable, {"g": g})
+  for i in range(2):
+    for j in range(3):
+      (expected,) = reference_mask([g[i, j]], 0.3)
+      np.testing.assert_array_equal(updates["g"][i, j], expected)
+
+
+def test_stacked_sample_selection_within_tolerance_per_slice():
+  m = 2048
+  rng = np.random.default_rng(14)
+  # Slices of very different scales: one threshold per slice masks the
+  # ratio of each; a single threshold would mask the small ones entirely.
+  g = random_grads(rng, (6, 300, 200)) * jnp.logspace(-3, 0, 6)[:, None, None]
+  for seed in range(3):
+    tx = gmt_optax.gradient_mask(0.5, sample_size=m, stacked_axes=1,
+                                 seed=seed)
+    updates, state = run(tx, {"g": g})
+    for layer in range(6):
+      error = masked_fraction(updates["g"][layer]) - 0.5
+      assert abs(error) <= dkw_tolerance(m), (seed, layer, error)
+    assert float(state.kept_fraction) == pytest.approx(0.5, abs=2 / m)
+
+
+@pytest.mark.parametrize("selection", ["exact", "bisect", "sample"])
+def test_stacked_leaves_under_a_global_threshold(selection):
+  stacked, separate = stacked_and_separate(np.random.default_rng(15))
+  tx = lambda **kw: gmt_optax.gradient_mask(
+      0.6, granularity="global", selection=selection, sample_size=256, **kw)
+  updates, state = run(tx(stacked_axes=1),
+                       {k: stacked[k] for k in ("q", "norm")})
+  expected, _ = run(tx(), {k: v for k, v in separate.items() if k != "embed"})
+  if selection == "sample":  # 256 samples per slice, weighted by its size
+    masked = (int(jnp.sum(updates["q"] == 0))
+              + int(jnp.sum(updates["norm"] == 0))) / (3 * 33 * 17 + 3 * 9)
+    assert abs(masked - 0.6) <= dkw_tolerance(256)
+    assert float(state.kept_fraction) == pytest.approx(1 - masked, abs=0.05)
+    return
+  for layer in range(3):
+    np.testing.assert_array_equal(updates["q"][layer],
+                                  expected[f"q{layer}"])
+  leaves = [stacked["q"], stacked["norm"]]
+  np.testing.assert_array_equal(
+      updates["q"], reference_mask(leaves, 0.6)[0])
+  kept = sum(int(jnp.sum(updates[k] != 0)) for k in ("q", "norm"))
+  assert float(state.kept_fraction) == pytest.approx(
+      kept / sum(g.size for g in leaves), abs=1e-6)
+
+
+def test_bad_stacked_axes_name_the_value():
+  with pytest.raises(ValueError, match="stacked_axes.*-1"):
+    gmt_optax.gradient_mask(0.5, stacked_axes=-1)
+  with pytest.raises(ValueError, match="stacked_axes.*3.*shape \\(4, 5\\)"):
+    run(gmt_optax.gradient_mask(0.5, stacked_axes=3),
+        {"w": jnp.ones((4, 5))})
+
+
+# Counts beyond int32. vmap with an axis name over an unbatched operand
+# stands for that many identical shards: psum sums the counts of all of them,
+# so 2**21 entries in memory count as 2**32 without allocating them.
+VIRTUAL_SHARDS = 1 << 11
+
+
+def over_virtual_shards(f):
+  return jax.jit(jax.vmap(f, in_axes=None, out_axes=None, axis_name="i",
+                          axis_size=VIRTUAL_SHARDS))
+
+
+def limbs_value(limbs):
+  high, low = np.asarray(limbs, np.int64)
+  return high * 2**_selection.COUNT_LOW_BITS + low
+
+
+def test_num_masked_and_count_limbs_beyond_int32():
+  assert _selection.num_masked(0.5, 3 * 2**31) == 3 * 2**30
+  assert _selection.num_masked(0.3, 2**40) == int(np.floor(0.3 * 2**40))
+  assert limbs_value(_selection.count_limbs(2**40 + 5)) == 2**40 + 5
+  rank = jax.jit(lambda r, n=3 * 2**31: _selection.count_limbs(
+      _selection.num_masked(r, n)))
+  assert limbs_value(rank(0.5)) == 3 * 2**30
+  assert limbs_value(rank(0.3)) == pytest.approx(0.3 * 3 * 2**31, rel=2**-23)
+  # A traced ratio just below 1 still gives a rank below n.
+  n = 2**40 + 1
+  top = jax.jit(lambda r: _selection.count_limbs(_selection.num_masked(r, n)))
+  assert limbs_value(top(np.float32(1 - 2**-24))) <= n - 1
+  with pytest.raises(ValueError, match="count exactly"):
+    _selection.count_limbs(2**43)
+
+
+def test_bisect_counts_beyond_int32_exactly():
+  rng = np.random.default_rng(16)
+  block = jnp.asarray(rng.integers(0, 2**31 - 1, (1 << 10, 1 << 11)),
+                      jnp.int32)
+  total = block.size * VIRTUAL_SHARDS  # 2**32
+  for rank in (2**31 + 12345, 3 * 2**30 - 1, total - 1):
+    target = _selection.limbs_plus_one(_selection.count_limbs(rank))[:, None]
+    found = over_virtual_shards(lambda t: _selection.bisect(
+        _selection.CountingProblem([block], [np.zeros(1 << 10, np.int32)],
+                                   None, t), axis_name="i"))(target)
+    # Every key appears VIRTUAL_SHARDS times.
+    assert int(found[0]) == np.sort(np.asarray(block).ravel())[
+        rank // VIRTUAL_SHARDS]
+  # Weighted: each counted entry stands for 2**11 (float32 sums of multiples
+  # of 2**11 are exact below 2**35); 2**20 + 1 entries reach the target.
+  target = _selection.count_limbs(2**31 + 2**11)[:, None]
+  found = _selection.bisect(_selection.CountingProblem(
+      [block], [np.zeros(1 << 10, np.int32)],
+      [np.full(1 << 10, float(VIRTUAL_SHARDS))], target))
+  assert int(found[0]) == np.sort(np.asarray(block).ravel())[2**20]
+
+
+def test_count_rows_splits_rows_beyond_int32(monkeypatch):
+  # The same code path as a row of 2**31 entries or more, at a lower limit.
+  monkeypatch.setattr(_selection, "_INT32_COUNT_LIMIT", 64)
+  hits = jnp.asarray(np.random.default_rng(17).random((3, 5, 7, 40)) < 0.3)
+  counts = jax.jit(_selection.count_rows)(hits)
+  np.testing.assert_array_equal(limbs_value(counts),
+                                np.sum(np.asarray(hits), axis=(1, 2, 3)))
+
+
+@pytest.mark.parametrize("granularity", ["tensor", "global"])
+def test_gradient_mask_beyond_int32_entries(granularity):
+  rng = np.random.default_rng(18)
+  g = random_grads(rng, (1 << 10, 1 << 11))  # counted as 2**32 entries
+  tx = gmt_optax.gradient_mask(0.3, selection="bisect",
+                               granularity=granularity, axis_name="i")
+  updates, state = over_virtual_shards(tx.update)(g, tx.init(g))
+  rank = int(np.floor(0.3 * g.size * VIRTUAL_SHARDS))
+  magnitudes = np.abs(np.asarray(g))
+  threshold = np.sort(magnitudes.ravel())[rank // VIRTUAL_SHARDS]
+  expected = np.where(magnitudes >= threshold, np.asarray(g), 0)
+  np.testing.assert_array_equal(updates, expected)
+  assert float(state.kept_fraction) == pytest.approx(
+      np.mean(expected != 0), abs=1e-6)

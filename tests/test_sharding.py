@@ -206,3 +206,78 @@ def test_random_mask_is_the_same_sharded_or_not(layout):
   updates, _ = jax.jit(tx.update)(sharded, tx.init(sharded))
   for key in grads:
     np.testing.assert_array_equal(updates[key], expected[key], err_msg=key)
+
+
+def stacked_tree():
+  """Scanned layers: 4 layers of each matrix stacked in one leaf."""
+  rng = np.random.default_rng(5)
+  normal = lambda *shape: jnp.asarray(rng.standard_normal(shape), jnp.float32)
+  return {"q": normal(4, 64, 96), "mlp": normal(4, 96, 32),
+          "norm": normal(4, 96), "embed": normal(128, 32)}
+
+
+STACKED_AXES = {"q": 1, "mlp": 1, "norm": 1, "embed": 0}
+
+
+def stacked_layout():
+  """FSDP over a non-leading axis of each stacked leaf; layers unsplit."""
+  mesh = jax.make_mesh((8,), ("fsdp",), axis_types=(AUTO,))
+  return mesh, {"q": P(None, "fsdp", None), "mlp": P(None, None, "fsdp"),
+                "norm": P(None, "fsdp"), "embed": P("fsdp", None)}
+
+
+@pytest.mark.parametrize("granularity", ["tensor", "global"])
+@pytest.mark.parametrize("selection", ["auto", "bisect", "sample"])
+def test_stacked_layers_jit_sharded_equals_unsharded(granularity, selection):
+  mesh, specs = stacked_layout()
+  grads = stacked_tree()
+  tx = gmt_optax.gradient_mask(0.5, granularity=granularity,
+                               selection=selection, sample_size=SAMPLE_SIZE,
+                               stacked_axes=STACKED_AXES)
+  expected, expected_state = jax.jit(tx.update)(grads, tx.init(grads))
+  sharded = shard(grads, mesh, specs)
+  updates, state = jax.jit(tx.update)(sharded, tx.init(sharded))
+  for key in grads:
+    assert updates[key].sharding.is_equivalent_to(sharded[key].sharding,
+                                                  grads[key].ndim)
+    np.testing.assert_array_equal(updates[key], expected[key], err_msg=key)
+  assert float(state.kept_fraction) == pytest.approx(
+      float(expected_state.kept_fraction), abs=1e-6)
+
+
+@pytest.mark.parametrize("granularity", ["tensor", "global"])
+def test_stacked_default_selection_compiles_without_all_gather_or_sort(
+    granularity):
+  mesh, specs = stacked_layout()
+  params = shard(stacked_tree(), mesh, specs)
+  tx = optax.chain(gmt_optax.gradient_mask(0.5, granularity=granularity,
+                                           sample_size=SAMPLE_SIZE,
+                                           stacked_axes=STACKED_AXES),
+                   optax.adamw(1e-3))
+
+  def update(grads, state, params):
+    updates, state = tx.update(grads, state, params)
+    return optax.apply_updates(params, updates), state
+
+  hlo = jax.jit(update).lower(params, tx.init(params), params).compile(
+  ).as_text()
+  assert collectives_and_sorts(hlo) == []
+  assert "all-reduce" in hlo
+
+
+def test_stacked_layers_under_shard_map():
+  mesh = jax.make_mesh((8,), ("x",), axis_types=(AUTO,))
+  grads = {k: v for k, v in stacked_tree().items() if k != "embed"}
+  options = dict(selection="bisect", stacked_axes=1)
+  tx = gmt_optax.gradient_mask(0.5, **options)
+  expected, expected_state = jax.jit(tx.update)(grads, tx.init(grads))
+  local = gmt_optax.gradient_mask(0.5, axis_name="x", **options)
+  specs = {"q": P(None, "x"), "mlp": P(None, None, "x"), "norm": P(None, "x")}
+  update = jax.jit(jax.shard_map(
+      local.update, mesh=mesh, in_specs=(specs, P()),
+      out_specs=(specs, P())))
+  updates, state = update(shard(grads, mesh, specs), local.init(grads))
+  for key in grads:
+    np.testing.assert_array_equal(updates[key], expected[key], err_msg=key)
+  assert float(state.kept_fraction) == pytest.approx(
+      float(expected_state.kept_fraction), abs=1e-6)
