@@ -96,6 +96,7 @@ class TrainConfig:
     resume: bool | str = False  # true: latest checkpoint in output_dir; or a path
     log_every: int = 1
     tqdm: bool = True
+    peak_flops_per_device: float | None = None  # bf16 FLOP/s for MFU; null: chip table (none on CPU)
 
 
 @dataclasses.dataclass(frozen=True)
