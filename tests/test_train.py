@@ -88,17 +88,21 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _two_processes(config: dict, config_path: Path, *overrides: str) -> list[dict]:
-    """`train.run` in 2 processes x 4 CPU devices (gloo on localhost); each one's summary."""
+def _launch_two_processes(config: dict, config_path: Path, *overrides: str) -> list:
+    """Starts `train.run` in 2 processes x 4 CPU devices (gloo on localhost)."""
     config_path.write_text(json.dumps(config))
     port = _free_port()
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
     code = ("import json, sys, train; "
             "print('SUMMARY', json.dumps(train.run(json.load(open(sys.argv[1])), sys.argv[2:])))")
-    procs = [subprocess.Popen(
+    return [subprocess.Popen(
         [sys.executable, "-c", code, str(config_path), *overrides, "mesh.distributed=true",
          f"mesh.coordinator_address=127.0.0.1:{port}", "mesh.num_processes=2", f"mesh.process_id={i}"],
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+
+
+def _summaries(procs: list) -> list[dict]:
+    """Each process's returned summary, once all have finished."""
     outputs = [p.communicate(timeout=300)[0] for p in procs]
     assert all(p.returncode == 0 for p in procs), outputs
     return [json.loads(out.split("SUMMARY ", 1)[1].splitlines()[0]) for out in outputs]
@@ -114,13 +118,15 @@ def test_two_processes_match_one(tmp_path):
     config = {**TINY, "optimizer": {**TINY["optimizer"], "schedule": "constant"},
               "eval": {"accuracy": True, "size": 4, "max_new_tokens": 4, "generate_batch_size": 4},
               "checkpoint": {"every": 2, "export": True}}
-    single = train.run({**config, "train": {**TINY["train"], "output_dir": str(tmp_path / "single")}})
     multi = tmp_path / "multi"
     config_path = tmp_path / "multi.json"
-    first = _two_processes({**config, "train": {**TINY["train"], "steps": 4, "output_dir": str(multi)}},
-                           config_path)
-    resumed = _two_processes(json.loads(config_path.read_text()), config_path,
-                             "train.steps=6", "train.resume=true")
+    procs = _launch_two_processes(
+        {**config, "train": {**TINY["train"], "steps": 4, "output_dir": str(multi)}}, config_path)
+    # The reference run, while the 2 processes start.
+    single = train.run({**config, "train": {**TINY["train"], "output_dir": str(tmp_path / "single")}})
+    first = _summaries(procs)
+    resumed = _summaries(_launch_two_processes(json.loads(config_path.read_text()), config_path,
+                                               "train.steps=6", "train.resume=true"))
     assert first[0] == first[1] and resumed[0] == resumed[1]  # every process returns the same
     for tag, one, two in (("before", single, first[0]), ("after", single, resumed[0])):
         assert _close(one[tag]["eval_loss"], two[tag]["eval_loss"]), (tag, one[tag], two[tag])
