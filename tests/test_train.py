@@ -92,7 +92,10 @@ def _launch_two_processes(config: dict, config_path: Path, *overrides: str) -> l
     """Starts `train.run` in 2 processes x 4 CPU devices (gloo on localhost)."""
     config_path.write_text(json.dumps(config))
     port = _free_port()
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu",
+           # Later processes reuse what earlier ones compiled: the test is mostly compilation.
+           "JAX_COMPILATION_CACHE_DIR": str(config_path.parent / "jax_cache"),
+           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
     code = ("import json, sys, train; "
             "print('SUMMARY', json.dumps(train.run(json.load(open(sys.argv[1])), sys.argv[2:])))")
     return [subprocess.Popen(
