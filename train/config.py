@@ -102,6 +102,7 @@ class TrainConfig:
     overwrite: bool = False  # move a previous run in output_dir aside instead of refusing
     log_every: int = 1
     tqdm: bool = True
+    peak_flops_per_device: float | None = None  # bf16 FLOP/s for MFU; null: chip table (none on CPU)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -63,7 +63,9 @@ def answer_accuracy(model, tokenizer, items: list[dict], *, max_new_tokens: int,
                                max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id,
                                pad_token_id=tokenizer.pad_token_id or 0)
         for item, ids in zip(chunk, completions):
-            text = tokenizer.decode(ids, skip_special_tokens=True)
+            # A model vocabulary larger than the tokenizer's can sample ids it cannot decode.
+            text = tokenizer.decode([i for i in ids if i < tokenizer.vocab_size],
+                                    skip_special_tokens=True)
             prediction = parse_answer(text)
             scores.append(score(prediction, item))
             records.append({"completion": text, "prediction": prediction,

@@ -22,6 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from train.mesh import to_host
+
 _PROMPT_BUCKET = 16
 
 
@@ -43,9 +45,10 @@ def _sample(logits, key, temperature, top_p, *, greedy: bool, use_top_p: bool):
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "eos_ids",
                                              "greedy", "use_top_p"))
-def _generate(graphdef, state, tokens, segment_ids, key, temperature, top_p, pad_id, *,
+def _generate(graphdef, state, tokens, segment_ids, seed, temperature, top_p, pad_id, *,
               max_new_tokens: int, eos_ids: tuple[int, ...], greedy: bool, use_top_p: bool):
   model = nnx.merge(graphdef, state)
+  key = jax.random.key(seed)
   batch, prompt_len = tokens.shape
   sample = functools.partial(_sample, temperature=temperature, top_p=top_p, greedy=greedy,
                              use_top_p=use_top_p)
@@ -114,13 +117,14 @@ def generate(model, prompts: list[list[int]], *, max_new_tokens: int,
     tokens[row, prompt_len - len(prompt):] = prompt
     segment_ids[row, prompt_len - len(prompt):] = 1
   graphdef, state = nnx.split(model)
-  out = _generate(graphdef, state, jnp.asarray(tokens), jnp.asarray(segment_ids),
-                  jax.random.key(seed), jnp.float32(max(temperature, 1e-6)),
-                  jnp.float32(top_p), jnp.int32(pad_token_id),
+  # Host (numpy) inputs: with a model sharded over several processes, each
+  # process passes the same values and jit treats them as replicated.
+  out = _generate(graphdef, state, tokens, segment_ids, np.uint32(seed),
+                  np.float32(max(temperature, 1e-6)), np.float32(top_p), np.int32(pad_token_id),
                   max_new_tokens=max_new_tokens, eos_ids=eos_ids,
                   greedy=temperature == 0.0, use_top_p=top_p < 1.0)
   results = []
-  for row in np.asarray(out).tolist():
+  for row in to_host(out).tolist():
     stops = [i for i, t in enumerate(row) if t in eos_ids]
     results.append(row[:stops[0]] if stops else row)
   return results

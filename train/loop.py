@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
 from train import evaluate, run_dir
@@ -26,6 +27,7 @@ from train.config import Config, load_config
 from train.data import ROW_FIELDS, AlpacaTemplate, Batches, ByteTokenizer, examples_for_generation, prepare
 from train.model import Llama, ModelConfig
 from train.mesh import initialize_distributed, make_mesh, param_shardings
+from train.metrics import Meter, flops_per_token, peak_flops_per_device
 from train.step import build_steps, merge
 
 
@@ -153,34 +155,47 @@ def run(config_source="configs/default.yaml", overrides=None) -> dict:
     log_file = open(out / "train_log.jsonl", "a") if jax.process_index() == 0 else None
     progress = tqdm(range(first_step, total_steps), initial=first_step, total=total_steps,
                     desc=config.optimizer.method, disable=not t.tqdm or jax.process_index() != 0)
+    model_config = merge(graphdef, params, rest).config
+    peak = peak_flops_per_device(t.peak_flops_per_device)
+    meter = Meter(flops_per_token(num_params, model_config.num_layers, config.data.max_length,
+                                  model_config.hidden_size), peak and peak * jax.device_count())
     step_times = []
+
+    def report(record: dict | None) -> None:
+        """Logs one record; its loss, computed on the weights of checkpoint `step - 1` if one
+        was saved, decides whether that checkpoint is kept (a non-finite loss stops the run)."""
+        if record is None:
+            return
+        record["epoch"] = batches.epoch(record["step"])
+        step_times.append(record["step_time_s"])
+        if log_file:
+            log_file.write(json.dumps(record) + "\n")
+            log_file.flush()
+        checkpoints.check(record["step"] - 1, record["loss"])
+        progress.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.1e}",
+                             **({"kept": f"{record['kept_fraction']:.2f}"}
+                                if "kept_fraction" in record else {}))
+
     for step in progress:
         tokens = int((train_rows["segment_ids"][batches.row_ids(step)] > 0).sum())
-        tick = time.perf_counter()
         batch = _global_batch(batches, step, shardings["batch"])
         params, opt_state, metrics = train_step(params, opt_state, batch, jnp.int32(step))
         every = config.checkpoint.every
         save_now = every and (step + 1) % every == 0 and step + 1 < total_steps
-        # This step's loss is on the weights of checkpoint `step`, if any: it decides whether it is kept.
-        if (step + 1) % t.log_every == 0 or step + 1 == total_steps or step in checkpoints.unconfirmed:
-            metrics = {k: float(v) for k, v in metrics.items()}  # waits for the step
-            seconds = time.perf_counter() - tick
-            step_times.append(seconds)
-            record = {"step": step + 1, **metrics, "tokens": tokens, "tokens_per_s": tokens / seconds,
-                      "step_time_s": seconds, "epoch": batches.epoch(step + 1)}
-            if log_file:
-                log_file.write(json.dumps(record) + "\n")
-                log_file.flush()
-            checkpoints.check(step, metrics["loss"])
-            progress.set_postfix(loss=f"{metrics['loss']:.3f}", lr=f"{metrics['lr']:.1e}",
-                                 **({"kept": f"{metrics['kept_fraction']:.2f}"}
-                                    if "kept_fraction" in metrics else {}))
+        eval_now = config.eval.every and (step + 1) % config.eval.every == 0 and step + 1 < total_steps
+        # The previous log step's metrics are read only now, with this step queued. A step
+        # whose loss is on the weights of an unconfirmed checkpoint is always logged.
+        report(meter.push(step + 1, metrics, tokens, (step + 1) % t.log_every == 0
+                          or step + 1 == total_steps or step in checkpoints.unconfirmed))
         if save_now:
             checkpoints.save(step + 1, params, opt_state, meta(step + 1))
-        if config.eval.every and (step + 1) % config.eval.every == 0 and step + 1 < total_steps:
+        if eval_now:
+            report(meter.flush())
             summary[f"step_{step + 1}"] = _evaluate(f"step{step + 1}", config, out, eval_step,
                                                     graphdef, params, rest, tokenizer, eval_rows,
                                                     eval_items, mesh)
+            meter.restart()  # evaluating is not step time
+    report(meter.flush())
     progress.close()
     if log_file:
         log_file.close()
@@ -192,7 +207,9 @@ def run(config_source="configs/default.yaml", overrides=None) -> dict:
         summary["after"] = _evaluate("after", config, out, eval_step, graphdef, params, rest,
                                      tokenizer, eval_rows, eval_items, mesh)
     if step_times:
-        summary["median_step_time_s"] = float(np.median(step_times[1:] or step_times))
+        median = np.float32(np.median(step_times[1:] or step_times))
+        # Timings differ per process: every process returns process 0's, so summaries match.
+        summary["median_step_time_s"] = float(multihost_utils.broadcast_one_to_all(median))
     summary["steps"] = total_steps
     if config.checkpoint.export:
         from train.pretrained import export_pretrained

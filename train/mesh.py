@@ -6,7 +6,9 @@ import math
 import os
 
 import jax
+import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from train.config import MeshConfig
@@ -59,6 +61,14 @@ def make_mesh(cfg: MeshConfig, devices=None) -> jax.sharding.Mesh:
     # Auto axes: shardings are given to jit explicitly and XLA propagates the rest.
     return jax.make_mesh(tuple(sizes.values()), MESH_AXES, devices=devices,
                          axis_types=(jax.sharding.AxisType.Auto,) * 3)
+
+
+def to_host(value: jax.Array) -> np.ndarray:
+    """The whole array on this host; for an array spread over several processes a collective
+    (every process must call it, in the same order)."""
+    if value.is_fully_addressable:
+        return np.asarray(value)
+    return multihost_utils.process_allgather(value, tiled=True)
 
 
 def batch_sharding(mesh) -> NamedSharding:

