@@ -29,6 +29,14 @@ def _not_embeddings(params: dict) -> dict:
         params)
 
 
+def _layer_axis(params: dict) -> dict:
+    """Stacked axes: the scanned decoder layers' parameters lead with a layer axis, so GMT
+    thresholds and HFT draws stay per layer matrix, as with one leaf per layer."""
+    if not isinstance(params, dict):  # optax.tree_map_params inits with a placeholder
+        return 0
+    return {key: int(key == "layers") for key in params}
+
+
 def build_optimizer(cfg: OptimizerConfig, total_steps: int
                     ) -> tuple[optax.GradientTransformation, optax.Schedule]:
     """clip by global norm -> method (mask / freeze) -> AdamW with warmup + cosine.
@@ -46,12 +54,13 @@ def build_optimizer(cfg: OptimizerConfig, total_steps: int
     elif cfg.method == "gmt":
         method = gmt_optax.gmt(adamw, cfg.mask_ratio, mask_updates=cfg.mask_updates,
                                granularity=cfg.granularity, selection=cfg.selection,
-                               sample_size=cfg.sample_size, mask=leaf_mask, seed=cfg.seed)
+                               sample_size=cfg.sample_size, mask=leaf_mask,
+                               stacked_axes=_layer_axis, seed=cfg.seed)
     elif cfg.method == "random_mask":
         method = optax.chain(gmt_optax.random_mask(cfg.mask_ratio, seed=cfg.seed, mask=leaf_mask), adamw)
     else:
         method = gmt_optax.hft(adamw, freeze_fraction=cfg.hft_freeze_fraction,
-                               period=cfg.hft_period, seed=cfg.seed)
+                               period=cfg.hft_period, stacked_axes=_layer_axis, seed=cfg.seed)
     if cfg.clip_norm > 0:
         method = optax.chain(optax.clip_by_global_norm(cfg.clip_norm), method)
     return method, schedule
