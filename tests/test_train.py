@@ -193,7 +193,9 @@ def _close(a: float, b: float) -> bool:
 def test_two_processes_match_one(tmp_path):
     """Eval (loss and accuracy), checkpoints, export and resume on 2 processes x 4 devices
     give what 1 process x 8 devices gives running straight through."""
-    config = {**TINY, "optimizer": {**TINY["optimizer"], "schedule": "constant"},
+    # Exact thresholds: gloo sums gradients in another order than one process does, and a
+    # sampled threshold can then keep a different entry, which no tolerance can absorb.
+    config = {**TINY, "optimizer": {**TINY["optimizer"], "schedule": "constant", "selection": "bisect"},
               "eval": {"accuracy": True, "size": 4, "max_new_tokens": 4, "generate_batch_size": 4},
               "checkpoint": {"every": 2, "export": True}}
     multi = tmp_path / "multi"
