@@ -199,28 +199,29 @@ def sample_entries(blocks: Sequence[jax.Array], num_samples: int,
   """``[rows, num_samples]`` entries of each block ``[rows, ...]``, drawn
   uniformly with replacement within each row.
 
-  One index vector per dimension (the row index fixed per row), so the
-  gather stays local to each shard and needs only a sample-sized all-reduce,
-  where ``ravel`` of a sharded array would all-gather it. The indices come
+  One index vector per dimension, so the gather stays local to each shard
+  and needs only a sample-sized all-reduce, where ``ravel`` of a sharded
+  array would all-gather it. All rows of a block share the sampled
+  positions: each row's sample is still uniform over that row, which is all
+  its own threshold needs, and the gather is one slice-wise read (a per-row
+  index makes XLA's TPU gather several times costlier). The indices come
   from a counter hashed with one threefry word per block and dimension:
   threefry for every index costs more than the rest of the selection on a
   CPU.
   """
   max_ndim = max(max(x.ndim - 1 for x in blocks), 1)
   seeds = jax.random.bits(rng, (len(blocks), max_ndim, 1), jnp.uint32)
+  counter = jnp.arange(num_samples, dtype=jnp.uint32)
   samples = []
   for i, x in enumerate(blocks):
-    shape = (x.shape[0], num_samples)
     if x.ndim == 1:  # rows of one entry
-      samples.append(jnp.broadcast_to(x[:, None], shape))
+      samples.append(jnp.broadcast_to(x[:, None], (x.shape[0], num_samples)))
       continue
-    counter = jnp.arange(x.shape[0] * num_samples, dtype=jnp.uint32)
-    counter = counter.reshape(shape)
-    index = (lax.broadcasted_iota(jnp.int32, shape, 0),) + tuple(
-        jnp.minimum((_uniform(counter, seeds[i, d]) * size).astype(jnp.int32),
+    index = tuple(
+        jnp.minimum((_uniform(counter, seeds[i, d, 0]) * size).astype(jnp.int32),
                     size - 1)
         for d, size in enumerate(x.shape[1:]))
-    samples.append(x.at[index].get(mode="promise_in_bounds"))
+    samples.append(x.at[(slice(None),) + index].get(mode="promise_in_bounds"))
   return samples
 
 
