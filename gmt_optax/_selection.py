@@ -221,7 +221,7 @@ def sample_entries(blocks: Sequence[jax.Array], num_samples: int,
         jnp.minimum((_uniform(counter, seeds[i, d, 0]) * size).astype(jnp.int32),
                     size - 1)
         for d, size in enumerate(x.shape[1:]))
-    samples.append(x.at[(slice(None),) + index].get(mode="promise_in_bounds"))
+    samples.append(lax.map(lambda row: row.at[index].get(mode="promise_in_bounds"), x))
   return samples
 
 
