@@ -33,7 +33,9 @@ def test_per_chip_memory_shrinks_as_fsdp_grows():
     temporaries = [r["breakdown_bytes"]["temporaries"] for r in reports]
     state = [r["breakdown_bytes"]["optimizer_state"] for r in reports]
     assert temporaries[0] > temporaries[1] > temporaries[2], temporaries
-    assert state[0] == 2 * state[1] == 8 * state[2]
+    # AdamW moments shard with their parameters; a few replicated scalars do not.
+    assert state[0] / state[1] == pytest.approx(2, rel=1e-3)
+    assert state[0] / state[2] == pytest.approx(8, rel=1e-3)
     assert all(r["fits"] and r["devices"] == 8 for r in reports)
 
 
