@@ -46,6 +46,8 @@ HBM_BYTES = {
     "TPU v5 lite": 16 * GiB,
     "TPU v5": 95 * GiB,  # v5p
     "TPU v6 lite": 32 * GiB,
+    "NVIDIA H100 80GB HBM3": 80 * 10**9,
+    "NVIDIA H200": 141 * 10**9,
 }
 COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute")
 _DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "bf16": 2, "f16": 2,
@@ -79,9 +81,12 @@ def model_config_of(config: Config) -> ModelConfig:
 
 
 def topology_devices(name: str) -> list:
-    """The chips of a TPU slice such as `v5p:4x4x4`, compiled for from this host."""
+    """The chips of a TPU slice such as `v5p:4x4x4`, or `cuda:1x1x8` (slices x hosts x GPUs
+    like the one attached, e.g. one 8-GPU host: needs a GPU here), compiled for from this host."""
     from jax.experimental import topologies
 
+    if name.startswith("cuda:"):
+        return list(topologies.get_topology_desc("plan", "cuda", topology=name[5:]).devices)
     # libtpu reads these at start-up; any value stops it looking for a real TPU host.
     os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v5p-8")
     os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
@@ -229,7 +234,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m train.plan", description=__doc__.split("\n")[0])
     parser.add_argument("--config", default="configs/default.yaml")
     target = parser.add_mutually_exclusive_group()
-    target.add_argument("--topology", help="a TPU slice, e.g. v5p:4x4x4, v5e:16x16, v6e:8x8")
+    target.add_argument("--topology", help="a TPU slice, e.g. v5p:4x4x4, v5e:16x16, v6e:8x8; or "
+                        "cuda:1x1x8 (8 GPUs like the attached one)")
     target.add_argument("--local", action="store_true", help="this machine's devices (the default)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("overrides", nargs="*", help="key=value config overrides")
@@ -237,7 +243,8 @@ def main(argv=None) -> int:
     try:
         config = load_config(args.config, args.overrides)
         if args.topology:
-            jax.config.update("jax_platforms", "cpu")  # compile for the slice; run nothing on it
+            if not args.topology.startswith("cuda:"):
+                jax.config.update("jax_platforms", "cpu")  # compile for the slice; run nothing on it
             devices = topology_devices(args.topology)
             hbm = HBM_BYTES.get(devices[0].device_kind)
         else:
