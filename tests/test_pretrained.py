@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import safetensors
 from flax import nnx
 
 from train import pretrained
@@ -172,9 +173,9 @@ def test_sharded_index(tmp_path):
   path, ids, expected = fixture("mistral")
   out = tmp_path / "sharded"
   shutil.copytree(path, out)
-  header, _ = pretrained.read_safetensors_header(str(out / "model.safetensors"))
+  names = pretrained.safetensors_keys(str(out / "model.safetensors"))
   os.rename(out / "model.safetensors", out / "model-00001-of-00001.safetensors")
-  weight_map = {k: "model-00001-of-00001.safetensors" for k in header if k != "__metadata__"}
+  weight_map = {k: "model-00001-of-00001.safetensors" for k in names}
   (out / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
   model, _ = load_pretrained(str(out))
   np.testing.assert_allclose(np.asarray(model(jnp.asarray(ids))), expected, atol=1e-4)
@@ -209,11 +210,9 @@ def write_gguf(hf_dir, out, arch="llama", quantize=()):
   writer.add_pad_token_id(0)
   writer.add_chat_template("{{ messages[0]['content'] }}")
   names = {v: k for k, v in pretrained.GGUF_NAME_TABLE}
-  header, start = pretrained.read_safetensors_header(os.path.join(hf_dir, "model.safetensors"))
-  for name, info in header.items():
-    if name == "__metadata__":
-      continue
-    array = pretrained._read_tensor(os.path.join(hf_dir, "model.safetensors"), info, start)
+  with safetensors.safe_open(os.path.join(hf_dir, "model.safetensors"), framework="numpy") as f:
+    hf_tensors = {name: f.get_tensor(name) for name in f.keys()}
+  for name, array in hf_tensors.items():
     if "q_proj" in name:
       array = permute_rope_rows(array, config["num_attention_heads"])
     elif "k_proj" in name:
