@@ -77,8 +77,8 @@ def test_export_replaces_directory_atomically(tmp_path, monkeypatch):
 
 
 def test_export_loads_in_transformers(tmp_path):
-  torch = pytest.importorskip("torch", reason="optional: needs torch")
-  transformers = pytest.importorskip("transformers", reason="optional: needs transformers")
+  torch = pytest.importorskip("torch", reason="the compare extra (torch) is not installed")
+  transformers = pytest.importorskip("transformers", reason="the compare extra (transformers) is not installed")
   for name in ("llama", "qwen2", "mistral"):
     path, ids, expected = fixture(name)
     model, tok = load_pretrained(path)
