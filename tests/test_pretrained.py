@@ -179,6 +179,9 @@ def test_sharded_index(tmp_path):
   (out / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
   model, _ = load_pretrained(str(out))
   np.testing.assert_allclose(np.asarray(model(jnp.asarray(ids))), expected, atol=1e-4)
+  os.remove(out / "model-00001-of-00001.safetensors")
+  with pytest.raises(FileNotFoundError, match="model-00001-of-00001.safetensors.*missing"):
+    load_pretrained(str(out))
 
 
 # -- GGUF ------------------------------------------------------------------------

@@ -127,11 +127,9 @@ _ST_NAMES = {
 def safetensors_keys(path: str) -> list[str]:
   """Tensor names of a safetensors file.
 
-  :raises FileNotFoundError: if ``path`` does not exist.
+  :raises FileNotFoundError: naming ``path`` if it does not exist.
   :raises ValueError: naming ``path`` if the header is corrupt.
   """
-  if not os.path.exists(path):
-    raise FileNotFoundError(f"{path}: not found")
   try:
     with safetensors.safe_open(path, framework="numpy") as f:
       return list(f.keys())
