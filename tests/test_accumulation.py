@@ -168,7 +168,7 @@ def test_hft_freezes_whole_slices_of_stacked_layers():
 
 
 def test_nnx_optimizer_end_to_end():
-  nnx = pytest.importorskip("flax.nnx")
+  nnx = pytest.importorskip("flax.nnx", reason="flax (the train extra) is not installed")
 
   class Model(nnx.Module):
 

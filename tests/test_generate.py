@@ -70,11 +70,15 @@ def test_edge_cases(model):
     generate(model, [[]], max_new_tokens=3, eos_token_id=2)
 
 
-def test_cli(capsys):
+def test_cli(model, capsys):
   generate_module.main(["--model", os.path.join(FIXTURES, "llama"), "--prompt", "hello",
                         "--chat", "--max-new-tokens", "4"])
   printed = capsys.readouterr().out
-  assert printed.endswith("\n")
+  tok = load_pretrained(os.path.join(FIXTURES, "llama"))[1]
+  prompt = tok.encode(tok.apply_chat_template([{"role": "user", "content": "hello"}]))
+  expected = greedy_reference(model, prompt, 4)
+  assert tok.eos_token_id not in expected  # the random fixture model never stops early
+  assert printed == tok.decode(expected) + "\n"
 
 
 def test_sharded_model_generates_the_same(model):

@@ -7,6 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
 
 import gmt_optax
 from gmt_optax import _selection
@@ -552,3 +555,22 @@ def test_gradient_mask_beyond_int32_entries(granularity):
   np.testing.assert_array_equal(updates, expected)
   assert float(state.kept_fraction) == pytest.approx(
       np.mean(expected != 0), abs=1e-6)
+
+
+# Few examples: each new shape/dtype/ratio compiles the update once.
+@settings(max_examples=10, deadline=None)
+@given(data=st.data(), dtype=st.sampled_from([jnp.float32, jnp.bfloat16, jnp.float16]),
+       ratio=st.floats(0.0, 0.99), selection=st.sampled_from(["exact", "bisect"]))
+def test_kept_fraction_property(data, dtype, ratio, selection):
+  # Small integers and their halves: many ties, zeros and signs, exact in every dtype.
+  g = data.draw(hnp.arrays(np.float32, hnp.array_shapes(max_dims=3, max_side=24),
+                           elements=st.integers(-64, 64).map(lambda i: i / 2)))
+  g = jnp.asarray(g, dtype)
+  updates, state = run(gmt_optax.gradient_mask(ratio, selection=selection), {"g": g})
+  (expected,) = reference_mask([g], ratio)
+  np.testing.assert_array_equal(np.asarray(updates["g"], np.float64), expected)
+  mags = np.abs(np.asarray(g, np.float64)).ravel()
+  threshold = np.sort(mags)[min(math.floor(ratio * mags.size), mags.size - 1)]
+  kept = float(state.kept_fraction)
+  assert kept >= 1 - ratio - 1e-6
+  assert kept == pytest.approx(np.mean(mags >= threshold), abs=1e-6)

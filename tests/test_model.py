@@ -58,7 +58,9 @@ def test_fixture_configs_cover_the_family():
 def test_config_round_trip(name):
   config = ModelConfig.from_hf(hf_config(name))
   assert ModelConfig.from_hf(config.to_hf()) == config
-  hash(config)  # static jit metadata
+  # Static jit metadata: an equal config must hash equal (a cache hit, no retrace).
+  assert hash(ModelConfig.from_hf(config.to_hf())) == hash(config)
+  assert hash(dataclasses.replace(config, num_layers=config.num_layers + 1)) != hash(config)
 
 
 def test_llama3_rope_scaling_divides_low_frequencies():

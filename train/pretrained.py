@@ -1,7 +1,7 @@
 """Pretrained checkpoints: Hugging Face directories and llama.cpp GGUF files.
 
 Loading builds the model abstractly (``nnx.eval_shape``), then reads one tensor
-at a time (plain file reads, not memory maps, so the file never counts twice in
+at a time (nothing stays memory-mapped, so the file never counts twice in
 resident memory) and places it straight into its target device or
 ``NamedSharding``. Peak host memory is the model plus its largest tensor.
 
@@ -13,6 +13,7 @@ weights are ``[out, in]``, NNX kernels ``[in, out]``, hence the transpose flag.
 
 from __future__ import annotations
 
+import functools
 import gc
 import glob
 import importlib.metadata
@@ -35,6 +36,7 @@ import jinja2.ext
 import jinja2.sandbox
 import ml_dtypes
 import numpy as np
+import safetensors
 import tokenizers
 from flax import nnx
 from jax.experimental import multihost_utils
@@ -111,62 +113,49 @@ def nnx_to_hf_name(path: str, layer: int | None = None) -> tuple[str, bool]:
 
 
 # ---------------------------------------------------------------------------
-# safetensors (read and written here: it handles bf16 and streams per tensor)
+# safetensors
 
-_ST_DTYPES = {
-    "F64": np.float64, "F32": np.float32, "F16": np.float16,
-    "BF16": ml_dtypes.bfloat16, "I64": np.int64, "I32": np.int32,
-    "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
+# Writing only: reading goes through ``safetensors.safe_open``.
+_ST_NAMES = {
+    np.dtype(np.float64): "F64", np.dtype(np.float32): "F32", np.dtype(np.float16): "F16",
+    np.dtype(ml_dtypes.bfloat16): "BF16", np.dtype(np.int64): "I64", np.dtype(np.int32): "I32",
+    np.dtype(np.int16): "I16", np.dtype(np.int8): "I8", np.dtype(np.uint8): "U8",
+    np.dtype(np.bool_): "BOOL",
 }
-_ST_NAMES = {np.dtype(v): k for k, v in _ST_DTYPES.items()}
 
 
-def read_safetensors_header(path: str) -> tuple[dict, int]:
-  """``(header, data_start)`` of a safetensors file, validated.
+def safetensors_keys(path: str) -> list[str]:
+  """Tensor names of a safetensors file.
 
-  :raises FileNotFoundError: if ``path`` does not exist.
+  :raises FileNotFoundError: naming ``path`` if it does not exist.
   :raises ValueError: naming ``path`` if the header is corrupt.
   """
-  size = os.path.getsize(path)
-  with open(path, "rb") as f:
-    head = f.read(8)
-    n = int.from_bytes(head, "little") if len(head) == 8 else -1
-    if n <= 0 or n > size - 8:
-      raise ValueError(f"{path}: corrupt safetensors header (length field {n}, "
-                       f"file size {size})")
-    try:
-      header = json.loads(f.read(n))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-      raise ValueError(f"{path}: corrupt safetensors header: {e}") from None
-  if not isinstance(header, dict):
-    raise ValueError(f"{path}: corrupt safetensors header (not a JSON object)")
-  for name, info in header.items():
-    if name == "__metadata__":
-      continue
-    try:
-      dtype = np.dtype(_ST_DTYPES[info["dtype"]])
-      begin, end = info["data_offsets"]
-      expected = math.prod(info["shape"]) * dtype.itemsize
-    except (KeyError, TypeError, ValueError):
-      raise ValueError(f"{path}: corrupt safetensors header entry {name!r}: {info!r}") from None
-    if end - begin != expected or end > size - 8 - n or begin < 0:
-      raise ValueError(f"{path}: tensor {name!r} offsets {begin}..{end} do not fit "
-                       f"its shape/dtype or the file")
-  return header, 8 + n
+  try:
+    with safetensors.safe_open(path, framework="numpy") as f:
+      return list(f.keys())
+  except safetensors.SafetensorError as e:
+    raise ValueError(f"{path}: corrupt safetensors header: {e}") from None
 
 
-def _read_tensor(path: str, info: dict, data_start: int) -> np.ndarray:
-  dtype = np.dtype(_ST_DTYPES[info["dtype"]])
-  begin, _ = info["data_offsets"]
-  with open(path, "rb") as f:
-    f.seek(data_start + begin)
-    array = np.fromfile(f, dtype=dtype, count=math.prod(info["shape"]))
-  return array.reshape(info["shape"])
+def read_safetensor(path: str, name: str) -> np.ndarray:
+  """One tensor of a safetensors file (bf16 as ``ml_dtypes.bfloat16``).
+
+  ``safe_open`` memory-maps the whole file and the pages it copies from stay
+  resident while the map is open, so the file is opened per tensor (SmolLM2
+  f32 load, 513 MB file: peak RSS 995 MiB opened per tensor, 1576 MiB held
+  open).
+  """
+  with safetensors.safe_open(path, framework="numpy") as f:
+    return f.get_tensor(name)
 
 
 def write_safetensors(path: str, tensors: list[tuple[str, Callable[[], np.ndarray]]],
                       shapes: dict[str, tuple[tuple[int, ...], np.dtype]], metadata=None):
-  """Writes tensors one at a time (each produced by its callable)."""
+  """Writes tensors one at a time (each produced by its callable).
+
+  Not ``safetensors.numpy.save_file``: it takes a dict of in-memory arrays, so
+  a 7B export would hold the whole model on the host at once.
+  """
   header, offset = {}, 0
   for name, _ in tensors:
     shape, dtype = shapes[name]
@@ -203,14 +192,25 @@ def _hf_tensors(path: str) -> Iterator[tuple[str, Callable[[], np.ndarray]]]:
     full = os.path.join(path, file)
     if not os.path.exists(full):
       raise FileNotFoundError(f"{full}: shard listed in the index is missing")
-    header, start = read_safetensors_header(full)
-    for name, info in header.items():
-      if name != "__metadata__":
-        yield name, (lambda full=full, info=info: _read_tensor(full, info, start))
+    for name in safetensors_keys(full):
+      yield name, (lambda full=full, name=name: read_safetensor(full, name))
 
 
 # ---------------------------------------------------------------------------
 # Tokenizer
+
+
+def _raise_exception(message):
+  raise jinja2.exceptions.TemplateError(message)
+
+
+@functools.lru_cache(maxsize=8)
+def _compile_chat_template(template: str) -> jinja2.Template:
+  """Compiled once per template: evaluation prompts render it per example."""
+  env = jinja2.sandbox.ImmutableSandboxedEnvironment(
+      trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
+  env.globals["raise_exception"] = _raise_exception
+  return env.from_string(template)
 
 
 class Tokenizer:
@@ -256,14 +256,7 @@ class Tokenizer:
     """Renders ``messages`` (``{"role", "content"}`` dicts) with the chat template."""
     if not self.chat_template:
       raise ValueError("this tokenizer has no chat template")
-    env = jinja2.sandbox.ImmutableSandboxedEnvironment(
-        trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
-
-    def raise_exception(message):
-      raise jinja2.exceptions.TemplateError(message)
-
-    env.globals["raise_exception"] = raise_exception
-    return env.from_string(self.chat_template).render(
+    return _compile_chat_template(self.chat_template).render(
         messages=messages, add_generation_prompt=add_generation_prompt,
         bos_token=self.bos_token or "", eos_token=self.eos_token or "")
 

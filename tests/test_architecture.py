@@ -1,0 +1,60 @@
+"""Import rules between the modules (docs/architecture.md), read with ``ast``."""
+
+import ast
+import pathlib
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+# I/O: files, processes and the checkpoint formats.
+IO_MODULES = {"os", "io", "pathlib", "shutil", "glob", "tempfile", "subprocess", "pickle",
+              "safetensors", "gguf", "orbax", "datasets", "tokenizers", "train.pretrained",
+              "train.checkpoints", "train.data", "train.run_dir"}
+
+
+def imports(path: pathlib.Path) -> set[str]:
+  """Every module ``path`` imports (also inside functions), with its parent packages."""
+  names = set()
+  for node in ast.walk(ast.parse(path.read_text(), str(path))):
+    if isinstance(node, ast.Import):
+      found = [a.name for a in node.names]
+    elif isinstance(node, ast.ImportFrom) and node.level == 0:
+      found = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+    else:
+      continue
+    for name in found:
+      parts = name.split(".")
+      names.update(".".join(parts[:i]) for i in range(1, len(parts) + 1))
+  return names
+
+
+def module_imports(module: str) -> set[str]:
+  """What ``module`` (``train.x``) imports, directly or through other train modules."""
+  seen, todo, result = set(), [module], set()
+  while todo:
+    name = todo.pop()
+    if name in seen:
+      continue
+    seen.add(name)
+    path = ROOT / (name.replace(".", "/") + ".py")
+    if not path.exists():  # a name imported from a module, not a module
+      continue
+    direct = imports(path)
+    result |= direct
+    todo += [n for n in direct if n.startswith("train.")]
+  return result
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "gmt_optax").glob("*.py")), ids=lambda p: p.name)
+def test_gmt_optax_imports_no_trainer(path):
+  assert not imports(path) & {"train", "flax", "orbax", "datasets"}
+
+
+def test_model_does_no_io():
+  assert not module_imports("train.model") & IO_MODULES
+  tree = ast.parse((ROOT / "train" / "model.py").read_text())
+  assert not [n for n in ast.walk(tree) if isinstance(n, ast.Name) and n.id == "open"]
+
+
+def test_data_does_not_import_the_model():
+  assert not module_imports("train.data") & {"train.model", "flax"}
