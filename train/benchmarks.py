@@ -61,7 +61,7 @@ def extract_answer(text: str) -> str:
     return numbers[-1] if numbers else text.strip()
 
 
-_LATEX_DROP = ("\\left", "\\right", "\\!", "\\,", "\\;", "\\:", "\\displaystyle", "$", "^\\circ",
+_LATEX_DROP = ("\\left", "\\right", "\\!", "\\,", "\\;", "\\:", "\\displaystyle", "\\$", "$", "^\\circ",
                "^{\\circ}", "\\%", "%")
 
 
