@@ -154,20 +154,17 @@ def extract_code(text: str) -> str:
     return match.group(1) if match else text
 
 
-# Runs before the candidate: no sockets, so a completion cannot reach the network.
+# Runs before the candidate: no sockets, so a completion cannot reach the network, and
+# 2 GiB of address space, so a runaway one cannot exhaust the host. (Set here, not in a
+# preexec_fn, which is unsafe to fork from a multithreaded process such as JAX's.)
 _SANDBOX = """\
-import socket as _socket
+import resource as _resource, socket as _socket
+_resource.setrlimit(_resource.RLIMIT_AS, (2 << 30, 2 << 30))
 def _no_network(*args, **kwargs):
     raise OSError("network access is disabled during evaluation")
 _socket.socket = _socket.create_connection = _socket.getaddrinfo = _no_network
-del _socket
+del _resource, _socket
 """
-
-
-def _limit_memory():  # in the child, before exec: a runaway completion cannot exhaust the host
-    import resource
-    limit = 2 << 30
-    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
 
 
 def run_tests(problem: dict, completion: str, timeout: float = 10.0) -> str:
@@ -185,7 +182,7 @@ def run_tests(problem: dict, completion: str, timeout: float = 10.0) -> str:
         try:
             done = subprocess.run([sys.executable, "-I", path], cwd=work, capture_output=True,
                                   text=True, timeout=timeout, env={"PATH": os.defpath},
-                                  stdin=subprocess.DEVNULL, preexec_fn=_limit_memory)
+                                  stdin=subprocess.DEVNULL)
         except subprocess.TimeoutExpired:
             return "timed out"
     if done.returncode == 0:
