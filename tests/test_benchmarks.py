@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from train.benchmarks import (extract_answer, extract_code, humaneval_problems, humaneval_results,
-                              math_score, normalize_answer, run_tests)
+                              load_items, math_score, normalize_answer, run_tests, score_benchmark)
 
 GSM8K_REFERENCE = "She sells 16 - 3 - 4 = 9 eggs.\nShe makes 9 * 2 = $18.\n#### 18"
 MATH_REFERENCE = "The probability is $\\boxed{\\dfrac{1}{2}}$."
@@ -67,6 +67,18 @@ def test_humaneval_sandbox_timeout_and_network():
     assert run_tests(problem, "    while True:\n        pass\n", timeout=1) == "timed out"
     network = "    import socket\n    socket.create_connection(('example.com', 80))\n"
     assert "network access is disabled" in run_tests(problem, network)
+    assert run_tests(problem, "    x = bytearray(3 << 30)\n") == "failed: MemoryError"
+
+
+def test_gsm_symbolic_held_out_items_take_the_gsm8k_path():
+    from train.config import load_config
+    from train.data import reasoning_gym_examples
+
+    cfg = load_config({"data": {"task": "gsm_symbolic", "train_size": 4, "eval_size": 3}}).data
+    items = load_items("gsm8k", reasoning_gym_examples(cfg)[1])
+    texts = [f"Step by step... The answer is {it['reference']}." for it in items[:2]] + ["#### -1"]
+    accuracy, records = score_benchmark("gsm8k", items, texts)
+    assert len(items) == 3 and accuracy == 2 / 3 and [r["score"] for r in records] == [1.0, 1.0, 0.0]
 
 
 def test_cli_scores_a_completions_file(tmp_path):
