@@ -153,3 +153,50 @@ def test_prompts_longer_than_max_length_leave_no_loss_tokens(tmp_path):
     with pytest.raises(ValueError, match=r"the training set has no loss tokens: 18 of 18 examples "
                                          r"have a prompt longer than data.max_length=16"):
         prepare(cfg, TOK)
+
+
+def _sentencepiece_tokenizer(chat_template=None):
+    """A tiny Llama-2/Mistral-style SentencePiece BPE (▁ word prefix, byte fallback), trained here."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, trainers
+
+    from train.pretrained import Tokenizer as ChatTokenizer
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(),
+                                     decoders.Fuse(), decoders.Strip(" ", 1, 0)])
+    corpus = ["What is six times seven? The answer is 42.", "Six times seven is 42.",
+              "Write a function that adds two numbers.", "def add(a, b):\n    return a + b",
+              "### Instruction:\n", "### Response:\n", "[INST] hello [/INST] world"] * 20
+    specials = ["<unk>", "<s>", "</s>"] + [f"<0x{i:02X}>" for i in range(256)]
+    tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=400, special_tokens=specials))
+    return ChatTokenizer(tok, chat_template=chat_template, bos_token="<s>", eos_token="</s>",
+                         pad_token="<unk>")
+
+
+MISTRAL_TEMPLATE = ("{{ bos_token }}{% for message in messages %}{% if message['role'] == 'user' %}"
+                    "{{ '[INST] ' + message['content'] + ' [/INST]' }}"
+                    "{% else %}{{ message['content'] + eos_token }}{% endif %}{% endfor %}")
+
+
+@pytest.mark.parametrize("template", ["chat", "alpaca"])
+def test_sentencepiece_targets_are_the_full_text_tokens_and_decode_to_the_answer(template):
+    from train.data import AlpacaTemplate
+
+    tok = _sentencepiece_tokenizer(MISTRAL_TEMPLATE)
+    tok = tok if template == "chat" else AlpacaTemplate(tok)
+    messages = [{"role": "user", "content": "What is six times seven?"},
+                {"role": "assistant", "content": "Six times seven is 42."}]
+    if template == "chat":  # two turns: both answers are trained
+        messages += [{"role": "user", "content": "Write a function that adds two numbers."},
+                     {"role": "assistant", "content": "def add(a, b):\n    return a + b"}]
+    ids, mask = tokenize(tok, messages)
+    full = tok.apply_chat_template(messages, add_generation_prompt=False)
+    assert ids == tok.encode(full)  # one encoding: training tokens = the full text's tokens
+    targets = [i for i, m in zip(ids, mask) if m]
+    answers = "".join(m["content"] + "</s>" for m in messages if m["role"] == "assistant")
+    assert tok.decode(targets, skip_special_tokens=False) == answers
+    # What encoding the answer apart gives: a ▁-prefixed first token the model never sees here.
+    prompt = tok.apply_chat_template(messages[:1], add_generation_prompt=True)
+    apart = tok.encode(full[len(prompt):full.index("</s>") + 4])
+    assert apart != targets[:len(apart)]

@@ -103,6 +103,7 @@ class TrainConfig:
     log_every: int = 1
     tqdm: bool = True
     peak_flops_per_device: float | None = None  # bf16 FLOP/s for MFU; null: chip table (none on CPU)
+    profile_steps: tuple[int, ...] = ()  # [start, stop): a jax.profiler trace in output_dir/profile
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,6 +116,11 @@ class EvalConfig:
     generate_batch_size: int = 64
     max_new_tokens: int = 16
     accuracy: bool = True
+    # What accuracy scores: "held_out" (reasoning-gym's scorer, else the last number), or a
+    # benchmark scored as its harness does (train/benchmarks.py): "gsm8k"/"math" (the
+    # held-out reasoning-gym items with data.source=reasoning_gym, else the hub test set)
+    # and "humaneval" (executed, pass@1).
+    benchmark: Literal["held_out", "gsm8k", "math", "humaneval"] = "held_out"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -269,6 +275,9 @@ def _check_consistency(config: Config) -> None:
         raise ConfigError(f"optimizer.mask_ratio={o.mask_ratio} must be in [0, 1)")
     if not 0.0 < o.hft_freeze_fraction < 1.0:
         raise ConfigError(f"optimizer.hft_freeze_fraction={o.hft_freeze_fraction} must be in (0, 1)")
+    if t.profile_steps and (len(t.profile_steps) != 2 or not 0 <= t.profile_steps[0] < t.profile_steps[1]):
+        raise ConfigError(f"train.profile_steps={list(t.profile_steps)} must be [start, stop] "
+                          "with 0 <= start < stop")
     if d.max_length < 2:
         raise ConfigError(f"data.max_length={d.max_length} must be at least 2")
     if config.model.path is None and config.model.hf_config is None:

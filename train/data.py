@@ -35,12 +35,22 @@ class ByteTokenizer:
     _EOS_TEXT = "</s>"
 
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
-        ids = [self.bos_token_id] if add_special_tokens else []
+        return [self.bos_token_id] * add_special_tokens + self.encode_with_offsets(text)[0]
+
+    def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """Ids and the character span of each (every byte of a character spans that character)."""
+        ids, offsets, at = [], [], 0
         for i, piece in enumerate(text.split(self._EOS_TEXT)):
             if i:
                 ids.append(self.eos_token_id)
-            ids.extend(b + 3 for b in piece.encode("utf-8"))
-        return ids
+                offsets.append((at, at + len(self._EOS_TEXT)))
+                at += len(self._EOS_TEXT)
+            for char in piece:
+                encoded = char.encode("utf-8")
+                ids.extend(b + 3 for b in encoded)
+                offsets.extend([(at, at + 1)] * len(encoded))
+                at += 1
+        return ids, offsets
 
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
         out = bytearray()
@@ -222,15 +232,27 @@ def load_examples(cfg: DataConfig) -> tuple[list[Example], list[Example], dict]:
 # Examples -> tokens with a loss mask
 
 
+def encode_with_offsets(tokenizer, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+    """Ids of `text` (no special tokens added) and each token's character span."""
+    plain = tokenizer.tokenizer if isinstance(tokenizer, AlpacaTemplate) else tokenizer
+    if isinstance(plain, ByteTokenizer):
+        return plain.encode_with_offsets(text)
+    encoding = plain.tokenizer.encode(text, add_special_tokens=False)  # a pretrained.Tokenizer
+    return encoding.ids, encoding.offsets
+
+
 def tokenize(tokenizer, messages: list[dict]) -> tuple[list[int], list[int]]:
     """Token ids of the chat and a 0/1 mask that is 1 on assistant tokens only.
 
-    Each assistant turn is the text the template adds between the prompt (with
-    the generation prompt) and the conversation including that turn, so the
-    end-of-turn marker is trained too and the model learns to stop.
+    The whole conversation is encoded once, so the training tokens are those
+    of the full text (encoding the prompt and the answer apart changes the
+    tokens at their boundary with SentencePiece, e.g. a `▁`-prefixed first
+    answer token). Each assistant span is the text the template adds between
+    the prompt (with the generation prompt) and the conversation including
+    that turn, so the end-of-turn marker is trained too and the model learns
+    to stop; a token is masked in when its characters overlap a span.
     """
-    ids: list[int] = []
-    mask: list[int] = []
+    spans = []
     rendered = ""
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
@@ -240,13 +262,12 @@ def tokenize(tokenizer, messages: list[dict]) -> tuple[list[int], list[int]]:
         if not prompt.startswith(rendered) or not full.startswith(prompt):
             raise ValueError("the chat template does not render conversations as prefixes of "
                              "each other; cannot locate the assistant tokens")
-        prompt_ids = tokenizer.encode(prompt[len(rendered):], add_special_tokens=False)
-        answer_ids = tokenizer.encode(full[len(prompt):], add_special_tokens=False)
-        ids += prompt_ids + answer_ids
-        mask += [0] * len(prompt_ids) + [1] * len(answer_ids)
+        spans.append((len(prompt), len(full)))
         rendered = full
-    if not ids:
+    if not spans:
         raise ValueError(f"example has no assistant turn: {messages}")
+    ids, offsets = encode_with_offsets(tokenizer, rendered)
+    mask = [int(any(start < finish and begin < end for begin, finish in spans)) for start, end in offsets]
     return ids, mask
 
 

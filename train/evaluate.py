@@ -1,7 +1,13 @@
-"""Held-out evaluation: token loss on held-out rows and answer accuracy by greedy decoding."""
+"""Held-out evaluation: token loss on held-out rows and answer accuracy by greedy decoding.
+
+CLI (a benchmark scored as its harness does, see train/benchmarks.py)::
+
+    python -m train.evaluate --model PATH|smollm2 --benchmark humaneval [--limit N] [--completions FILE]
+"""
 
 from __future__ import annotations
 
+import argparse
 import json
 import re
 from pathlib import Path
@@ -75,3 +81,62 @@ def answer_accuracy(model, tokenizer, items: list[dict], *, max_new_tokens: int,
             for record in records:
                 f.write(json.dumps(record) + "\n")
     return float(np.mean(scores)) if scores else float("nan")
+
+
+def benchmark_accuracy(model, tokenizer, benchmark: str, items: list[dict], *, max_new_tokens: int,
+                       batch_size: int, samples_path: Path | None = None) -> float:
+    """Greedy completions of a benchmark's items scored by its harness; records saved as JSONL."""
+    from train import benchmarks
+
+    texts = benchmarks.generate_texts(model, tokenizer, [it["instruction"] for it in items],
+                                      max_new_tokens=max_new_tokens, batch_size=batch_size)
+    value, records = benchmarks.score_benchmark(benchmark, items, texts)
+    if samples_path is not None and jax.process_index() == 0:
+        with open(samples_path, "w") as f:
+            for record in records:
+                f.write(json.dumps(record) + "\n")
+    return value
+
+
+def main(argv=None) -> None:
+    from train import benchmarks
+
+    parser = argparse.ArgumentParser(description="Score a model (or a completions file) on a benchmark.")
+    parser.add_argument("--model", help="what model.path takes: HF directory, .gguf, or smollm2")
+    parser.add_argument("--benchmark", choices=["humaneval", "gsm8k", "math"], required=True)
+    parser.add_argument("--limit", type=int, help="the first N problems only")
+    parser.add_argument("--completions", help="JSONL of {task_id, completion} to score instead of generating")
+    parser.add_argument("--template", choices=["chat", "alpaca"], default="chat",
+                        help="how instructions are wrapped: the tokenizer's chat template or Alpaca")
+    parser.add_argument("--max-new-tokens", type=int, default=512)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--timeout", type=float, default=10.0, help="seconds per HumanEval problem")
+    parser.add_argument("--output", help="write one JSONL record per problem here")
+    args = parser.parse_args(argv)
+    if (args.model is None) == (args.completions is None):
+        parser.error("give exactly one of --model and --completions")
+
+    items = benchmarks.load_items(args.benchmark, limit=args.limit)
+    if args.completions:
+        completions = benchmarks.read_completions(args.completions)
+        texts = [completions.get(it["task_id"], "") for it in items]
+    else:
+        from train.data import AlpacaTemplate
+        from train.pretrained import default_gguf_path, load_pretrained
+
+        model, tokenizer = load_pretrained(default_gguf_path() if args.model == "smollm2" else args.model)
+        if args.template == "alpaca":
+            tokenizer = AlpacaTemplate(tokenizer)
+        texts = benchmarks.generate_texts(model, tokenizer, [it["instruction"] for it in items],
+                                          max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
+    value, records = benchmarks.score_benchmark(args.benchmark, items, texts, args.timeout)
+    if args.output:
+        with open(args.output, "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in records)
+    correct = sum(r.get("passed", r.get("score")) for r in records)
+    name = "pass@1" if args.benchmark == "humaneval" else "accuracy"
+    print(f"{args.benchmark} {name} {value:.4f} ({int(correct)}/{len(records)})")
+
+
+if __name__ == "__main__":
+    main()

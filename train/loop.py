@@ -21,13 +21,13 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
-from train import evaluate, run_dir
+from train import benchmarks, evaluate, run_dir
 from train.checkpoints import Checkpoints, check_fingerprint, data_fingerprint
 from train.config import Config, load_config
 from train.data import ROW_FIELDS, AlpacaTemplate, Batches, ByteTokenizer, examples_for_generation, prepare
 from train.model import Llama, ModelConfig
 from train.mesh import initialize_distributed, make_mesh, param_shardings
-from train.metrics import Meter, flops_per_token, peak_flops_per_device
+from train.metrics import Meter, MetricWriter, flops_per_token, peak_flops_per_device
 from train.step import build_steps, merge
 
 
@@ -82,18 +82,24 @@ def _global_batch(batches: Batches, step: int, sharding) -> dict:
 
 
 def _evaluate(tag: str, config: Config, out: Path, eval_step, graphdef, params, rest, tokenizer,
-              eval_rows, eval_items, mesh) -> dict:
+              eval_rows, eval_items, mesh, writer: MetricWriter, step: int) -> dict:
     """Held-out loss and (optionally) answer accuracy; completions go to eval_<tag>.jsonl."""
     result = {}
     start = time.time()
     if eval_rows is not None:
         result["eval_loss"] = evaluate.held_out_loss(eval_step, params, eval_rows,
                                                      config.eval.batch_size, mesh)
-    if config.eval.accuracy and eval_items:
+    if config.eval.accuracy and config.eval.benchmark != "held_out":
+        result["accuracy"] = evaluate.benchmark_accuracy(
+            merge(graphdef, params, rest), tokenizer, config.eval.benchmark, eval_items,
+            max_new_tokens=config.eval.max_new_tokens, batch_size=config.eval.generate_batch_size,
+            samples_path=out / f"eval_{tag}.jsonl")
+    elif config.eval.accuracy and eval_items:
         result["accuracy"] = evaluate.answer_accuracy(
             merge(graphdef, params, rest), tokenizer, eval_items[: config.eval.size],
             max_new_tokens=config.eval.max_new_tokens, batch_size=config.eval.generate_batch_size,
             samples_path=out / f"eval_{tag}.jsonl")
+    writer.write(step, result, "eval/")
     shown = ", ".join(f"{k} {v:.4f}" for k, v in result.items())
     _log(f"[eval {tag}] {shown} ({time.time() - start:.1f} s)")
     return result
@@ -117,6 +123,10 @@ def run(config_source="configs/default.yaml", overrides=None) -> dict:
     train_rows, eval_rows, held_out, report = prepare(config.data, tokenizer)
     _log("data: " + ", ".join(f"{k} {v}" for k, v in report.items()))
     eval_items = examples_for_generation(tokenizer, held_out)
+    if config.eval.benchmark != "held_out":  # the benchmark's items are scored instead
+        eval_items = benchmarks.load_items(
+            config.eval.benchmark, held_out if config.data.source == "reasoning_gym" else None,
+            config.eval.size)
     t = config.train
     batches = Batches(train_rows, t.batch_size, t.micro_batch_size, config.data.shuffle_seed)
     shards = mesh.shape["data"] * mesh.shape["fsdp"]
@@ -144,9 +154,10 @@ def run(config_source="configs/default.yaml", overrides=None) -> dict:
         _log(f"resumed from {source.directory} at step {first_step} (row {meta['data_position']})")
 
     summary: dict = {"output_dir": str(out), "num_params": num_params, "data": report}
+    writer = MetricWriter(out / "tensorboard", jax.process_index() == 0)
     if config.eval.before and first_step == 0:
         summary["before"] = _evaluate("before", config, out, eval_step, graphdef, params, rest,
-                                      tokenizer, eval_rows, eval_items, mesh)
+                                      tokenizer, eval_rows, eval_items, mesh, writer, 0)
 
     def meta(step):
         return {"step": step, "data_position": step * t.batch_size,
@@ -171,15 +182,25 @@ def run(config_source="configs/default.yaml", overrides=None) -> dict:
         if log_file:
             log_file.write(json.dumps(record) + "\n")
             log_file.flush()
+        writer.write(record["step"], record, "train/")
         checkpoints.check(record["step"] - 1, record["loss"])
         progress.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.1e}",
                              **({"kept": f"{record['kept_fraction']:.2f}"}
                                 if "kept_fraction" in record else {}))
 
+    profile = t.profile_steps if jax.process_index() == 0 else ()
+    tracing = False
     for step in progress:
+        if profile and not tracing and profile[0] <= step < profile[1]:
+            jax.profiler.start_trace(str(out / "profile"))
+            tracing = True
         tokens = int((train_rows["segment_ids"][batches.row_ids(step)] > 0).sum())
         batch = _global_batch(batches, step, shardings["batch"])
         params, opt_state, metrics = train_step(params, opt_state, batch, jnp.int32(step))
+        if tracing and step + 1 in (profile[1], total_steps):
+            jax.block_until_ready(metrics)  # the trace holds the window's device work
+            jax.profiler.stop_trace()
+            tracing = False
         every = config.checkpoint.every
         save_now = every and (step + 1) % every == 0 and step + 1 < total_steps
         eval_now = config.eval.every and (step + 1) % config.eval.every == 0 and step + 1 < total_steps
@@ -193,7 +214,7 @@ def run(config_source="configs/default.yaml", overrides=None) -> dict:
             report(meter.flush())
             summary[f"step_{step + 1}"] = _evaluate(f"step{step + 1}", config, out, eval_step,
                                                     graphdef, params, rest, tokenizer, eval_rows,
-                                                    eval_items, mesh)
+                                                    eval_items, mesh, writer, step + 1)
             meter.restart()  # evaluating is not step time
     report(meter.flush())
     progress.close()
@@ -205,7 +226,8 @@ def run(config_source="configs/default.yaml", overrides=None) -> dict:
 
     if config.eval.after:
         summary["after"] = _evaluate("after", config, out, eval_step, graphdef, params, rest,
-                                     tokenizer, eval_rows, eval_items, mesh)
+                                     tokenizer, eval_rows, eval_items, mesh, writer, total_steps)
+    writer.close()
     if step_times:
         median = np.float32(np.median(step_times[1:] or step_times))
         # Timings differ per process: every process returns process 0's, so summaries match.

@@ -1,4 +1,5 @@
-"""Step metrics that never stall the device: throughput, step time and MFU per log line.
+"""Step metrics that never stall the device: throughput, step time and MFU per log line;
+TensorBoard scalars beside the JSONL log.
 
 Reading a metric (`float(v)`) waits for its step. `Meter` keeps the metrics of
 a log step and reads them only after the next step is dispatched (as nanodo
@@ -75,3 +76,31 @@ class Meter:
         if self.peak_flops:
             record["mfu"] = tokens * self.flops_per_token / seconds / self.peak_flops
         return record
+
+
+class MetricWriter:
+    """Numeric values of log and eval records as TensorBoard scalars under `directory`.
+
+    tensorboardX writes the event files with only numpy and protobuf (no
+    TensorFlow or torch, which flax's and clu's writers import) and is kept in
+    step with TensorBoard's format. Only process 0 writes; elsewhere this is a
+    no-op, so every process can call it.
+    """
+
+    def __init__(self, directory, enabled: bool):
+        self._writer = None
+        if enabled:
+            from tensorboardX import SummaryWriter
+            self._writer = SummaryWriter(str(directory))
+
+    def write(self, step: int, values: dict, prefix: str) -> None:
+        if self._writer is None:
+            return
+        for name, value in values.items():
+            if name != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                self._writer.add_scalar(prefix + name, value, step)
+        self._writer.flush()  # a crash or a preemption keeps what was logged
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
