@@ -1,11 +1,11 @@
-"""Writes data/code_tasks.jsonl: small function-writing exercises for the offline code recipe.
+"""Writes configs/code_tasks.jsonl: small function-writing exercises for the offline code recipe.
 
 Generated from templates (random names and constants), none of them a
 HumanEval problem; each prompt asks to complete a stub in HumanEval's
 instruction format (train.benchmarks.HUMANEVAL_INSTRUCTION), each response is
 the whole function in a fenced block, as a chat model answers.
 
-    python -m data.make_code_tasks  # deterministic; from the repository root
+    PYTHONPATH=. python configs/make_code_tasks.py  # deterministic; from the repository root
 """
 
 import json
