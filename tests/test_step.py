@@ -1,5 +1,7 @@
 """The jitted train step: loss masking, sharding/accumulation invariance, methods."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -110,3 +112,26 @@ def test_hft_freezes_half_of_the_matrices():
     matrices = [float(np.mean(a == b)) for _, a, b in _matrices(before, after) if a.ndim >= 2]
     frozen = sum(f == 1.0 for f in matrices)
     assert frozen == round(0.5 * len(matrices)) and all(f == 1.0 or f < 0.5 for f in matrices)
+
+
+def test_clipping_inside_the_method_equals_clip_first():
+    """The method gets the raw gradient and the clip factor (applied just before AdamW):
+    the same updates as clip_by_global_norm first, for SFT and for GMT's mask."""
+    import optax
+
+    from train.optimizer import build_optimizer
+
+    rng = np.random.default_rng(0)
+    params = {"layers": {"w": jnp.asarray(rng.normal(size=(2, 64, 64)), jnp.float32)},
+              "embed_tokens": jnp.asarray(rng.normal(size=(128, 16)), jnp.float32)}
+    grads = jax.tree.map(lambda p: p * 10.0, params)  # global norm far above the clip
+    for method in ("sft", "gmt"):
+        cfg = load_config({"optimizer": {"method": method, "clip_norm": 1.0, "selection": "bisect",
+                                         "warmup_steps": 0, "schedule": "constant"}}).optimizer
+        tx, _ = build_optimizer(cfg, 10)
+        updates, _ = tx.update(grads, tx.init(params), params)
+        reference, _ = build_optimizer(dataclasses.replace(cfg, clip_norm=0.0), 10)
+        clipped = optax.clip_by_global_norm(1.0).update(grads, optax.EmptyState())[0]
+        expected, _ = reference.update(clipped, reference.init(params), params)
+        for got, want in zip(jax.tree.leaves(updates), jax.tree.leaves(expected)):
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import optax
 
 import gmt_optax
@@ -37,17 +38,46 @@ def _layer_axis(params: dict) -> dict:
     return {key: int(key == "layers") for key in params}
 
 
+def _scale_by_clip_factor() -> optax.GradientTransformationExtraArgs:
+    """Multiplies the updates by the `clip_factor` extra argument (none: unchanged)."""
+
+    def update_fn(updates, state, params=None, *, clip_factor=None, **extra_args):
+        del params, extra_args
+        if clip_factor is not None:
+            updates = jax.tree.map(lambda u: u * clip_factor.astype(u.dtype), updates)
+        return updates, state
+
+    return optax.GradientTransformationExtraArgs(lambda params: optax.EmptyState(), update_fn)
+
+
+def _clipped(method: optax.GradientTransformation, clip_norm: float
+             ) -> optax.GradientTransformationExtraArgs:
+    """Clips by global norm: `method` gets the raw gradient and a `clip_factor` to apply
+    before AdamW (see `build_optimizer`)."""
+    method = optax.with_extra_args_support(method)
+
+    def update_fn(updates, state, params=None, **extra_args):
+        norm = optax.tree.norm(updates)
+        factor = jnp.minimum(1.0, clip_norm / jnp.maximum(norm, jnp.finfo(jnp.float32).tiny))
+        return method.update(updates, state, params, clip_factor=factor, **extra_args)
+
+    return optax.GradientTransformationExtraArgs(method.init, update_fn)
+
+
 def build_optimizer(cfg: OptimizerConfig, total_steps: int
                     ) -> tuple[optax.GradientTransformation, optax.Schedule]:
     """clip by global norm -> method (mask / freeze) -> AdamW with warmup + cosine.
 
-    Clipping comes first so that every method clips the same full gradient
-    (the mask is scale invariant per tensor, so its choice is unaffected);
-    the mask then acts on the accumulated, clipped gradient before AdamW, as in
-    the paper.
+    Every method clips the same full gradient, and the mask acts on the
+    accumulated, clipped gradient before AdamW, as in the paper. The clip is a
+    uniform scale, which leaves the mask's choice unchanged, so the method sees
+    the raw gradient and the scale is applied just before AdamW: GMT then reads
+    the gradient it samples in place, and mask, scale and AdamW fuse into one
+    pass (clipping first made XLA write the clipped gradient out once more).
     """
     schedule = learning_rate_schedule(cfg, total_steps)
-    adamw = optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay)
+    adamw = optax.chain(_scale_by_clip_factor(), optax.adamw(
+        schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay))
     leaf_mask = None if cfg.mask_embeddings else _not_embeddings
     if cfg.method == "sft":
         method = adamw
@@ -62,7 +92,7 @@ def build_optimizer(cfg: OptimizerConfig, total_steps: int
         method = gmt_optax.hft(adamw, freeze_fraction=cfg.hft_freeze_fraction,
                                period=cfg.hft_period, stacked_axes=_layer_axis, seed=cfg.seed)
     if cfg.clip_norm > 0:
-        method = optax.chain(optax.clip_by_global_norm(cfg.clip_norm), method)
+        method = _clipped(method, cfg.clip_norm)
     return method, schedule
 
 
