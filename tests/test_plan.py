@@ -55,7 +55,8 @@ def test_llama3_8b_recipe_fits_v5p_and_gmt_costs_what_sft_costs():
         extra = (gmt["collectives"].get(kind, {}).get("bytes", 0)
                  - sft["collectives"].get(kind, {}).get("bytes", 0))
         assert extra < 2**20, (kind, gmt["collectives"], sft["collectives"])
-    assert abs(gmt["flops_per_step"] / sft["flops_per_step"] - 1) < 0.05
+    for key in ("flops_per_step", "bytes_accessed_per_step"):
+        assert abs(gmt[key] / sft[key] - 1) < 0.05, (key, gmt[key], sft[key])
 
 
 def test_cli_json_and_exit_codes(tmp_path):
