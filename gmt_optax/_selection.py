@@ -204,9 +204,8 @@ def sample_entries(blocks: Sequence[jax.Array], num_samples: int,
   array would all-gather it. All rows of a block share the sampled
   positions (each row's sample is still uniform over that row, which is all
   its own threshold needs) and are gathered one row at a time: a gather
-  across rows makes the TPU compiler transpose the whole block first (the
-  GMT step then read 13% more bytes than the SFT step on Llama-3-8B, 5% this
-  way). The indices come
+  across rows makes the TPU compiler transpose the whole block first (7% more
+  bytes for a whole Llama-3-8B train step). The indices come
   from a counter hashed with one threefry word per block and dimension:
   threefry for every index costs more than the rest of the selection on a
   CPU.
