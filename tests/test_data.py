@@ -153,3 +153,18 @@ def test_prompts_longer_than_max_length_leave_no_loss_tokens(tmp_path):
     with pytest.raises(ValueError, match=r"the training set has no loss tokens: 18 of 18 examples "
                                          r"have a prompt longer than data.max_length=16"):
         prepare(cfg, TOK)
+
+
+def test_held_out_problems_are_not_reorderings_of_training_ones():
+    from train.data import canonical_problem
+    form = lambda q: canonical_problem({"question": q})
+    assert form("3 + 45") == form("45  +  3") and form("a - b + c") == form("c - b + a")
+    assert form("2 * (3 + 4)") == form("(4 + 3) * 2") and form("13 - 92") != form("92 - 13")
+    assert form("8 / 2") != form("2 / 8") and form("-(1 + 2)") == form("-(2 + 1)")
+    cfg = _cfg(train_size=300, eval_size=50,
+               task_options={"min_terms": 2, "max_terms": 2, "max_digits": 2, "operators": ("+",)})
+    train, held_out, report = reasoning_gym_examples(cfg)
+    seen = {canonical_problem(e.entry) for e in train}
+    forms = [canonical_problem(e.entry) for e in held_out]
+    assert len(held_out) == 50 and not seen & set(forms) and len(set(forms)) == len(forms)
+    assert report["eval_overlap_removed"] > 0
