@@ -258,8 +258,10 @@ def run(config_source="configs/default.yaml", overrides=None) -> dict:
         export_pretrained(merge(graphdef, params, rest),
                           None if isinstance(plain, ByteTokenizer) else plain, str(export_dir))
         summary["export_dir"] = str(export_dir)
-    summary["wall_time_s"] = time.time() - started
-    summary["load_average"] = list(os.getloadavg())  # other jobs on the machine slow every timing
+    # Process 0's wall time and load average (other jobs slow every timing), as for step times.
+    timing = np.array([time.time() - started, *os.getloadavg()], np.float32)
+    timing = [float(x) for x in multihost_utils.broadcast_one_to_all(timing)]
+    summary["wall_time_s"], summary["load_average"] = timing[0], timing[1:]
     if jax.process_index() == 0:
         (out / "summary.json").write_text(json.dumps(summary, indent=1))
     _show(summary)
