@@ -143,11 +143,11 @@ def reasoning_gym_examples(cfg: DataConfig) -> tuple[list[Example], list[Example
     repeat of an earlier held-out problem."""
     import reasoning_gym
 
-    def make(seed: int, size: int) -> list[dict]:
-        return list(reasoning_gym.create_dataset(cfg.task, seed=seed, size=size, **cfg.task_options))
+    def make(seed: int, size: int):  # items are generated one at a time, as iterated
+        return reasoning_gym.create_dataset(cfg.task, seed=seed, size=size, **cfg.task_options)
 
-    train_items = make(cfg.train_seed, cfg.train_size or 2000)
-    # Generate extra held-out items so that dropping overlaps still leaves eval_size.
+    train_items = list(make(cfg.train_seed, cfg.train_size or 2000))
+    # Draw held-out candidates (up to 20x eval_size) until eval_size survive the filter.
     train_forms = {canonical_problem(item) for item in train_items}
     held_out, held_out_forms, overlap, repeats = [], set(), 0, 0
     for item in make(cfg.eval_seed, 20 * cfg.eval_size):
