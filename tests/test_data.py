@@ -200,3 +200,18 @@ def test_sentencepiece_targets_are_the_full_text_tokens_and_decode_to_the_answer
     prompt = tok.apply_chat_template(messages[:1], add_generation_prompt=True)
     apart = tok.encode(full[len(prompt):full.index("</s>") + 4])
     assert apart != targets[:len(apart)]
+
+
+def test_held_out_problems_are_not_reorderings_of_training_ones():
+    from train.data import canonical_problem
+    form = lambda q: canonical_problem({"question": q})
+    assert form("3 + 45") == form("45  +  3") and form("a - b + c") == form("c - b + a")
+    assert form("2 * (3 + 4)") == form("(4 + 3) * 2") and form("13 - 92") != form("92 - 13")
+    assert form("8 / 2") != form("2 / 8") and form("-(1 + 2)") == form("-(2 + 1)")
+    cfg = _cfg(train_size=300, eval_size=50,
+               task_options={"min_terms": 2, "max_terms": 2, "max_digits": 2, "operators": ("+",)})
+    train, held_out, report = reasoning_gym_examples(cfg)
+    seen = {canonical_problem(e.entry) for e in train}
+    forms = [canonical_problem(e.entry) for e in held_out]
+    assert len(held_out) == 50 and not seen & set(forms) and len(set(forms)) == len(forms)
+    assert report["eval_overlap_removed"] > 0

@@ -1,6 +1,5 @@
 """notebooks/quickstart.ipynb runs end to end (shortened by GMT_NOTEBOOK_SMOKE)."""
 
-import os
 import pathlib
 
 import pytest

@@ -102,25 +102,80 @@ def _messages(prompt: str, response: str, system: str | None) -> list[dict]:
     return head + [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
 
 
+def canonical_problem(item: dict) -> str:
+    """A problem's identity up to reordering: whitespace normalised and, when the problem is an
+    arithmetic expression, the terms of each +/- chain and the factors of each * chain sorted.
+
+    "Calculate 3 + 45." and "Calculate 45 + 3." (or "a - b + c" and "c - b + a") get the same form.
+    """
+    import ast
+
+    text = " ".join(str((item.get("metadata") or {}).get("expression") or item["question"]).split())
+
+    def form(node) -> str:
+        if isinstance(node, ast.BinOp) and isinstance(node.op, (ast.Add, ast.Sub)):
+            terms = []
+
+            def flatten(n, sign):
+                if isinstance(n, ast.BinOp) and isinstance(n.op, (ast.Add, ast.Sub)):
+                    flatten(n.left, sign)
+                    flatten(n.right, sign if isinstance(n.op, ast.Add) else -sign)
+                else:
+                    terms.append(("+" if sign > 0 else "-") + form(n))
+            flatten(node, 1)
+            return "(" + " ".join(sorted(terms)) + ")"
+        if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Mult):
+            factors = []
+
+            def gather(n):
+                if isinstance(n, ast.BinOp) and isinstance(n.op, ast.Mult):
+                    gather(n.left)
+                    gather(n.right)
+                else:
+                    factors.append(form(n))
+            gather(node)
+            return "(" + " * ".join(sorted(factors)) + ")"
+        if isinstance(node, ast.BinOp):  # division and the rest: operands in place
+            return f"({form(node.left)} {type(node.op).__name__} {form(node.right)})"
+        if isinstance(node, ast.UnaryOp):
+            return type(node.op).__name__ + form(node.operand)
+        return ast.unparse(node)
+
+    try:
+        return form(ast.parse(text, mode="eval").body)
+    except (SyntaxError, ValueError, RecursionError):  # not an expression: the normalised text
+        return text
+
+
 def reasoning_gym_examples(cfg: DataConfig) -> tuple[list[Example], list[Example], dict]:
-    """Train items from `train_seed`, held-out items from `eval_seed`, overlap removed."""
+    """Train items from `train_seed`, held-out items from `eval_seed`; a held-out item whose
+    problem is a training problem up to reordering (`canonical_problem`) is dropped, as is a
+    repeat of an earlier held-out problem."""
     import reasoning_gym
 
-    def make(seed: int, size: int) -> list[dict]:
-        return list(reasoning_gym.create_dataset(cfg.task, seed=seed, size=size, **cfg.task_options))
+    def make(seed: int, size: int):  # items are generated one at a time, as iterated
+        return reasoning_gym.create_dataset(cfg.task, seed=seed, size=size, **cfg.task_options)
 
-    train_items = make(cfg.train_seed, cfg.train_size or 2000)
-    # Generate extra held-out items so that dropping overlaps still leaves eval_size.
-    eval_items = make(cfg.eval_seed, 2 * cfg.eval_size)
-    seen = {item["question"] for item in train_items}
-    held_out = [item for item in eval_items if item["question"] not in seen]
-    overlap = len(eval_items) - len(held_out)
-    held_out = held_out[: cfg.eval_size]
+    train_items = list(make(cfg.train_seed, cfg.train_size or 2000))
+    # Draw held-out candidates (up to 20x eval_size) until eval_size survive the filter.
+    train_forms = {canonical_problem(item) for item in train_items}
+    held_out, held_out_forms, overlap, repeats = [], set(), 0, 0
+    for item in make(cfg.eval_seed, 20 * cfg.eval_size):
+        if len(held_out) == cfg.eval_size:
+            break
+        form = canonical_problem(item)
+        if form in train_forms:
+            overlap += 1
+        elif form in held_out_forms:
+            repeats += 1
+        else:
+            held_out.append(item)
+            held_out_forms.add(form)
 
     def to_example(item):
         return Example(_messages(item["question"], str(item["answer"]), cfg.system_prompt), item)
 
-    report = {"eval_overlap_removed": overlap}
+    report = {"eval_overlap_removed": overlap, "eval_repeats_removed": repeats}
     return [to_example(i) for i in train_items], [to_example(i) for i in held_out], report
 
 
@@ -421,5 +476,6 @@ def examples_for_generation(tokenizer, examples: list[Example]) -> list[dict[str
     for example in examples:
         prompt = tokenizer.apply_chat_template(example.messages[:-1], add_generation_prompt=True)
         out.append({"prompt_ids": tokenizer.encode(prompt, add_special_tokens=False),
-                    "reference": example.messages[-1]["content"], "entry": example.entry})
+                    "reference": example.messages[-1]["content"], "entry": example.entry,
+                    "question": example.messages[-2]["content"] if len(example.messages) > 1 else ""})
     return out

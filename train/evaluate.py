@@ -1,4 +1,5 @@
-"""Held-out evaluation: token loss on held-out rows and answer accuracy by greedy decoding.
+"""Held-out evaluation: token loss on held-out rows, exact-match answer accuracy by greedy
+decoding, and its statistics (interval, before/after gain, most common answer).
 
 CLI (a benchmark scored as its harness does, see train/benchmarks.py)::
 
@@ -9,7 +10,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import re
+from collections import Counter
 from pathlib import Path
 
 import jax
@@ -48,21 +51,34 @@ def parse_answer(text: str) -> str:
 
 
 def score(prediction: str, item: dict) -> float:
-    """reasoning-gym's own scorer when the item comes from it, else exact match."""
+    """reasoning-gym's own scorer when the item comes from it (partial credit), else exact match."""
     entry = item["entry"]
     if entry is not None:
         import reasoning_gym
         dataset = reasoning_gym.get_score_answer_fn(entry["metadata"]["source_dataset"])
         return float(dataset(prediction, entry))
-    return float(prediction.strip() == item["reference"].strip())
+    return float(exact_match(prediction, item["reference"]))
 
 
-def answer_accuracy(model, tokenizer, items: list[dict], *, max_new_tokens: int, batch_size: int,
-                    samples_path: Path | None = None) -> float:
-    """Greedy completions of the held-out prompts, scored; completions saved as JSONL."""
+def exact_match(prediction: str, reference: str) -> bool:
+    """The parsed answer equals the reference: stripped text, or the same integer ("+07" == "7")."""
+    prediction, reference = prediction.strip(), str(reference).strip()
+    try:
+        return int(prediction) == int(reference)
+    except ValueError:
+        return prediction == reference
+
+
+def answer_records(model, tokenizer, items: list[dict], *, max_new_tokens: int, batch_size: int,
+                   samples_path: Path | None = None) -> list[dict]:
+    """Greedy completions of the held-out prompts, parsed and scored; saved as JSONL.
+
+    Each record: question, completion, prediction, reference, exact (0/1), score (the task's
+    scorer, which may give partial credit).
+    """
     from train.generate import generate
 
-    scores, records = [], []
+    records = []
     for start in range(0, len(items), batch_size):
         chunk = items[start:start + batch_size]
         completions = generate(model, [it["prompt_ids"] for it in chunk],
@@ -73,14 +89,64 @@ def answer_accuracy(model, tokenizer, items: list[dict], *, max_new_tokens: int,
             text = tokenizer.decode([i for i in ids if i < tokenizer.vocab_size],
                                     skip_special_tokens=True)
             prediction = parse_answer(text)
-            scores.append(score(prediction, item))
-            records.append({"completion": text, "prediction": prediction,
-                            "reference": item["reference"], "score": scores[-1]})
+            records.append({"question": item.get("question", ""), "completion": text,
+                            "prediction": prediction, "reference": item["reference"],
+                            "exact": int(exact_match(prediction, item["reference"])),
+                            "score": score(prediction, item)})
     if samples_path is not None and jax.process_index() == 0:
         with open(samples_path, "w") as f:
             for record in records:
                 f.write(json.dumps(record) + "\n")
-    return float(np.mean(scores)) if scores else float("nan")
+    return records
+
+
+def answer_accuracy(model, tokenizer, items: list[dict], **kwargs) -> float:
+    """Exact-match accuracy of the greedy completions (see `answer_records`)."""
+    return answer_stats(answer_records(model, tokenizer, items, **kwargs))["accuracy"]
+
+
+Z95 = 1.959964  # two-sided 95% normal quantile
+
+
+def answer_stats(records: list[dict]) -> dict:
+    """Exact-match accuracy with a 95% Wilson interval, the mean task score (partial credit),
+    and the most common prediction with its share of all predictions (a collapse detector)."""
+    n = len(records)
+    if not n:
+        return {"items": 0, "exact_matches": 0, "accuracy": float("nan")}
+    hits = sum(int(r["exact"]) for r in records)
+    p = hits / n
+    centre = (p + Z95**2 / (2 * n)) / (1 + Z95**2 / n)
+    half = Z95 * math.sqrt(p * (1 - p) / n + Z95**2 / (4 * n * n)) / (1 + Z95**2 / n)
+    top, top_count = Counter(r["prediction"] for r in records).most_common(1)[0]
+    return {"items": n, "exact_matches": hits, "accuracy": p,
+            "accuracy_ci95": [max(0.0, centre - half), min(1.0, centre + half)],
+            "score": float(np.mean([r["score"] for r in records])),
+            "top_answer": top, "top_answer_share": top_count / n}
+
+
+def paired_gain(before: list[dict], after: list[dict]) -> dict:
+    """After minus before exact-match accuracy on the same items, with the 95% interval of the
+    paired normal approximation (per-item differences in {-1, 0, 1})."""
+    if len(before) != len(after) or not before:
+        raise ValueError(f"paired_gain needs the same items: {len(before)} vs {len(after)}")
+    diffs = np.array([int(a["exact"]) - int(b["exact"]) for b, a in zip(before, after)], float)
+    n, gain = len(diffs), float(diffs.mean())
+    half = Z95 * float(diffs.std(ddof=1)) / math.sqrt(n) if n > 1 else float("inf")
+    return {"accuracy_gain": gain, "accuracy_gain_ci95": [gain - half, gain + half],
+            "fixed": int((diffs > 0).sum()), "broken": int((diffs < 0).sum())}
+
+
+def seeds_interval(values: list[float]) -> tuple[float, float]:
+    """Mean and the half-width of the 95% Student-t interval of per-seed values."""
+    values = np.asarray(values, float)
+    if len(values) < 2:
+        return float(values.mean()), float("inf")
+    t = _T975.get(len(values) - 1, Z95)
+    return float(values.mean()), float(t * values.std(ddof=1) / math.sqrt(len(values)))
+
+
+_T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
 
 
 def benchmark_accuracy(model, tokenizer, benchmark: str, items: list[dict], *, max_new_tokens: int,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from pathlib import Path
 
@@ -82,8 +83,10 @@ def _global_batch(batches: Batches, step: int, sharding) -> dict:
 
 
 def _evaluate(tag: str, config: Config, out: Path, eval_step, graphdef, params, rest, tokenizer,
-              eval_rows, eval_items, mesh, writer: MetricWriter, step: int) -> dict:
-    """Held-out loss and (optionally) answer accuracy; completions go to eval_<tag>.jsonl."""
+              eval_rows, eval_items, mesh, writer: MetricWriter, step: int,
+              answers: dict | None = None) -> dict:
+    """Held-out loss and (optionally) exact-match accuracy and its statistics, or a benchmark's
+    score; completions go to eval_<tag>.jsonl (and held-out answers to answers[tag])."""
     result = {}
     start = time.time()
     if eval_rows is not None:
@@ -95,18 +98,49 @@ def _evaluate(tag: str, config: Config, out: Path, eval_step, graphdef, params, 
             max_new_tokens=config.eval.max_new_tokens, batch_size=config.eval.generate_batch_size,
             samples_path=out / f"eval_{tag}.jsonl")
     elif config.eval.accuracy and eval_items:
-        result["accuracy"] = evaluate.answer_accuracy(
+        records = evaluate.answer_records(
             merge(graphdef, params, rest), tokenizer, eval_items[: config.eval.size],
             max_new_tokens=config.eval.max_new_tokens, batch_size=config.eval.generate_batch_size,
             samples_path=out / f"eval_{tag}.jsonl")
-    writer.write(step, result, "eval/")
-    shown = ", ".join(f"{k} {v:.4f}" for k, v in result.items())
+        result.update(evaluate.answer_stats(records))
+        if answers is not None:
+            answers[tag] = records
+    writer.write(step, {k: v for k, v in result.items() if isinstance(v, (int, float))}, "eval/")
+    shown = ", ".join(f"{k} {v:.4f}" for k, v in result.items()
+                      if k in ("eval_loss", "accuracy", "score", "top_answer_share"))
     _log(f"[eval {tag}] {shown} ({time.time() - start:.1f} s)")
     return result
 
 
+def _show(summary: dict) -> None:
+    """The closing printout: exact match before/after with intervals, the paired gain, held-out
+    loss, the most common answer's share, and three held-out problems before and after."""
+    lines = []
+    for tag in ("before", "after"):
+        r = summary.get(tag, {})
+        if "accuracy" in r:
+            lo, hi = r["accuracy_ci95"]
+            lines.append(f"{tag:>6}: exact match {r['exact_matches']}/{r['items']} = "
+                         f"{r['accuracy']:.1%} (95% CI {lo:.1%}-{hi:.1%}), held-out loss "
+                         f"{r.get('eval_loss', float('nan')):.3f}, most common answer "
+                         f"{r['top_answer']!r} in {r['top_answer_share']:.0%} of predictions, "
+                         f"task score (partial credit) {r['score']:.3f}")
+    if "gain" in summary:
+        g = summary["gain"]
+        lo, hi = g["accuracy_gain_ci95"]
+        lines.append(f"  gain: {g['accuracy_gain']:+.1%} exact match (paired 95% CI {lo:+.1%} to "
+                     f"{hi:+.1%}; {g['fixed']} items fixed, {g['broken']} broken)")
+    for example in summary.get("examples", []):
+        lines.append(f"  Q: {example['question']}  (answer {example['reference']})")
+        for tag in ("before", "after"):
+            lines.append(f"    {tag:>6}: {example[tag]!r}")
+    if lines:
+        _log("\n".join(["results on the held-out items:"] + lines))
+
+
 def run(config_source="configs/default.yaml", overrides=None) -> dict:
     """Runs the whole job; returns {"before": ..., "after": ..., "steps": ..., ...}."""
+    started = time.time()
     config = load_config(config_source, overrides)  # all validation happens here, before any work
     initialize_distributed(config.mesh)
     out = Path(config.train.output_dir)
@@ -155,9 +189,10 @@ def run(config_source="configs/default.yaml", overrides=None) -> dict:
 
     summary: dict = {"output_dir": str(out), "num_params": num_params, "data": report}
     writer = MetricWriter(out / "tensorboard", jax.process_index() == 0)
+    answers: dict = {}
     if config.eval.before and first_step == 0:
         summary["before"] = _evaluate("before", config, out, eval_step, graphdef, params, rest,
-                                      tokenizer, eval_rows, eval_items, mesh, writer, 0)
+                                      tokenizer, eval_rows, eval_items, mesh, writer, 0, answers)
 
     def meta(step):
         return {"step": step, "data_position": step * t.batch_size,
@@ -226,8 +261,14 @@ def run(config_source="configs/default.yaml", overrides=None) -> dict:
 
     if config.eval.after:
         summary["after"] = _evaluate("after", config, out, eval_step, graphdef, params, rest,
-                                     tokenizer, eval_rows, eval_items, mesh, writer, total_steps)
+                                     tokenizer, eval_rows, eval_items, mesh, writer, total_steps,
+                                     answers)
     writer.close()
+    if "before" in answers and "after" in answers:
+        summary["gain"] = evaluate.paired_gain(answers["before"], answers["after"])
+        summary["examples"] = [{"question": b["question"], "reference": b["reference"],
+                                "before": b["completion"], "after": a["completion"]}
+                               for b, a in list(zip(answers["before"], answers["after"]))[:3]]
     if step_times:
         median = np.float32(np.median(step_times[1:] or step_times))
         # Timings differ per process: every process returns process 0's, so summaries match.
@@ -241,8 +282,13 @@ def run(config_source="configs/default.yaml", overrides=None) -> dict:
         export_pretrained(merge(graphdef, params, rest),
                           None if isinstance(plain, ByteTokenizer) else plain, str(export_dir))
         summary["export_dir"] = str(export_dir)
+    # Process 0's wall time and load average (other jobs slow every timing), as for step times.
+    timing = np.array([time.time() - started, *os.getloadavg()], np.float32)
+    timing = [float(x) for x in multihost_utils.broadcast_one_to_all(timing)]
+    summary["wall_time_s"], summary["load_average"] = timing[0], timing[1:]
     if jax.process_index() == 0:
         (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    _show(summary)
     _log(f"outputs: {out}/ (config.yaml, train_log.jsonl, checkpoints/, eval_*.jsonl, summary.json"
          + (f", {summary['export_dir']}" if "export_dir" in summary else "") + ")")
     return summary
