@@ -38,8 +38,8 @@ def test_per_chip_memory_shrinks_as_fsdp_grows():
     assert temporaries[0] > temporaries[1] > temporaries[2], temporaries
     assert totals[0] > totals[1] > totals[2], totals
     # AdamW moments shard with their parameters; a few replicated scalars do not.
-    assert state[0] / state[1] == pytest.approx(4, rel=1e-3)
-    assert state[0] / state[2] == pytest.approx(8, rel=1e-3)
+    assert state[0] / state[1] == pytest.approx(4, rel=1e-2)
+    assert state[0] / state[2] == pytest.approx(8, rel=1e-2)
     assert all(r["fits"] and r["devices"] == 8 for r in reports)
 
 
