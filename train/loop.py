@@ -118,7 +118,10 @@ def _show(summary: dict) -> None:
     lines = []
     for tag in ("before", "after"):
         r = summary.get(tag, {})
-        if "accuracy" in r:
+        if "accuracy" in r and "accuracy_ci95" not in r:  # a benchmark's score
+            lines.append(f"{tag:>6}: benchmark accuracy {r['accuracy']:.1%}, "
+                         f"held-out loss {r.get('eval_loss', float('nan')):.3f}")
+        elif "accuracy" in r:
             lo, hi = r["accuracy_ci95"]
             lines.append(f"{tag:>6}: exact match {r['exact_matches']}/{r['items']} = "
                          f"{r['accuracy']:.1%} (95% CI {lo:.1%}-{hi:.1%}), held-out loss "
