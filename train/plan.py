@@ -36,6 +36,7 @@ from flax import nnx
 
 from train.config import Config, ConfigError, load_config
 from train.mesh import BATCH_AXES, make_mesh, param_shardings
+from train.metrics import flops_per_token
 from train.model import Llama, ModelConfig
 from train.step import build_steps
 
@@ -122,15 +123,6 @@ def collectives(hlo_text: str) -> dict:
     return dict(found)
 
 
-def model_flops_per_step(model_config: ModelConfig, num_params: int, tokens: int, length: int) -> float:
-    """6 N per token for the matmuls (N without the input embedding, which is a lookup) plus
-    causal attention, 6 * layers * heads * head_dim * length per token (fwd + bwd, half masked)."""
-    c = model_config
-    matmul_params = num_params - (0 if c.tie_word_embeddings else c.vocab_size * c.hidden_size)
-    attention = 6 * c.num_layers * c.num_heads * c.head_dim * length
-    return float(tokens * (6 * matmul_params + attention))
-
-
 def plan(config: Config, devices: list, hbm_bytes: int | None) -> dict:
     """Compiles the train and eval steps of `config` for `devices`; returns the report dict."""
     t, length = config.train, config.data.max_length
@@ -198,7 +190,8 @@ def plan(config: Config, devices: list, hbm_bytes: int | None) -> dict:
                                   + eval_memory.temp_size_in_bytes),
         "flops_per_step": cost.get("flops"),  # per device, loop bodies once (see the module doc)
         "bytes_accessed_per_step": cost.get("bytes accessed"),
-        "model_flops_per_step": model_flops_per_step(model_config, num_params, tokens, length),
+        "model_flops_per_step": tokens * flops_per_token(num_params, model_config.num_layers, length,
+                                                         model_config.hidden_size),
         "collectives": collectives(compiled.as_text()),
         "compile_s": compile_s,
     }
