@@ -24,6 +24,12 @@ from train.mesh import BATCH_AXES
 _NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
 
 
+def write_jsonl(path, records: list[dict]) -> None:
+    """One JSON object per line (completions and their scores)."""
+    with open(path, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in records)
+
+
 def held_out_loss(eval_step, params, rows: dict, batch_size: int, mesh) -> float:
     """Mean cross-entropy over the loss tokens of all held-out rows."""
     shards = mesh.shape["data"] * mesh.shape["fsdp"]
@@ -94,9 +100,7 @@ def answer_records(model, tokenizer, items: list[dict], *, max_new_tokens: int, 
                             "exact": int(exact_match(prediction, item["reference"])),
                             "score": score(prediction, item)})
     if samples_path is not None and jax.process_index() == 0:
-        with open(samples_path, "w") as f:
-            for record in records:
-                f.write(json.dumps(record) + "\n")
+        write_jsonl(samples_path, records)
     return records
 
 
@@ -158,9 +162,7 @@ def benchmark_accuracy(model, tokenizer, benchmark: str, items: list[dict], *, m
                                       max_new_tokens=max_new_tokens, batch_size=batch_size)
     value, records = benchmarks.score_benchmark(benchmark, items, texts)
     if samples_path is not None and jax.process_index() == 0:
-        with open(samples_path, "w") as f:
-            for record in records:
-                f.write(json.dumps(record) + "\n")
+        write_jsonl(samples_path, records)
     return value
 
 
@@ -197,8 +199,7 @@ def main(argv=None) -> None:
                                           max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
     value, records = benchmarks.score_benchmark(args.benchmark, items, texts, args.timeout)
     if args.output:
-        with open(args.output, "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in records)
+        write_jsonl(args.output, records)
     correct = sum(r.get("passed", r.get("score")) for r in records)
     name = "pass@1" if args.benchmark == "humaneval" else "accuracy"
     print(f"{args.benchmark} {name} {value:.4f} ({int(correct)}/{len(records)})")
