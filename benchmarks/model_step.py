@@ -20,9 +20,19 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SMOLLM2 = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=30,
-               num_heads=9, num_kv_heads=3, head_dim=64, rms_norm_eps=1e-5,
-               rope_theta=100000.0, max_position_embeddings=8192, tie_word_embeddings=True)
+SMOLLM2 = dict(
+  vocab_size=49152,
+  hidden_size=576,
+  intermediate_size=1536,
+  num_layers=30,
+  num_heads=9,
+  num_kv_heads=3,
+  head_dim=64,
+  rms_norm_eps=1e-5,
+  rope_theta=100000.0,
+  max_position_embeddings=8192,
+  tie_word_embeddings=True,
+)
 BATCH, SEQ = 4, 256
 PROMPT, NEW_TOKENS = 32, 128
 
@@ -44,6 +54,7 @@ def jax_train(steps, optimizer, remat=False, dtype="float32"):
   import jax.numpy as jnp
   import optax
   from flax import nnx
+
   from train.model import Llama, ModelConfig
 
   dtype = jnp.dtype(dtype)
@@ -80,6 +91,7 @@ def jax_train(steps, optimizer, remat=False, dtype="float32"):
 
 def jax_decode(steps, batch=1):
   from flax import nnx
+
   from train.generate import generate
   from train.model import Llama, ModelConfig
 
@@ -93,18 +105,26 @@ def jax_decode(steps, batch=1):
 def _torch_model():
   import torch
   import transformers
+
   torch.manual_seed(0)
   config = transformers.LlamaConfig(
-      vocab_size=SMOLLM2["vocab_size"], hidden_size=SMOLLM2["hidden_size"],
-      intermediate_size=SMOLLM2["intermediate_size"], num_hidden_layers=SMOLLM2["num_layers"],
-      num_attention_heads=SMOLLM2["num_heads"], num_key_value_heads=SMOLLM2["num_kv_heads"],
-      rms_norm_eps=SMOLLM2["rms_norm_eps"], rope_theta=SMOLLM2["rope_theta"],
-      max_position_embeddings=SMOLLM2["max_position_embeddings"], tie_word_embeddings=True)
+    vocab_size=SMOLLM2["vocab_size"],
+    hidden_size=SMOLLM2["hidden_size"],
+    intermediate_size=SMOLLM2["intermediate_size"],
+    num_hidden_layers=SMOLLM2["num_layers"],
+    num_attention_heads=SMOLLM2["num_heads"],
+    num_key_value_heads=SMOLLM2["num_kv_heads"],
+    rms_norm_eps=SMOLLM2["rms_norm_eps"],
+    rope_theta=SMOLLM2["rope_theta"],
+    max_position_embeddings=SMOLLM2["max_position_embeddings"],
+    tie_word_embeddings=True,
+  )
   return transformers.LlamaForCausalLM(config)
 
 
 def torch_train(steps, optimizer):
   import torch
+
   model = _torch_model()
   ids = torch.randint(0, SMOLLM2["vocab_size"], (BATCH, SEQ))
   opt = torch.optim.AdamW(model.parameters(), lr=1e-4) if optimizer else None
@@ -122,13 +142,20 @@ def torch_train(steps, optimizer):
 
 def torch_decode(steps, batch=1):
   import torch
+
   model = _torch_model().eval()
   ids = torch.arange(10, 10 + PROMPT)[None].repeat(batch, 1)
 
   def run():
     with torch.no_grad():
-      model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW_TOKENS,
-                     min_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0)
+      model.generate(
+        ids,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=NEW_TOKENS,
+        min_new_tokens=NEW_TOKENS,
+        do_sample=False,
+        pad_token_id=0,
+      )
 
   seconds = _timed(run, max(1, steps // 2))
   return {"s_per_step": seconds, "tokens_per_s": batch * NEW_TOKENS / seconds}
@@ -138,8 +165,10 @@ def load_gguf(steps):
   del steps
   import jax
   import jax.numpy as jnp
-  from train.pretrained import default_gguf_path, load_pretrained
+
   from train.model import num_params
+  from train.pretrained import default_gguf_path, load_pretrained
+
   jnp.zeros(1).block_until_ready()  # count the runtime itself in the baseline
   path = default_gguf_path()
   with open("/proc/self/status") as f:
@@ -149,35 +178,45 @@ def load_gguf(steps):
   seconds = time.perf_counter() - start
   model_mb = num_params(model) * 4 / 2**20
   growth = _peak_rss_mb() - base
-  return {"s_per_step": seconds, "model_mb": model_mb, "load_growth_mb": growth,
-          "ratio": growth / model_mb, "devices": jax.device_count()}
+  return {
+    "s_per_step": seconds,
+    "model_mb": model_mb,
+    "load_growth_mb": growth,
+    "ratio": growth / model_mb,
+    "devices": jax.device_count(),
+  }
 
 
 WORKERS = {
-    "jax_fwd_bwd": lambda s: jax_train(s, optimizer=False),
-    "jax_adamw": lambda s: jax_train(s, optimizer=True),
-    "jax_adamw_remat": lambda s: jax_train(s, optimizer=True, remat=True),
-    "jax_decode": jax_decode,
-    "jax_decode_b4": lambda s: jax_decode(s, batch=4),
-    "torch_fwd_bwd": lambda s: torch_train(s, optimizer=False),
-    "torch_adamw": lambda s: torch_train(s, optimizer=True),
-    "torch_decode": torch_decode,
-    "torch_decode_b4": lambda s: torch_decode(s, batch=4),
-    "load_gguf": load_gguf,
+  "jax_fwd_bwd": lambda s: jax_train(s, optimizer=False),
+  "jax_adamw": lambda s: jax_train(s, optimizer=True),
+  "jax_adamw_remat": lambda s: jax_train(s, optimizer=True, remat=True),
+  "jax_decode": jax_decode,
+  "jax_decode_b4": lambda s: jax_decode(s, batch=4),
+  "torch_fwd_bwd": lambda s: torch_train(s, optimizer=False),
+  "torch_adamw": lambda s: torch_train(s, optimizer=True),
+  "torch_decode": torch_decode,
+  "torch_decode_b4": lambda s: torch_decode(s, batch=4),
+  "load_gguf": load_gguf,
 }
 ROWS = [
-    ("train step fwd+bwd, 4x256", "jax_fwd_bwd", "torch_fwd_bwd"),
-    ("train step fwd+bwd+AdamW, 4x256", "jax_adamw", "torch_adamw"),
-    ("train step + AdamW, remat", "jax_adamw_remat", None),
-    (f"greedy decode, batch 1, {PROMPT}+{NEW_TOKENS}", "jax_decode", "torch_decode"),
-    (f"greedy decode, batch 4, {PROMPT}+{NEW_TOKENS}", "jax_decode_b4", "torch_decode_b4"),
+  ("train step fwd+bwd, 4x256", "jax_fwd_bwd", "torch_fwd_bwd"),
+  ("train step fwd+bwd+AdamW, 4x256", "jax_adamw", "torch_adamw"),
+  ("train step + AdamW, remat", "jax_adamw_remat", None),
+  (f"greedy decode, batch 1, {PROMPT}+{NEW_TOKENS}", "jax_decode", "torch_decode"),
+  (f"greedy decode, batch 4, {PROMPT}+{NEW_TOKENS}", "jax_decode_b4", "torch_decode_b4"),
 ]
 
 
 def _run_worker(name, steps):
   env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-  proc = subprocess.run([sys.executable, __file__, "--worker", name, "--steps", str(steps)],
-                        capture_output=True, text=True, env=env, check=False)
+  proc = subprocess.run(
+    [sys.executable, __file__, "--worker", name, "--steps", str(steps)],
+    capture_output=True,
+    text=True,
+    env=env,
+    check=False,
+  )
   if proc.returncode != 0:
     print(f"{name} failed:\n{proc.stderr[-2000:]}", file=sys.stderr)
     return None
@@ -193,6 +232,7 @@ def main():
   if args.worker:
     if args.worker.startswith("torch"):
       import torch
+
       torch.set_num_threads(os.cpu_count())
     result = WORKERS[args.worker](args.steps)
     result["peak_rss_mb"] = _peak_rss_mb()
@@ -202,25 +242,38 @@ def main():
   try:
     import torch  # noqa: F401  pylint: disable=unused-import
     import transformers  # noqa: F401  pylint: disable=unused-import
+
     have_torch = not args.skip_torch
   except ImportError:
     have_torch = False
-  cell = lambda r: "n/a" if r is None else (
-      f"{r['tokens_per_s']:.0f} tok/s ({r['s_per_step']:.2f} s), {r['peak_rss_mb'] / 1024:.2f} GB")
-  print(f"CPU cores: {os.cpu_count()}; SmolLM2-135M shape, float32, random init; "
-        f"mean of {args.steps} steps after one warm-up step.\n")
+  cell = lambda r: (
+    "n/a"
+    if r is None
+    else (
+      f"{r['tokens_per_s']:.0f} tok/s ({r['s_per_step']:.2f} s), {r['peak_rss_mb'] / 1024:.2f} GB"
+    )
+  )
+  print(
+    f"CPU cores: {os.cpu_count()}; SmolLM2-135M shape, float32, random init; "
+    f"mean of {args.steps} steps after one warm-up step.\n"
+  )
   print("| measurement | Flax NNX (this repo) | PyTorch transformers |")
   print("| --- | --- | --- |")
   for label, jax_name, torch_name in ROWS:
     jax_result = _run_worker(jax_name, args.steps)
     torch_result = _run_worker(torch_name, args.steps) if have_torch and torch_name else None
-    print(f"| {label} | {cell(jax_result)} | "
-          f"{cell(torch_result) if torch_name and have_torch else 'n/a'} |", flush=True)
+    print(
+      f"| {label} | {cell(jax_result)} | "
+      f"{cell(torch_result) if torch_name and have_torch else 'n/a'} |",
+      flush=True,
+    )
   load = _run_worker("load_gguf", 1)
   if load:
-    print(f"\nload_pretrained(SmolLM2-135M-Instruct.Q4_1.gguf): {load['s_per_step']:.1f} s, "
-          f"RSS growth {load['load_growth_mb']:.0f} MB for a {load['model_mb']:.0f} MB float32 "
-          f"model ({load['ratio']:.2f}x), peak RSS {load['peak_rss_mb']:.0f} MB")
+    print(
+      f"\nload_pretrained(SmolLM2-135M-Instruct.Q4_1.gguf): {load['s_per_step']:.1f} s, "
+      f"RSS growth {load['load_growth_mb']:.0f} MB for a {load['model_mb']:.0f} MB float32 "
+      f"model ({load['ratio']:.2f}x), peak RSS {load['peak_rss_mb']:.0f} MB"
+    )
 
 
 if __name__ == "__main__":

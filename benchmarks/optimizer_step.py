@@ -27,9 +27,9 @@ import gmt_optax
 
 # (vocab, d_model, d_ff, layers, q heads, kv heads)
 SHAPES = {
-    "tiny": (4096, 128, 384, 2, 4, 2),
-    "135m": (49152, 576, 1536, 30, 9, 3),
-    "1b": (128256, 2048, 8192, 16, 32, 8),
+  "tiny": (4096, 128, 384, 2, 4, 2),
+  "135m": (49152, 576, 1536, 30, 9, 3),
+  "1b": (128256, 2048, 8192, 16, 32, 8),
 }
 
 
@@ -39,20 +39,20 @@ def llama_tree(name: str, dtype) -> dict:
   shapes = {"embed": (vocab, d), "final_norm": (d,)}
   for i in range(layers):
     shapes |= {
-        f"layer{i}/q": (d, heads * head_dim),
-        f"layer{i}/k": (d, kv_heads * head_dim),
-        f"layer{i}/v": (d, kv_heads * head_dim),
-        f"layer{i}/o": (heads * head_dim, d),
-        f"layer{i}/gate": (d, ff),
-        f"layer{i}/up": (d, ff),
-        f"layer{i}/down": (ff, d),
-        f"layer{i}/attn_norm": (d,),
-        f"layer{i}/mlp_norm": (d,),
+      f"layer{i}/q": (d, heads * head_dim),
+      f"layer{i}/k": (d, kv_heads * head_dim),
+      f"layer{i}/v": (d, kv_heads * head_dim),
+      f"layer{i}/o": (heads * head_dim, d),
+      f"layer{i}/gate": (d, ff),
+      f"layer{i}/up": (d, ff),
+      f"layer{i}/down": (ff, d),
+      f"layer{i}/attn_norm": (d,),
+      f"layer{i}/mlp_norm": (d,),
     }
   keys = jax.random.split(jax.random.PRNGKey(0), len(shapes))
   return {
-      name: (jax.random.normal(k, shape, jnp.float32) * 0.02).astype(dtype)
-      for k, (name, shape) in zip(keys, shapes.items())
+    name: (jax.random.normal(k, shape, jnp.float32) * 0.02).astype(dtype)
+    for k, (name, shape) in zip(keys, shapes.items())
   }
 
 
@@ -95,38 +95,41 @@ def main():
   parser.add_argument("--grad-dtype", default="float32")
   parser.add_argument("--mask-ratio", type=float, default=0.5)
   parser.add_argument("--repeats", type=int, default=5)
-  parser.add_argument("--only", default="",
-                      help="time only the rows whose name contains this")
-  parser.add_argument("--skip-exact", action="store_true",
-                      help="skip the sort-based reference (slow on CPU)")
+  parser.add_argument("--only", default="", help="time only the rows whose name contains this")
+  parser.add_argument(
+    "--skip-exact", action="store_true", help="skip the sort-based reference (slow on CPU)"
+  )
   args = parser.parse_args()
 
   params = llama_tree(args.model, jnp.float32)
-  grads = jax.tree_util.tree_map(
-      lambda p: (p * 0.1).astype(args.grad_dtype), params)
+  grads = jax.tree_util.tree_map(lambda p: (p * 0.1).astype(args.grad_dtype), params)
   n = sum(p.size for p in jax.tree_util.tree_leaves(params))
   adamw = optax.adamw(1e-4)
   r = args.mask_ratio
   single = {"adamw": adamw}  # the baseline, popped below
-  selections = ["auto", "sample", "bisect"] + ([] if args.skip_exact
-                                                else ["exact"])
+  selections = ["auto", "sample", "bisect"] + ([] if args.skip_exact else ["exact"])
   for selection in selections:
     single[f"gradient_mask({selection}) + adamw"] = optax.chain(
-        gmt_optax.gradient_mask(r, selection=selection), adamw)
+      gmt_optax.gradient_mask(r, selection=selection), adamw
+    )
   single["gradient_mask(auto, global) + adamw"] = optax.chain(
-      gmt_optax.gradient_mask(r, granularity="global"), adamw)
+    gmt_optax.gradient_mask(r, granularity="global"), adamw
+  )
   single["random_mask + adamw"] = optax.chain(gmt_optax.random_mask(r), adamw)
   accumulated = {
-      "adamw, MultiSteps(4)": optax.MultiSteps(adamw, 4),
-      "gmt(accumulation_steps=4)": gmt_optax.gmt(adamw, r, accumulation_steps=4),
-      "MultiSteps(chain(gradient_mask, adamw), 4)": optax.MultiSteps(
-          optax.chain(gmt_optax.gradient_mask(r), adamw), 4),
+    "adamw, MultiSteps(4)": optax.MultiSteps(adamw, 4),
+    "gmt(accumulation_steps=4)": gmt_optax.gmt(adamw, r, accumulation_steps=4),
+    "MultiSteps(chain(gradient_mask, adamw), 4)": optax.MultiSteps(
+      optax.chain(gmt_optax.gradient_mask(r), adamw), 4
+    ),
   }
 
-  print(f"# {args.model}: {n / 1e6:.1f}M parameters in "
-        f"{len(params)} leaves, {args.grad_dtype} grads, mask_ratio {r}, "
-        f"{jax.devices()[0].platform} x{jax.device_count()}, jax "
-        f"{jax.__version__}")
+  print(
+    f"# {args.model}: {n / 1e6:.1f}M parameters in "
+    f"{len(params)} leaves, {args.grad_dtype} grads, mask_ratio {r}, "
+    f"{jax.devices()[0].platform} x{jax.device_count()}, jax "
+    f"{jax.__version__}"
+  )
   # Each row is timed against its own interleaved adamw runs (one
   # parameter copy and optimizer state per row: the 135M tree needs ~4 GB).
   baseline = compiled_update(single.pop("adamw"), params, grads, 1)
@@ -138,10 +141,11 @@ def main():
     if args.only not in name:
       continue
     base, seconds = paired_medians(
-        lambda: [baseline() for _ in range(calls)],
-        compiled_update(tx, params, grads, calls), args.repeats)
-    print(f"| {name} | {seconds:.3f} | {base:.3f} | {seconds / base:.2f} |",
-          flush=True)
+      lambda: [baseline() for _ in range(calls)],
+      compiled_update(tx, params, grads, calls),
+      args.repeats,
+    )
+    print(f"| {name} | {seconds:.3f} | {base:.3f} | {seconds / base:.2f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -27,59 +27,62 @@ from train.step import build_steps
 
 
 def main():
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--config", default="configs/default.yaml")
-    parser.add_argument("--steps", type=int, default=5)
-    parser.add_argument("--methods", default="sft,gmt")
-    parser.add_argument("overrides", nargs="*")
-    args = parser.parse_args()
-    config = load_config(args.config, args.overrides)
-    mesh = make_mesh(config.mesh)
-    graphdef, params, rest, p_shardings, tokenizer = load_model(config, mesh)
-    train_rows, _, _, _ = prepare(config.data, tokenizer)
-    t = config.train
-    batches = Batches(train_rows, t.batch_size, t.micro_batch_size, config.data.shuffle_seed)
-    print(f"{jax.device_count()} {jax.devices()[0].platform} device(s); batch {t.batch_size} rows "
-          f"x {config.data.max_length} tokens, micro-batch {t.micro_batch_size}")
+  parser = argparse.ArgumentParser()
+  parser.add_argument("--config", default="configs/default.yaml")
+  parser.add_argument("--steps", type=int, default=5)
+  parser.add_argument("--methods", default="sft,gmt")
+  parser.add_argument("overrides", nargs="*")
+  args = parser.parse_args()
+  config = load_config(args.config, args.overrides)
+  mesh = make_mesh(config.mesh)
+  graphdef, params, rest, p_shardings, tokenizer = load_model(config, mesh)
+  train_rows, _, _, _ = prepare(config.data, tokenizer)
+  t = config.train
+  batches = Batches(train_rows, t.batch_size, t.micro_batch_size, config.data.shuffle_seed)
+  print(
+    f"{jax.device_count()} {jax.devices()[0].platform} device(s); batch {t.batch_size} rows "
+    f"x {config.data.max_length} tokens, micro-batch {t.micro_batch_size}"
+  )
 
-    # Build and compile every method first, then interleave their timed steps
-    # (round-robin), so that load from other processes hits all methods alike.
-    methods, compile_s, states, steps = args.methods.split(","), {}, {}, {}
+  # Build and compile every method first, then interleave their timed steps
+  # (round-robin), so that load from other processes hits all methods alike.
+  methods, compile_s, states, steps = args.methods.split(","), {}, {}, {}
+  for method in methods:
+    opt = dataclasses.replace(config.optimizer, method=method)
+    built = build_steps(graphdef, rest, params, p_shardings, opt, args.steps + 1, mesh)
+    opt_state = jax.jit(built.tx.init, out_shardings=built.shardings["opt_state"])(params)
+    shardings, step_fn = built.shardings, built.train
+    p = jax.tree.map(jnp.copy, params)  # donation consumes it: each method owns a copy
+    tick = time.perf_counter()
+    steps[method] = step_fn.lower(
+      p, opt_state, _global_batch(batches, 0, shardings["batch"]), jnp.int32(0)
+    ).compile()
+    compile_s[method] = time.perf_counter() - tick
+    states[method] = (p, opt_state)
+  times = {m: [] for m in methods}
+  tokens = []
+  for step in range(args.steps + 1):
+    batch = _global_batch(batches, step, batch_sharding(mesh))
+    tokens.append(int((train_rows["segment_ids"][batches.row_ids(step)] > 0).sum()))
     for method in methods:
-        opt = dataclasses.replace(config.optimizer, method=method)
-        built = build_steps(graphdef, rest, params, p_shardings, opt, args.steps + 1, mesh)
-        opt_state = jax.jit(built.tx.init, out_shardings=built.shardings["opt_state"])(params)
-        shardings, step_fn = built.shardings, built.train
-        p = jax.tree.map(jnp.copy, params)  # donation consumes it: each method owns a copy
-        tick = time.perf_counter()
-        steps[method] = step_fn.lower(p, opt_state, _global_batch(batches, 0, shardings["batch"]),
-                                      jnp.int32(0)).compile()
-        compile_s[method] = time.perf_counter() - tick
-        states[method] = (p, opt_state)
-    times = {m: [] for m in methods}
-    tokens = []
-    for step in range(args.steps + 1):
-        batch = _global_batch(batches, step, batch_sharding(mesh))
-        tokens.append(int((train_rows["segment_ids"][batches.row_ids(step)] > 0).sum()))
-        for method in methods:
-            tick = time.perf_counter()
-            p, opt_state, metrics = steps[method](*states[method], batch, jnp.int32(step))
-            jax.block_until_ready(metrics)
-            times[method].append(time.perf_counter() - tick)
-            states[method] = (p, opt_state)
-    rows = []
-    for method in methods:
-        seconds = float(np.median(times[method][1:]))  # the first step is a warm-up
-        rows.append((method, compile_s[method], seconds, float(np.mean(tokens[1:])) / seconds))
-    sft = dict((r[0], r[2]) for r in rows).get("sft")
-    print("\n| method | compile s | s/step (median) | tokens/s | ratio to sft |")
-    print("| --- | --- | --- | --- | --- |")
-    for method, compile_s, seconds, tps in rows:
-        ratio = f"{seconds / sft:.3f}" if sft else "-"
-        print(f"| {method} | {compile_s:.1f} | {seconds:.3f} | {tps:.0f} | {ratio} |")
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    print(f"\npeak RSS {peak:.2f} GiB")
+      tick = time.perf_counter()
+      p, opt_state, metrics = steps[method](*states[method], batch, jnp.int32(step))
+      jax.block_until_ready(metrics)
+      times[method].append(time.perf_counter() - tick)
+      states[method] = (p, opt_state)
+  rows = []
+  for method in methods:
+    seconds = float(np.median(times[method][1:]))  # the first step is a warm-up
+    rows.append((method, compile_s[method], seconds, float(np.mean(tokens[1:])) / seconds))
+  sft = dict((r[0], r[2]) for r in rows).get("sft")
+  print("\n| method | compile s | s/step (median) | tokens/s | ratio to sft |")
+  print("| --- | --- | --- | --- | --- |")
+  for method, compile_s, seconds, tps in rows:
+    ratio = f"{seconds / sft:.3f}" if sft else "-"
+    print(f"| {method} | {compile_s:.1f} | {seconds:.3f} | {tps:.0f} | {ratio} |")
+  peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+  print(f"\npeak RSS {peak:.2f} GiB")
 
 
 if __name__ == "__main__":
-    main()
+  main()

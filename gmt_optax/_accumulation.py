@@ -35,10 +35,10 @@ class MaskedUpdateState(NamedTuple):
 
 
 def accumulate_gradients(
-    inner: optax.GradientTransformation,
-    accumulation_steps: int,
-    *,
-    accumulator_dtype: Optional[jnp.dtype] = None,
+  inner: optax.GradientTransformation,
+  accumulation_steps: int,
+  *,
+  accumulator_dtype: Optional[jnp.dtype] = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Averages gradients over micro-steps; runs ``inner`` only on the last.
 
@@ -72,45 +72,42 @@ def accumulate_gradients(
     >>> tx = gmt_optax.accumulate_gradients(optax.adamw(1e-5), 4)
   """
   if not isinstance(accumulation_steps, int) or accumulation_steps < 1:
-    raise ValueError(
-        f"accumulation_steps must be an int >= 1, got {accumulation_steps!r}.")
+    raise ValueError(f"accumulation_steps must be an int >= 1, got {accumulation_steps!r}.")
   inner = optax.with_extra_args_support(inner)
 
   def init_fn(params):
     return AccumulationState(
-        mini_step=_masking.replicate_like(params, jnp.zeros([], jnp.int32)),
-        # zeros_like keeps each parameter's sharding.
-        grad_mean=jax.tree_util.tree_map(
-            lambda p: jnp.zeros_like(p, dtype=accumulator_dtype or p.dtype),
-            params),
-        inner_state=inner.init(params),
+      mini_step=_masking.replicate_like(params, jnp.zeros([], jnp.int32)),
+      # zeros_like keeps each parameter's sharding.
+      grad_mean=jax.tree_util.tree_map(
+        lambda p: jnp.zeros_like(p, dtype=accumulator_dtype or p.dtype), params
+      ),
+      inner_state=inner.init(params),
     )
 
   def update_fn(updates, state, params=None, **extra_args):
     grad_mean = jax.tree_util.tree_map(
-        lambda a, g: a + g.astype(a.dtype) / accumulation_steps,
-        state.grad_mean, updates)
+      lambda a, g: a + g.astype(a.dtype) / accumulation_steps, state.grad_mean, updates
+    )
     is_update_step = state.mini_step == accumulation_steps - 1
 
     def apply_inner(inner_state):
-      mean = jax.tree_util.tree_map(
-          lambda a, g: a.astype(g.dtype), grad_mean, updates)
+      mean = jax.tree_util.tree_map(lambda a, g: a.astype(g.dtype), grad_mean, updates)
       return inner.update(mean, inner_state, params, **extra_args)
 
     def skip_inner(inner_state):
       shapes = jax.eval_shape(apply_inner, inner_state)[0]
-      return (jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype),
-                                     shapes), inner_state)
+      return (jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes), inner_state)
 
-    new_updates, inner_state = lax.cond(is_update_step, apply_inner,
-                                        skip_inner, state.inner_state)
+    new_updates, inner_state = lax.cond(is_update_step, apply_inner, skip_inner, state.inner_state)
     # A select outside the cond: fused with the sum, no copy of the buffer.
     grad_mean = jax.tree_util.tree_map(
-        lambda a: jnp.where(is_update_step, jnp.zeros_like(a), a), grad_mean)
+      lambda a: jnp.where(is_update_step, jnp.zeros_like(a), a), grad_mean
+    )
     return new_updates, AccumulationState(
-        mini_step=(state.mini_step + 1) % accumulation_steps,
-        grad_mean=grad_mean,
-        inner_state=inner_state,
+      mini_step=(state.mini_step + 1) % accumulation_steps,
+      grad_mean=grad_mean,
+      inner_state=inner_state,
     )
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
@@ -124,33 +121,36 @@ def _mask_then_inner(inner, mask_ratio, seed, mask_options):
 
   def init_fn(params):
     return MaskedUpdateState(
-        mask_state=_masking.init_state(_masking.GradientMaskState, seed,
-                                       params),
-        inner_state=inner.init(params))
+      mask_state=_masking.init_state(_masking.GradientMaskState, seed, params),
+      inner_state=inner.init(params),
+    )
 
   def update_fn(updates, state, params=None, **extra_args):
     mask_state = state.mask_state
     keep, kept = keep_masks(updates, mask_state.count, mask_state.rng_key)
     new_updates, inner_state = inner.update(
-        _masking.apply_keep_masks(updates, keep), state.inner_state, params,
-        **extra_args)
+      _masking.apply_keep_masks(updates, keep), state.inner_state, params, **extra_args
+    )
     mask_state = mask_state._replace(
-        count=optax.safe_increment(mask_state.count), kept_fraction=kept)
-    return (_masking.apply_keep_masks(new_updates, keep),
-            MaskedUpdateState(mask_state, inner_state))
+      count=optax.safe_increment(mask_state.count), kept_fraction=kept
+    )
+    return (
+      _masking.apply_keep_masks(new_updates, keep),
+      MaskedUpdateState(mask_state, inner_state),
+    )
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
 def gmt(
-    inner: optax.GradientTransformation,
-    mask_ratio: _masking.MaskRatio,
-    *,
-    accumulation_steps: int = 1,
-    mask_updates: bool = False,
-    accumulator_dtype: Optional[jnp.dtype] = None,
-    seed: int = 0,
-    **gradient_mask_options,
+  inner: optax.GradientTransformation,
+  mask_ratio: _masking.MaskRatio,
+  *,
+  accumulation_steps: int = 1,
+  mask_updates: bool = False,
+  accumulator_dtype: Optional[jnp.dtype] = None,
+  seed: int = 0,
+  **gradient_mask_options,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Gradient-Mask Tuning: accumulate, mask the mean gradient, then ``inner``.
 
@@ -196,9 +196,8 @@ def gmt(
     step = _mask_then_inner(inner, mask_ratio, seed, gradient_mask_options)
   else:
     step = optax.chain(
-        _masking.gradient_mask(mask_ratio, seed=seed, **gradient_mask_options),
-        inner)
+      _masking.gradient_mask(mask_ratio, seed=seed, **gradient_mask_options), inner
+    )
   if accumulation_steps == 1:
     return optax.with_extra_args_support(step)
-  return accumulate_gradients(step, accumulation_steps,
-                              accumulator_dtype=accumulator_dtype)
+  return accumulate_gradients(step, accumulation_steps, accumulator_dtype=accumulator_dtype)

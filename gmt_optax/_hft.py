@@ -31,13 +31,13 @@ class HFTState(NamedTuple):
 
 
 def hft(
-    inner: optax.GradientTransformation,
-    *,
-    freeze_fraction: float = 0.5,
-    period: int = 100,
-    seed: int = 0,
-    mask: Optional[_masking.LeafMask] = None,
-    stacked_axes: _masking.StackedAxes = None,
+  inner: optax.GradientTransformation,
+  *,
+  freeze_fraction: float = 0.5,
+  period: int = 100,
+  seed: int = 0,
+  mask: Optional[_masking.LeafMask] = None,
+  stacked_axes: _masking.StackedAxes = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Freezes a random ``freeze_fraction`` of the parameter matrices.
 
@@ -84,8 +84,7 @@ def hft(
     <https://arxiv.org/abs/2404.18466>`_, 2024.
   """
   if not 0.0 <= freeze_fraction <= 1.0:
-    raise ValueError(
-        f"freeze_fraction must be in [0, 1], got {freeze_fraction!r}.")
+    raise ValueError(f"freeze_fraction must be in [0, 1], got {freeze_fraction!r}.")
   if not isinstance(period, int) or period < 1:
     raise ValueError(f"period must be an int >= 1, got {period!r}.")
   _masking.check_stacked_axes(stacked_axes)
@@ -100,13 +99,14 @@ def hft(
     """Leaves, treedef and, per leaf, its stacked shape (``None`` when it is
     not in the draw)."""
     leaves, treedef, selected = _masking.selected_leaves(tree, mask)
-    stacked = _masking.leaf_stacked_axes(tree, leaves, treedef, selected,
-                                         stacked_axes)
+    stacked = _masking.leaf_stacked_axes(tree, leaves, treedef, selected, stacked_axes)
     if mask is None:
-      selected = [s and x.ndim - a >= 2
-                  for x, a, s in zip(leaves, stacked, selected)]
-    return leaves, treedef, [x.shape[:a] if s else None
-                             for x, a, s in zip(leaves, stacked, selected)]
+      selected = [s and x.ndim - a >= 2 for x, a, s in zip(leaves, stacked, selected)]
+    return (
+      leaves,
+      treedef,
+      [x.shape[:a] if s else None for x, a, s in zip(leaves, stacked, selected)],
+    )
 
   def freeze(tree, frozen):
     leaves, treedef, stacked_shapes = matrices(tree)
@@ -114,29 +114,30 @@ def hft(
     for x, shape in zip(leaves, stacked_shapes):
       if shape is not None:
         size = math.prod(shape)
-        frozen_here = frozen[start:start + size].reshape(
-            shape + (1,) * (x.ndim - len(shape)))
+        frozen_here = frozen[start : start + size].reshape(shape + (1,) * (x.ndim - len(shape)))
         x = jnp.where(frozen_here, jnp.zeros_like(x), x)
         start += size
       out.append(x)
     return treedef.unflatten(out)
 
   def init_fn(params):
-    num_selected = sum(math.prod(shape) for shape in matrices(params)[2]
-                       if shape is not None)
+    num_selected = sum(math.prod(shape) for shape in matrices(params)[2] if shape is not None)
     rng_key = jax.random.PRNGKey(seed)
     count, rng_key, frozen = _masking.replicate_like(
-        params, (jnp.zeros([], jnp.int32), rng_key,
-                 draw(rng_key, 0, num_selected)))
-    return HFTState(count=count, rng_key=rng_key, frozen=frozen,
-                    inner_state=inner.init(params))
+      params, (jnp.zeros([], jnp.int32), rng_key, draw(rng_key, 0, num_selected))
+    )
+    return HFTState(count=count, rng_key=rng_key, frozen=frozen, inner_state=inner.init(params))
 
   def update_fn(updates, state, params=None, **extra_args):
     frozen = draw(state.rng_key, state.count, state.frozen.shape[0])
     new_updates, inner_state = inner.update(
-        freeze(updates, frozen), state.inner_state, params, **extra_args)
+      freeze(updates, frozen), state.inner_state, params, **extra_args
+    )
     return freeze(new_updates, frozen), HFTState(
-        count=optax.safe_increment(state.count), rng_key=state.rng_key,
-        frozen=frozen, inner_state=inner_state)
+      count=optax.safe_increment(state.count),
+      rng_key=state.rng_key,
+      frozen=frozen,
+      inner_state=inner_state,
+    )
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

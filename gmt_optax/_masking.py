@@ -49,8 +49,8 @@ class RandomMaskState(NamedTuple):
 def _check_ratio(mask_ratio) -> None:
   if isinstance(mask_ratio, (int, float)) and not 0.0 <= mask_ratio < 1.0:
     raise ValueError(
-        f"mask_ratio must be in [0, 1) (the fraction of entries zeroed), "
-        f"got {mask_ratio!r}.")
+      f"mask_ratio must be in [0, 1) (the fraction of entries zeroed), got {mask_ratio!r}."
+    )
 
 
 def _ratio_at(mask_ratio: MaskRatio, count: jax.Array):
@@ -63,19 +63,26 @@ def replicate_like(params, state):
   update returns it; a no-op otherwise (unsharded, abstract or traced)."""
   for leaf in jax.tree_util.tree_leaves(params):
     sharding = getattr(leaf, "sharding", None)
-    if (isinstance(leaf, jax.Array) and not isinstance(leaf, jax.core.Tracer)
-        and isinstance(sharding, jax.sharding.NamedSharding)):
-      return jax.device_put(state, jax.sharding.NamedSharding(
-          sharding.mesh, jax.sharding.PartitionSpec()))
+    if (
+      isinstance(leaf, jax.Array)
+      and not isinstance(leaf, jax.core.Tracer)
+      and isinstance(sharding, jax.sharding.NamedSharding)
+    ):
+      return jax.device_put(
+        state, jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
+      )
   return state
 
 
 def init_state(state_type, seed, params):
-  return replicate_like(params, state_type(
+  return replicate_like(
+    params,
+    state_type(
       count=jnp.zeros([], jnp.int32),
       rng_key=jax.random.PRNGKey(seed),
       kept_fraction=jnp.ones([], jnp.float32),
-  ))
+    ),
+  )
 
 
 def leaf_values(option, updates, treedef) -> list:
@@ -84,8 +91,8 @@ def leaf_values(option, updates, treedef) -> list:
   ``optax.masked``."""
   tree = option(updates) if callable(option) else option
   broadcast = jax.tree_util.tree_map(
-      lambda value, sub: jax.tree_util.tree_map(lambda _: value, sub),
-      tree, updates)
+    lambda value, sub: jax.tree_util.tree_map(lambda _: value, sub), tree, updates
+  )
   return treedef.flatten_up_to(broadcast)
 
 
@@ -96,38 +103,40 @@ def selected_leaves(updates, mask: Optional[LeafMask]):
   ``mask`` (a pytree prefix of bools or a callable, as in ``optax.masked``).
   """
   leaves, treedef = jax.tree_util.tree_flatten(updates)
-  chosen = ([True] * len(leaves) if mask is None else
-            [bool(m) for m in leaf_values(mask, updates, treedef)])
+  chosen = (
+    [True] * len(leaves) if mask is None else [bool(m) for m in leaf_values(mask, updates, treedef)]
+  )
   selected = [
-      c and hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.floating)
-      and x.size > 0
-      for c, x in zip(chosen, leaves)
+    c and hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.floating) and x.size > 0
+    for c, x in zip(chosen, leaves)
   ]
   return leaves, treedef, selected
 
 
 def check_stacked_axes(stacked_axes: StackedAxes) -> None:
   if not callable(stacked_axes) and any(
-      not isinstance(a, (int, np.integer)) or a < 0
-      for a in jax.tree_util.tree_leaves(stacked_axes)):
+    not isinstance(a, (int, np.integer)) or a < 0 for a in jax.tree_util.tree_leaves(stacked_axes)
+  ):
     raise ValueError(
-        "stacked_axes must be an int >= 0, a pytree prefix of them or a "
-        f"callable returning one, got {stacked_axes!r} (under "
-        "optax.inject_hyperparams, pass static_args=('stacked_axes',)).")
+      "stacked_axes must be an int >= 0, a pytree prefix of them or a "
+      f"callable returning one, got {stacked_axes!r} (under "
+      "optax.inject_hyperparams, pass static_args=('stacked_axes',))."
+    )
 
 
-def leaf_stacked_axes(updates, leaves, treedef, selected,
-                      stacked_axes: StackedAxes) -> list[int]:
+def leaf_stacked_axes(updates, leaves, treedef, selected, stacked_axes: StackedAxes) -> list[int]:
   """Number of leading stacked axes of each leaf (0 for leaves not
   selected, and for all when ``stacked_axes`` is ``None``), checked against
   the leaf's rank."""
-  axes = (leaf_values(stacked_axes, updates, treedef)
-          if stacked_axes is not None else [0] * len(leaves))
+  axes = (
+    leaf_values(stacked_axes, updates, treedef) if stacked_axes is not None else [0] * len(leaves)
+  )
   for x, a, s in zip(leaves, axes, selected):
     if s and not (isinstance(a, (int, np.integer)) and 0 <= a <= x.ndim):
       raise ValueError(
-          f"stacked_axes must be an int in [0, ndim] for each leaf, got "
-          f"{a!r} for a leaf of shape {x.shape}.")
+        f"stacked_axes must be an int in [0, ndim] for each leaf, got "
+        f"{a!r} for a leaf of shape {x.shape}."
+      )
   return [int(a) if s else 0 for a, s in zip(axes, selected)]
 
 
@@ -137,8 +146,9 @@ def as_rows(x: jax.Array, stacked_axes: int) -> jax.Array:
   return x.reshape((-1,) + x.shape[stacked_axes:])
 
 
-def magnitude_keep_masks(grads, ratio, *, granularity, selection, sample_size,
-                         rng, axis_name, stacked_axes):
+def magnitude_keep_masks(
+  grads, ratio, *, granularity, selection, sample_size, rng, axis_name, stacked_axes
+):
   """Keep masks ``|g| >= T`` for a list of gradient arrays.
 
   Each tensor contributes one *row* per stacked slice (``stacked_axes[i]``
@@ -161,16 +171,14 @@ def magnitude_keep_masks(grads, ratio, *, granularity, selection, sample_size,
     methods = ["bisect" if n <= sample_size else "sample" for n in sizes]
   else:
     methods = [selection] * len(grads)
-  key_fn = (_selection.magnitude_key if granularity == "tensor"
-            else _selection.magnitude_key_f32)
+  key_fn = _selection.magnitude_key if granularity == "tensor" else _selection.magnitude_key_f32
 
   rows = list(tensors)
   sampled = [i for i, m in enumerate(methods) if m == "sample"]
   if sampled:
     if axis_name is not None:
       rng = jax.random.fold_in(rng, lax.axis_index(axis_name))
-    drawn = _selection.sample_entries([tensors[i] for i in sampled],
-                                      sample_size, rng)
+    drawn = _selection.sample_entries([tensors[i] for i in sampled], sample_size, rng)
     for i, sample in zip(sampled, drawn):
       rows[i] = sample
   rows = [key_fn(r) for r in rows]
@@ -179,26 +187,26 @@ def magnitude_keep_masks(grads, ratio, *, granularity, selection, sample_size,
   by_layout = {}
   for i, r in enumerate(rows):
     alone = stacked_axes[i] > 0 and methods[i] != "sample"
-    by_layout.setdefault(
-        (i if alone else None, r.shape[1:], jnp.dtype(r.dtype)), []).append(i)
+    by_layout.setdefault((i if alone else None, r.shape[1:], jnp.dtype(r.dtype)), []).append(i)
   layout = list(by_layout.values())
-  blocks = [rows[m[0]] if len(m) == 1 else
-            jnp.concatenate([rows[i] for i in m]) for m in layout]
-  members = [np.concatenate([np.arange(offsets[i], offsets[i + 1])
-                             for i in m]).astype(np.int32) for m in layout]
+  blocks = [rows[m[0]] if len(m) == 1 else jnp.concatenate([rows[i] for i in m]) for m in layout]
+  members = [
+    np.concatenate([np.arange(offsets[i], offsets[i + 1]) for i in m]).astype(np.int32)
+    for m in layout
+  ]
   row_tensor = np.repeat(np.arange(len(grads)), num_rows)
   # Entries each row stands for, counted over all shards.
-  counted = [sample_size * shards if m == "sample" else n
-             for m, n in zip(methods, sizes)]
+  counted = [sample_size * shards if m == "sample" else n for m, n in zip(methods, sizes)]
 
-  threshold_dtype = (jnp.int64 if any(b.dtype.itemsize > 4 for b in blocks)
-                     else jnp.int32)
+  threshold_dtype = jnp.int64 if any(b.dtype.itemsize > 4 for b in blocks) else jnp.int32
   if granularity == "tensor":
     # Count limbs [2, rows]: ranks may exceed int32 (see _selection).
     ranks = jnp.repeat(
-        jnp.stack([_selection.count_limbs(_selection.num_masked(ratio, c))
-                   for c in counted], axis=1), np.asarray(num_rows), axis=1,
-        total_repeat_length=offsets[-1])
+      jnp.stack([_selection.count_limbs(_selection.num_masked(ratio, c)) for c in counted], axis=1),
+      np.asarray(num_rows),
+      axis=1,
+      total_repeat_length=offsets[-1],
+    )
     if selection == "exact":
       thresholds = jnp.zeros(offsets[-1], threshold_dtype)
       for block, rows_of in zip(blocks, members):
@@ -209,29 +217,40 @@ def magnitude_keep_masks(grads, ratio, *, granularity, selection, sample_size,
       if axis_name is None:  # no communication: search block by block
         thresholds = jnp.zeros(offsets[-1], threshold_dtype)
         for block, rows_of in zip(blocks, members):
-          thresholds = thresholds.at[rows_of].set(_selection.bisect_rows(
-              block, targets[:, rows_of]).astype(threshold_dtype))
+          thresholds = thresholds.at[rows_of].set(
+            _selection.bisect_rows(block, targets[:, rows_of]).astype(threshold_dtype)
+          )
       else:  # one loop: one all-reduce of all counts per step
         thresholds = _selection.bisect(
-            _selection.CountingProblem(blocks, members, None, targets),
-            axis_name)
+          _selection.CountingProblem(blocks, members, None, targets), axis_name
+        )
   else:
-    rank = _selection.count_limbs(_selection.num_masked(ratio, int(sum(
-        n * r for n, r in zip(sizes, num_rows)))))[:, None]
+    rank = _selection.count_limbs(
+      _selection.num_masked(ratio, int(sum(n * r for n, r in zip(sizes, num_rows))))
+    )[:, None]
     if selection == "exact":
       flat = jnp.concatenate([b.reshape(-1) for b in blocks])
       threshold = _selection.sorted_keys(flat[None], rank, axis_name)[0]
     else:
       weights = None
       if sampled:
-        weights = [np.asarray([
-            sizes[row_tensor[r]] / shards / sample_size
-            if methods[row_tensor[r]] == "sample" else 1.0
-            for r in rows_of]) for rows_of in members]
+        weights = [
+          np.asarray(
+            [
+              sizes[row_tensor[r]] / shards / sample_size
+              if methods[row_tensor[r]] == "sample"
+              else 1.0
+              for r in rows_of
+            ]
+          )
+          for rows_of in members
+        ]
       threshold = _selection.bisect(
-          _selection.CountingProblem(
-              blocks, [np.zeros_like(m) for m in members], weights,
-              _selection.limbs_plus_one(rank)), axis_name)[0]
+        _selection.CountingProblem(
+          blocks, [np.zeros_like(m) for m in members], weights, _selection.limbs_plus_one(rank)
+        ),
+        axis_name,
+      )[0]
     thresholds = jnp.broadcast_to(threshold, [offsets[-1]])
 
   # Masking nothing must be the identity, whatever the selector estimated.
@@ -240,42 +259,46 @@ def magnitude_keep_masks(grads, ratio, *, granularity, selection, sample_size,
   for i, g in enumerate(grads):
     # Rows of unsampled tensors already hold their keys.
     keys = key_fn(tensors[i]) if methods[i] == "sample" else rows[i]
-    row_threshold = thresholds[offsets[i]:offsets[i + 1]].astype(keys.dtype)
-    keep.append((keys >= row_threshold.reshape(
-        (-1,) + (1,) * (keys.ndim - 1))).reshape(g.shape))
+    row_threshold = thresholds[offsets[i] : offsets[i + 1]].astype(keys.dtype)
+    keep.append((keys >= row_threshold.reshape((-1,) + (1,) * (keys.ndim - 1))).reshape(g.shape))
   kept = 0.0
   for block, rows_of in zip(blocks, members):
     row_threshold = thresholds[rows_of].astype(block.dtype)
-    row_threshold = row_threshold.reshape(
-        row_threshold.shape + (1,) * (block.ndim - 1))
-    row_kept = _selection.limbs_to_float(_selection.psum_limbs(
-        _selection.count_rows(block >= row_threshold), axis_name))
-    scale = np.asarray([sizes[row_tensor[r]] / counted[row_tensor[r]]
-                        for r in rows_of], np.float32)
+    row_threshold = row_threshold.reshape(row_threshold.shape + (1,) * (block.ndim - 1))
+    row_kept = _selection.limbs_to_float(
+      _selection.psum_limbs(_selection.count_rows(block >= row_threshold), axis_name)
+    )
+    scale = np.asarray([sizes[row_tensor[r]] / counted[row_tensor[r]] for r in rows_of], np.float32)
     kept = kept + jnp.sum(row_kept * scale)
   return keep, kept
 
 
-def keep_mask_fn(mask_ratio, *, granularity="tensor", selection="auto",
-                 sample_size=None, mask=None, axis_name=None,
-                 stacked_axes: StackedAxes = None):
+def keep_mask_fn(
+  mask_ratio,
+  *,
+  granularity="tensor",
+  selection="auto",
+  sample_size=None,
+  mask=None,
+  axis_name=None,
+  stacked_axes: StackedAxes = None,
+):
   """Validates :func:`gradient_mask`'s options and returns
   ``keep_masks(updates, count, rng_key) -> (keep, kept_fraction)``: a pytree
   of boolean masks (``None`` for leaves passed through) and the fraction of
   selected entries kept."""
   _check_ratio(mask_ratio)
   if granularity not in GRANULARITIES:
-    raise ValueError(
-        f"granularity must be one of {GRANULARITIES}, got {granularity!r}.")
+    raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}.")
   if selection not in SELECTIONS:
-    raise ValueError(
-        f"selection must be one of {SELECTIONS}, got {selection!r}.")
+    raise ValueError(f"selection must be one of {SELECTIONS}, got {selection!r}.")
   if sample_size is None:
     sample_size = DEFAULT_SAMPLE_SIZE
   if not isinstance(sample_size, (int, np.integer)) or sample_size < 1:
     raise ValueError(
-        f"sample_size must be a positive Python int, got {sample_size!r} "
-        "(under optax.inject_hyperparams, pass static_args=('sample_size',)).")
+      f"sample_size must be a positive Python int, got {sample_size!r} "
+      "(under optax.inject_hyperparams, pass static_args=('sample_size',))."
+    )
   sample_size = int(sample_size)
   check_stacked_axes(stacked_axes)
 
@@ -283,16 +306,20 @@ def keep_mask_fn(mask_ratio, *, granularity="tensor", selection="auto",
     ratio = _ratio_at(mask_ratio, count)
     leaves, treedef, selected = selected_leaves(updates, mask)
     chosen = [x for x, s in zip(leaves, selected) if s]
-    stacked = leaf_stacked_axes(updates, leaves, treedef, selected,
-                                stacked_axes)
+    stacked = leaf_stacked_axes(updates, leaves, treedef, selected, stacked_axes)
     keep = [None] * len(leaves)
     if not chosen or (isinstance(ratio, (int, float)) and ratio == 0):
       return treedef.unflatten(keep), jnp.ones([], jnp.float32)
     chosen_keep, kept = magnitude_keep_masks(
-        chosen, ratio, granularity=granularity, selection=selection,
-        sample_size=sample_size, rng=jax.random.fold_in(rng_key, count),
-        axis_name=axis_name,
-        stacked_axes=[a for a, s in zip(stacked, selected) if s])
+      chosen,
+      ratio,
+      granularity=granularity,
+      selection=selection,
+      sample_size=sample_size,
+      rng=jax.random.fold_in(rng_key, count),
+      axis_name=axis_name,
+      stacked_axes=[a for a, s in zip(stacked, selected) if s],
+    )
     chosen_keep = iter(chosen_keep)
     keep = [next(chosen_keep) if s else None for s in selected]
     shards = 1 if axis_name is None else lax.axis_size(axis_name)
@@ -305,20 +332,23 @@ def keep_mask_fn(mask_ratio, *, granularity="tensor", selection="auto",
 def apply_keep_masks(updates, keep):
   """Zeroes the entries of ``updates`` where ``keep`` is False."""
   return jax.tree_util.tree_map(
-      lambda u, k: u if k is None else jnp.where(k, u, jnp.zeros_like(u)),
-      updates, keep, is_leaf=lambda x: x is None)
+    lambda u, k: u if k is None else jnp.where(k, u, jnp.zeros_like(u)),
+    updates,
+    keep,
+    is_leaf=lambda x: x is None,
+  )
 
 
 def gradient_mask(
-    mask_ratio: MaskRatio,
-    *,
-    granularity: str = "tensor",
-    selection: str = "auto",
-    sample_size: Optional[int] = None,
-    mask: Optional[LeafMask] = None,
-    axis_name: Optional[str] = None,
-    stacked_axes: StackedAxes = None,
-    seed: int = 0,
+  mask_ratio: MaskRatio,
+  *,
+  granularity: str = "tensor",
+  selection: str = "auto",
+  sample_size: Optional[int] = None,
+  mask: Optional[LeafMask] = None,
+  axis_name: Optional[str] = None,
+  stacked_axes: StackedAxes = None,
+  seed: int = 0,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Zeroes the gradient entries of smallest magnitude (Gradient-Mask Tuning).
 
@@ -432,9 +462,14 @@ def gradient_mask(
     Performance <https://arxiv.org/abs/2406.15330>`_, 2024.
   """
   keep_masks = keep_mask_fn(
-      mask_ratio, granularity=granularity, selection=selection,
-      sample_size=sample_size, mask=mask, axis_name=axis_name,
-      stacked_axes=stacked_axes)
+    mask_ratio,
+    granularity=granularity,
+    selection=selection,
+    sample_size=sample_size,
+    mask=mask,
+    axis_name=axis_name,
+    stacked_axes=stacked_axes,
+  )
 
   def init_fn(params):
     return init_state(GradientMaskState, seed, params)
@@ -443,17 +478,18 @@ def gradient_mask(
     del params, extra_args
     keep, kept = keep_masks(updates, state.count, state.rng_key)
     return apply_keep_masks(updates, keep), state._replace(
-        count=optax.safe_increment(state.count), kept_fraction=kept)
+      count=optax.safe_increment(state.count), kept_fraction=kept
+    )
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
 def random_mask(
-    mask_ratio: MaskRatio,
-    *,
-    seed: int = 0,
-    mask: Optional[LeafMask] = None,
-    axis_name: Optional[str] = None,
+  mask_ratio: MaskRatio,
+  *,
+  seed: int = 0,
+  mask: Optional[LeafMask] = None,
+  axis_name: Optional[str] = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Zeroes a random fraction of each gradient (the GMT control baseline).
 
@@ -491,18 +527,20 @@ def random_mask(
       rng = jax.random.fold_in(rng, lax.axis_index(axis_name))
     seeds = jax.random.bits(rng, (len(leaves),), jnp.uint32)
     keep = [
-        _selection.uniform_like(x, seeds[i]) >= ratio if s else None
-        for i, (x, s) in enumerate(zip(leaves, selected))
+      _selection.uniform_like(x, seeds[i]) >= ratio if s else None
+      for i, (x, s) in enumerate(zip(leaves, selected))
     ]
-    kept = sum(_selection.limbs_to_float(_selection.psum_limbs(
-        _selection.count_rows(k[None]), axis_name))[0]
-               for k in keep if k is not None)
+    kept = sum(
+      _selection.limbs_to_float(_selection.psum_limbs(_selection.count_rows(k[None]), axis_name))[0]
+      for k in keep
+      if k is not None
+    )
     shards = 1 if axis_name is None else lax.axis_size(axis_name)
     total = sum(x.size for x, s in zip(leaves, selected) if s) * shards
-    kept_fraction = (jnp.asarray(kept / total, jnp.float32) if total
-                     else jnp.ones([], jnp.float32))
+    kept_fraction = jnp.asarray(kept / total, jnp.float32) if total else jnp.ones([], jnp.float32)
     return apply_keep_masks(updates, treedef.unflatten(keep)), state._replace(
-        count=optax.safe_increment(state.count), kept_fraction=kept_fraction)
+      count=optax.safe_increment(state.count), kept_fraction=kept_fraction
+    )
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 

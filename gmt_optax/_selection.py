@@ -88,15 +88,15 @@ def num_masked(ratio, n):
 def _check_countable(terms: int, total: int) -> None:
   if terms > _MAX_TERMS or total >= _MAX_COUNT:
     raise ValueError(
-        f"Cannot count exactly: a sum of {terms} terms up to {total} entries "
-        f"(count limbs hold sums of at most {_MAX_TERMS} terms below "
-        f"{_MAX_COUNT}).")
+      f"Cannot count exactly: a sum of {terms} terms up to {total} entries "
+      f"(count limbs hold sums of at most {_MAX_TERMS} terms below "
+      f"{_MAX_COUNT})."
+    )
 
 
 def _carry(limbs: jax.Array) -> jax.Array:
   """Count limbs ``[2, ...]`` with ``low`` reduced below 2**COUNT_LOW_BITS."""
-  return jnp.stack([limbs[0] + (limbs[1] >> COUNT_LOW_BITS),
-                    limbs[1] & _LOW_MASK])
+  return jnp.stack([limbs[0] + (limbs[1] >> COUNT_LOW_BITS), limbs[1] & _LOW_MASK])
 
 
 def count_limbs(count) -> jax.Array:
@@ -104,14 +104,12 @@ def count_limbs(count) -> jax.Array:
   an int32 array or an integer-valued float32 array (e.g. a traced rank)."""
   if isinstance(count, (int, np.integer)):
     _check_countable(1, count)
-    return jnp.asarray([count >> COUNT_LOW_BITS, count & _LOW_MASK],
-                       jnp.int32)
+    return jnp.asarray([count >> COUNT_LOW_BITS, count & _LOW_MASK], jnp.int32)
   if jnp.issubdtype(count.dtype, jnp.integer):
     return jnp.stack([count >> COUNT_LOW_BITS, count & _LOW_MASK])
   # Scaling by a power of two, floor and the difference are exact in float32.
   high = jnp.floor(count * 2.0**-COUNT_LOW_BITS)
-  return jnp.stack([high, count - high * 2.0**COUNT_LOW_BITS]).astype(
-      jnp.int32)
+  return jnp.stack([high, count - high * 2.0**COUNT_LOW_BITS]).astype(jnp.int32)
 
 
 def limbs_plus_one(limbs: jax.Array) -> jax.Array:
@@ -122,14 +120,12 @@ def limbs_plus_one(limbs: jax.Array) -> jax.Array:
 
 def limbs_to_float(limbs: jax.Array) -> jax.Array:
   """The float32 value of count limbs (exact below 2**24)."""
-  return (limbs[0].astype(jnp.float32) * 2.0**COUNT_LOW_BITS
-          + limbs[1].astype(jnp.float32))
+  return limbs[0].astype(jnp.float32) * 2.0**COUNT_LOW_BITS + limbs[1].astype(jnp.float32)
 
 
 def limbs_at_least(limbs: jax.Array, target: jax.Array) -> jax.Array:
   """``limbs >= target`` for carried count limbs."""
-  return (limbs[0] > target[0]) | ((limbs[0] == target[0])
-                                   & (limbs[1] >= target[1]))
+  return (limbs[0] > target[0]) | ((limbs[0] == target[0]) & (limbs[1] >= target[1]))
 
 
 def psum_limbs(limbs: jax.Array, axis_name) -> jax.Array:
@@ -151,10 +147,8 @@ def count_rows(hits: jax.Array) -> jax.Array:
   split = 1
   while math.prod(hits.shape[split:]) >= _INT32_COUNT_LIMIT:
     split += 1
-  _check_countable(max(hits.shape[1:split], default=1),
-                   math.prod(hits.shape[1:]))
-  limbs = count_limbs(jnp.sum(hits, axis=tuple(range(split, hits.ndim)),
-                              dtype=jnp.int32))
+  _check_countable(max(hits.shape[1:split], default=1), math.prod(hits.shape[1:]))
+  limbs = count_limbs(jnp.sum(hits, axis=tuple(range(split, hits.ndim)), dtype=jnp.int32))
   for axis in reversed(range(2, split + 1)):
     limbs = _carry(jnp.sum(limbs, axis=axis))
   return limbs
@@ -188,14 +182,14 @@ def uniform_like(x: jax.Array, seed: jax.Array) -> jax.Array:
   flat_index = jnp.zeros(x.shape, jnp.uint32)
   stride = 1
   for axis in reversed(range(x.ndim)):
-    flat_index = flat_index + lax.broadcasted_iota(
-        jnp.uint32, x.shape, axis) * jnp.uint32(stride)
+    flat_index = flat_index + lax.broadcasted_iota(jnp.uint32, x.shape, axis) * jnp.uint32(stride)
     stride *= x.shape[axis]
   return _uniform(flat_index, seed)
 
 
-def sample_entries(blocks: Sequence[jax.Array], num_samples: int,
-                   rng: jax.Array) -> list[jax.Array]:
+def sample_entries(
+  blocks: Sequence[jax.Array], num_samples: int, rng: jax.Array
+) -> list[jax.Array]:
   """``[rows, num_samples]`` entries of each block ``[rows, ...]``, drawn
   uniformly with replacement within each row.
 
@@ -219,9 +213,9 @@ def sample_entries(blocks: Sequence[jax.Array], num_samples: int,
       samples.append(jnp.broadcast_to(x[:, None], (x.shape[0], num_samples)))
       continue
     index = tuple(
-        jnp.minimum((_uniform(counter, seeds[i, d, 0]) * size).astype(jnp.int32),
-                    size - 1)
-        for d, size in enumerate(x.shape[1:]))
+      jnp.minimum((_uniform(counter, seeds[i, d, 0]) * size).astype(jnp.int32), size - 1)
+      for d, size in enumerate(x.shape[1:])
+    )
     samples.append(lax.map(lambda row: row.at[index].get(mode="promise_in_bounds"), x))
   return samples
 
@@ -257,26 +251,27 @@ def bisect(problem: CountingProblem, axis_name=None) -> jax.Array:
   """
   num_groups = problem.targets.shape[1]
   row_groups = np.concatenate(problem.row_groups)
-  row_bits = np.concatenate([
-      np.full(len(g), key_bits(b.dtype))
-      for b, g in zip(problem.blocks, problem.row_groups)
-  ])
+  row_bits = np.concatenate(
+    [np.full(len(g), key_bits(b.dtype)) for b, g in zip(problem.blocks, problem.row_groups)]
+  )
   group_bits = np.zeros(num_groups, np.int64)
   np.maximum.at(group_bits, row_groups, row_bits)
   steps = int(group_bits.max())
   carry_dtype = jnp.int64 if steps > 31 else jnp.int32
   lo = jnp.zeros(num_groups, carry_dtype)
   hi = jnp.asarray((1 << group_bits) - 1, carry_dtype)
-  weights = (None if problem.row_weights is None else jnp.asarray(
-      np.concatenate(problem.row_weights), jnp.float32))
+  weights = (
+    None
+    if problem.row_weights is None
+    else jnp.asarray(np.concatenate(problem.row_weights), jnp.float32)
+  )
   if weights is None:
     shards = 1 if axis_name is None else lax.axis_size(axis_name)
-    row_sizes = np.concatenate([np.full(len(g), math.prod(b.shape[1:]))
-                                for b, g in zip(problem.blocks,
-                                                problem.row_groups)])
+    row_sizes = np.concatenate(
+      [np.full(len(g), math.prod(b.shape[1:])) for b, g in zip(problem.blocks, problem.row_groups)]
+    )
     group_sizes = np.bincount(row_groups, row_sizes * shards, num_groups)
-    _check_countable(int(np.bincount(row_groups).max()),
-                     int(group_sizes.max()))
+    _check_countable(int(np.bincount(row_groups).max()), int(group_sizes.max()))
     targets = problem.targets
   else:
     targets = limbs_to_float(problem.targets)
@@ -291,19 +286,22 @@ def bisect(problem: CountingProblem, axis_name=None) -> jax.Array:
       counts.append(count_rows(block <= row_mid))
     counts = psum_limbs(jnp.concatenate(counts, axis=1), axis_name)
     if weights is None:
-      enough = limbs_at_least(_carry(jax.ops.segment_sum(
-          counts.T, row_groups, num_groups).T), targets)
+      enough = limbs_at_least(
+        _carry(jax.ops.segment_sum(counts.T, row_groups, num_groups).T), targets
+      )
     else:
-      enough = jax.ops.segment_sum(limbs_to_float(counts) * weights,
-                                   row_groups, num_groups) >= targets
+      enough = (
+        jax.ops.segment_sum(limbs_to_float(counts) * weights, row_groups, num_groups) >= targets
+      )
     return jnp.where(enough, lo, mid + 1), jnp.where(enough, mid, hi)
 
   lo, _ = lax.fori_loop(0, steps, step, (lo, hi))
   return lo
 
 
-def bisect_rows(block: jax.Array, targets: jax.Array, axis_name=None,
-                chunk_bytes: int = 1 << 19) -> jax.Array:
+def bisect_rows(
+  block: jax.Array, targets: jax.Array, axis_name=None, chunk_bytes: int = 1 << 19
+) -> jax.Array:
   """Per-row thresholds of one block (each row its own group; ``targets``
   are ``[2, rows]`` count limbs).
 
@@ -317,24 +315,23 @@ def bisect_rows(block: jax.Array, targets: jax.Array, axis_name=None,
   row_bytes = block[0].size * block.dtype.itemsize
   chunk = min(rows, chunk_bytes // max(row_bytes, 1))
   if axis_name is not None or chunk < 2 or chunk == rows:
-    return bisect(CountingProblem([block], [np.arange(rows)], None, targets),
-                  axis_name)
+    return bisect(CountingProblem([block], [np.arange(rows)], None, targets), axis_name)
   padding = -rows % chunk
   block = jnp.concatenate([block, block[:padding]])
   targets = jnp.concatenate([targets, targets[:, :padding]], axis=1)
 
   def search(chunk_and_targets):
     keys, chunk_targets = chunk_and_targets
-    return bisect(CountingProblem([keys], [np.arange(chunk)], None,
-                                  chunk_targets))
+    return bisect(CountingProblem([keys], [np.arange(chunk)], None, chunk_targets))
 
-  found = lax.map(search, (block.reshape((-1, chunk) + block.shape[1:]),
-                           targets.reshape(2, -1, chunk).swapaxes(0, 1)))
+  found = lax.map(
+    search,
+    (block.reshape((-1, chunk) + block.shape[1:]), targets.reshape(2, -1, chunk).swapaxes(0, 1)),
+  )
   return found.reshape(-1)[:rows]
 
 
-def sorted_keys(block: jax.Array, ranks: jax.Array,
-                axis_name=None) -> jax.Array:
+def sorted_keys(block: jax.Array, ranks: jax.Array, axis_name=None) -> jax.Array:
   """Exact key of rank ``ranks[:, r]`` (count limbs) of each row of
   ``block`` by sorting (the reference selector)."""
   flat = block.reshape(block.shape[0], -1)

@@ -7,9 +7,25 @@ import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 # I/O: files, processes and the checkpoint formats.
-IO_MODULES = {"os", "io", "pathlib", "shutil", "glob", "tempfile", "subprocess", "pickle",
-              "safetensors", "gguf", "orbax", "datasets", "tokenizers", "train.pretrained",
-              "train.checkpoints", "train.data", "train.run_dir"}
+IO_MODULES = {
+  "os",
+  "io",
+  "pathlib",
+  "shutil",
+  "glob",
+  "tempfile",
+  "subprocess",
+  "pickle",
+  "safetensors",
+  "gguf",
+  "orbax",
+  "datasets",
+  "tokenizers",
+  "train.pretrained",
+  "train.checkpoints",
+  "train.data",
+  "train.run_dir",
+}
 
 
 def imports(path: pathlib.Path) -> set[str]:

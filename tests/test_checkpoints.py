@@ -6,8 +6,13 @@ from pathlib import Path
 import jax.numpy as jnp
 import pytest
 
-from train.checkpoints import (Checkpoints, CorruptCheckpointError, NonFiniteLossError,
-                               check_fingerprint, data_fingerprint)
+from train.checkpoints import (
+  Checkpoints,
+  CorruptCheckpointError,
+  NonFiniteLossError,
+  check_fingerprint,
+  data_fingerprint,
+)
 from train.config import ConfigError, load_config
 
 PARAMS = {"w": jnp.arange(6.0).reshape(2, 3)}
@@ -15,62 +20,73 @@ OPT_STATE = {"mu": jnp.zeros((2, 3))}
 
 
 def _steps(directory: Path) -> list[int]:
-    return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit())
+  return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit())
 
 
 def test_keeps_k_confirmed_and_drops_those_a_nan_was_computed_on(tmp_path):
-    checkpoints = Checkpoints(tmp_path, keep=2)
-    for step in (1, 2, 3):
-        checkpoints.save(step, PARAMS, OPT_STATE, {"step": step})
-        assert step in checkpoints.unconfirmed  # its loss is not known yet
-        checkpoints.check(step, 0.5)
-    checkpoints.wait()
-    assert _steps(tmp_path) == [2, 3]
-    checkpoints.save(4, PARAMS, OPT_STATE, {"step": 4})
-    checkpoints.save(5, PARAMS, OPT_STATE, {"step": 5})  # a late loss read: two unconfirmed
-    with pytest.raises(NonFiniteLossError, match=r"loss is nan at step 5, computed on the weights "
-                                                 r"after step 4.*step 3, is kept"):
-        checkpoints.check(4, float("nan"))
-    assert _steps(tmp_path) == [2, 3]
+  checkpoints = Checkpoints(tmp_path, keep=2)
+  for step in (1, 2, 3):
+    checkpoints.save(step, PARAMS, OPT_STATE, {"step": step})
+    assert step in checkpoints.unconfirmed  # its loss is not known yet
+    checkpoints.check(step, 0.5)
+  checkpoints.wait()
+  assert _steps(tmp_path) == [2, 3]
+  checkpoints.save(4, PARAMS, OPT_STATE, {"step": 4})
+  checkpoints.save(5, PARAMS, OPT_STATE, {"step": 5})  # a late loss read: two unconfirmed
+  with pytest.raises(
+    NonFiniteLossError,
+    match=r"loss is nan at step 5, computed on the weights "
+    r"after step 4.*step 3, is kept",
+  ):
+    checkpoints.check(4, float("nan"))
+  assert _steps(tmp_path) == [2, 3]
 
 
 def test_final_checkpoint_needs_finite_parameters(tmp_path):
-    checkpoints = Checkpoints(tmp_path, keep=1)
-    with pytest.raises(NonFiniteLossError, match="a parameter is not finite after step 7.*no checkpoint"):
-        checkpoints.save_final(7, {"w": PARAMS["w"].at[0, 0].set(jnp.inf)}, OPT_STATE, {"step": 7})
-    assert _steps(tmp_path) == []
-    checkpoints.save_final(7, PARAMS, OPT_STATE, {"step": 7})
-    assert _steps(tmp_path) == [7]
+  checkpoints = Checkpoints(tmp_path, keep=1)
+  with pytest.raises(
+    NonFiniteLossError, match="a parameter is not finite after step 7.*no checkpoint"
+  ):
+    checkpoints.save_final(7, {"w": PARAMS["w"].at[0, 0].set(jnp.inf)}, OPT_STATE, {"step": 7})
+  assert _steps(tmp_path) == []
+  checkpoints.save_final(7, PARAMS, OPT_STATE, {"step": 7})
+  assert _steps(tmp_path) == [7]
 
 
 def test_stale_tmp_dirs_are_removed_before_a_save_or_resume(tmp_path):
-    Checkpoints(tmp_path, keep=1).save_final(2, PARAMS, OPT_STATE, {"step": 2})
-    stale = tmp_path / "3.orbax-checkpoint-tmp-1234567890"
-    stale.mkdir()
-    (stale / "junk").write_text("half written")
-    checkpoints = Checkpoints(tmp_path, keep=1)
-    assert not stale.exists() and checkpoints.latest_step() == 2
+  Checkpoints(tmp_path, keep=1).save_final(2, PARAMS, OPT_STATE, {"step": 2})
+  stale = tmp_path / "3.orbax-checkpoint-tmp-1234567890"
+  stale.mkdir()
+  (stale / "junk").write_text("half written")
+  checkpoints = Checkpoints(tmp_path, keep=1)
+  assert not stale.exists() and checkpoints.latest_step() == 2
 
 
 @pytest.mark.parametrize("kind", ["array data", "json metadata"])
 def test_a_truncated_file_is_named_as_corrupt(tmp_path, kind):
-    Checkpoints(tmp_path, keep=1).save_final(2, PARAMS, OPT_STATE, {"step": 2})
-    files = [p for p in (tmp_path / "2").rglob("*") if p.is_file()
-             and (p.parent.name == "d") == (kind == "array data") and p.suffix != ".txt"]
-    if kind == "json metadata":
-        files = [max(files, key=lambda p: p.stat().st_size)]
-    for path in files:
-        path.write_bytes(path.read_bytes()[:10])
-    names = "|".join(p.name for p in files)
-    with pytest.raises(CorruptCheckpointError, match=rf"{tmp_path}/2 is corrupt or truncated: "
-                                                     rf".*({names})"):
-        Checkpoints(tmp_path, keep=1).restore(PARAMS, OPT_STATE)
+  Checkpoints(tmp_path, keep=1).save_final(2, PARAMS, OPT_STATE, {"step": 2})
+  files = [
+    p
+    for p in (tmp_path / "2").rglob("*")
+    if p.is_file() and (p.parent.name == "d") == (kind == "array data") and p.suffix != ".txt"
+  ]
+  if kind == "json metadata":
+    files = [max(files, key=lambda p: p.stat().st_size)]
+  for path in files:
+    path.write_bytes(path.read_bytes()[:10])
+  names = "|".join(p.name for p in files)
+  with pytest.raises(
+    CorruptCheckpointError,
+    match=rf"{tmp_path}/2 is corrupt or truncated: "
+    rf".*({names})",
+  ):
+    Checkpoints(tmp_path, keep=1).restore(PARAMS, OPT_STATE)
 
 
 def test_fingerprint_names_the_data_keys_that_change_the_rows():
-    config = load_config({}, ["data.max_length=64"])
-    meta = {"fingerprint": data_fingerprint(config)}
-    check_fingerprint(meta, load_config({}, ["data.max_length=64", "optimizer.lr=1e-3"]), "ckpt")
-    changed = load_config({}, ["data.max_length=32", "data.train_size=10"])
-    with pytest.raises(ConfigError, match=r"data.max_length: 64 -> 32, data.train_size: 2000 -> 10"):
-        check_fingerprint(meta, changed, "ckpt")
+  config = load_config({}, ["data.max_length=64"])
+  meta = {"fingerprint": data_fingerprint(config)}
+  check_fingerprint(meta, load_config({}, ["data.max_length=64", "optimizer.lr=1e-3"]), "ckpt")
+  changed = load_config({}, ["data.max_length=32", "data.train_size=10"])
+  with pytest.raises(ConfigError, match=r"data.max_length: 64 -> 32, data.train_size: 2000 -> 10"):
+    check_fingerprint(meta, changed, "ckpt")

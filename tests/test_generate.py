@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from train import generate as generate_module
-from train.pretrained import load_pretrained
 from train.generate import generate
+from train.pretrained import load_pretrained
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
 
@@ -31,12 +31,16 @@ def greedy_reference(model, prompt, steps):
   ids = list(prompt)
   for _ in range(steps):
     padded = np.zeros((1, 32), np.int32)
-    padded[0, :len(ids)] = ids
+    padded[0, : len(ids)] = ids
     ids.append(int(jnp.argmax(_forward(model, jnp.asarray(padded))[0, len(ids) - 1])))
-  return ids[len(prompt):]
+  return ids[len(prompt) :]
 
 
-PROMPTS = [[5, 17, 200, 42, 9], [100, 3], [7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23]]
+PROMPTS = [
+  [5, 17, 200, 42, 9],
+  [100, 3],
+  [7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23],
+]
 
 
 def test_batched_greedy_equals_full_forward(model):
@@ -49,7 +53,7 @@ def test_cut_at_eos(model):
   reference = greedy_reference(model, PROMPTS[0], 6)
   eos = reference[3]
   out = generate(model, PROMPTS[:1], max_new_tokens=6, eos_token_id=eos)[0]
-  assert out == reference[:reference.index(eos)]
+  assert out == reference[: reference.index(eos)]
   both = generate(model, PROMPTS[:2], max_new_tokens=6, eos_token_id=[eos, -5])
   assert both[0] == out and eos not in both[1]
 
@@ -71,8 +75,17 @@ def test_edge_cases(model):
 
 
 def test_cli(model, capsys):
-  generate_module.main(["--model", os.path.join(FIXTURES, "llama"), "--prompt", "hello",
-                        "--chat", "--max-new-tokens", "4"])
+  generate_module.main(
+    [
+      "--model",
+      os.path.join(FIXTURES, "llama"),
+      "--prompt",
+      "hello",
+      "--chat",
+      "--max-new-tokens",
+      "4",
+    ]
+  )
   printed = capsys.readouterr().out
   tok = load_pretrained(os.path.join(FIXTURES, "llama"))[1]
   prompt = tok.encode(tok.apply_chat_template([{"role": "user", "content": "hello"}]))
@@ -82,18 +95,24 @@ def test_cli(model, capsys):
 
 
 def test_sharded_model_generates_the_same(model):
-  mesh = jax.make_mesh((1, 4, 2), ("data", "fsdp", "tensor"),
-                       axis_types=(jax.sharding.AxisType.Auto,) * 3)
+  mesh = jax.make_mesh(
+    (1, 4, 2), ("data", "fsdp", "tensor"), axis_types=(jax.sharding.AxisType.Auto,) * 3
+  )
   sharded, _ = load_pretrained(os.path.join(FIXTURES, "llama"), mesh=mesh)
   expected = generate(model, PROMPTS, max_new_tokens=4, eos_token_id=-1)
   with jax.set_mesh(mesh):
     assert generate(sharded, PROMPTS, max_new_tokens=4, eos_token_id=-1) == expected
 
 
-@pytest.mark.parametrize("flag, value, message", [("--top-p", "0", "top-p=0.0 must be in"),
-                                                  ("--top-p", "1.5", "top-p=1.5 must be in"),
-                                                  ("--temperature", "-1", "temperature=-1.0 must be >= 0"),
-                                                  ("--max-new-tokens", "-5", "max-new-tokens=-5 must be >= 0")])
+@pytest.mark.parametrize(
+  "flag, value, message",
+  [
+    ("--top-p", "0", "top-p=0.0 must be in"),
+    ("--top-p", "1.5", "top-p=1.5 must be in"),
+    ("--temperature", "-1", "temperature=-1.0 must be >= 0"),
+    ("--max-new-tokens", "-5", "max-new-tokens=-5 must be >= 0"),
+  ],
+)
 def test_cli_rejects_bad_sampling_values(capsys, flag, value, message):
   with pytest.raises(SystemExit) as exit_info:
     generate_module.main(["--model", "/nonexistent", "--prompt", "hi", flag, value])

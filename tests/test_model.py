@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from train.pretrained import load_pretrained
 from train.model import Llama, ModelConfig, attention, rope_inv_freq, splash_attention
+from train.pretrained import load_pretrained
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
 NAMES = ("llama", "qwen2", "mistral")
@@ -19,7 +19,11 @@ NAMES = ("llama", "qwen2", "mistral")
 
 def fixture(name):
   path = os.path.join(FIXTURES, name)
-  return path, np.load(os.path.join(path, "input_ids.npy")), np.load(os.path.join(path, "logits.npy"))
+  return (
+    path,
+    np.load(os.path.join(path, "input_ids.npy")),
+    np.load(os.path.join(path, "logits.npy")),
+  )
 
 
 def hf_config(name):
@@ -71,13 +75,16 @@ def test_llama3_rope_scaling_divides_low_frequencies():
   assert plain[0] / 8.0 < scaled[0] < plain[0]  # smoothed band
 
 
-@pytest.mark.parametrize("field, value, message", [
+@pytest.mark.parametrize(
+  "field, value, message",
+  [
     ("model_type", "gpt2", "model_type 'gpt2'"),
     ("sliding_window", 16, "sliding_window"),
     ("hidden_act", "gelu", "hidden_act"),
     ("mlp_bias", True, "mlp_bias"),
     ("rope_scaling", {"rope_type": "yarn", "factor": 4.0}, "yarn"),
-])
+  ],
+)
 def test_unsupported_config_names_the_field(field, value, message):
   config = {**hf_config("mistral"), field: value}
   with pytest.raises(ValueError, match=message):
@@ -123,7 +130,7 @@ def test_kv_cache_matches_full_forward(llama):
   logits, cache = step(llama, jnp.asarray(ids[:, :7]), cache)
   pieces = [logits]
   for i in range(7, ids.shape[1]):
-    logits, cache = step(llama, jnp.asarray(ids[:, i:i + 1]), cache)
+    logits, cache = step(llama, jnp.asarray(ids[:, i : i + 1]), cache)
     pieces.append(logits)
   assert int(cache["index"]) == ids.shape[1]
   np.testing.assert_allclose(np.concatenate(pieces, axis=1), full, atol=1e-5)
@@ -134,15 +141,18 @@ def test_splash_kernel_equals_xla_attention_with_packed_segments():
   outputs and gradients, two packed segments in one row and padding in the other."""
   rng = np.random.default_rng(0)
   b, s, k_heads, groups, h = 2, 256, 2, 2, 32
-  q = jnp.asarray(rng.normal(size=(b, s, k_heads, groups, h)), jnp.float32) * h ** -0.5
+  q = jnp.asarray(rng.normal(size=(b, s, k_heads, groups, h)), jnp.float32) * h**-0.5
   k, v = (jnp.asarray(rng.normal(size=(b, s, k_heads, h)), jnp.float32) for _ in range(2))
   segment_ids = np.ones((b, s), np.int32)
   segment_ids[0, 100:] = 2
   segment_ids[1, 200:] = 0
   segment_ids = jnp.asarray(segment_ids)
   causal = jnp.arange(s)[:, None] >= jnp.arange(s)[None, :]
-  mask = ((segment_ids[:, :, None] == segment_ids[:, None, :]) & (segment_ids[:, None, :] != 0)
-          & causal[None])
+  mask = (
+    (segment_ids[:, :, None] == segment_ids[:, None, :])
+    & (segment_ids[:, None, :] != 0)
+    & causal[None]
+  )
   valid = (segment_ids != 0)[:, :, None, None, None]
 
   def loss(fn):
@@ -150,10 +160,12 @@ def test_splash_kernel_equals_xla_attention_with_packed_segments():
 
   xla = lambda q, k, v: attention(q, k, v, mask)
   splash = lambda q, k, v: splash_attention(q, k, v, segment_ids, interpret=True)
-  np.testing.assert_allclose(jnp.where(valid, splash(q, k, v), 0), jnp.where(valid, xla(q, k, v), 0),
-                             atol=1e-5)
-  for expected, got in zip(jax.grad(loss(xla), (0, 1, 2))(q, k, v),
-                           jax.grad(loss(splash), (0, 1, 2))(q, k, v)):
+  np.testing.assert_allclose(
+    jnp.where(valid, splash(q, k, v), 0), jnp.where(valid, xla(q, k, v), 0), atol=1e-5
+  )
+  for expected, got in zip(
+    jax.grad(loss(xla), (0, 1, 2))(q, k, v), jax.grad(loss(splash), (0, 1, 2))(q, k, v)
+  ):
     np.testing.assert_allclose(got, expected, atol=1e-4)
 
 
@@ -182,8 +194,15 @@ def test_bfloat16_compute_is_close():
 
 
 def test_random_init_without_mesh():
-  config = ModelConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_layers=1,
-                       num_heads=2, num_kv_heads=1, head_dim=8)
+  config = ModelConfig(
+    vocab_size=64,
+    hidden_size=16,
+    intermediate_size=32,
+    num_layers=1,
+    num_heads=2,
+    num_kv_heads=1,
+    head_dim=8,
+  )
   model = Llama(config, rngs=nnx.Rngs(0))
   assert forward(model, jnp.zeros((1, 3), jnp.int32)).shape == (1, 3, 64)
 

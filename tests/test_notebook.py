@@ -17,8 +17,11 @@ def test_quickstart_notebook_runs(monkeypatch):
   # One CPU device as on Colab: the default config's 3-row batches do not split 8 ways.
   monkeypatch.delenv("XLA_FLAGS", raising=False)
   notebook = nbformat.read(NOTEBOOK, as_version=4)
-  nbclient.NotebookClient(notebook, timeout=600, kernel_name="python3",
-                          resources={"metadata": {"path": str(NOTEBOOK.parent)}}).execute()
-  outputs = "".join(o.get("text", "") for cell in notebook.cells
-                    for o in cell.get("outputs", []))
+  nbclient.NotebookClient(
+    notebook,
+    timeout=600,
+    kernel_name="python3",
+    resources={"metadata": {"path": str(NOTEBOOK.parent)}},
+  ).execute()
+  outputs = "".join(o.get("text", "") for cell in notebook.cells for o in cell.get("outputs", []))
   assert "eval_loss" in outputs  # the before/after table

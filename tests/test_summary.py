@@ -7,61 +7,79 @@ from collections import Counter
 import pytest
 
 import train
-from train.evaluate import answer_stats, exact_match, paired_gain, seeds_interval
 from tests.test_train import TINY
+from train.evaluate import answer_stats, exact_match, paired_gain, seeds_interval
 
 
 def test_summary_fields_match_the_saved_completions(tmp_path, capsys):
-    out = tmp_path / "run"
-    config = {**TINY, "train": {**TINY["train"], "steps": 2, "output_dir": str(out)},
-              "data": {**TINY["data"], "task_options": {"max_terms": 2, "max_digits": 1}},
-              "eval": {"accuracy": True, "before": True, "size": 6, "max_new_tokens": 4,
-                       "generate_batch_size": 8}}
-    summary = train.run(config)
-    assert json.loads((out / "summary.json").read_text()) == json.loads(json.dumps(summary))
-    records = {}
-    for tag in ("before", "after"):
-        records[tag] = [json.loads(line) for line in (out / f"eval_{tag}.jsonl").read_text().splitlines()]
-        r, rows = summary[tag], records[tag]
-        assert r["items"] == len(rows) == 6
-        assert r["exact_matches"] == sum(row["exact"] for row in rows)
-        assert r["accuracy"] == pytest.approx(r["exact_matches"] / r["items"])
-        assert all(row["exact"] == exact_match(row["prediction"], row["reference"]) for row in rows)
-        assert r["score"] == pytest.approx(sum(row["score"] for row in rows) / len(rows))
-        top, count = Counter(row["prediction"] for row in rows).most_common(1)[0]
-        assert r["top_answer_share"] == pytest.approx(count / len(rows))
-        assert count == sum(row["prediction"] == r["top_answer"] for row in rows)
-        lo, hi = r["accuracy_ci95"]
-        assert 0 <= lo <= r["accuracy"] <= hi <= 1 and "eval_loss" in r
-    gain = summary["gain"]
-    diffs = [a["exact"] - b["exact"] for b, a in zip(records["before"], records["after"])]
-    assert gain["accuracy_gain"] == pytest.approx(summary["after"]["accuracy"] - summary["before"]["accuracy"])
-    assert gain["accuracy_gain"] == pytest.approx(sum(diffs) / len(diffs))
-    assert (gain["fixed"], gain["broken"]) == (diffs.count(1), diffs.count(-1))
-    assert gain["accuracy_gain_ci95"][0] <= gain["accuracy_gain"] <= gain["accuracy_gain_ci95"][1]
-    assert [e["before"] for e in summary["examples"]] == [r["completion"] for r in records["before"][:3]]
-    assert [e["after"] for e in summary["examples"]] == [r["completion"] for r in records["after"][:3]]
-    assert summary["wall_time_s"] > 0 and len(summary["load_average"]) == 3
-    shown = capsys.readouterr()
-    assert "exact match" in shown.out + shown.err and "paired 95% CI" in shown.out + shown.err
+  out = tmp_path / "run"
+  config = {
+    **TINY,
+    "train": {**TINY["train"], "steps": 2, "output_dir": str(out)},
+    "data": {**TINY["data"], "task_options": {"max_terms": 2, "max_digits": 1}},
+    "eval": {
+      "accuracy": True,
+      "before": True,
+      "size": 6,
+      "max_new_tokens": 4,
+      "generate_batch_size": 8,
+    },
+  }
+  summary = train.run(config)
+  assert json.loads((out / "summary.json").read_text()) == json.loads(json.dumps(summary))
+  records = {}
+  for tag in ("before", "after"):
+    records[tag] = [
+      json.loads(line) for line in (out / f"eval_{tag}.jsonl").read_text().splitlines()
+    ]
+    r, rows = summary[tag], records[tag]
+    assert r["items"] == len(rows) == 6
+    assert r["exact_matches"] == sum(row["exact"] for row in rows)
+    assert r["accuracy"] == pytest.approx(r["exact_matches"] / r["items"])
+    assert all(row["exact"] == exact_match(row["prediction"], row["reference"]) for row in rows)
+    assert r["score"] == pytest.approx(sum(row["score"] for row in rows) / len(rows))
+    top, count = Counter(row["prediction"] for row in rows).most_common(1)[0]
+    assert r["top_answer_share"] == pytest.approx(count / len(rows))
+    assert count == sum(row["prediction"] == r["top_answer"] for row in rows)
+    lo, hi = r["accuracy_ci95"]
+    assert 0 <= lo <= r["accuracy"] <= hi <= 1 and "eval_loss" in r
+  gain = summary["gain"]
+  diffs = [a["exact"] - b["exact"] for b, a in zip(records["before"], records["after"])]
+  assert gain["accuracy_gain"] == pytest.approx(
+    summary["after"]["accuracy"] - summary["before"]["accuracy"]
+  )
+  assert gain["accuracy_gain"] == pytest.approx(sum(diffs) / len(diffs))
+  assert (gain["fixed"], gain["broken"]) == (diffs.count(1), diffs.count(-1))
+  assert gain["accuracy_gain_ci95"][0] <= gain["accuracy_gain"] <= gain["accuracy_gain_ci95"][1]
+  assert [e["before"] for e in summary["examples"]] == [
+    r["completion"] for r in records["before"][:3]
+  ]
+  assert [e["after"] for e in summary["examples"]] == [
+    r["completion"] for r in records["after"][:3]
+  ]
+  assert summary["wall_time_s"] > 0 and len(summary["load_average"]) == 3
+  shown = capsys.readouterr()
+  assert "exact match" in shown.out + shown.err and "paired 95% CI" in shown.out + shown.err
 
 
 def test_exact_match_is_not_partial_credit():
-    assert exact_match(" 7", "7") and exact_match("+07", "7") and exact_match("-3", "-3")
-    assert not exact_match("8", "7") and not exact_match("", "7") and not exact_match("7.5", "7")
-    records = [{"prediction": p, "exact": int(exact_match(p, "1")), "score": 0.5}
-               for p in ["1", "1", "2", "-1"]]
-    stats = answer_stats(records)
-    assert (stats["items"], stats["exact_matches"], stats["accuracy"]) == (4, 2, 0.5)
-    assert stats["score"] == 0.5 and stats["top_answer"] == "1" and stats["top_answer_share"] == 0.5
+  assert exact_match(" 7", "7") and exact_match("+07", "7") and exact_match("-3", "-3")
+  assert not exact_match("8", "7") and not exact_match("", "7") and not exact_match("7.5", "7")
+  records = [
+    {"prediction": p, "exact": int(exact_match(p, "1")), "score": 0.5}
+    for p in ["1", "1", "2", "-1"]
+  ]
+  stats = answer_stats(records)
+  assert (stats["items"], stats["exact_matches"], stats["accuracy"]) == (4, 2, 0.5)
+  assert stats["score"] == 0.5 and stats["top_answer"] == "1" and stats["top_answer_share"] == 0.5
 
 
 def test_paired_gain_and_seed_interval():
-    before = [{"exact": e} for e in [0, 0, 0, 1, 1, 0, 0, 0]]
-    after = [{"exact": e} for e in [1, 1, 0, 1, 0, 1, 0, 0]]
-    gain = paired_gain(before, after)
-    assert gain["accuracy_gain"] == pytest.approx(2 / 8) and (gain["fixed"], gain["broken"]) == (3, 1)
-    lo, hi = gain["accuracy_gain_ci95"]
-    assert lo < 0.25 < hi and hi - 0.25 == pytest.approx(0.25 - lo)
-    mean, half = seeds_interval([0.1, 0.2, 0.3])
-    assert mean == pytest.approx(0.2) and half == pytest.approx(4.303 * 0.1 / 3**0.5, rel=1e-3)
+  before = [{"exact": e} for e in [0, 0, 0, 1, 1, 0, 0, 0]]
+  after = [{"exact": e} for e in [1, 1, 0, 1, 0, 1, 0, 0]]
+  gain = paired_gain(before, after)
+  assert gain["accuracy_gain"] == pytest.approx(2 / 8) and (gain["fixed"], gain["broken"]) == (3, 1)
+  lo, hi = gain["accuracy_gain_ci95"]
+  assert lo < 0.25 < hi and hi - 0.25 == pytest.approx(0.25 - lo)
+  mean, half = seeds_interval([0.1, 0.2, 0.3])
+  assert mean == pytest.approx(0.2) and half == pytest.approx(4.303 * 0.1 / 3**0.5, rel=1e-3)

@@ -9,32 +9,39 @@ from tests.test_train import TINY
 
 
 def _scalars(directory) -> dict[str, list[int]]:
-    """{tag: [steps]} from the event files (TFRecords: length, crc, event, crc)."""
-    tags: dict[str, list[int]] = {}
-    for path in sorted(directory.glob("events.out.tfevents.*")):
-        data = path.read_bytes()
-        at = 0
-        while at < len(data):
-            (length,) = struct.unpack("<Q", data[at:at + 8])
-            event = event_pb2.Event.FromString(data[at + 12:at + 12 + length])
-            at += 12 + length + 4
-            for value in event.summary.value:
-                tags.setdefault(value.tag, []).append(event.step)
-    return tags
+  """{tag: [steps]} from the event files (TFRecords: length, crc, event, crc)."""
+  tags: dict[str, list[int]] = {}
+  for path in sorted(directory.glob("events.out.tfevents.*")):
+    data = path.read_bytes()
+    at = 0
+    while at < len(data):
+      (length,) = struct.unpack("<Q", data[at : at + 8])
+      event = event_pb2.Event.FromString(data[at + 12 : at + 12 + length])
+      at += 12 + length + 4
+      for value in event.summary.value:
+        tags.setdefault(value.tag, []).append(event.step)
+  return tags
 
 
 def test_scalars_go_to_tensorboard_and_the_profile_window_writes_a_trace(tmp_path):
-    out = tmp_path / "run"
-    config = {**TINY, "train": {**TINY["train"], "steps": 4, "output_dir": str(out),
-                                "profile_steps": [1, 3]},
-              "optimizer": {**TINY["optimizer"], "method": "gmt"},
-              # gsm8k on reasoning-gym held-out items: the benchmark path, offline
-              "eval": {"accuracy": True, "benchmark": "gsm8k", "size": 2, "max_new_tokens": 4}}
-    summary = train.run(config)
-    tags = _scalars(out / "tensorboard")
-    for tag in ("train/loss", "train/lr", "train/grad_norm", "train/kept_fraction",
-                "train/tokens_per_s"):
-        assert tags[tag] == [1, 2, 3, 4], tag
-    assert tags["eval/eval_loss"] == tags["eval/accuracy"] == [0, 4]
-    assert 0.0 <= summary["after"]["accuracy"] <= 1.0
-    assert list((out / "profile").rglob("*.xplane.pb"))
+  out = tmp_path / "run"
+  config = {
+    **TINY,
+    "train": {**TINY["train"], "steps": 4, "output_dir": str(out), "profile_steps": [1, 3]},
+    "optimizer": {**TINY["optimizer"], "method": "gmt"},
+    # gsm8k on reasoning-gym held-out items: the benchmark path, offline
+    "eval": {"accuracy": True, "benchmark": "gsm8k", "size": 2, "max_new_tokens": 4},
+  }
+  summary = train.run(config)
+  tags = _scalars(out / "tensorboard")
+  for tag in (
+    "train/loss",
+    "train/lr",
+    "train/grad_norm",
+    "train/kept_fraction",
+    "train/tokens_per_s",
+  ):
+    assert tags[tag] == [1, 2, 3, 4], tag
+  assert tags["eval/eval_loss"] == tags["eval/accuracy"] == [0, 4]
+  assert 0.0 <= summary["after"]["accuracy"] <= 1.0
+  assert list((out / "profile").rglob("*.xplane.pb"))

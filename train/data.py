@@ -23,74 +23,76 @@ from train.config import DataConfig
 
 @dataclasses.dataclass
 class Example:
-    messages: list[dict]  # [{"role": ..., "content": ...}], ends with the assistant turn
-    entry: dict | None = None  # the reasoning-gym item, for its score_answer
+  messages: list[dict]  # [{"role": ..., "content": ...}], ends with the assistant turn
+  entry: dict | None = None  # the reasoning-gym item, for its score_answer
 
 
 class ByteTokenizer:
-    """A dependency-free byte tokenizer with a tiny chat template (tests, smoke runs)."""
+  """A dependency-free byte tokenizer with a tiny chat template (tests, smoke runs)."""
 
-    pad_token_id, bos_token_id, eos_token_id = 0, 1, 2
-    vocab_size = 259
-    _EOS_TEXT = "</s>"
+  pad_token_id, bos_token_id, eos_token_id = 0, 1, 2
+  vocab_size = 259
+  _EOS_TEXT = "</s>"
 
-    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
-        return [self.bos_token_id] * add_special_tokens + self.encode_with_offsets(text)[0]
+  def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+    return [self.bos_token_id] * add_special_tokens + self.encode_with_offsets(text)[0]
 
-    def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
-        """Ids and the character span of each (every byte of a character spans that character)."""
-        ids, offsets, at = [], [], 0
-        for i, piece in enumerate(text.split(self._EOS_TEXT)):
-            if i:
-                ids.append(self.eos_token_id)
-                offsets.append((at, at + len(self._EOS_TEXT)))
-                at += len(self._EOS_TEXT)
-            for char in piece:
-                encoded = char.encode("utf-8")
-                ids.extend(b + 3 for b in encoded)
-                offsets.extend([(at, at + 1)] * len(encoded))
-                at += 1
-        return ids, offsets
+  def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+    """Ids and the character span of each (every byte of a character spans that character)."""
+    ids, offsets, at = [], [], 0
+    for i, piece in enumerate(text.split(self._EOS_TEXT)):
+      if i:
+        ids.append(self.eos_token_id)
+        offsets.append((at, at + len(self._EOS_TEXT)))
+        at += len(self._EOS_TEXT)
+      for char in piece:
+        encoded = char.encode("utf-8")
+        ids.extend(b + 3 for b in encoded)
+        offsets.extend([(at, at + 1)] * len(encoded))
+        at += 1
+    return ids, offsets
 
-    def decode(self, ids, skip_special_tokens: bool = True) -> str:
-        out = bytearray()
-        for i in ids:
-            if i >= 3:
-                out.append(i - 3)
-            elif i == self.eos_token_id and not skip_special_tokens:
-                out.extend(self._EOS_TEXT.encode())
-        return out.decode("utf-8", errors="replace")
+  def decode(self, ids, skip_special_tokens: bool = True) -> str:
+    out = bytearray()
+    for i in ids:
+      if i >= 3:
+        out.append(i - 3)
+      elif i == self.eos_token_id and not skip_special_tokens:
+        out.extend(self._EOS_TEXT.encode())
+    return out.decode("utf-8", errors="replace")
 
-    def apply_chat_template(self, messages, add_generation_prompt: bool = True) -> str:
-        text = "".join(f"<{m['role']}>{m['content']}{self._EOS_TEXT}" for m in messages)
-        return text + ("<assistant>" if add_generation_prompt else "")
+  def apply_chat_template(self, messages, add_generation_prompt: bool = True) -> str:
+    text = "".join(f"<{m['role']}>{m['content']}{self._EOS_TEXT}" for m in messages)
+    return text + ("<assistant>" if add_generation_prompt else "")
 
 
 class AlpacaTemplate:
-    """A tokenizer whose chat template is the Alpaca instruction format.
+  """A tokenizer whose chat template is the Alpaca instruction format.
 
-    For base models without a chat template: each user turn becomes
-    "### Instruction:" and each assistant turn "### Response:" text ending in
-    EOS; system messages are dropped.
-    """
+  For base models without a chat template: each user turn becomes
+  "### Instruction:" and each assistant turn "### Response:" text ending in
+  EOS; system messages are dropped.
+  """
 
-    HEADER = ("Below is an instruction that describes a task. "
-              "Write a response that appropriately completes the request.\n\n")
+  HEADER = (
+    "Below is an instruction that describes a task. "
+    "Write a response that appropriately completes the request.\n\n"
+  )
 
-    def __init__(self, tokenizer):
-        self.tokenizer = tokenizer
+  def __init__(self, tokenizer):
+    self.tokenizer = tokenizer
 
-    def __getattr__(self, name):  # encode, decode, token ids: the wrapped tokenizer's
-        return getattr(self.tokenizer, name)
+  def __getattr__(self, name):  # encode, decode, token ids: the wrapped tokenizer's
+    return getattr(self.tokenizer, name)
 
-    def apply_chat_template(self, messages, add_generation_prompt: bool = True) -> str:
-        text = getattr(self.tokenizer, "bos_token", None) or ""
-        for message in messages:
-            if message["role"] == "user":
-                text += f"{self.HEADER}### Instruction:\n{message['content']}\n\n### Response:\n"
-            elif message["role"] == "assistant":
-                text += message["content"] + (getattr(self.tokenizer, "eos_token", None) or "")
-        return text
+  def apply_chat_template(self, messages, add_generation_prompt: bool = True) -> str:
+    text = getattr(self.tokenizer, "bos_token", None) or ""
+    for message in messages:
+      if message["role"] == "user":
+        text += f"{self.HEADER}### Instruction:\n{message['content']}\n\n### Response:\n"
+      elif message["role"] == "assistant":
+        text += message["content"] + (getattr(self.tokenizer, "eos_token", None) or "")
+    return text
 
 
 # ----------------------------------------------------------------------------
@@ -98,189 +100,198 @@ class AlpacaTemplate:
 
 
 def _messages(prompt: str, response: str, system: str | None) -> list[dict]:
-    head = [{"role": "system", "content": system}] if system else []
-    return head + [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
+  head = [{"role": "system", "content": system}] if system else []
+  return head + [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
 
 
 def canonical_problem(item: dict) -> str:
-    """A problem's identity up to reordering: whitespace normalised and, when the problem is an
-    arithmetic expression, the terms of each +/- chain and the factors of each * chain sorted.
+  """A problem's identity up to reordering: whitespace normalised and, when the problem is an
+  arithmetic expression, the terms of each +/- chain and the factors of each * chain sorted.
 
-    "Calculate 3 + 45." and "Calculate 45 + 3." (or "a - b + c" and "c - b + a") get the same form.
-    """
-    import ast
+  "Calculate 3 + 45." and "Calculate 45 + 3." (or "a - b + c" and "c - b + a") get the same form.
+  """
+  import ast
 
-    text = " ".join(str((item.get("metadata") or {}).get("expression") or item["question"]).split())
+  text = " ".join(str((item.get("metadata") or {}).get("expression") or item["question"]).split())
 
-    def form(node) -> str:
-        if isinstance(node, ast.BinOp) and isinstance(node.op, (ast.Add, ast.Sub)):
-            terms = []
+  def form(node) -> str:
+    if isinstance(node, ast.BinOp) and isinstance(node.op, (ast.Add, ast.Sub)):
+      terms = []
 
-            def flatten(n, sign):
-                if isinstance(n, ast.BinOp) and isinstance(n.op, (ast.Add, ast.Sub)):
-                    flatten(n.left, sign)
-                    flatten(n.right, sign if isinstance(n.op, ast.Add) else -sign)
-                else:
-                    terms.append(("+" if sign > 0 else "-") + form(n))
-            flatten(node, 1)
-            return "(" + " ".join(sorted(terms)) + ")"
-        if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Mult):
-            factors = []
+      def flatten(n, sign):
+        if isinstance(n, ast.BinOp) and isinstance(n.op, (ast.Add, ast.Sub)):
+          flatten(n.left, sign)
+          flatten(n.right, sign if isinstance(n.op, ast.Add) else -sign)
+        else:
+          terms.append(("+" if sign > 0 else "-") + form(n))
 
-            def gather(n):
-                if isinstance(n, ast.BinOp) and isinstance(n.op, ast.Mult):
-                    gather(n.left)
-                    gather(n.right)
-                else:
-                    factors.append(form(n))
-            gather(node)
-            return "(" + " * ".join(sorted(factors)) + ")"
-        if isinstance(node, ast.BinOp):  # division and the rest: operands in place
-            return f"({form(node.left)} {type(node.op).__name__} {form(node.right)})"
-        if isinstance(node, ast.UnaryOp):
-            return type(node.op).__name__ + form(node.operand)
-        return ast.unparse(node)
+      flatten(node, 1)
+      return "(" + " ".join(sorted(terms)) + ")"
+    if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Mult):
+      factors = []
 
-    try:
-        return form(ast.parse(text, mode="eval").body)
-    except (SyntaxError, ValueError, RecursionError):  # not an expression: the normalised text
-        return text
+      def gather(n):
+        if isinstance(n, ast.BinOp) and isinstance(n.op, ast.Mult):
+          gather(n.left)
+          gather(n.right)
+        else:
+          factors.append(form(n))
+
+      gather(node)
+      return "(" + " * ".join(sorted(factors)) + ")"
+    if isinstance(node, ast.BinOp):  # division and the rest: operands in place
+      return f"({form(node.left)} {type(node.op).__name__} {form(node.right)})"
+    if isinstance(node, ast.UnaryOp):
+      return type(node.op).__name__ + form(node.operand)
+    return ast.unparse(node)
+
+  try:
+    return form(ast.parse(text, mode="eval").body)
+  except (SyntaxError, ValueError, RecursionError):  # not an expression: the normalised text
+    return text
 
 
 def reasoning_gym_examples(cfg: DataConfig) -> tuple[list[Example], list[Example], dict]:
-    """Train items from `train_seed`, held-out items from `eval_seed`; a held-out item whose
-    problem is a training problem up to reordering (`canonical_problem`) is dropped, as is a
-    repeat of an earlier held-out problem."""
-    import reasoning_gym
+  """Train items from `train_seed`, held-out items from `eval_seed`; a held-out item whose
+  problem is a training problem up to reordering (`canonical_problem`) is dropped, as is a
+  repeat of an earlier held-out problem."""
+  import reasoning_gym
 
-    def make(seed: int, size: int):  # items are generated one at a time, as iterated
-        return reasoning_gym.create_dataset(cfg.task, seed=seed, size=size, **cfg.task_options)
+  def make(seed: int, size: int):  # items are generated one at a time, as iterated
+    return reasoning_gym.create_dataset(cfg.task, seed=seed, size=size, **cfg.task_options)
 
-    train_items = list(make(cfg.train_seed, cfg.train_size or 2000))
-    # Draw held-out candidates (up to 20x eval_size) until eval_size survive the filter.
-    train_forms = {canonical_problem(item) for item in train_items}
-    held_out, held_out_forms, overlap, repeats = [], set(), 0, 0
-    for item in make(cfg.eval_seed, 20 * cfg.eval_size):
-        if len(held_out) == cfg.eval_size:
-            break
-        form = canonical_problem(item)
-        if form in train_forms:
-            overlap += 1
-        elif form in held_out_forms:
-            repeats += 1
-        else:
-            held_out.append(item)
-            held_out_forms.add(form)
+  train_items = list(make(cfg.train_seed, cfg.train_size or 2000))
+  # Draw held-out candidates (up to 20x eval_size) until eval_size survive the filter.
+  train_forms = {canonical_problem(item) for item in train_items}
+  held_out, held_out_forms, overlap, repeats = [], set(), 0, 0
+  for item in make(cfg.eval_seed, 20 * cfg.eval_size):
+    if len(held_out) == cfg.eval_size:
+      break
+    form = canonical_problem(item)
+    if form in train_forms:
+      overlap += 1
+    elif form in held_out_forms:
+      repeats += 1
+    else:
+      held_out.append(item)
+      held_out_forms.add(form)
 
-    def to_example(item):
-        return Example(_messages(item["question"], str(item["answer"]), cfg.system_prompt), item)
+  def to_example(item):
+    return Example(_messages(item["question"], str(item["answer"]), cfg.system_prompt), item)
 
-    report = {"eval_overlap_removed": overlap, "eval_repeats_removed": repeats}
-    return [to_example(i) for i in train_items], [to_example(i) for i in held_out], report
+  report = {"eval_overlap_removed": overlap, "eval_repeats_removed": repeats}
+  return [to_example(i) for i in train_items], [to_example(i) for i in held_out], report
 
 
 def _jsonl_lines(path: Path) -> list[int]:
-    """The line number of each record; HF datasets reports malformed JSON without one."""
-    lines = []
-    with path.open("rb") as f:
-        for line_number, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{line_number}: malformed JSON line: {e.msg}") from None
-                lines.append(line_number)
-    return lines
+  """The line number of each record; HF datasets reports malformed JSON without one."""
+  lines = []
+  with path.open("rb") as f:
+    for line_number, line in enumerate(f, 1):
+      if line.strip():
+        try:
+          json.loads(line)
+        except json.JSONDecodeError as e:
+          raise ValueError(f"{path}:{line_number}: malformed JSON line: {e.msg}") from None
+        lines.append(line_number)
+  return lines
 
 
 def _file_examples(paths: tuple[str, ...], cfg: DataConfig) -> list[Example]:
-    """Each file is loaded on its own, so a bad record is named by file and line (or row)."""
-    import datasets
+  """Each file is loaded on its own, so a bad record is named by file and line (or row)."""
+  import datasets
 
-    formats = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
-    for name in paths:
-        path = Path(name)
-        if not path.is_file():
-            raise FileNotFoundError(f"data file not found: {path}")
-        if path.suffix not in formats:
-            raise ValueError(f"{path}: unsupported file type {path.suffix!r}; use one of {sorted(formats)}")
-    kinds = {formats[Path(name).suffix] for name in paths}
-    if len(kinds) > 1:
-        raise ValueError(f"data files mix formats {sorted(kinds)}: {list(paths)}")
-    examples = []
-    for name in paths:
-        path = Path(name)
-        lines = _jsonl_lines(path) if path.suffix == ".jsonl" else None
-        if lines == [] or path.stat().st_size == 0:
-            raise ValueError(f"empty dataset: {path} holds no records")
-        try:
-            rows = datasets.load_dataset(formats[path.suffix], data_files=[str(path)], split="train")
-        except ValueError as e:  # e.g. a CSV with only a header: "corresponds to no data"
-            raise ValueError(f"empty dataset or unreadable file {path}: {e}") from e
-        if lines is not None:
-            where = lambda i, path=path, lines=lines: f"{path}:{lines[i]}"
-        elif path.suffix == ".csv":
-            where = lambda i, path=path: f"{path}:{i + 2}"  # after the header line
-        else:
-            where = lambda i, path=path: f"{path} row {i}"
-        examples += _rows_to_examples(rows, cfg, str(path), where)
-    return examples
+  formats = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
+  for name in paths:
+    path = Path(name)
+    if not path.is_file():
+      raise FileNotFoundError(f"data file not found: {path}")
+    if path.suffix not in formats:
+      raise ValueError(
+        f"{path}: unsupported file type {path.suffix!r}; use one of {sorted(formats)}"
+      )
+  kinds = {formats[Path(name).suffix] for name in paths}
+  if len(kinds) > 1:
+    raise ValueError(f"data files mix formats {sorted(kinds)}: {list(paths)}")
+  examples = []
+  for name in paths:
+    path = Path(name)
+    lines = _jsonl_lines(path) if path.suffix == ".jsonl" else None
+    if lines == [] or path.stat().st_size == 0:
+      raise ValueError(f"empty dataset: {path} holds no records")
+    try:
+      rows = datasets.load_dataset(formats[path.suffix], data_files=[str(path)], split="train")
+    except ValueError as e:  # e.g. a CSV with only a header: "corresponds to no data"
+      raise ValueError(f"empty dataset or unreadable file {path}: {e}") from e
+    if lines is not None:
+      where = lambda i, path=path, lines=lines: f"{path}:{lines[i]}"
+    elif path.suffix == ".csv":
+      where = lambda i, path=path: f"{path}:{i + 2}"  # after the header line
+    else:
+      where = lambda i, path=path: f"{path} row {i}"
+    examples += _rows_to_examples(rows, cfg, str(path), where)
+  return examples
 
 
 def _rows_to_examples(rows, cfg: DataConfig, source: str, where) -> list[Example]:
-    """`where(i)` names row i for an error: file:line, or the row number."""
-    if len(rows) == 0:
-        raise ValueError(f"empty dataset: {source}")
-    columns = rows.column_names
-    needed = [cfg.messages_field] if cfg.messages_field else [cfg.prompt_field, cfg.response_field]
-    missing = [c for c in needed if c not in columns]
-    if missing:
-        raise ValueError(f"{source}: missing field(s) {missing}; available columns: {columns} "
-                         "(set data.prompt_field/response_field or data.messages_field)")
-    head = [{"role": "system", "content": cfg.system_prompt}] if cfg.system_prompt else []
-    examples = []
-    for i, r in enumerate(rows):
-        for field in needed:  # str(None) would train on the text "None"
-            value = r[field]
-            if value is None or (isinstance(value, str) and not value.strip()) or value == []:
-                state = "missing or null" if value is None else "empty"
-                raise ValueError(f"{where(i)}: field '{field}' is {state}")
-        if cfg.messages_field:
-            examples.append(Example(head + list(r[cfg.messages_field])))
-        else:
-            examples.append(Example(_messages(str(r[cfg.prompt_field]), str(r[cfg.response_field]),
-                                              cfg.system_prompt)))
-    return examples
+  """`where(i)` names row i for an error: file:line, or the row number."""
+  if len(rows) == 0:
+    raise ValueError(f"empty dataset: {source}")
+  columns = rows.column_names
+  needed = [cfg.messages_field] if cfg.messages_field else [cfg.prompt_field, cfg.response_field]
+  missing = [c for c in needed if c not in columns]
+  if missing:
+    raise ValueError(
+      f"{source}: missing field(s) {missing}; available columns: {columns} "
+      "(set data.prompt_field/response_field or data.messages_field)"
+    )
+  head = [{"role": "system", "content": cfg.system_prompt}] if cfg.system_prompt else []
+  examples = []
+  for i, r in enumerate(rows):
+    for field in needed:  # str(None) would train on the text "None"
+      value = r[field]
+      if value is None or (isinstance(value, str) and not value.strip()) or value == []:
+        state = "missing or null" if value is None else "empty"
+        raise ValueError(f"{where(i)}: field '{field}' is {state}")
+    if cfg.messages_field:
+      examples.append(Example(head + list(r[cfg.messages_field])))
+    else:
+      examples.append(
+        Example(_messages(str(r[cfg.prompt_field]), str(r[cfg.response_field]), cfg.system_prompt))
+      )
+  return examples
 
 
 def table_examples(cfg: DataConfig) -> tuple[list[Example], list[Example], dict]:
-    """Local files or a hub dataset; held-out split from eval files/split or a tail of train."""
-    import datasets
+  """Local files or a hub dataset; held-out split from eval files/split or a tail of train."""
+  import datasets
 
-    if cfg.source == "files":
-        train = _file_examples(cfg.train_files, cfg)
-        held_out = _file_examples(cfg.eval_files, cfg)[: cfg.eval_size] if cfg.eval_files else None
-    else:
-        def hub(split):
-            source = f"{cfg.hub_name}[{split}]"
-            rows = datasets.load_dataset(cfg.hub_name, cfg.hub_config, split=split)
-            return _rows_to_examples(rows, cfg, source, lambda i: f"{source} row {i}")
-        train = hub(cfg.train_split)
-        held_out = hub(cfg.eval_split)[: cfg.eval_size] if cfg.eval_split else None
-    if held_out is None:  # deterministic split: shuffle once by seed, hold out the tail
-        order = np.random.default_rng(cfg.shuffle_seed).permutation(len(train))
-        n_eval = min(cfg.eval_size, len(train) // 10)
-        held_out = [train[i] for i in order[len(train) - n_eval:]]
-        train = [train[i] for i in order[: len(train) - n_eval]]
-    if cfg.train_size:
-        train = train[: cfg.train_size]
-    return train, held_out, {}
+  if cfg.source == "files":
+    train = _file_examples(cfg.train_files, cfg)
+    held_out = _file_examples(cfg.eval_files, cfg)[: cfg.eval_size] if cfg.eval_files else None
+  else:
+
+    def hub(split):
+      source = f"{cfg.hub_name}[{split}]"
+      rows = datasets.load_dataset(cfg.hub_name, cfg.hub_config, split=split)
+      return _rows_to_examples(rows, cfg, source, lambda i: f"{source} row {i}")
+
+    train = hub(cfg.train_split)
+    held_out = hub(cfg.eval_split)[: cfg.eval_size] if cfg.eval_split else None
+  if held_out is None:  # deterministic split: shuffle once by seed, hold out the tail
+    order = np.random.default_rng(cfg.shuffle_seed).permutation(len(train))
+    n_eval = min(cfg.eval_size, len(train) // 10)
+    held_out = [train[i] for i in order[len(train) - n_eval :]]
+    train = [train[i] for i in order[: len(train) - n_eval]]
+  if cfg.train_size:
+    train = train[: cfg.train_size]
+  return train, held_out, {}
 
 
 def load_examples(cfg: DataConfig) -> tuple[list[Example], list[Example], dict]:
-    if cfg.source == "reasoning_gym":
-        return reasoning_gym_examples(cfg)
-    return table_examples(cfg)
+  if cfg.source == "reasoning_gym":
+    return reasoning_gym_examples(cfg)
+  return table_examples(cfg)
 
 
 # ----------------------------------------------------------------------------
@@ -288,62 +299,69 @@ def load_examples(cfg: DataConfig) -> tuple[list[Example], list[Example], dict]:
 
 
 def encode_with_offsets(tokenizer, text: str) -> tuple[list[int], list[tuple[int, int]]]:
-    """Ids of `text` (no special tokens added) and each token's character span."""
-    plain = tokenizer.tokenizer if isinstance(tokenizer, AlpacaTemplate) else tokenizer
-    if isinstance(plain, ByteTokenizer):
-        return plain.encode_with_offsets(text)
-    encoding = plain.tokenizer.encode(text, add_special_tokens=False)  # a pretrained.Tokenizer
-    return encoding.ids, encoding.offsets
+  """Ids of `text` (no special tokens added) and each token's character span."""
+  plain = tokenizer.tokenizer if isinstance(tokenizer, AlpacaTemplate) else tokenizer
+  if isinstance(plain, ByteTokenizer):
+    return plain.encode_with_offsets(text)
+  encoding = plain.tokenizer.encode(text, add_special_tokens=False)  # a pretrained.Tokenizer
+  return encoding.ids, encoding.offsets
 
 
 def tokenize(tokenizer, messages: list[dict]) -> tuple[list[int], list[int]]:
-    """Token ids of the chat and a 0/1 mask that is 1 on assistant tokens only.
+  """Token ids of the chat and a 0/1 mask that is 1 on assistant tokens only.
 
-    The whole conversation is encoded once, so the training tokens are those
-    of the full text (encoding the prompt and the answer apart changes the
-    tokens at their boundary with SentencePiece, e.g. a `▁`-prefixed first
-    answer token). Each assistant span is the text the template adds between
-    the prompt (with the generation prompt) and the conversation including
-    that turn, so the end-of-turn marker is trained too and the model learns
-    to stop; a token is masked in when its characters overlap a span.
-    """
-    spans = []
-    rendered = ""
-    for i, message in enumerate(messages):
-        if message["role"] != "assistant":
-            continue
-        prompt = tokenizer.apply_chat_template(messages[:i], add_generation_prompt=True)
-        full = tokenizer.apply_chat_template(messages[: i + 1], add_generation_prompt=False)
-        if not prompt.startswith(rendered) or not full.startswith(prompt):
-            raise ValueError("the chat template does not render conversations as prefixes of "
-                             "each other; cannot locate the assistant tokens")
-        spans.append((len(prompt), len(full)))
-        rendered = full
-    if not spans:
-        raise ValueError(f"example has no assistant turn: {messages}")
-    ids, offsets = encode_with_offsets(tokenizer, rendered)
-    mask = [int(any(start < finish and begin < end for begin, finish in spans)) for start, end in offsets]
-    return ids, mask
+  The whole conversation is encoded once, so the training tokens are those
+  of the full text (encoding the prompt and the answer apart changes the
+  tokens at their boundary with SentencePiece, e.g. a `▁`-prefixed first
+  answer token). Each assistant span is the text the template adds between
+  the prompt (with the generation prompt) and the conversation including
+  that turn, so the end-of-turn marker is trained too and the model learns
+  to stop; a token is masked in when its characters overlap a span.
+  """
+  spans = []
+  rendered = ""
+  for i, message in enumerate(messages):
+    if message["role"] != "assistant":
+      continue
+    prompt = tokenizer.apply_chat_template(messages[:i], add_generation_prompt=True)
+    full = tokenizer.apply_chat_template(messages[: i + 1], add_generation_prompt=False)
+    if not prompt.startswith(rendered) or not full.startswith(prompt):
+      raise ValueError(
+        "the chat template does not render conversations as prefixes of "
+        "each other; cannot locate the assistant tokens"
+      )
+    spans.append((len(prompt), len(full)))
+    rendered = full
+  if not spans:
+    raise ValueError(f"example has no assistant turn: {messages}")
+  ids, offsets = encode_with_offsets(tokenizer, rendered)
+  mask = [
+    int(any(start < finish and begin < end for begin, finish in spans)) for start, end in offsets
+  ]
+  return ids, mask
 
 
 def tokenize_all(tokenizer, examples: list[Example], max_length: int, too_long: str):
-    """Tokenizes examples; those longer than max_length + 1 tokens are dropped or truncated.
+  """Tokenizes examples; those longer than max_length + 1 tokens are dropped or truncated.
 
-    `prompt_too_long` counts truncated examples left without a loss token.
-    """
-    out, dropped, truncated, prompt_too_long = [], 0, 0, 0
-    for example in examples:
-        ids, mask = tokenize(tokenizer, example.messages)
-        if len(ids) > max_length + 1:  # a row holds max_length (input, target) pairs
-            if too_long == "drop":
-                dropped += 1
-                continue
-            ids, mask = ids[: max_length + 1], mask[: max_length + 1]
-            truncated += 1
-            prompt_too_long += not any(mask[1:])  # mask[1:]: the targets' mask
-        out.append((ids, mask))
-    return out, {"too_long_dropped": dropped, "too_long_truncated": truncated,
-                 "prompt_too_long": prompt_too_long}
+  `prompt_too_long` counts truncated examples left without a loss token.
+  """
+  out, dropped, truncated, prompt_too_long = [], 0, 0, 0
+  for example in examples:
+    ids, mask = tokenize(tokenizer, example.messages)
+    if len(ids) > max_length + 1:  # a row holds max_length (input, target) pairs
+      if too_long == "drop":
+        dropped += 1
+        continue
+      ids, mask = ids[: max_length + 1], mask[: max_length + 1]
+      truncated += 1
+      prompt_too_long += not any(mask[1:])  # mask[1:]: the targets' mask
+    out.append((ids, mask))
+  return out, {
+    "too_long_dropped": dropped,
+    "too_long_truncated": truncated,
+    "prompt_too_long": prompt_too_long,
+  }
 
 
 # ----------------------------------------------------------------------------
@@ -352,74 +370,89 @@ def tokenize_all(tokenizer, examples: list[Example], max_length: int, too_long: 
 ROW_FIELDS = ("inputs", "targets", "loss_mask", "segment_ids", "positions")
 
 
-def pack(tokenized: list[tuple[list[int], list[int]]], max_length: int, pack_rows: bool,
-         pad_id: int = 0) -> dict[str, np.ndarray]:
-    """Packs examples (in order) into rows of max_length (input, target) pairs.
+def pack(
+  tokenized: list[tuple[list[int], list[int]]], max_length: int, pack_rows: bool, pad_id: int = 0
+) -> dict[str, np.ndarray]:
+  """Packs examples (in order) into rows of max_length (input, target) pairs.
 
-    Targets are shifted inside each example, so no example predicts its
-    neighbour's first token; loss_mask is the target's mask.
-    """
-    rows: list[list[tuple]] = []
-    used = max_length  # forces a new row for the first example
-    for ids, mask in tokenized:
-        n = len(ids) - 1
-        if n < 1:
-            continue
-        if not pack_rows or used + n > max_length:
-            rows.append([])
-            used = 0
-        rows[-1].append((ids, mask))
-        used += n
-    if not rows:
-        raise ValueError("no example fits: every example was empty or too long")
-    shape = (len(rows), max_length)
-    out = {"inputs": np.full(shape, pad_id, np.int32), "targets": np.full(shape, pad_id, np.int32),
-           "loss_mask": np.zeros(shape, np.float32), "segment_ids": np.zeros(shape, np.int32),
-           "positions": np.zeros(shape, np.int32)}
-    for r, row in enumerate(rows):
-        start = 0
-        for segment, (ids, mask) in enumerate(row, 1):
-            n = len(ids) - 1
-            span = slice(start, start + n)
-            out["inputs"][r, span] = ids[:-1]
-            out["targets"][r, span] = ids[1:]
-            out["loss_mask"][r, span] = mask[1:]
-            out["segment_ids"][r, span] = segment
-            out["positions"][r, span] = np.arange(n)
-            start += n
-    return out
+  Targets are shifted inside each example, so no example predicts its
+  neighbour's first token; loss_mask is the target's mask.
+  """
+  rows: list[list[tuple]] = []
+  used = max_length  # forces a new row for the first example
+  for ids, mask in tokenized:
+    n = len(ids) - 1
+    if n < 1:
+      continue
+    if not pack_rows or used + n > max_length:
+      rows.append([])
+      used = 0
+    rows[-1].append((ids, mask))
+    used += n
+  if not rows:
+    raise ValueError("no example fits: every example was empty or too long")
+  shape = (len(rows), max_length)
+  out = {
+    "inputs": np.full(shape, pad_id, np.int32),
+    "targets": np.full(shape, pad_id, np.int32),
+    "loss_mask": np.zeros(shape, np.float32),
+    "segment_ids": np.zeros(shape, np.int32),
+    "positions": np.zeros(shape, np.int32),
+  }
+  for r, row in enumerate(rows):
+    start = 0
+    for segment, (ids, mask) in enumerate(row, 1):
+      n = len(ids) - 1
+      span = slice(start, start + n)
+      out["inputs"][r, span] = ids[:-1]
+      out["targets"][r, span] = ids[1:]
+      out["loss_mask"][r, span] = mask[1:]
+      out["segment_ids"][r, span] = segment
+      out["positions"][r, span] = np.arange(n)
+      start += n
+  return out
 
 
 def prepare(cfg: DataConfig, tokenizer) -> tuple[dict, dict, list[Example], dict]:
-    """Returns (train rows, held-out rows, held-out examples, report)."""
-    train, held_out, report = load_examples(cfg)
-    if not train:
-        raise ValueError("empty training dataset")
-    # Shuffle examples before packing (deterministic by seed), so rows mix examples.
-    order = np.random.default_rng(cfg.shuffle_seed).permutation(len(train))
-    train_tokens, train_stats = tokenize_all(tokenizer, [train[i] for i in order],
-                                             cfg.max_length, cfg.too_long)
-    eval_tokens, eval_stats = tokenize_all(tokenizer, held_out, cfg.max_length, cfg.too_long)
-    train_rows = pack(train_tokens, cfg.max_length, cfg.pack, tokenizer.pad_token_id or 0)
-    eval_rows = (pack(eval_tokens, cfg.max_length, cfg.pack, tokenizer.pad_token_id or 0)
-                 if eval_tokens else None)
-    for name, rows, stats, tokens in (("training", train_rows, train_stats, train_tokens),
-                                      ("held-out", eval_rows, eval_stats, eval_tokens)):
-        if rows is not None and not rows["loss_mask"].any():  # the loss would be 0/0, reported as 0
-            raise ValueError(
-                f"the {name} set has no loss tokens: {stats['prompt_too_long']} of "
-                f"{len(tokens)} examples have a prompt longer than "
-                f"data.max_length={cfg.max_length}, so data.too_long=truncate cut off the whole "
-                "response; raise data.max_length or set data.too_long=drop")
-    report.update({
-        "train_examples": len(train_tokens), "train_rows": len(train_rows["inputs"]),
-        "train_loss_tokens": int(train_rows["loss_mask"].sum()),
-        "eval_examples": len(eval_tokens),
-        "too_long_dropped": train_stats["too_long_dropped"] + eval_stats["too_long_dropped"],
-        "too_long_truncated": train_stats["too_long_truncated"] + eval_stats["too_long_truncated"],
-        "prompt_too_long": train_stats["prompt_too_long"] + eval_stats["prompt_too_long"],
-    })
-    return train_rows, eval_rows, held_out, report
+  """Returns (train rows, held-out rows, held-out examples, report)."""
+  train, held_out, report = load_examples(cfg)
+  if not train:
+    raise ValueError("empty training dataset")
+  # Shuffle examples before packing (deterministic by seed), so rows mix examples.
+  order = np.random.default_rng(cfg.shuffle_seed).permutation(len(train))
+  train_tokens, train_stats = tokenize_all(
+    tokenizer, [train[i] for i in order], cfg.max_length, cfg.too_long
+  )
+  eval_tokens, eval_stats = tokenize_all(tokenizer, held_out, cfg.max_length, cfg.too_long)
+  train_rows = pack(train_tokens, cfg.max_length, cfg.pack, tokenizer.pad_token_id or 0)
+  eval_rows = (
+    pack(eval_tokens, cfg.max_length, cfg.pack, tokenizer.pad_token_id or 0)
+    if eval_tokens
+    else None
+  )
+  for name, rows, stats, tokens in (
+    ("training", train_rows, train_stats, train_tokens),
+    ("held-out", eval_rows, eval_stats, eval_tokens),
+  ):
+    if rows is not None and not rows["loss_mask"].any():  # the loss would be 0/0, reported as 0
+      raise ValueError(
+        f"the {name} set has no loss tokens: {stats['prompt_too_long']} of "
+        f"{len(tokens)} examples have a prompt longer than "
+        f"data.max_length={cfg.max_length}, so data.too_long=truncate cut off the whole "
+        "response; raise data.max_length or set data.too_long=drop"
+      )
+  report.update(
+    {
+      "train_examples": len(train_tokens),
+      "train_rows": len(train_rows["inputs"]),
+      "train_loss_tokens": int(train_rows["loss_mask"].sum()),
+      "eval_examples": len(eval_tokens),
+      "too_long_dropped": train_stats["too_long_dropped"] + eval_stats["too_long_dropped"],
+      "too_long_truncated": train_stats["too_long_truncated"] + eval_stats["too_long_truncated"],
+      "prompt_too_long": train_stats["prompt_too_long"] + eval_stats["prompt_too_long"],
+    }
+  )
+  return train_rows, eval_rows, held_out, report
 
 
 # ----------------------------------------------------------------------------
@@ -427,55 +460,62 @@ def prepare(cfg: DataConfig, tokenizer) -> tuple[dict, dict, list[Example], dict
 
 
 class Batches:
-    """Global batch for step s = rows at positions [s*B, (s+1)*B) of an endless stream.
+  """Global batch for step s = rows at positions [s*B, (s+1)*B) of an endless stream.
 
-    The stream visits every row once per epoch in an order drawn from
-    (seed, epoch), so any step's batch is computable without replaying the
-    earlier ones: resuming at step s needs nothing but s.
+  The stream visits every row once per epoch in an order drawn from
+  (seed, epoch), so any step's batch is computable without replaying the
+  earlier ones: resuming at step s needs nothing but s.
+  """
+
+  def __init__(
+    self, rows: dict[str, np.ndarray], batch_size: int, micro_batch_size: int, seed: int
+  ):
+    self.rows = rows
+    self.num_rows = len(rows["inputs"])
+    self.batch_size = batch_size
+    self.micro_batch_size = micro_batch_size
+    self.seed = seed
+    self._orders: dict[int, np.ndarray] = {}
+
+  @property
+  def shape(self) -> tuple[int, int, int]:
+    """[accumulation steps, micro-batch rows, sequence length]."""
+    accumulation = self.batch_size // self.micro_batch_size
+    return (accumulation, self.micro_batch_size, self.rows["inputs"].shape[1])
+
+  def _order(self, epoch: int) -> np.ndarray:
+    if epoch not in self._orders:
+      self._orders = {epoch: np.random.default_rng([self.seed, epoch]).permutation(self.num_rows)}
+    return self._orders[epoch]
+
+  def row_ids(self, step: int) -> np.ndarray:
+    positions = step * self.batch_size + np.arange(self.batch_size)
+    return np.array([self._order(p // self.num_rows)[p % self.num_rows] for p in positions])
+
+  def epoch(self, step: int) -> float:
+    return step * self.batch_size / self.num_rows
+
+  def local(self, step: int, field: str, index: tuple[slice, ...]) -> np.ndarray:
+    """The part `index` of the [A, M, L] global batch of `field`.
+
+    Only the rows that this process's devices hold are gathered, so each
+    host touches only its share of the batch.
     """
-
-    def __init__(self, rows: dict[str, np.ndarray], batch_size: int, micro_batch_size: int, seed: int):
-        self.rows = rows
-        self.num_rows = len(rows["inputs"])
-        self.batch_size = batch_size
-        self.micro_batch_size = micro_batch_size
-        self.seed = seed
-        self._orders: dict[int, np.ndarray] = {}
-
-    @property
-    def shape(self) -> tuple[int, int, int]:
-        """[accumulation steps, micro-batch rows, sequence length]."""
-        accumulation = self.batch_size // self.micro_batch_size
-        return (accumulation, self.micro_batch_size, self.rows["inputs"].shape[1])
-
-    def _order(self, epoch: int) -> np.ndarray:
-        if epoch not in self._orders:
-            self._orders = {epoch: np.random.default_rng([self.seed, epoch]).permutation(self.num_rows)}
-        return self._orders[epoch]
-
-    def row_ids(self, step: int) -> np.ndarray:
-        positions = step * self.batch_size + np.arange(self.batch_size)
-        return np.array([self._order(p // self.num_rows)[p % self.num_rows] for p in positions])
-
-    def epoch(self, step: int) -> float:
-        return step * self.batch_size / self.num_rows
-
-    def local(self, step: int, field: str, index: tuple[slice, ...]) -> np.ndarray:
-        """The part `index` of the [A, M, L] global batch of `field`.
-
-        Only the rows that this process's devices hold are gathered, so each
-        host touches only its share of the batch.
-        """
-        ids = self.row_ids(step).reshape(self.shape[:2])[index[0], index[1]]
-        return self.rows[field][ids][..., index[2]]
+    ids = self.row_ids(step).reshape(self.shape[:2])[index[0], index[1]]
+    return self.rows[field][ids][..., index[2]]
 
 
 def examples_for_generation(tokenizer, examples: list[Example]) -> list[dict[str, Any]]:
-    """Prompt ids (with the generation prompt) and the reference answer of each example."""
-    out = []
-    for example in examples:
-        prompt = tokenizer.apply_chat_template(example.messages[:-1], add_generation_prompt=True)
-        out.append({"prompt_ids": tokenizer.encode(prompt, add_special_tokens=False),
-                    "reference": example.messages[-1]["content"], "entry": example.entry,
-                    "question": example.messages[-2]["content"] if len(example.messages) > 1 else ""})
-    return out
+  """Prompt ids (with the generation prompt) and the reference answer of each example."""
+  out = []
+  for example in examples:
+    prompt = tokenizer.apply_chat_template(example.messages[:-1], add_generation_prompt=True)
+    out.append(
+      {
+        "prompt_ids": tokenizer.encode(prompt, add_special_tokens=False),
+        "reference": example.messages[-1]["content"],
+        "entry": example.entry,
+        "question": example.messages[-2]["content"] if len(example.messages) > 1 else "",
+      }
+    )
+  return out

@@ -43,15 +43,30 @@ def _sample(logits, key, temperature, top_p, *, greedy: bool, use_top_p: bool):
   return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "eos_ids",
-                                             "greedy", "use_top_p"))
-def _generate(graphdef, state, tokens, segment_ids, seed, temperature, top_p, pad_id, *,
-              max_new_tokens: int, eos_ids: tuple[int, ...], greedy: bool, use_top_p: bool):
+@functools.partial(
+  jax.jit, static_argnames=("graphdef", "max_new_tokens", "eos_ids", "greedy", "use_top_p")
+)
+def _generate(
+  graphdef,
+  state,
+  tokens,
+  segment_ids,
+  seed,
+  temperature,
+  top_p,
+  pad_id,
+  *,
+  max_new_tokens: int,
+  eos_ids: tuple[int, ...],
+  greedy: bool,
+  use_top_p: bool,
+):
   model = nnx.merge(graphdef, state)
   key = jax.random.key(seed)
   batch, prompt_len = tokens.shape
-  sample = functools.partial(_sample, temperature=temperature, top_p=top_p, greedy=greedy,
-                             use_top_p=use_top_p)
+  sample = functools.partial(
+    _sample, temperature=temperature, top_p=top_p, greedy=greedy, use_top_p=use_top_p
+  )
   eos = jnp.asarray(eos_ids, jnp.int32)
 
   cache = model.init_cache(batch, prompt_len + max_new_tokens)
@@ -68,8 +83,12 @@ def _generate(graphdef, state, tokens, segment_ids, seed, temperature, top_p, pa
 
   def body(carry):
     step, token, position, cache, done, out, key = carry
-    logits, cache = model(token[:, None], positions=position[:, None],
-                          segment_ids=jnp.ones((batch, 1), jnp.int32), cache=cache)
+    logits, cache = model(
+      token[:, None],
+      positions=position[:, None],
+      segment_ids=jnp.ones((batch, 1), jnp.int32),
+      cache=cache,
+    )
     key, sub = jax.random.split(key)
     token = jnp.where(done, pad_id, sample(logits[:, 0], sub))
     out = out.at[:, step].set(token)
@@ -89,17 +108,26 @@ def check_sampling(max_new_tokens: int, temperature: float, top_p: float) -> Non
     raise ValueError(f"top_p={top_p} must be in (0, 1] (1 = no nucleus cut)")
 
 
-def generate(model, prompts: list[list[int]], *, max_new_tokens: int,
-             eos_token_id: int | Sequence[int], pad_token_id: int = 0,
-             temperature: float = 0.0, top_p: float = 1.0, seed: int = 0) -> list[list[int]]:
+def generate(
+  model,
+  prompts: list[list[int]],
+  *,
+  max_new_tokens: int,
+  eos_token_id: int | Sequence[int],
+  pad_token_id: int = 0,
+  temperature: float = 0.0,
+  top_p: float = 1.0,
+  seed: int = 0,
+) -> list[list[int]]:
   """Continues each prompt; returns only the new tokens, cut before EOS.
 
-  :param model: a :class:`train.model.Llama`.
-  :param prompts: token ids per prompt (lengths may differ).
-  :param eos_token_id: one id or several; generation of a row stops at the
-    first of them (not included in the output).
-  :param temperature: 0 for greedy decoding, else the sampling temperature.
-  :param top_p: nucleus sampling mass in (0, 1] (1.0 disables it).
+  Args:
+    model: a :class:`train.model.Llama`.
+    prompts: token ids per prompt (lengths may differ).
+    eos_token_id: one id or several; generation of a row stops at the
+      first of them (not included in the output).
+    temperature: 0 for greedy decoding, else the sampling temperature.
+    top_p: nucleus sampling mass in (0, 1] (1.0 disables it).
   """
   check_sampling(max_new_tokens, temperature, top_p)
   if not prompts:
@@ -114,27 +142,41 @@ def generate(model, prompts: list[list[int]], *, max_new_tokens: int,
   tokens = np.full((len(prompts), prompt_len), pad_token_id, np.int32)
   segment_ids = np.zeros((len(prompts), prompt_len), np.int32)
   for row, prompt in enumerate(prompts):
-    tokens[row, prompt_len - len(prompt):] = prompt
-    segment_ids[row, prompt_len - len(prompt):] = 1
+    tokens[row, prompt_len - len(prompt) :] = prompt
+    segment_ids[row, prompt_len - len(prompt) :] = 1
   graphdef, state = nnx.split(model)
   # Host (numpy) inputs: with a model sharded over several processes, each
   # process passes the same values and jit treats them as replicated.
-  out = _generate(graphdef, state, tokens, segment_ids, np.uint32(seed),
-                  np.float32(max(temperature, 1e-6)), np.float32(top_p), np.int32(pad_token_id),
-                  max_new_tokens=max_new_tokens, eos_ids=eos_ids,
-                  greedy=temperature == 0.0, use_top_p=top_p < 1.0)
+  out = _generate(
+    graphdef,
+    state,
+    tokens,
+    segment_ids,
+    np.uint32(seed),
+    np.float32(max(temperature, 1e-6)),
+    np.float32(top_p),
+    np.int32(pad_token_id),
+    max_new_tokens=max_new_tokens,
+    eos_ids=eos_ids,
+    greedy=temperature == 0.0,
+    use_top_p=top_p < 1.0,
+  )
   results = []
   for row in to_host(out).tolist():
     stops = [i for i, t in enumerate(row) if t in eos_ids]
-    results.append(row[:stops[0]] if stops else row)
+    results.append(row[: stops[0]] if stops else row)
   return results
 
 
 def main(argv=None):
   from train.pretrained import default_gguf_path, load_pretrained  # pylint: disable=import-outside-toplevel
+
   parser = argparse.ArgumentParser(description="Generate a completion with a pretrained model.")
-  parser.add_argument("--model", default=None,
-                      help="HF directory or .gguf file (default: the SmolLM2-135M-Instruct GGUF)")
+  parser.add_argument(
+    "--model",
+    default=None,
+    help="HF directory or .gguf file (default: the SmolLM2-135M-Instruct GGUF)",
+  )
   parser.add_argument("--prompt", required=True)
   parser.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
   parser.add_argument("--max-new-tokens", type=int, default=64)
@@ -155,10 +197,16 @@ def main(argv=None):
     ids = tokenizer.encode(args.prompt, add_special_tokens=True)
   eos = tokenizer.eos_token_id
   pad = tokenizer.pad_token_id
-  new = generate(model, [ids], max_new_tokens=args.max_new_tokens,
-                 eos_token_id=eos if eos is not None else -1,
-                 pad_token_id=pad if pad is not None else 0,
-                 temperature=args.temperature, top_p=args.top_p, seed=args.seed)[0]
+  new = generate(
+    model,
+    [ids],
+    max_new_tokens=args.max_new_tokens,
+    eos_token_id=eos if eos is not None else -1,
+    pad_token_id=pad if pad is not None else 0,
+    temperature=args.temperature,
+    top_p=args.top_p,
+    seed=args.seed,
+  )[0]
   print(tokenizer.decode(new))
 
 

@@ -25,273 +25,412 @@ from tqdm.auto import tqdm
 from train import benchmarks, evaluate, run_dir
 from train.checkpoints import Checkpoints, check_fingerprint, data_fingerprint
 from train.config import Config, load_config
-from train.data import ROW_FIELDS, AlpacaTemplate, Batches, ByteTokenizer, examples_for_generation, prepare
-from train.model import Llama, ModelConfig
+from train.data import (
+  ROW_FIELDS,
+  AlpacaTemplate,
+  Batches,
+  ByteTokenizer,
+  examples_for_generation,
+  prepare,
+)
 from train.mesh import initialize_distributed, make_mesh, param_shardings
 from train.metrics import Meter, MetricWriter, flops_per_token, peak_flops_per_device
+from train.model import Llama, ModelConfig
 from train.step import build_steps, merge
 
 
 def _log(message: str) -> None:
-    if jax.process_index() == 0:
-        tqdm.write(message)
+  if jax.process_index() == 0:
+    tqdm.write(message)
 
 
 def load_model(config: Config, mesh):
-    """(graphdef, params, rest, param shardings, tokenizer).
+  """(graphdef, params, rest, param shardings, tokenizer).
 
-    The graph comes from an abstract `Llama` built with the configured compute
-    dtype and remat, so weights loaded in `param_dtype` can compute in bf16
-    without a second copy.
-    """
-    cfg = config.model
-    param_dtype, dtype = jnp.dtype(cfg.param_dtype), jnp.dtype(cfg.dtype)
-    if cfg.path is not None:
-        from train.pretrained import default_gguf_path, load_pretrained
+  The graph comes from an abstract `Llama` built with the configured compute
+  dtype and remat, so weights loaded in `param_dtype` can compute in bf16
+  without a second copy.
+  """
+  cfg = config.model
+  param_dtype, dtype = jnp.dtype(cfg.param_dtype), jnp.dtype(cfg.dtype)
+  if cfg.path is not None:
+    from train.pretrained import default_gguf_path, load_pretrained
 
-        path = default_gguf_path() if cfg.path == "smollm2" else cfg.path
-        model, tokenizer = load_pretrained(path, mesh=mesh, dtype=param_dtype)
-        model_config = model.config
-    else:
-        model_config = ModelConfig.from_hf(cfg.hf_config)
-        model, tokenizer = Llama(model_config, rngs=nnx.Rngs(cfg.seed), param_dtype=param_dtype), None
-    if config.data.tokenizer == "bytes":
-        tokenizer = ByteTokenizer()
-    if tokenizer is None:
-        raise ValueError("model.path is null (random init), which has no tokenizer: set data.tokenizer=bytes")
-    if config.data.template == "alpaca":
-        tokenizer = AlpacaTemplate(tokenizer)
-    if tokenizer.vocab_size > model_config.vocab_size:
-        raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens, the model only "
-                         f"{model_config.vocab_size}")
-    abstract = nnx.eval_shape(lambda: Llama(model_config, rngs=nnx.Rngs(0), dtype=dtype,
-                                            param_dtype=param_dtype, remat=cfg.remat,
-                                            attention=cfg.attention))
-    graphdef, abstract_params, rest = nnx.split(abstract, nnx.Param, ...)
-    shardings = param_shardings(abstract_params, mesh)
-    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-    params = jax.device_put(params, shardings)  # a no-op for weights already loaded onto the mesh
-    return graphdef, params, rest, shardings, tokenizer
+    path = default_gguf_path() if cfg.path == "smollm2" else cfg.path
+    model, tokenizer = load_pretrained(path, mesh=mesh, dtype=param_dtype)
+    model_config = model.config
+  else:
+    model_config = ModelConfig.from_hf(cfg.hf_config)
+    model, tokenizer = Llama(model_config, rngs=nnx.Rngs(cfg.seed), param_dtype=param_dtype), None
+  if config.data.tokenizer == "bytes":
+    tokenizer = ByteTokenizer()
+  if tokenizer is None:
+    raise ValueError(
+      "model.path is null (random init), which has no tokenizer: set data.tokenizer=bytes"
+    )
+  if config.data.template == "alpaca":
+    tokenizer = AlpacaTemplate(tokenizer)
+  if tokenizer.vocab_size > model_config.vocab_size:
+    raise ValueError(
+      f"the tokenizer has {tokenizer.vocab_size} tokens, the model only {model_config.vocab_size}"
+    )
+  abstract = nnx.eval_shape(
+    lambda: Llama(
+      model_config,
+      rngs=nnx.Rngs(0),
+      dtype=dtype,
+      param_dtype=param_dtype,
+      remat=cfg.remat,
+      attention=cfg.attention,
+    )
+  )
+  graphdef, abstract_params, rest = nnx.split(abstract, nnx.Param, ...)
+  shardings = param_shardings(abstract_params, mesh)
+  params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+  params = jax.device_put(params, shardings)  # a no-op for weights already loaded onto the mesh
+  return graphdef, params, rest, shardings, tokenizer
 
 
 def _global_batch(batches: Batches, step: int, sharding) -> dict:
-    """The step's global batch as sharded arrays; each process fills only its own devices."""
-    shape = batches.shape
-    return {name: jax.make_array_from_callback(
-                shape, sharding, lambda index, name=name: batches.local(step, name, index))
-            for name in ROW_FIELDS}
+  """The step's global batch as sharded arrays; each process fills only its own devices."""
+  shape = batches.shape
+  return {
+    name: jax.make_array_from_callback(
+      shape, sharding, lambda index, name=name: batches.local(step, name, index)
+    )
+    for name in ROW_FIELDS
+  }
 
 
-def _evaluate(tag: str, config: Config, out: Path, eval_step, graphdef, params, rest, tokenizer,
-              eval_rows, eval_items, mesh, writer: MetricWriter, step: int,
-              answers: dict | None = None) -> dict:
-    """Held-out loss and (optionally) exact-match accuracy and its statistics, or a benchmark's
-    score; completions go to eval_<tag>.jsonl (and held-out answers to answers[tag])."""
-    result = {}
-    start = time.time()
-    if eval_rows is not None:
-        result["eval_loss"] = evaluate.held_out_loss(eval_step, params, eval_rows,
-                                                     config.eval.batch_size, mesh)
-    if config.eval.accuracy and config.eval.benchmark != "held_out":
-        result["accuracy"] = evaluate.benchmark_accuracy(
-            merge(graphdef, params, rest), tokenizer, config.eval.benchmark, eval_items,
-            max_new_tokens=config.eval.max_new_tokens, batch_size=config.eval.generate_batch_size,
-            samples_path=out / f"eval_{tag}.jsonl")
-    elif config.eval.accuracy and eval_items:
-        records = evaluate.answer_records(
-            merge(graphdef, params, rest), tokenizer, eval_items[: config.eval.size],
-            max_new_tokens=config.eval.max_new_tokens, batch_size=config.eval.generate_batch_size,
-            samples_path=out / f"eval_{tag}.jsonl")
-        result.update(evaluate.answer_stats(records))
-        if answers is not None:
-            answers[tag] = records
-    writer.write(step, {k: v for k, v in result.items() if isinstance(v, (int, float))}, "eval/")
-    shown = ", ".join(f"{k} {v:.4f}" for k, v in result.items()
-                      if k in ("eval_loss", "accuracy", "score", "top_answer_share"))
-    _log(f"[eval {tag}] {shown} ({time.time() - start:.1f} s)")
-    return result
+def _evaluate(
+  tag: str,
+  config: Config,
+  out: Path,
+  eval_step,
+  graphdef,
+  params,
+  rest,
+  tokenizer,
+  eval_rows,
+  eval_items,
+  mesh,
+  writer: MetricWriter,
+  step: int,
+  answers: dict | None = None,
+) -> dict:
+  """Held-out loss and (optionally) exact-match accuracy and its statistics, or a benchmark's
+  score; completions go to eval_<tag>.jsonl (and held-out answers to answers[tag])."""
+  result = {}
+  start = time.time()
+  if eval_rows is not None:
+    result["eval_loss"] = evaluate.held_out_loss(
+      eval_step, params, eval_rows, config.eval.batch_size, mesh
+    )
+  if config.eval.accuracy and config.eval.benchmark != "held_out":
+    result["accuracy"] = evaluate.benchmark_accuracy(
+      merge(graphdef, params, rest),
+      tokenizer,
+      config.eval.benchmark,
+      eval_items,
+      max_new_tokens=config.eval.max_new_tokens,
+      batch_size=config.eval.generate_batch_size,
+      samples_path=out / f"eval_{tag}.jsonl",
+    )
+  elif config.eval.accuracy and eval_items:
+    records = evaluate.answer_records(
+      merge(graphdef, params, rest),
+      tokenizer,
+      eval_items[: config.eval.size],
+      max_new_tokens=config.eval.max_new_tokens,
+      batch_size=config.eval.generate_batch_size,
+      samples_path=out / f"eval_{tag}.jsonl",
+    )
+    result.update(evaluate.answer_stats(records))
+    if answers is not None:
+      answers[tag] = records
+  writer.write(step, {k: v for k, v in result.items() if isinstance(v, (int, float))}, "eval/")
+  shown = ", ".join(
+    f"{k} {v:.4f}"
+    for k, v in result.items()
+    if k in ("eval_loss", "accuracy", "score", "top_answer_share")
+  )
+  _log(f"[eval {tag}] {shown} ({time.time() - start:.1f} s)")
+  return result
 
 
 def _show(summary: dict) -> None:
-    """The closing printout: exact match before/after with intervals, the paired gain, held-out
-    loss, the most common answer's share, and three held-out problems before and after."""
-    lines = []
+  """The closing printout: exact match before/after with intervals, the paired gain, held-out
+  loss, the most common answer's share, and three held-out problems before and after."""
+  lines = []
+  for tag in ("before", "after"):
+    r = summary.get(tag, {})
+    if "accuracy" in r and "accuracy_ci95" not in r:  # a benchmark's score
+      lines.append(
+        f"{tag:>6}: benchmark accuracy {r['accuracy']:.1%}, "
+        f"held-out loss {r.get('eval_loss', float('nan')):.3f}"
+      )
+    elif "accuracy" in r:
+      lo, hi = r["accuracy_ci95"]
+      lines.append(
+        f"{tag:>6}: exact match {r['exact_matches']}/{r['items']} = "
+        f"{r['accuracy']:.1%} (95% CI {lo:.1%}-{hi:.1%}), held-out loss "
+        f"{r.get('eval_loss', float('nan')):.3f}, most common answer "
+        f"{r['top_answer']!r} in {r['top_answer_share']:.0%} of predictions, "
+        f"task score (partial credit) {r['score']:.3f}"
+      )
+  if "gain" in summary:
+    g = summary["gain"]
+    lo, hi = g["accuracy_gain_ci95"]
+    lines.append(
+      f"  gain: {g['accuracy_gain']:+.1%} exact match (paired 95% CI {lo:+.1%} to "
+      f"{hi:+.1%}; {g['fixed']} items fixed, {g['broken']} broken)"
+    )
+  for example in summary.get("examples", []):
+    lines.append(f"  Q: {example['question']}  (answer {example['reference']})")
     for tag in ("before", "after"):
-        r = summary.get(tag, {})
-        if "accuracy" in r and "accuracy_ci95" not in r:  # a benchmark's score
-            lines.append(f"{tag:>6}: benchmark accuracy {r['accuracy']:.1%}, "
-                         f"held-out loss {r.get('eval_loss', float('nan')):.3f}")
-        elif "accuracy" in r:
-            lo, hi = r["accuracy_ci95"]
-            lines.append(f"{tag:>6}: exact match {r['exact_matches']}/{r['items']} = "
-                         f"{r['accuracy']:.1%} (95% CI {lo:.1%}-{hi:.1%}), held-out loss "
-                         f"{r.get('eval_loss', float('nan')):.3f}, most common answer "
-                         f"{r['top_answer']!r} in {r['top_answer_share']:.0%} of predictions, "
-                         f"task score (partial credit) {r['score']:.3f}")
-    if "gain" in summary:
-        g = summary["gain"]
-        lo, hi = g["accuracy_gain_ci95"]
-        lines.append(f"  gain: {g['accuracy_gain']:+.1%} exact match (paired 95% CI {lo:+.1%} to "
-                     f"{hi:+.1%}; {g['fixed']} items fixed, {g['broken']} broken)")
-    for example in summary.get("examples", []):
-        lines.append(f"  Q: {example['question']}  (answer {example['reference']})")
-        for tag in ("before", "after"):
-            lines.append(f"    {tag:>6}: {example[tag]!r}")
-    if lines:
-        _log("\n".join(["results on the held-out items:"] + lines))
+      lines.append(f"    {tag:>6}: {example[tag]!r}")
+  if lines:
+    _log("\n".join(["results on the held-out items:"] + lines))
 
 
 def run(config_source="configs/default.yaml", overrides=None) -> dict:
-    """Runs the whole job; returns {"before": ..., "after": ..., "steps": ..., ...}."""
-    started = time.time()
-    config = load_config(config_source, overrides)  # all validation happens here, before any work
-    initialize_distributed(config.mesh)
-    out = Path(config.train.output_dir)
-    run_dir.prepare(out, config)  # refuses another run's directory, probes that it is writable
-    mesh = make_mesh(config.mesh)
-    _log(f"mesh {dict(mesh.shape)} over {jax.device_count()} {jax.devices()[0].platform} device(s), "
-         f"{jax.process_count()} process(es)")
+  """Runs the whole job; returns {"before": ..., "after": ..., "steps": ..., ...}."""
+  started = time.time()
+  config = load_config(config_source, overrides)  # all validation happens here, before any work
+  initialize_distributed(config.mesh)
+  out = Path(config.train.output_dir)
+  run_dir.prepare(out, config)  # refuses another run's directory, probes that it is writable
+  mesh = make_mesh(config.mesh)
+  _log(
+    f"mesh {dict(mesh.shape)} over {jax.device_count()} {jax.devices()[0].platform} device(s), "
+    f"{jax.process_count()} process(es)"
+  )
 
-    start = time.time()
-    graphdef, params, rest, p_shardings, tokenizer = load_model(config, mesh)
-    num_params = sum(x.size for x in jax.tree.leaves(params))
-    _log(f"model: {num_params / 1e6:.1f}M parameters ({time.time() - start:.1f} s)")
+  start = time.time()
+  graphdef, params, rest, p_shardings, tokenizer = load_model(config, mesh)
+  num_params = sum(x.size for x in jax.tree.leaves(params))
+  _log(f"model: {num_params / 1e6:.1f}M parameters ({time.time() - start:.1f} s)")
 
-    train_rows, eval_rows, held_out, report = prepare(config.data, tokenizer)
-    _log("data: " + ", ".join(f"{k} {v}" for k, v in report.items()))
-    eval_items = examples_for_generation(tokenizer, held_out)
-    if config.eval.benchmark != "held_out":  # the benchmark's items are scored instead
-        eval_items = benchmarks.load_items(
-            config.eval.benchmark, held_out if config.data.source == "reasoning_gym" else None,
-            config.eval.size)
-    t = config.train
-    batches = Batches(train_rows, t.batch_size, t.micro_batch_size, config.data.shuffle_seed)
-    shards = mesh.shape["data"] * mesh.shape["fsdp"]
-    if t.micro_batch_size % shards:
-        raise ValueError(f"train.micro_batch_size={t.micro_batch_size} must be a multiple of "
-                         f"mesh data x fsdp = {shards}")
-    total_steps = t.steps or math.ceil(t.epochs * batches.num_rows / t.batch_size)
+  train_rows, eval_rows, held_out, report = prepare(config.data, tokenizer)
+  _log("data: " + ", ".join(f"{k} {v}" for k, v in report.items()))
+  eval_items = examples_for_generation(tokenizer, held_out)
+  if config.eval.benchmark != "held_out":  # the benchmark's items are scored instead
+    eval_items = benchmarks.load_items(
+      config.eval.benchmark,
+      held_out if config.data.source == "reasoning_gym" else None,
+      config.eval.size,
+    )
+  t = config.train
+  batches = Batches(train_rows, t.batch_size, t.micro_batch_size, config.data.shuffle_seed)
+  shards = mesh.shape["data"] * mesh.shape["fsdp"]
+  if t.micro_batch_size % shards:
+    raise ValueError(
+      f"train.micro_batch_size={t.micro_batch_size} must be a multiple of "
+      f"mesh data x fsdp = {shards}"
+    )
+  total_steps = t.steps or math.ceil(t.epochs * batches.num_rows / t.batch_size)
 
-    steps = build_steps(graphdef, rest, params, p_shardings, config.optimizer, total_steps, mesh,
-                        config.model.loss_chunk_tokens)
-    opt_state = jax.jit(steps.tx.init, out_shardings=steps.shardings["opt_state"])(params)
-    shardings, train_step, eval_step = steps.shardings, steps.train, steps.eval
+  steps = build_steps(
+    graphdef,
+    rest,
+    params,
+    p_shardings,
+    config.optimizer,
+    total_steps,
+    mesh,
+    config.model.loss_chunk_tokens,
+  )
+  opt_state = jax.jit(steps.tx.init, out_shardings=steps.shardings["opt_state"])(params)
+  shardings, train_step, eval_step = steps.shardings, steps.train, steps.eval
 
-    checkpoints = Checkpoints(out / "checkpoints", config.checkpoint.keep)
-    first_step = 0
-    if t.resume:
-        source = (checkpoints if t.resume is True
-                  else Checkpoints(Path(t.resume), config.checkpoint.keep))
-        if source.latest_step() is None:
-            raise FileNotFoundError(f"train.resume: no checkpoint in {source.directory}")
-        params, opt_state, meta = source.restore(params, opt_state)
-        check_fingerprint(meta, config, source.directory)
-        first_step = meta["step"]
-        run_dir.resumed(out, config, first_step)
-        _log(f"resumed from {source.directory} at step {first_step} (row {meta['data_position']})")
+  checkpoints = Checkpoints(out / "checkpoints", config.checkpoint.keep)
+  first_step = 0
+  if t.resume:
+    source = (
+      checkpoints if t.resume is True else Checkpoints(Path(t.resume), config.checkpoint.keep)
+    )
+    if source.latest_step() is None:
+      raise FileNotFoundError(f"train.resume: no checkpoint in {source.directory}")
+    params, opt_state, meta = source.restore(params, opt_state)
+    check_fingerprint(meta, config, source.directory)
+    first_step = meta["step"]
+    run_dir.resumed(out, config, first_step)
+    _log(f"resumed from {source.directory} at step {first_step} (row {meta['data_position']})")
 
-    summary: dict = {"output_dir": str(out), "num_params": num_params, "data": report}
-    writer = MetricWriter(out / "tensorboard", jax.process_index() == 0)
-    answers: dict = {}
-    if config.eval.before and first_step == 0:
-        summary["before"] = _evaluate("before", config, out, eval_step, graphdef, params, rest,
-                                      tokenizer, eval_rows, eval_items, mesh, writer, 0, answers)
+  summary: dict = {"output_dir": str(out), "num_params": num_params, "data": report}
+  writer = MetricWriter(out / "tensorboard", jax.process_index() == 0)
+  answers: dict = {}
+  if config.eval.before and first_step == 0:
+    summary["before"] = _evaluate(
+      "before",
+      config,
+      out,
+      eval_step,
+      graphdef,
+      params,
+      rest,
+      tokenizer,
+      eval_rows,
+      eval_items,
+      mesh,
+      writer,
+      0,
+      answers,
+    )
 
-    def meta(step):
-        return {"step": step, "data_position": step * t.batch_size,
-                "optimizer_seed": config.optimizer.seed, "fingerprint": data_fingerprint(config)}
+  def meta(step):
+    return {
+      "step": step,
+      "data_position": step * t.batch_size,
+      "optimizer_seed": config.optimizer.seed,
+      "fingerprint": data_fingerprint(config),
+    }
 
-    log_file = open(out / "train_log.jsonl", "a") if jax.process_index() == 0 else None
-    progress = tqdm(range(first_step, total_steps), initial=first_step, total=total_steps,
-                    desc=config.optimizer.method, disable=not t.tqdm or jax.process_index() != 0)
-    model_config = merge(graphdef, params, rest).config
-    peak = peak_flops_per_device(t.peak_flops_per_device)
-    meter = Meter(flops_per_token(num_params, model_config.num_layers, config.data.max_length,
-                                  model_config.hidden_size), peak and peak * jax.device_count())
-    step_times = []
+  log_file = open(out / "train_log.jsonl", "a") if jax.process_index() == 0 else None
+  progress = tqdm(
+    range(first_step, total_steps),
+    initial=first_step,
+    total=total_steps,
+    desc=config.optimizer.method,
+    disable=not t.tqdm or jax.process_index() != 0,
+  )
+  model_config = merge(graphdef, params, rest).config
+  peak = peak_flops_per_device(t.peak_flops_per_device)
+  meter = Meter(
+    flops_per_token(
+      num_params, model_config.num_layers, config.data.max_length, model_config.hidden_size
+    ),
+    peak and peak * jax.device_count(),
+  )
+  step_times = []
 
-    def report(record: dict | None) -> None:
-        """Logs one record; its loss, computed on the weights of checkpoint `step - 1` if one
-        was saved, decides whether that checkpoint is kept (a non-finite loss stops the run)."""
-        if record is None:
-            return
-        record["epoch"] = batches.epoch(record["step"])
-        step_times.append(record["step_time_s"])
-        if log_file:
-            log_file.write(json.dumps(record) + "\n")
-            log_file.flush()
-        writer.write(record["step"], record, "train/")
-        checkpoints.check(record["step"] - 1, record["loss"])
-        progress.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.1e}",
-                             **({"kept": f"{record['kept_fraction']:.2f}"}
-                                if "kept_fraction" in record else {}))
-
-    profile = t.profile_steps if jax.process_index() == 0 else ()
-    tracing = False
-    for step in progress:
-        if profile and not tracing and profile[0] <= step < profile[1]:
-            jax.profiler.start_trace(str(out / "profile"))
-            tracing = True
-        tokens = int((train_rows["segment_ids"][batches.row_ids(step)] > 0).sum())
-        batch = _global_batch(batches, step, shardings["batch"])
-        params, opt_state, metrics = train_step(params, opt_state, batch, jnp.int32(step))
-        if tracing and step + 1 in (profile[1], total_steps):
-            jax.block_until_ready(metrics)  # the trace holds the window's device work
-            jax.profiler.stop_trace()
-            tracing = False
-        every = config.checkpoint.every
-        save_now = every and (step + 1) % every == 0 and step + 1 < total_steps
-        eval_now = config.eval.every and (step + 1) % config.eval.every == 0 and step + 1 < total_steps
-        # The previous log step's metrics are read only now, with this step queued. A step
-        # whose loss is on the weights of an unconfirmed checkpoint is always logged.
-        report(meter.push(step + 1, metrics, tokens, (step + 1) % t.log_every == 0
-                          or step + 1 == total_steps or step in checkpoints.unconfirmed))
-        if save_now:
-            checkpoints.save(step + 1, params, opt_state, meta(step + 1))
-        if eval_now:
-            report(meter.flush())
-            summary[f"step_{step + 1}"] = _evaluate(f"step{step + 1}", config, out, eval_step,
-                                                    graphdef, params, rest, tokenizer, eval_rows,
-                                                    eval_items, mesh, writer, step + 1)
-            meter.restart()  # evaluating is not step time
-    report(meter.flush())
-    progress.close()
+  def report(record: dict | None) -> None:
+    """Logs one record; its loss, computed on the weights of checkpoint `step - 1` if one
+    was saved, decides whether that checkpoint is kept (a non-finite loss stops the run)."""
+    if record is None:
+      return
+    record["epoch"] = batches.epoch(record["step"])
+    step_times.append(record["step_time_s"])
     if log_file:
-        log_file.close()
-    if config.checkpoint.save_final and total_steps > first_step:
-        checkpoints.save_final(total_steps, params, opt_state, meta(total_steps))
-    checkpoints.wait()
+      log_file.write(json.dumps(record) + "\n")
+      log_file.flush()
+    writer.write(record["step"], record, "train/")
+    checkpoints.check(record["step"] - 1, record["loss"])
+    progress.set_postfix(
+      loss=f"{record['loss']:.3f}",
+      lr=f"{record['lr']:.1e}",
+      **({"kept": f"{record['kept_fraction']:.2f}"} if "kept_fraction" in record else {}),
+    )
 
-    if config.eval.after:
-        summary["after"] = _evaluate("after", config, out, eval_step, graphdef, params, rest,
-                                     tokenizer, eval_rows, eval_items, mesh, writer, total_steps,
-                                     answers)
-    writer.close()
-    if "before" in answers and "after" in answers:
-        summary["gain"] = evaluate.paired_gain(answers["before"], answers["after"])
-        summary["examples"] = [{"question": b["question"], "reference": b["reference"],
-                                "before": b["completion"], "after": a["completion"]}
-                               for b, a in list(zip(answers["before"], answers["after"]))[:3]]
-    if step_times:
-        median = np.float32(np.median(step_times[1:] or step_times))
-        # Timings differ per process: every process returns process 0's, so summaries match.
-        summary["median_step_time_s"] = float(multihost_utils.broadcast_one_to_all(median))
-    summary["steps"] = total_steps
-    if config.checkpoint.export:
-        from train.pretrained import export_pretrained
+  profile = t.profile_steps if jax.process_index() == 0 else ()
+  tracing = False
+  for step in progress:
+    if profile and not tracing and profile[0] <= step < profile[1]:
+      jax.profiler.start_trace(str(out / "profile"))
+      tracing = True
+    tokens = int((train_rows["segment_ids"][batches.row_ids(step)] > 0).sum())
+    batch = _global_batch(batches, step, shardings["batch"])
+    params, opt_state, metrics = train_step(params, opt_state, batch, jnp.int32(step))
+    if tracing and step + 1 in (profile[1], total_steps):
+      jax.block_until_ready(metrics)  # the trace holds the window's device work
+      jax.profiler.stop_trace()
+      tracing = False
+    every = config.checkpoint.every
+    save_now = every and (step + 1) % every == 0 and step + 1 < total_steps
+    eval_now = config.eval.every and (step + 1) % config.eval.every == 0 and step + 1 < total_steps
+    # The previous log step's metrics are read only now, with this step queued. A step
+    # whose loss is on the weights of an unconfirmed checkpoint is always logged.
+    report(
+      meter.push(
+        step + 1,
+        metrics,
+        tokens,
+        (step + 1) % t.log_every == 0 or step + 1 == total_steps or step in checkpoints.unconfirmed,
+      )
+    )
+    if save_now:
+      checkpoints.save(step + 1, params, opt_state, meta(step + 1))
+    if eval_now:
+      report(meter.flush())
+      summary[f"step_{step + 1}"] = _evaluate(
+        f"step{step + 1}",
+        config,
+        out,
+        eval_step,
+        graphdef,
+        params,
+        rest,
+        tokenizer,
+        eval_rows,
+        eval_items,
+        mesh,
+        writer,
+        step + 1,
+      )
+      meter.restart()  # evaluating is not step time
+  report(meter.flush())
+  progress.close()
+  if log_file:
+    log_file.close()
+  if config.checkpoint.save_final and total_steps > first_step:
+    checkpoints.save_final(total_steps, params, opt_state, meta(total_steps))
+  checkpoints.wait()
 
-        export_dir = Path(config.checkpoint.export_dir or out / "hf")
-        plain = tokenizer.tokenizer if isinstance(tokenizer, AlpacaTemplate) else tokenizer
-        export_pretrained(merge(graphdef, params, rest),
-                          None if isinstance(plain, ByteTokenizer) else plain, str(export_dir))
-        summary["export_dir"] = str(export_dir)
-    # Process 0's wall time and load average (other jobs slow every timing), as for step times.
-    timing = np.array([time.time() - started, *os.getloadavg()], np.float32)
-    timing = [float(x) for x in multihost_utils.broadcast_one_to_all(timing)]
-    summary["wall_time_s"], summary["load_average"] = timing[0], timing[1:]
-    if jax.process_index() == 0:
-        (out / "summary.json").write_text(json.dumps(summary, indent=1))
-    _show(summary)
-    _log(f"outputs: {out}/ (config.yaml, train_log.jsonl, checkpoints/, eval_*.jsonl, summary.json"
-         + (f", {summary['export_dir']}" if "export_dir" in summary else "") + ")")
-    return summary
+  if config.eval.after:
+    summary["after"] = _evaluate(
+      "after",
+      config,
+      out,
+      eval_step,
+      graphdef,
+      params,
+      rest,
+      tokenizer,
+      eval_rows,
+      eval_items,
+      mesh,
+      writer,
+      total_steps,
+      answers,
+    )
+  writer.close()
+  if "before" in answers and "after" in answers:
+    summary["gain"] = evaluate.paired_gain(answers["before"], answers["after"])
+    summary["examples"] = [
+      {
+        "question": b["question"],
+        "reference": b["reference"],
+        "before": b["completion"],
+        "after": a["completion"],
+      }
+      for b, a in list(zip(answers["before"], answers["after"]))[:3]
+    ]
+  if step_times:
+    median = np.float32(np.median(step_times[1:] or step_times))
+    # Timings differ per process: every process returns process 0's, so summaries match.
+    summary["median_step_time_s"] = float(multihost_utils.broadcast_one_to_all(median))
+  summary["steps"] = total_steps
+  if config.checkpoint.export:
+    from train.pretrained import export_pretrained
+
+    export_dir = Path(config.checkpoint.export_dir or out / "hf")
+    plain = tokenizer.tokenizer if isinstance(tokenizer, AlpacaTemplate) else tokenizer
+    export_pretrained(
+      merge(graphdef, params, rest),
+      None if isinstance(plain, ByteTokenizer) else plain,
+      str(export_dir),
+    )
+    summary["export_dir"] = str(export_dir)
+  # Process 0's wall time and load average (other jobs slow every timing), as for step times.
+  timing = np.array([time.time() - started, *os.getloadavg()], np.float32)
+  timing = [float(x) for x in multihost_utils.broadcast_one_to_all(timing)]
+  summary["wall_time_s"], summary["load_average"] = timing[0], timing[1:]
+  if jax.process_index() == 0:
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+  _show(summary)
+  _log(
+    f"outputs: {out}/ (config.yaml, train_log.jsonl, checkpoints/, eval_*.jsonl, summary.json"
+    + (f", {summary['export_dir']}" if "export_dir" in summary else "")
+    + ")"
+  )
+  return summary

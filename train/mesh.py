@@ -9,93 +9,109 @@ import jax
 import numpy as np
 from flax import nnx
 from jax.experimental import multihost_utils
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from train.config import MeshConfig
-from train.model import BATCH as BATCH_AXES, fit_spec
+from train.model import BATCH as BATCH_AXES
+from train.model import fit_spec
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
+
 def _launched_multi_host() -> bool:
-    """True when a launcher set the environment jax.distributed reads."""
-    if os.environ.get("JAX_COORDINATOR_ADDRESS"):
-        return True
-    if "," in os.environ.get("TPU_WORKER_HOSTNAMES", ""):  # a multi-host TPU slice
-        return True
-    return int(os.environ.get("SLURM_NTASKS", "1")) > 1 or int(os.environ.get("OMPI_COMM_WORLD_SIZE", "1")) > 1
+  """True when a launcher set the environment jax.distributed reads."""
+  if os.environ.get("JAX_COORDINATOR_ADDRESS"):
+    return True
+  if "," in os.environ.get("TPU_WORKER_HOSTNAMES", ""):  # a multi-host TPU slice
+    return True
+  return (
+    int(os.environ.get("SLURM_NTASKS", "1")) > 1
+    or int(os.environ.get("OMPI_COMM_WORLD_SIZE", "1")) > 1
+  )
 
 
 def initialize_distributed(cfg: MeshConfig) -> bool:
-    """Calls `jax.distributed.initialize` when the config or the launch asks for it.
+  """Calls `jax.distributed.initialize` when the config or the launch asks for it.
 
-    Must run before anything touches a JAX device. Returns whether it did.
-    """
-    wanted = cfg.distributed == "true" or (cfg.distributed == "auto" and (
-        cfg.coordinator_address is not None or _launched_multi_host()))
-    if not wanted:
-        return False
-    # CPU processes exchange collectives over gloo (tests, CPU clusters); GPU/TPU ignore it.
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(coordinator_address=cfg.coordinator_address,
-                               num_processes=cfg.num_processes, process_id=cfg.process_id)
-    return True
+  Must run before anything touches a JAX device. Returns whether it did.
+  """
+  wanted = cfg.distributed == "true" or (
+    cfg.distributed == "auto" and (cfg.coordinator_address is not None or _launched_multi_host())
+  )
+  if not wanted:
+    return False
+  # CPU processes exchange collectives over gloo (tests, CPU clusters); GPU/TPU ignore it.
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  jax.distributed.initialize(
+    coordinator_address=cfg.coordinator_address,
+    num_processes=cfg.num_processes,
+    process_id=cfg.process_id,
+  )
+  return True
 
 
 def make_mesh(cfg: MeshConfig, devices=None) -> jax.sharding.Mesh:
-    """A (data, fsdp, tensor) mesh over `devices` (default: all devices of all processes,
-    or e.g. the chips of a TPU topology for ahead-of-time compilation); one axis may be -1 (fill)."""
-    devices = jax.devices() if devices is None else list(devices)
-    count = len(devices)
-    sizes = {"data": cfg.data, "fsdp": cfg.fsdp, "tensor": cfg.tensor}
-    fill = [name for name, size in sizes.items() if size == -1]
-    known = math.prod(size for size in sizes.values() if size != -1)
-    if len(fill) > 1 or any(size == 0 or size < -1 for size in sizes.values()):
-        raise ValueError(f"mesh {sizes}: sizes must be >= 1, with at most one -1 (fill)")
-    if fill:
-        if count % known:
-            raise ValueError(f"mesh {sizes}: {known} does not divide the {count} devices")
-        sizes[fill[0]] = count // known
-    if math.prod(sizes.values()) != count:
-        raise ValueError(f"mesh {sizes} needs {math.prod(sizes.values())} devices, there are "
-                         f"{count}; set one axis to -1 to fill")
-    # Auto axes: shardings are given to jit explicitly and XLA propagates the rest.
-    return jax.make_mesh(tuple(sizes.values()), MESH_AXES, devices=devices,
-                         axis_types=(jax.sharding.AxisType.Auto,) * 3)
+  """A (data, fsdp, tensor) mesh over `devices` (default: all devices of all processes,
+  or e.g. the chips of a TPU topology for ahead-of-time compilation); one axis may be -1 (fill)."""
+  devices = jax.devices() if devices is None else list(devices)
+  count = len(devices)
+  sizes = {"data": cfg.data, "fsdp": cfg.fsdp, "tensor": cfg.tensor}
+  fill = [name for name, size in sizes.items() if size == -1]
+  known = math.prod(size for size in sizes.values() if size != -1)
+  if len(fill) > 1 or any(size == 0 or size < -1 for size in sizes.values()):
+    raise ValueError(f"mesh {sizes}: sizes must be >= 1, with at most one -1 (fill)")
+  if fill:
+    if count % known:
+      raise ValueError(f"mesh {sizes}: {known} does not divide the {count} devices")
+    sizes[fill[0]] = count // known
+  if math.prod(sizes.values()) != count:
+    raise ValueError(
+      f"mesh {sizes} needs {math.prod(sizes.values())} devices, there are "
+      f"{count}; set one axis to -1 to fill"
+    )
+  # Auto axes: shardings are given to jit explicitly and XLA propagates the rest.
+  return jax.make_mesh(
+    tuple(sizes.values()), MESH_AXES, devices=devices, axis_types=(jax.sharding.AxisType.Auto,) * 3
+  )
 
 
 def to_host(value: jax.Array) -> np.ndarray:
-    """The whole array on this host; for an array spread over several processes a collective
-    (every process must call it, in the same order)."""
-    if value.is_fully_addressable:
-        return np.asarray(value)
-    return multihost_utils.process_allgather(value, tiled=True)
+  """The whole array on this host; for an array spread over several processes a collective
+  (every process must call it, in the same order)."""
+  if value.is_fully_addressable:
+    return np.asarray(value)
+  return multihost_utils.process_allgather(value, tiled=True)
 
 
 def batch_sharding(mesh) -> NamedSharding:
-    """[accumulation, micro-batch, length]: micro-batch rows split over data and fsdp."""
-    return NamedSharding(mesh, P(None, BATCH_AXES, None))
+  """[accumulation, micro-batch, length]: micro-batch rows split over data and fsdp."""
+  return NamedSharding(mesh, P(None, BATCH_AXES, None))
 
 
 def replicated(mesh) -> NamedSharding:
-    return NamedSharding(mesh, P())
+  return NamedSharding(mesh, P())
 
 
 def param_shardings(params: nnx.State, mesh) -> dict:
-    """NamedShardings from the parameters' partitioning metadata, as a pure dict.
+  """NamedShardings from the parameters' partitioning metadata, as a pure dict.
 
-    Works on abstract (`nnx.eval_shape`) or concrete parameters; an axis that
-    does not divide its dimension (e.g. an odd vocabulary) is dropped, as the
-    checkpoint loader does.
-    """
-    def sharding(variable):
-        spec = variable.get_metadata().get("out_sharding") or ()
-        return NamedSharding(mesh, fit_spec(spec, variable.shape, mesh))
+  Works on abstract (`nnx.eval_shape`) or concrete parameters; an axis that
+  does not divide its dimension (e.g. an odd vocabulary) is dropped, as the
+  checkpoint loader does.
+  """
 
-    return nnx.to_pure_dict(jax.tree.map(sharding, params, is_leaf=lambda x: isinstance(x, nnx.Variable)))
+  def sharding(variable):
+    spec = variable.get_metadata().get("out_sharding") or ()
+    return NamedSharding(mesh, fit_spec(spec, variable.shape, mesh))
+
+  return nnx.to_pure_dict(
+    jax.tree.map(sharding, params, is_leaf=lambda x: isinstance(x, nnx.Variable))
+  )
 
 
 def shard_model(model: nnx.Module, mesh) -> tuple[nnx.GraphDef, dict, nnx.State, dict]:
-    """(graph, params placed by their metadata on `mesh`, rest, param shardings)."""
-    graphdef, state, rest = nnx.split(model, nnx.Param, ...)
-    shardings = param_shardings(state, mesh)
-    return graphdef, jax.device_put(nnx.to_pure_dict(state), shardings), rest, shardings
+  """(graph, params placed by their metadata on `mesh`, rest, param shardings)."""
+  graphdef, state, rest = nnx.split(model, nnx.Param, ...)
+  shardings = param_shardings(state, mesh)
+  return graphdef, jax.device_put(nnx.to_pure_dict(state), shardings), rest, shardings

