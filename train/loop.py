@@ -9,6 +9,7 @@ evaluates again and returns the final metrics. Everything it writes goes under
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -193,8 +194,26 @@ def _show(summary: dict) -> None:
     _log("\n".join(["results on the held-out items:"] + lines))
 
 
-def run(config_source="configs/default.yaml", overrides=None) -> dict:
-  """Runs the whole job; returns {"before": ..., "after": ..., "steps": ..., ...}."""
+def _shared(cache: dict | None, key: tuple, make):
+  """`make()`, or its earlier result under `key` in `cache` (no cache: always made afresh)."""
+  if cache is None:
+    return make()
+  key = repr(key)  # configs hold dicts (task options, HF configs): compare them by value
+  if key not in cache:
+    cache[key] = make()
+  return cache[key]
+
+
+def run(config_source="configs/default.yaml", overrides=None, cache: dict | None = None) -> dict:
+  """Runs the whole job; returns {"before": ..., "after": ..., "steps": ..., ...}.
+
+  Args:
+    config_source: a YAML path, a dict or a `Config`.
+    overrides: dotted `section.key=value` strings or a nested dict, applied over it.
+    cache: a dict that runs in one process share (`train.study`): the loaded model, the
+      prepared data, the compiled steps and the evaluation before training are kept there,
+      keyed by the config sections they depend on, and reused by a later run that agrees.
+  """
   started = time.time()
   config = load_config(config_source, overrides)  # all validation happens here, before any work
   initialize_distributed(config.mesh)
@@ -207,11 +226,18 @@ def run(config_source="configs/default.yaml", overrides=None) -> dict:
   )
 
   start = time.time()
-  graphdef, params, rest, p_shardings, tokenizer = load_model(config, mesh)
+  model_key = ("model", config.model, config.data.tokenizer, config.data.template, config.mesh)
+  graphdef, params, rest, p_shardings, tokenizer = _shared(
+    cache, model_key, lambda: load_model(config, mesh)
+  )
+  if cache is not None:  # the train step donates its params: keep the shared ones intact
+    params = jax.tree.map(jnp.copy, params)
   num_params = sum(x.size for x in jax.tree.leaves(params))
   _log(f"model: {num_params / 1e6:.1f}M parameters ({time.time() - start:.1f} s)")
 
-  train_rows, eval_rows, held_out, report = prepare(config.data, tokenizer)
+  train_rows, eval_rows, held_out, report = _shared(
+    cache, ("data", model_key, config.data), lambda: prepare(config.data, tokenizer)
+  )
   _log("data: " + ", ".join(f"{k} {v}" for k, v in report.items()))
   eval_items = examples_for_generation(tokenizer, held_out)
   if config.eval.benchmark != "held_out":  # the benchmark's items are scored instead
@@ -230,15 +256,19 @@ def run(config_source="configs/default.yaml", overrides=None) -> dict:
     )
   total_steps = t.steps or math.ceil(t.epochs * batches.num_rows / t.batch_size)
 
-  steps = build_steps(
-    graphdef,
-    rest,
-    params,
-    p_shardings,
-    config.optimizer,
-    total_steps,
-    mesh,
-    config.model.loss_chunk_tokens,
+  steps = _shared(
+    cache,
+    ("steps", model_key, config.optimizer, total_steps, batches.shape),
+    lambda: build_steps(
+      graphdef,
+      rest,
+      params,
+      p_shardings,
+      config.optimizer,
+      total_steps,
+      mesh,
+      config.model.loss_chunk_tokens,
+    ),
   )
   opt_state = jax.jit(steps.tx.init, out_shardings=steps.shardings["opt_state"])(params)
   shardings, train_step, eval_step = steps.shardings, steps.train, steps.eval
@@ -261,22 +291,34 @@ def run(config_source="configs/default.yaml", overrides=None) -> dict:
   writer = MetricWriter(out / "tensorboard", jax.process_index() == 0)
   answers: dict = {}
   if config.eval.before and first_step == 0:
-    summary["before"] = _evaluate(
-      "before",
-      config,
-      out,
-      eval_step,
-      graphdef,
-      params,
-      rest,
-      tokenizer,
-      eval_rows,
-      eval_items,
-      mesh,
-      writer,
-      0,
-      answers,
+    # Generated held-out items do not depend on the shuffle: every seed scores the same before.
+    reordered_only = config.data.source == "reasoning_gym"
+    data_key = dataclasses.replace(config.data, shuffle_seed=0) if reordered_only else config.data
+    summary["before"], answers["before"] = _shared(
+      cache,
+      ("before", model_key, data_key, config.eval),
+      lambda: (
+        _evaluate(
+          "before",
+          config,
+          out,
+          eval_step,
+          graphdef,
+          params,
+          rest,
+          tokenizer,
+          eval_rows,
+          eval_items,
+          mesh,
+          writer,
+          0,
+          answers,
+        ),
+        answers.get("before"),
+      ),
     )
+    if answers["before"] is None:
+      del answers["before"]
 
   def meta(step):
     return {

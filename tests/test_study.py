@@ -1,0 +1,128 @@
+"""`python -m train.study` end to end on a tiny random Llama: the report with its interval
+columns and plot, resume skipping finished runs, and one cell reproduced bit for bit.
+
+The real `--quick` (SmolLM2, configs/study.yaml) is a documented command, not run here: it
+takes minutes on a 2-core CPU.
+"""
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import yaml
+
+from train import study
+from train.stats import Resampler, items_needed, resolvable_difference, variance_components
+from train.study_report import exact_matrix
+
+TRAINER = {
+  "model": {
+    "path": None,
+    "hf_config": {
+      "model_type": "llama",
+      "vocab_size": 320,
+      "hidden_size": 32,
+      "intermediate_size": 64,
+      "num_hidden_layers": 2,
+      "num_attention_heads": 4,
+      "num_key_value_heads": 2,
+    },
+  },
+  "data": {"tokenizer": "bytes", "train_size": 64, "eval_size": 8, "max_length": 64},
+  "optimizer": {"lr": 3e-3, "warmup_steps": 1, "selection": "sample", "sample_size": 64},
+  "train": {"steps": 3, "batch_size": 4, "micro_batch_size": 4, "tqdm": False},
+  "eval": {"size": 8, "max_new_tokens": 4, "generate_batch_size": 8},
+  "mesh": {"data": 4, "fsdp": 1, "tensor": 2},
+  "checkpoint": {"save_final": False},
+}
+
+
+def _write_study(tmp_path) -> str:
+  (tmp_path / "trainer.yaml").write_text(yaml.safe_dump(TRAINER))
+  spec = {
+    "trainer": "trainer.yaml",
+    "output_dir": str(tmp_path / "study"),
+    "seeds": [0, 1],
+    "methods": {
+      "sft": {"optimizer.method": "sft"},
+      "gmt_0.5": {"optimizer.method": "gmt", "optimizer.mask_ratio": 0.5},
+    },
+    "tasks": {"sum2": {}},
+    "lr_sweep": {"lrs": [3e-3], "task": "sum2", "method": "sft", "seed": 0, "eval_seed": 77},
+    "bootstrap": {"samples": 200, "seed": 0},
+  }
+  path = tmp_path / "study.yaml"
+  path.write_text(yaml.safe_dump(spec))
+  return str(path)
+
+
+def test_study_reports_resumes_and_reproduces(tmp_path, monkeypatch):
+  config = _write_study(tmp_path)
+  out = tmp_path / "study"
+  assert study.main(["--config", config]) == 0
+
+  rows = list(csv.DictReader(open(out / "results.csv")))
+  assert {(r["method"], r["seed"]) for r in rows} == {
+    (m, s) for m in ("sft", "gmt_0.5") for s in ("0", "1")
+  }
+  assert all(float(r["s_per_step"]) > 0 and float(r["peak_rss_gb"]) > 0 for r in rows)
+  report = (out / "results.md").read_text()
+  assert "exact match [95%]" in report and "minus SFT [95%]" in report
+  assert "Sizing:" in report and "## Conclusion" in report
+  assert (out / "accuracy.png").read_bytes()[:4] == b"\x89PNG"
+  assert list(csv.DictReader(open(out / "sweep.csv")))[0]["validation_items"]
+  cell = out / "runs" / "sum2" / "gmt_0.5" / "seed1"
+  assert (cell / "config.yaml").is_file() and (cell / "eval_after.jsonl").is_file()
+
+  # Resume: finished runs are read back, never rerun; an interrupted one is run again.
+  first = json.loads((cell / "study_result.json").read_text())
+  (cell / "study_result.json").unlink()
+  (cell / "train_log.jsonl").write_text("torn")  # what a killed run leaves
+  from train import loop
+
+  ran, original = [], loop.run
+  monkeypatch.setattr(
+    loop, "run", lambda *a, **k: ran.append(a[0].train.output_dir) or original(*a, **k)
+  )
+  assert study.main(["--config", config]) == 0
+  assert ran == [str(cell)]
+  again = json.loads((cell / "study_result.json").read_text())
+  # The same config and seed on the same machine: the same numbers, bit for bit.
+  assert again["accuracy"] == first["accuracy"] and again["eval_loss"] == first["eval_loss"]
+  assert np.array_equal(exact_matrix([first]), exact_matrix([again]))
+
+
+def test_report_only_never_trains(tmp_path, monkeypatch):
+  from train import loop
+
+  monkeypatch.setattr(loop, "run", lambda *a, **k: pytest.fail("--report-only trained"))
+  assert study.main(["--config", _write_study(tmp_path), "--report-only"]) == 1  # none finished
+
+
+def test_paired_bootstrap_is_fixed_and_paired():
+  rng = np.random.default_rng(0)
+  a = (rng.random((3, 200)) < 0.6).astype(float)
+  same = Resampler(3, 200, 2000, seed=1)
+  e1, e2 = same.estimate(a), Resampler(3, 200, 2000, seed=1).estimate(a)
+  assert e1 == e2  # fixed bootstrap seed: identical intervals
+  assert e1.low < a.mean() < e1.high
+  zero = same.estimate(a - a)  # a method against itself: exactly 0, p = 1
+  assert (zero.mean, zero.low, zero.high, zero.p_value) == (0.0, 0.0, 0.0, 1.0)
+  shifted = same.estimate(np.ones_like(a) * 0.2)
+  assert shifted.p_value < 0.001
+  item, seed = variance_components(a - np.roll(a, 1, axis=1))
+  assert item > 0 and seed >= 0
+  half = resolvable_difference(item, seed, 3, 200)
+  assert items_needed(item, seed, 3, half) == pytest.approx(200, rel=1e-6)
+
+
+def test_study_overrides_split_between_runs_and_the_study(tmp_path):
+  config = _write_study(tmp_path)
+  spec = study.load_study(config, ["data.task=basic_arithmetic", "study.seeds=[5]"])
+  assert spec["seeds"] == [5]
+  assert "data.task=basic_arithmetic" in spec["overrides"]
+  grid = study.Study(spec).grid_runs(1e-3)
+  assert [c.data.shuffle_seed for _, c in grid] == [5, 5]
+  assert {c.optimizer.lr for _, c in grid} == {1e-3}
+  assert len({c.data.eval_seed for _, c in grid}) == 1

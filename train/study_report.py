@@ -1,0 +1,303 @@
+"""The study's report: `results.md` (tables, sizing arithmetic, conclusion) and `accuracy.png`.
+
+Everything is recomputed from the finished runs' rows and their per-item records
+(`eval_after.jsonl`), so `--report-only` rewrites the same report at any time.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from train.evaluate import seeds_interval
+from train.stats import (
+  Resampler,
+  items_needed,
+  resolvable_difference,
+  variance_components,
+)
+
+BASELINE = "sft"
+
+
+def exact_matrix(rows: list[dict]) -> np.ndarray:
+  """[seeds, items] exact match (0/1) of one method's runs, in the rows' seed order."""
+  matrix = []
+  for row in rows:
+    lines = (Path(row["run_dir"]) / "eval_after.jsonl").read_text().splitlines()
+    matrix.append([json.loads(line)["exact"] for line in lines if line])
+  return np.array(matrix, np.float64)
+
+
+def _pct(x: float) -> str:
+  return f"{100 * x:.1f}"
+
+
+def _interval(estimate) -> str:
+  return f"{_pct(estimate.mean)} [{_pct(estimate.low)}, {_pct(estimate.high)}]"
+
+
+def _p(p: float) -> str:
+  return "< 0.001" if p < 0.001 else f"{p:.3f}"
+
+
+class _Draws:
+  """One `Resampler` per matrix shape, all from the same seed: the same shape gets the same
+  draws, so a method and its difference to SFT are resampled alike."""
+
+  def __init__(self, samples: int, seed: int):
+    self.samples, self.seed, self._by_shape = samples, seed, {}
+
+  def __call__(self, shape) -> Resampler:
+    if shape not in self._by_shape:
+      self._by_shape[shape] = Resampler(*shape, self.samples, self.seed)
+    return self._by_shape[shape]
+
+
+def task_results(rows: list[dict], methods: list[str], draws: _Draws) -> list[dict]:
+  """Per method: accuracy and loss intervals, the paired difference to SFT, cost."""
+  by_method = {
+    m: sorted((r for r in rows if r["method"] == m), key=lambda r: r["seed"]) for m in methods
+  }
+  baseline = {r["seed"]: r for r in by_method.get(BASELINE, [])}
+  results = []
+  for method, runs in by_method.items():
+    if not runs:
+      continue
+    matrix = exact_matrix(runs)
+    loss_mean, loss_half = seeds_interval([r["eval_loss"] for r in runs])
+    result = {
+      "method": method,
+      "mask_ratio": runs[0]["mask_ratio"],
+      "seeds": len(runs),
+      "items": matrix.shape[1],
+      "accuracy": draws(matrix.shape).estimate(matrix),
+      "loss": (loss_mean, loss_half),
+      "s_per_step": float(np.median([r["s_per_step"] for r in runs])),
+      "peak_rss_gb": max(float(r["peak_rss_gb"]) for r in runs),
+    }
+    paired = [r for r in runs if r["seed"] in baseline]
+    if method != BASELINE and paired:
+      difference = exact_matrix(paired) - exact_matrix([baseline[r["seed"]] for r in paired])
+      result["difference"] = draws(difference.shape).estimate(difference)
+      result["difference_matrix"] = difference
+    results.append(result)
+  return results
+
+
+def _plot(path: Path, tasks: dict[str, list[dict]]) -> None:
+  """Accuracy against mask ratio, one panel per task: GMT with its intervals, the SFT band,
+  random masking and HFT at 0.5."""
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  fig, axes = plt.subplots(1, len(tasks), figsize=(5.5 * len(tasks), 4), squeeze=False)
+  for ax, (task, results) in zip(axes[0], tasks.items()):
+    by = {r["method"]: r for r in results}
+    if BASELINE in by:
+      a = by[BASELINE]["accuracy"]
+      ax.axhspan(a.low, a.high, color="tab:gray", alpha=0.25, label="SFT 95% interval")
+      ax.axhline(a.mean, color="tab:gray", lw=1.5, label="SFT")
+    gmt = sorted(
+      (r for r in results if r["method"].startswith("gmt")), key=lambda r: r["mask_ratio"]
+    )
+    if gmt:
+      x = [float(r["mask_ratio"]) for r in gmt]
+      y = [r["accuracy"].mean for r in gmt]
+      err = [
+        [r["accuracy"].mean - r["accuracy"].low for r in gmt],
+        [r["accuracy"].high - r["accuracy"].mean for r in gmt],
+      ]
+      ax.errorbar(x, y, yerr=err, marker="o", capsize=4, color="tab:blue", label="GMT")
+    for method, marker, color, shift in (
+      ("random_mask_0.5", "s", "tab:orange", -0.02),
+      ("hft", "^", "tab:green", 0.02),
+    ):
+      if method in by:
+        a = by[method]["accuracy"]
+        ax.errorbar(
+          [0.5 + shift],
+          [a.mean],
+          yerr=[[a.mean - a.low], [a.high - a.mean]],
+          marker=marker,
+          capsize=4,
+          color=color,
+          ls="none",
+          label="random mask 0.5" if method != "hft" else "HFT (half frozen)",
+        )
+    seeds = max(r["seeds"] for r in results)
+    items = max(r["items"] for r in results)
+    ax.set(
+      title=f"{task} ({seeds} seeds x {items} items)",
+      xlabel="mask ratio (fraction zeroed)",
+      ylabel="held-out exact match",
+      xlim=(0.1, 0.9),
+    )
+    ax.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+def _sizing(results: list[dict], seeds: int, items: int) -> list[str]:
+  """The arithmetic that sizes the test set: variance components of the GMT - SFT differences
+  measured here, the difference this study resolves, and the items a 3-point one needs."""
+  differences = [r["difference_matrix"] for r in results if "difference_matrix" in r]
+  if not differences or differences[0].shape[0] < 2:
+    return ["(sizing needs at least 2 seeds per method)"]
+  components = np.array([variance_components(d) for d in differences])
+  item, seed = components.mean(axis=0)
+  half = resolvable_difference(item, seed, seeds, items)
+  need = items_needed(item, seed, seeds, 0.03)
+  seeds_for_3 = next(
+    (s for s in range(seeds, 201) if items_needed(item, seed, s, 0.03) <= items), None
+  )
+  return [
+    f"Per-item variance of a method's difference to SFT (same seed, same item), averaged "
+    f"over the {len(differences)} methods: {item:.4f}; variance of the per-seed mean "
+    f"difference beyond item noise: {seed:.5f}.",
+    f"95% half-width at {seeds} seeds x {items} items: 1.96 * sqrt({item:.4f} / ({seeds} * "
+    f"{items}) + {seed:.5f} / {seeds}) = {_pct(half)} points.",
+    "Items per seed for a 3-point half-width at "
+    f"{seeds} seeds: {item:.4f} / ({seeds} * ((0.03 / 1.96)^2 - {seed:.5f} / {seeds})) = "
+    + ("impossible (the seed term alone exceeds it)" if need == float("inf") else f"{need:.0f}")
+    + "."
+    + (f" With {items} items, {seeds_for_3} seeds would resolve 3 points." if seeds_for_3 else ""),
+  ]
+
+
+def _conclusion(task: str, results: list[dict]) -> str:
+  """A plain verdict from the paired differences: which methods differ from SFT, which way."""
+  compared = [r for r in results if "difference" in r]
+  if not compared:
+    return f"- {task}: no method has a paired SFT run yet."
+  better = [r["method"] for r in compared if r["difference"].low > 0]
+  worse = [r["method"] for r in compared if r["difference"].high < 0]
+  widest = max(max(abs(r["difference"].low), abs(r["difference"].high)) for r in compared)
+  gmt = [r for r in compared if r["method"].startswith("gmt")]
+  parts = [f"- {task}:"]
+  if gmt:
+    shown = ", ".join(f"{r['method']} {float(r['difference'].mean) * 100:+.1f}" for r in gmt)
+    parts.append(f"GMT minus SFT (points): {shown}.")
+  if better:
+    parts.append(f"Better than SFT (95% interval above 0): {', '.join(better)}.")
+  if worse:
+    parts.append(f"Worse than SFT (95% interval below 0): {', '.join(worse)}.")
+  if not better and not worse:
+    parts.append(
+      "No method differs from SFT: every paired interval contains 0 "
+      f"(all differences within ±{_pct(widest)} points)."
+    )
+  return " ".join(parts)
+
+
+def write(study, sweep_rows: list[dict], rows: list[dict], lr: float) -> Path:
+  """Writes `results.md` and `accuracy.png` in the study's output dir; returns the report."""
+  out = study.out
+  spec = study.spec
+  draws = _Draws(spec["bootstrap"]["samples"], spec["bootstrap"]["seed"])
+  methods = list(study.methods)
+  tasks = {
+    task: task_results([r for r in rows if r["task"] == task], methods, draws)
+    for task in study.tasks
+    if any(r["task"] == task for r in rows)
+  }
+  _plot(out / "accuracy.png", tasks)
+  base = study.base
+  planned = len(study.tasks) * len(study.methods) * len(spec["seeds"])
+  lines = [
+    "# GMT against SFT: the study",
+    "",
+    f"Generated by `python -m train.study --config {spec.get('config', 'configs/study.yaml')}` "
+    f"on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; every number below is "
+    f"recomputed from `{out}/results.csv` and the runs' per-item `eval_after.jsonl` "
+    "(`--report-only`).",
+    "",
+    "## Setup",
+    "",
+    f"- Model `{base.model.path}`; data `{base.data.source}` `{base.data.task}`, "
+    f"{base.data.train_size} training items (seed {base.data.train_seed}), test items from "
+    f"eval seed {base.data.eval_seed} (no training problem up to reordering).",
+    f"- Every run: {base.train.steps} steps of {base.train.batch_size} packed rows of "
+    f"{base.data.max_length} tokens, AdamW, {base.optimizer.schedule} lr after "
+    f"{base.optimizer.warmup_steps} warmup steps, clip {base.optimizer.clip_norm}; greedy "
+    f"decoding of {base.eval.max_new_tokens} tokens, exact match of the last number.",
+    "- Tasks: "
+    + "; ".join(
+      f"`{t}` {json.dumps(o) if o else '(the default config)'}" for t, o in study.tasks.items()
+    )
+    + ".",
+    "- Methods: " + "; ".join(f"`{m}` {json.dumps(o)}" for m, o in study.methods.items()) + ".",
+    f"- Seeds {spec['seeds']}: a seed sets `data.shuffle_seed` (data order) and "
+    "`optimizer.seed` (mask and freeze randomness); the test items are the same for all.",
+    f"- Runs finished: {len(rows)} of {planned} planned, plus {len(sweep_rows)} sweep runs.",
+    "",
+    "## Learning rate (SFT sweep, seed "
+    f"{spec['lr_sweep']['seed']}, task `{spec['lr_sweep']['task']}`)",
+    "",
+    f"Validation items from eval seed {spec['lr_sweep']['eval_seed']}; those whose problem "
+    "(up to reordering) is a test item are not scored, so validation and test are disjoint. "
+    "The held-out loss is over all validation items.",
+    "",
+    "| lr | validation items | validation exact match | held-out loss | chosen |",
+    "| --- | --- | --- | --- | --- |",
+  ]
+  for r in sweep_rows:
+    lines.append(
+      f"| {r['lr']:g} | {r['validation_items']} | {_pct(r['validation_accuracy'])} | "
+      f"{r['eval_loss']:.3f} | {'yes' if float(r['lr']) == lr else ''} |"
+    )
+  lines += [
+    "",
+    f"Every grid run uses lr {lr:g}.",
+    "",
+    "## Results",
+    "",
+    "Exact match in percent: mean over seeds and items with the 95% percentile interval of a "
+    f"paired bootstrap ({spec['bootstrap']['samples']} samples, numpy seed "
+    f"{spec['bootstrap']['seed']}) that draws seeds and items with replacement; the "
+    "difference to SFT is resampled per (seed, item) pair, p is its two-sided bootstrap "
+    "p-value. Held-out loss: mean over seeds ± the 95% t half-width over seeds. s/step: median "
+    "over the runs of each run's median step time (compilation excluded). Peak RSS: all "
+    "runs share one process, so this is the process's high-water mark at the end of the "
+    "method's last run, cumulative over every run before it (model, data and compiled steps "
+    "of earlier runs included), an upper bound on one run's.",
+    "",
+    "![accuracy against mask ratio](accuracy.png)",
+    "",
+  ]
+  for task, results in tasks.items():
+    task_rows = [r for r in rows if r["task"] == task]
+    before = next((r for r in task_rows if r["accuracy_before"] != ""), None)
+    lines += [f"### `{task}`", ""]
+    if before:
+      lines += [
+        f"Before training: exact match {_pct(float(before['accuracy_before']))}, held-out "
+        f"loss {float(before['eval_loss_before']):.3f}.",
+        "",
+      ]
+    lines += [
+      "| method | mask ratio | seeds x items | exact match [95%] | held-out loss | "
+      "minus SFT [95%] | p | s/step | peak RSS GB |",
+      "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in results:
+      d = r.get("difference")
+      lines.append(
+        f"| {r['method']} | {r['mask_ratio']} | {r['seeds']} x {r['items']} | "
+        f"{_interval(r['accuracy'])} | {r['loss'][0]:.3f} ± {r['loss'][1]:.3f} | "
+        f"{_interval(d) if d else ''} | {_p(d.p_value) if d else ''} | "
+        f"{r['s_per_step']:.2f} | {r['peak_rss_gb']:.1f} |"
+      )
+    seeds = max(r["seeds"] for r in results)
+    items = max(r["items"] for r in results)
+    lines += ["", "Sizing: " + " ".join(_sizing(results, seeds, items)), ""]
+  lines += ["## Conclusion", ""] + [_conclusion(t, r) for t, r in tasks.items()]
+  report = out / "results.md"
+  report.write_text("\n".join(lines) + "\n")
+  return report
