@@ -70,7 +70,7 @@ def test_study_reports_resumes_and_reproduces(tmp_path, monkeypatch):
   report = (out / "results.md").read_text()
   assert "exact match [95%]" in report and "minus SFT [95%]" in report
   assert "Sizing:" in report and "## Conclusion" in report
-  assert (out / "accuracy.png").read_bytes()[:4] == b"\x89PNG"
+  assert (out / "results.png").read_bytes()[:4] == b"\x89PNG"
   assert list(csv.DictReader(open(out / "sweep.csv")))[0]["validation_items"]
   cell = out / "runs" / "sum2" / "gmt_0.5" / "seed1"
   assert (cell / "config.yaml").is_file() and (cell / "eval_after.jsonl").is_file()

@@ -15,7 +15,8 @@ Resumable run by run: a run directory with `study_result.json` is finished and n
 redone; any other run directory (an interrupted run) is removed and run again. Output in
 `study.output_dir`: `runs/<task>/<method>/seed<S>/` and `sweep/<task>/lr<LR>/` (each with
 its `config.yaml`, `summary.json`, per-item `eval_after.jsonl`), `results.csv`,
-`sweep.csv`, and the report (`train.study_report`): `results.md` and `accuracy.png`.
+`sweep.csv`; the report (`train.study_report`), `results.md` and `results.png`, goes to
+`study.report_dir` (default: the output dir; configs/study.yaml: docs/).
 """
 
 from __future__ import annotations
@@ -78,6 +79,7 @@ def load_study(path: str | Path, overrides: list[str] = (), quick: bool = False)
   if quick:
     study.update(study.pop("quick", {}))
   study.pop("quick", None)
+  study["config"] = str(path)
   study["trainer"] = str(path.parent / study["trainer"])
   run_overrides = [f"{k}={json.dumps(v)}" for k, v in study.get("overrides", {}).items()]
   for item in overrides:
