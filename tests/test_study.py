@@ -12,28 +12,17 @@ import numpy as np
 import pytest
 import yaml
 
+from tests.test_train import TINY
 from train import study
 from train.stats import Resampler, items_needed, resolvable_difference, variance_components
 from train.study_report import exact_matrix
 
 TRAINER = {
-  "model": {
-    "path": None,
-    "hf_config": {
-      "model_type": "llama",
-      "vocab_size": 320,
-      "hidden_size": 32,
-      "intermediate_size": 64,
-      "num_hidden_layers": 2,
-      "num_attention_heads": 4,
-      "num_key_value_heads": 2,
-    },
-  },
+  **TINY,
   "data": {"tokenizer": "bytes", "train_size": 64, "eval_size": 8, "max_length": 64},
   "optimizer": {"lr": 3e-3, "warmup_steps": 1, "selection": "sample", "sample_size": 64},
   "train": {"steps": 3, "batch_size": 4, "micro_batch_size": 4, "tqdm": False},
   "eval": {"size": 8, "max_new_tokens": 4, "generate_batch_size": 8},
-  "mesh": {"data": 4, "fsdp": 1, "tensor": 2},
   "checkpoint": {"save_final": False},
 }
 

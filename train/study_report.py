@@ -171,6 +171,31 @@ def _sizing(results: list[dict], seeds: int, items: int) -> list[str]:
   ]
 
 
+def _budget(finished: list[dict], missing: int) -> list[str]:
+  """What the runs cost here and what the missing ones would: the arithmetic behind the size."""
+  if not finished:
+    return []
+  walls = np.array([float(r["wall_s"]) for r in finished])
+  steps = np.array([float(r["s_per_step"]) for r in finished])
+  loads = np.array([float(r["load_average"]) for r in finished])
+  lines = [
+    "## Budget",
+    "",
+    f"All runs ran one after another in one process on this machine (2 CPU cores shared "
+    f"with other jobs: 1-minute load average {loads.min():.1f}-{loads.max():.1f} at the runs' "
+    f"ends). Per run: median {np.median(walls):.0f} s wall (the first run of a task also "
+    f"loads and scores the model before training), median step {np.median(steps):.2f} s "
+    f"(range {steps.min():.2f}-{steps.max():.2f}); {walls.sum() / 3600:.2f} h in all.",
+  ]
+  if missing:
+    lines.append(
+      f"The {missing} runs not finished would take about {missing} x {np.median(walls):.0f} s"
+      f" = {missing * np.median(walls) / 3600:.1f} h more at the same pace "
+      "(`python -m train.study` resumes where this stopped)."
+    )
+  return lines + [""]
+
+
 def _conclusion(task: str, results: list[dict]) -> str:
   """A plain verdict from the paired differences: which methods differ from SFT, which way."""
   compared = [r for r in results if "difference" in r]
@@ -239,6 +264,7 @@ def write(study, sweep_rows: list[dict], rows: list[dict], lr: float) -> Path:
     "`optimizer.seed` (mask and freeze randomness); the test items are the same for all.",
     f"- Runs finished: {len(rows)} of {planned} planned, plus {len(sweep_rows)} sweep runs.",
     "",
+    *_budget(rows + sweep_rows, planned - len(rows)),
     "## Learning rate (SFT sweep, seed "
     f"{spec['lr_sweep']['seed']}, task `{spec['lr_sweep']['task']}`)",
     "",
