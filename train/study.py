@@ -11,8 +11,9 @@ every cell trains with it and is scored on the fixed test items. Everything runs
 process that loads the model, prepares each data set and scores the model before training
 once (`train.loop.run(..., cache=...)`); each cell compiles its own step.
 
-Resumable run by run: a run directory with `study_result.json` is finished and never
-redone; any other run directory (an interrupted run) is removed and run again. Output in
+Resumable run by run: a run directory with `study_result.json` and the same config is
+finished and never redone; any other run directory (an interrupted run, or one of an
+earlier config) is removed and run again. Output in
 `study.output_dir`: `runs/<task>/<method>/seed<S>/` and `sweep/<task>/lr<LR>/` (each with
 its `config.yaml`, `summary.json`, per-item `eval_after.jsonl`), `results.csv`,
 `sweep.csv`; the report (`train.study_report`), `results.md` and `results.png`, goes to
@@ -156,7 +157,7 @@ def run_once(fields: dict, config, cache: dict) -> dict:
 
   out = Path(config.train.output_dir)
   result_path = out / "study_result.json"
-  if result_path.is_file():
+  if result_path.is_file() and load_config(out / "config.yaml") == config:
     return json.loads(result_path.read_text())
   if out.exists():  # an interrupted run: start it again from nothing
     shutil.rmtree(out)
