@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import yaml
 
-from tests.test_train import TINY
+from tests.test_train import ROOT, TINY
 from train import study
 from train.stats import Resampler, items_needed, resolvable_difference, variance_components
 from train.study_report import exact_matrix
@@ -104,6 +104,20 @@ def test_paired_bootstrap_is_fixed_and_paired():
   assert item > 0 and seed >= 0
   half = resolvable_difference(item, seed, 3, 200)
   assert items_needed(item, seed, 3, half) == pytest.approx(200, rel=1e-6)
+
+
+@pytest.mark.parametrize("quick", [False, True])
+def test_shipped_study_builds_every_run(quick):
+  spec = study.load_study(ROOT / "configs" / "study.yaml", quick=quick)
+  grid = study.Study(spec)
+  runs = grid.sweep_runs() + grid.grid_runs(3e-5)
+  assert len(runs) == len(spec["lr_sweep"]["lrs"]) + len(grid.tasks) * len(grid.methods) * len(
+    spec["seeds"]
+  )
+  # Same steps, schedule and test items for every grid cell; validation items elsewhere.
+  cells = [config for _, config in runs[len(spec["lr_sweep"]["lrs"]) :]]
+  assert len({(c.train.steps, c.optimizer.schedule, c.data.eval_seed) for c in cells}) == 1
+  assert all(c.data.eval_seed != spec["lr_sweep"]["eval_seed"] for c in cells)
 
 
 def test_study_overrides_split_between_runs_and_the_study(tmp_path):
