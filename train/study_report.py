@@ -325,6 +325,8 @@ def write(study, sweep_rows: list[dict], rows: list[dict], lr: float) -> Path:
     seeds = max(r["seeds"] for r in results)
     items = max(r["items"] for r in results)
     lines += ["", "Sizing: " + " ".join(_sizing(results, seeds, items)), ""]
+  if spec.get("notes"):
+    lines += ["## Notes", ""] + [f"- {' '.join(note.split())}" for note in spec["notes"]] + [""]
   lines += ["## Conclusion", ""] + [_conclusion(t, r) for t, r in tasks.items()]
   report = report_dir / "results.md"
   report.write_text("\n".join(lines) + "\n")
