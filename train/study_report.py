@@ -147,8 +147,12 @@ def _plot(path: Path, tasks: dict[str, list[dict]]) -> None:
 def _sizing(results: list[dict], seeds: int, items: int) -> list[str]:
   """The arithmetic that sizes the test set: variance components of the GMT - SFT differences
   measured here, the difference this study resolves, and the items a 3-point one needs."""
-  differences = [r["difference_matrix"] for r in results if "difference_matrix" in r]
-  if not differences or differences[0].shape[0] < 2:
+  differences = [  # only methods with every seed: a missing seed would read as no seed variance
+    r["difference_matrix"]
+    for r in results
+    if "difference_matrix" in r and r["difference_matrix"].shape[0] == seeds
+  ]
+  if not differences or seeds < 2:
     return ["(sizing needs at least 2 seeds per method)"]
   components = np.array([variance_components(d) for d in differences])
   item, seed = components.mean(axis=0)
