@@ -254,8 +254,7 @@ def _overall(tasks: dict[str, list[dict]]) -> str:
     "Overall, not a demonstrated gain: no GMT mask ratio beats SFT beyond its 95% interval "
     f"(the best, {best['method']}, by {_signed(best['difference'])} points)"
     + (f"; {', '.join(r['method'] for r in losses)} fall below it" if losses else "")
-    + ". The intervals are about as wide as the 3-point difference the study was meant to "
-    "resolve (see Sizing): more seeds, not more items, would narrow them most."
+    + ". Each task's Sizing line gives the items or seeds that would resolve 3 points."
   )
 
 
