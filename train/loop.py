@@ -26,7 +26,6 @@ from train import benchmarks, evaluate, run_dir
 from train.checkpoints import Checkpoints, check_fingerprint, data_fingerprint
 from train.config import Config, load_config
 from train.data import (
-  ROW_FIELDS,
   AlpacaTemplate,
   Batches,
   ByteTokenizer,
@@ -36,7 +35,7 @@ from train.data import (
 from train.mesh import initialize_distributed, make_mesh, param_shardings
 from train.metrics import Meter, MetricWriter, flops_per_token, peak_flops_per_device
 from train.model import Llama, ModelConfig
-from train.step import build_steps, merge
+from train.step import build_steps, merge, reference_copy
 
 
 def _log(message: str) -> None:
@@ -91,14 +90,16 @@ def load_model(config: Config, mesh):
   return graphdef, params, rest, shardings, tokenizer
 
 
-def _global_batch(batches: Batches, step: int, sharding) -> dict:
-  """The step's global batch as sharded arrays; each process fills only its own devices."""
-  shape = batches.shape
+def _global_batch(batches: Batches, step: int, shardings: dict) -> dict:
+  """The step's global batch, one sharded array per field of `shardings` ([A, M, L] token
+  fields, [A, M] per-row values); each process fills only its own devices."""
   return {
     name: jax.make_array_from_callback(
-      shape, sharding, lambda index, name=name: batches.local(step, name, index)
+      batches.shape[: batches.rows[name].ndim + 1],
+      sharding,
+      lambda index, name=name: batches.local(step, name, index),
     )
-    for name in ROW_FIELDS
+    for name, sharding in shardings.items()
   }
 
 
@@ -106,7 +107,7 @@ def _evaluate(
   tag: str,
   config: Config,
   out: Path,
-  eval_step,
+  steps,
   graphdef,
   params,
   rest,
@@ -117,14 +118,26 @@ def _evaluate(
   writer: MetricWriter,
   step: int,
   answers: dict | None = None,
+  reference_logps=None,
 ) -> dict:
-  """Held-out loss and (optionally) exact-match accuracy and its statistics, or a benchmark's
-  score; completions go to eval_<tag>.jsonl (and held-out answers to answers[tag])."""
+  """Held-out loss (DPO: with the preference metrics of the held-out pairs against their
+  `reference_logps`) and (optionally) exact-match accuracy and its statistics, or a
+  benchmark's score; completions go to eval_<tag>.jsonl (and held-out answers to
+  answers[tag])."""
   result = {}
   start = time.time()
-  if eval_rows is not None:
+  if eval_rows is not None and reference_logps is not None:
+    policy_logps = evaluate.all_sequence_logps(
+      steps.logps, params, eval_rows, config.eval.batch_size, mesh
+    )
+    result.update(
+      evaluate.preference_stats(
+        policy_logps, reference_logps, config.dpo.beta, config.dpo.label_smoothing
+      )
+    )
+  elif eval_rows is not None:
     result["eval_loss"] = evaluate.held_out_loss(
-      eval_step, params, eval_rows, config.eval.batch_size, mesh
+      steps.eval, params, eval_rows, config.eval.batch_size, mesh
     )
   if config.eval.accuracy and config.eval.benchmark != "held_out":
     result["accuracy"] = evaluate.benchmark_accuracy(
@@ -152,7 +165,15 @@ def _evaluate(
   shown = ", ".join(
     f"{k} {v:.4f}"
     for k, v in result.items()
-    if k in ("eval_loss", "accuracy", "score", "top_answer_share")
+    if k
+    in (
+      "eval_loss",
+      "rewards/accuracies",
+      "rewards/margins",
+      "accuracy",
+      "score",
+      "top_answer_share",
+    )
   )
   _log(f"[eval {tag}] {shown} ({time.time() - start:.1f} s)")
   return result
@@ -164,6 +185,12 @@ def _show(summary: dict) -> None:
   lines = []
   for tag in ("before", "after"):
     r = summary.get(tag, {})
+    if "rewards/accuracies" in r:
+      lines.append(
+        f"{tag:>6}: preference accuracy (reward margin > 0) {r['rewards/accuracies']:.1%}, "
+        f"mean reward margin {r['rewards/margins']:+.3f}, chosen more likely than rejected "
+        f"{r['chosen_logp_higher']:.1%}, held-out DPO loss {r['eval_loss']:.4f}"
+      )
     if "accuracy" in r and "accuracy_ci95" not in r:  # a benchmark's score
       lines.append(
         f"{tag:>6}: benchmark accuracy {r['accuracy']:.1%}, "
@@ -211,7 +238,8 @@ def run(config_source="configs/default.yaml", overrides=None) -> dict:
   num_params = sum(x.size for x in jax.tree.leaves(params))
   _log(f"model: {num_params / 1e6:.1f}M parameters ({time.time() - start:.1f} s)")
 
-  train_rows, eval_rows, held_out, report = prepare(config.data, tokenizer)
+  dpo_cfg = config.dpo if config.train.objective == "dpo" else None
+  train_rows, eval_rows, held_out, report = prepare(config.data, tokenizer, dpo_cfg is not None)
   _log("data: " + ", ".join(f"{k} {v}" for k, v in report.items()))
   eval_items = examples_for_generation(tokenizer, held_out)
   if config.eval.benchmark != "held_out":  # the benchmark's items are scored instead
@@ -221,14 +249,20 @@ def run(config_source="configs/default.yaml", overrides=None) -> dict:
       config.eval.size,
     )
   t = config.train
-  batches = Batches(train_rows, t.batch_size, t.micro_batch_size, config.data.shuffle_seed)
+  batches = Batches(
+    train_rows,
+    t.batch_size,
+    t.micro_batch_size,
+    config.data.shuffle_seed,
+    rows_per_item=1 if dpo_cfg is None else 2,  # a pair's two rows stay together
+  )
   shards = mesh.shape["data"] * mesh.shape["fsdp"]
   if t.micro_batch_size % shards:
     raise ValueError(
       f"train.micro_batch_size={t.micro_batch_size} must be a multiple of "
       f"mesh data x fsdp = {shards}"
     )
-  total_steps = t.steps or math.ceil(t.epochs * batches.num_rows / t.batch_size)
+  total_steps = t.steps or math.ceil(t.epochs * batches.num_items / t.batch_size)
 
   steps = build_steps(
     graphdef,
@@ -239,9 +273,26 @@ def run(config_source="configs/default.yaml", overrides=None) -> dict:
     total_steps,
     mesh,
     config.model.loss_chunk_tokens,
+    dpo_cfg,
   )
   opt_state = jax.jit(steps.tx.init, out_shardings=steps.shardings["opt_state"])(params)
-  shardings, train_step, eval_step = steps.shardings, steps.train, steps.eval
+  shardings, train_step = steps.shardings, steps.train
+  # DPO's reference is the initial weights, so it is taken before any checkpoint is restored.
+  reference_args, eval_reference = (), None
+  if dpo_cfg is not None:
+    start = time.time()
+    if eval_rows is not None:
+      eval_reference = evaluate.all_sequence_logps(
+        steps.logps, params, eval_rows, config.eval.batch_size, mesh
+      )
+    if dpo_cfg.precompute_reference:
+      train_rows["reference_logps"] = evaluate.all_sequence_logps(
+        steps.logps, params, train_rows, config.eval.batch_size, mesh
+      )
+    else:
+      reference_args = (reference_copy(params, p_shardings, jnp.dtype(config.model.dtype)),)
+    kind = "log-probs of every pair" if dpo_cfg.precompute_reference else "a frozen copy"
+    _log(f"dpo reference: {kind}, {config.model.dtype} ({time.time() - start:.1f} s)")
 
   checkpoints = Checkpoints(out / "checkpoints", config.checkpoint.keep)
   first_step = 0
@@ -265,7 +316,7 @@ def run(config_source="configs/default.yaml", overrides=None) -> dict:
       "before",
       config,
       out,
-      eval_step,
+      steps,
       graphdef,
       params,
       rest,
@@ -276,6 +327,7 @@ def run(config_source="configs/default.yaml", overrides=None) -> dict:
       writer,
       0,
       answers,
+      reference_logps=eval_reference,
     )
 
   def meta(step):
@@ -330,7 +382,9 @@ def run(config_source="configs/default.yaml", overrides=None) -> dict:
       tracing = True
     tokens = int((train_rows["segment_ids"][batches.row_ids(step)] > 0).sum())
     batch = _global_batch(batches, step, shardings["batch"])
-    params, opt_state, metrics = train_step(params, opt_state, batch, jnp.int32(step))
+    params, opt_state, metrics = train_step(
+      params, opt_state, batch, jnp.int32(step), *reference_args
+    )
     if tracing and step + 1 in (profile[1], total_steps):
       jax.block_until_ready(metrics)  # the trace holds the window's device work
       jax.profiler.stop_trace()
@@ -356,7 +410,7 @@ def run(config_source="configs/default.yaml", overrides=None) -> dict:
         f"step{step + 1}",
         config,
         out,
-        eval_step,
+        steps,
         graphdef,
         params,
         rest,
@@ -366,6 +420,7 @@ def run(config_source="configs/default.yaml", overrides=None) -> dict:
         mesh,
         writer,
         step + 1,
+        reference_logps=eval_reference,
       )
       meter.restart()  # evaluating is not step time
   report(meter.flush())
@@ -381,7 +436,7 @@ def run(config_source="configs/default.yaml", overrides=None) -> dict:
       "after",
       config,
       out,
-      eval_step,
+      steps,
       graphdef,
       params,
       rest,
@@ -392,6 +447,7 @@ def run(config_source="configs/default.yaml", overrides=None) -> dict:
       writer,
       total_steps,
       answers,
+      reference_logps=eval_reference,
     )
   writer.close()
   if "before" in answers and "after" in answers:
