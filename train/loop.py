@@ -119,17 +119,19 @@ def _evaluate(
   step: int,
   answers: dict | None = None,
   reference_logps=None,
+  policy_logps=None,
 ) -> dict:
   """Held-out loss (DPO: with the preference metrics of the held-out pairs against their
-  `reference_logps`) and (optionally) exact-match accuracy and its statistics, or a
-  benchmark's score; completions go to eval_<tag>.jsonl (and held-out answers to
-  answers[tag])."""
+  `reference_logps`; `policy_logps` when already known) and (optionally) exact-match
+  accuracy and its statistics, or a benchmark's score; completions go to eval_<tag>.jsonl
+  (and held-out answers to answers[tag])."""
   result = {}
   start = time.time()
   if eval_rows is not None and reference_logps is not None:
-    policy_logps = evaluate.all_sequence_logps(
-      steps.logps, params, eval_rows, config.eval.batch_size, mesh
-    )
+    if policy_logps is None:
+      policy_logps = evaluate.all_sequence_logps(
+        steps.logps, params, eval_rows, config.eval.batch_size, mesh
+      )
     result.update(
       evaluate.preference_stats(
         policy_logps, reference_logps, config.dpo.beta, config.dpo.label_smoothing
@@ -328,6 +330,7 @@ def run(config_source="configs/default.yaml", overrides=None) -> dict:
       0,
       answers,
       reference_logps=eval_reference,
+      policy_logps=eval_reference,  # before training, the policy is the reference
     )
 
   def meta(step):
