@@ -62,7 +62,7 @@ def held_out_loss(eval_step, params, rows: dict, batch_size: int, mesh) -> float
 
 
 def all_sequence_logps(logps_step, params, rows: dict, batch_size: int, mesh) -> np.ndarray:
-  """[N] float32: each row's sequence log-probability (`train.step.make_logps_step`)."""
+  """[N] float32: each row's sequence log-probability (`Steps.logps` of `train.step.build_steps`)."""
   parts = [
     to_host(logps_step(params, chunk))[:real]
     for chunk, real in _device_chunks(rows, batch_size, mesh)

@@ -211,34 +211,18 @@ def make_train_step(
   )
 
 
-def make_eval_step(
-  graphdef, rest, params_shardings: dict, mesh, loss_chunk_tokens: int = 0
-) -> Callable:
-  """jit(eval)(params, rows [M, L]) -> (loss sum, loss tokens)."""
+def make_rows_step(graphdef, rest, params_shardings: dict, mesh, of_rows: Callable) -> Callable:
+  """jit(fn)(params, rows [M, L]) -> of_rows(model, rows), replicated: the eval steps.
+
+  The parameters may be in any dtype, sharded like the policy's (the DPO reference)."""
 
   @_under_mesh(mesh)
-  def evaluate(params, rows):
-    return token_loss_sum(merge(graphdef, params, rest), rows, loss_chunk_tokens)
+  def on_rows(params, rows):
+    return of_rows(merge(graphdef, params, rest), rows)
 
   rows_sharding = NamedSharding(mesh, P(BATCH_AXES, None))
   return jax.jit(
-    evaluate, in_shardings=(params_shardings, rows_sharding), out_shardings=replicated(mesh)
-  )
-
-
-def make_logps_step(
-  graphdef, rest, params_shardings: dict, mesh, loss_chunk_tokens: int = 0
-) -> Callable:
-  """jit(logps)(params, rows [M, L]) -> [M] sequence log-probabilities (`sequence_logps`),
-  for the policy or the reference, in any dtype sharded like the parameters."""
-
-  @_under_mesh(mesh)
-  def logps(params, rows):
-    return sequence_logps(merge(graphdef, params, rest), rows, loss_chunk_tokens)
-
-  rows_sharding = NamedSharding(mesh, P(BATCH_AXES, None))
-  return jax.jit(
-    logps, in_shardings=(params_shardings, rows_sharding), out_shardings=replicated(mesh)
+    on_rows, in_shardings=(params_shardings, rows_sharding), out_shardings=replicated(mesh)
   )
 
 
@@ -258,8 +242,8 @@ class Steps:
   schedule: optax.Schedule
   shardings: dict  # "params", "opt_state", "batch" (per field), DPO's "reference"
   train: Callable
-  eval: Callable
-  logps: Callable  # per-row sequence log-probabilities (DPO: reference pass, held-out pairs)
+  eval: Callable  # (params, rows) -> (loss sum, loss tokens)
+  logps: Callable  # (params, rows) -> [M] sequence log-probs (DPO: reference, held-out pairs)
 
 
 def build_steps(
@@ -295,6 +279,18 @@ def build_steps(
     schedule,
     shardings,
     make_train_step(graphdef, rest, tx, schedule, shardings, mesh, loss_chunk_tokens, dpo_cfg),
-    make_eval_step(graphdef, rest, params_shardings, mesh, loss_chunk_tokens),
-    make_logps_step(graphdef, rest, params_shardings, mesh, loss_chunk_tokens),
+    make_rows_step(
+      graphdef,
+      rest,
+      params_shardings,
+      mesh,
+      lambda model, rows: token_loss_sum(model, rows, loss_chunk_tokens),
+    ),
+    make_rows_step(
+      graphdef,
+      rest,
+      params_shardings,
+      mesh,
+      lambda model, rows: sequence_logps(model, rows, loss_chunk_tokens),
+    ),
   )
