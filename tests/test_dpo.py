@@ -289,3 +289,21 @@ def test_config_checks():
     load_config({"dpo": {"beta": 0}})
   with pytest.raises(ConfigError, match=r"dpo.label_smoothing=0.5 must be in \[0, 0.5\)"):
     load_config({"dpo": {"label_smoothing": 0.5}})
+
+
+def test_plan_compiles_the_dpo_step():
+  """train.plan compiles the DPO step: a live reference is an argument as large as the
+  parameters (f32 compute here); a precomputed one adds none."""
+  from train import plan
+
+  reports = {
+    precompute: plan.plan(
+      load_config(DPO_RUN, [f"dpo.precompute_reference={precompute}"]), jax.devices(), None
+    )
+    for precompute in ("false", "true")
+  }
+  live, precomputed = reports["false"], reports["true"]
+  assert live["breakdown_bytes"]["reference"] == live["breakdown_bytes"]["parameters"]
+  assert "reference" not in precomputed["breakdown_bytes"]
+  assert live["objective"] == "dpo" and live["batch"]["rows"] == 2 * DPO_RUN["train"]["batch_size"]
+  assert live["model_flops_per_step"] == pytest.approx(4 / 3 * precomputed["model_flops_per_step"])
