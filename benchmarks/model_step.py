@@ -170,8 +170,9 @@ def load_gguf(steps):
   import jax
   import jax.numpy as jnp
 
+  from train.gguf_import import default_gguf_path
   from train.model import num_params
-  from train.pretrained import default_gguf_path, load_pretrained
+  from train.pretrained import load_pretrained
 
   jnp.zeros(1).block_until_ready()  # count the runtime itself in the baseline
   path = default_gguf_path()
