@@ -13,10 +13,11 @@ import train
 from tests.test_step import TINY as TINY_MODEL
 from tests.test_train import TINY, _close, _launch_two_processes, _losses, _summaries
 from train.config import ConfigError, load_config
-from train.data import Batches, ByteTokenizer, prepare
+from train.data import Batches, prepare
 from train.mesh import make_mesh, shard_model
 from train.model import Llama
 from train.step import build_steps, dpo_loss_sum, reference_copy, sequence_logps
+from train.tokenizer import ByteTokenizer
 
 TOK = ByteTokenizer()
 PAIRS, LENGTH = 3, 12

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from train.config import DataConfig
+from train.tokenizer import encode_with_offsets
 
 
 @dataclasses.dataclass
@@ -36,74 +37,6 @@ class Example:
     if self.rejected is None:
       return [self.messages]
     return [self.messages, self.messages[:-1] + [{"role": "assistant", "content": self.rejected}]]
-
-
-class ByteTokenizer:
-  """A dependency-free byte tokenizer with a tiny chat template (tests, smoke runs)."""
-
-  pad_token_id, bos_token_id, eos_token_id = 0, 1, 2
-  vocab_size = 259
-  _EOS_TEXT = "</s>"
-
-  def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
-    return [self.bos_token_id] * add_special_tokens + self.encode_with_offsets(text)[0]
-
-  def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
-    """Ids and the character span of each (every byte of a character spans that character)."""
-    ids, offsets, at = [], [], 0
-    for i, piece in enumerate(text.split(self._EOS_TEXT)):
-      if i:
-        ids.append(self.eos_token_id)
-        offsets.append((at, at + len(self._EOS_TEXT)))
-        at += len(self._EOS_TEXT)
-      for char in piece:
-        encoded = char.encode("utf-8")
-        ids.extend(b + 3 for b in encoded)
-        offsets.extend([(at, at + 1)] * len(encoded))
-        at += 1
-    return ids, offsets
-
-  def decode(self, ids, skip_special_tokens: bool = True) -> str:
-    out = bytearray()
-    for i in ids:
-      if i >= 3:
-        out.append(i - 3)
-      elif i == self.eos_token_id and not skip_special_tokens:
-        out.extend(self._EOS_TEXT.encode())
-    return out.decode("utf-8", errors="replace")
-
-  def apply_chat_template(self, messages, add_generation_prompt: bool = True) -> str:
-    text = "".join(f"<{m['role']}>{m['content']}{self._EOS_TEXT}" for m in messages)
-    return text + ("<assistant>" if add_generation_prompt else "")
-
-
-class AlpacaTemplate:
-  """A tokenizer whose chat template is the Alpaca instruction format.
-
-  For base models without a chat template: each user turn becomes
-  "### Instruction:" and each assistant turn "### Response:" text ending in
-  EOS; system messages are dropped.
-  """
-
-  HEADER = (
-    "Below is an instruction that describes a task. "
-    "Write a response that appropriately completes the request.\n\n"
-  )
-
-  def __init__(self, tokenizer):
-    self.tokenizer = tokenizer
-
-  def __getattr__(self, name):  # encode, decode, token ids: the wrapped tokenizer's
-    return getattr(self.tokenizer, name)
-
-  def apply_chat_template(self, messages, add_generation_prompt: bool = True) -> str:
-    text = getattr(self.tokenizer, "bos_token", None) or ""
-    for message in messages:
-      if message["role"] == "user":
-        text += f"{self.HEADER}### Instruction:\n{message['content']}\n\n### Response:\n"
-      elif message["role"] == "assistant":
-        text += message["content"] + (getattr(self.tokenizer, "eos_token", None) or "")
-    return text
 
 
 # ----------------------------------------------------------------------------
@@ -373,15 +306,6 @@ def load_examples(
 
 # ----------------------------------------------------------------------------
 # Examples -> tokens with a loss mask
-
-
-def encode_with_offsets(tokenizer, text: str) -> tuple[list[int], list[tuple[int, int]]]:
-  """Ids of `text` (no special tokens added) and each token's character span."""
-  plain = tokenizer.tokenizer if isinstance(tokenizer, AlpacaTemplate) else tokenizer
-  if isinstance(plain, ByteTokenizer):
-    return plain.encode_with_offsets(text)
-  encoding = plain.tokenizer.encode(text, add_special_tokens=False)  # a pretrained.Tokenizer
-  return encoding.ids, encoding.offsets
 
 
 def tokenize(tokenizer, messages: list[dict]) -> tuple[list[int], list[int]]:

@@ -279,8 +279,9 @@ def main(argv=None) -> None:
     completions = benchmarks.read_completions(args.completions)
     texts = [completions.get(it["task_id"], "") for it in items]
   else:
-    from train.data import AlpacaTemplate
-    from train.pretrained import default_gguf_path, load_pretrained
+    from train.gguf_import import default_gguf_path
+    from train.pretrained import load_pretrained
+    from train.tokenizer import AlpacaTemplate
 
     model, tokenizer = load_pretrained(
       default_gguf_path() if args.model == "smollm2" else args.model

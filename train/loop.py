@@ -26,9 +26,7 @@ from train import benchmarks, evaluate, run_dir
 from train.checkpoints import Checkpoints, check_fingerprint, data_fingerprint
 from train.config import Config, load_config
 from train.data import (
-  AlpacaTemplate,
   Batches,
-  ByteTokenizer,
   examples_for_generation,
   prepare,
 )
@@ -36,6 +34,7 @@ from train.mesh import initialize_distributed, make_mesh, param_shardings
 from train.metrics import Meter, MetricWriter, flops_per_token, peak_flops_per_device
 from train.model import Llama, ModelConfig
 from train.step import build_steps, merge, reference_copy
+from train.tokenizer import AlpacaTemplate, ByteTokenizer
 
 
 def _log(message: str) -> None:
@@ -53,7 +52,8 @@ def load_model(config: Config, mesh):
   cfg = config.model
   param_dtype, dtype = jnp.dtype(cfg.param_dtype), jnp.dtype(cfg.dtype)
   if cfg.path is not None:
-    from train.pretrained import default_gguf_path, load_pretrained
+    from train.gguf_import import default_gguf_path
+    from train.pretrained import load_pretrained
 
     path = default_gguf_path() if cfg.path == "smollm2" else cfg.path
     model, tokenizer = load_pretrained(path, mesh=mesh, dtype=param_dtype)

@@ -95,7 +95,7 @@ def model_config_of(config: Config) -> ModelConfig:
       return ModelConfig.from_hf(json.load(f))
   import gguf
 
-  from train.pretrained import default_gguf_path, gguf_config
+  from train.gguf_import import default_gguf_path, gguf_config
 
   path = default_gguf_path() if cfg.path == "smollm2" else cfg.path
   return gguf_config(gguf.GGUFReader(path), path)
