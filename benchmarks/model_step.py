@@ -1,11 +1,14 @@
 """Train-step, decode and load benchmarks: Flax NNX model vs PyTorch transformers.
 
-Every measurement runs in its own subprocess so that peak RSS is its own.
-Shapes: SmolLM2-135M (random init), batch 4 x 256 for the train step.
+Every measurement runs in its own subprocess so that peak RSS is its own; the
+NNX and PyTorch subprocesses of a row take turns (``--rounds`` each), so load
+from other jobs hits both alike. Shapes: SmolLM2-135M (random init), batch
+4 x 256 for the train step.
 
-    python benchmarks/model_step.py [--steps 3] [--skip-torch]
+    python benchmarks/model_step.py [--steps 3] [--rounds 2] [--skip-torch]
 
-Prints a markdown table (recorded in docs/model.md).
+Prints a markdown table (recorded in docs/model.md): tokens/s at the median
+step, s/step min/median/max over all timed steps of all rounds, peak RSS.
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ import resource
 import subprocess
 import sys
 import time
+
+import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMOLLM2 = dict(
@@ -42,11 +47,14 @@ def _peak_rss_mb():
 
 
 def _timed(fn, steps):
-  fn()  # compile / warm up
-  start = time.perf_counter()
+  """Seconds of each of ``steps`` calls after one compile / warm-up call."""
+  fn()
+  times = []
   for _ in range(steps):
+    start = time.perf_counter()
     fn()
-  return (time.perf_counter() - start) / steps
+    times.append(time.perf_counter() - start)
+  return times
 
 
 def jax_train(steps, optimizer, remat=False, dtype="float32"):
@@ -85,8 +93,7 @@ def jax_train(steps, optimizer, remat=False, dtype="float32"):
   else:
     grad_fn = jax.jit(jax.value_and_grad(loss_fn))
     run = lambda: jax.block_until_ready(grad_fn(params, ids))
-  seconds = _timed(run, steps)
-  return {"s_per_step": seconds, "tokens_per_s": BATCH * SEQ / seconds}
+  return {"times": _timed(run, steps), "tokens": BATCH * SEQ}
 
 
 def jax_decode(steps, batch=1):
@@ -98,8 +105,7 @@ def jax_decode(steps, batch=1):
   model = Llama(ModelConfig(**SMOLLM2), rngs=nnx.Rngs(0))
   prompts = [list(range(10, 10 + PROMPT))] * batch
   run = lambda: generate(model, prompts, max_new_tokens=NEW_TOKENS, eos_token_id=-1)
-  seconds = _timed(run, max(1, steps // 2))
-  return {"s_per_step": seconds, "tokens_per_s": batch * NEW_TOKENS / seconds}
+  return {"times": _timed(run, max(1, steps // 2)), "tokens": batch * NEW_TOKENS}
 
 
 def _torch_model():
@@ -136,8 +142,7 @@ def torch_train(steps, optimizer):
       opt.step()
     model.zero_grad(set_to_none=True)
 
-  seconds = _timed(run, steps)
-  return {"s_per_step": seconds, "tokens_per_s": BATCH * SEQ / seconds}
+  return {"times": _timed(run, steps), "tokens": BATCH * SEQ}
 
 
 def torch_decode(steps, batch=1):
@@ -157,8 +162,7 @@ def torch_decode(steps, batch=1):
         pad_token_id=0,
       )
 
-  seconds = _timed(run, max(1, steps // 2))
-  return {"s_per_step": seconds, "tokens_per_s": batch * NEW_TOKENS / seconds}
+  return {"times": _timed(run, max(1, steps // 2)), "tokens": batch * NEW_TOKENS}
 
 
 def load_gguf(steps):
@@ -166,8 +170,9 @@ def load_gguf(steps):
   import jax
   import jax.numpy as jnp
 
+  from train.gguf_import import default_gguf_path
   from train.model import num_params
-  from train.pretrained import default_gguf_path, load_pretrained
+  from train.pretrained import load_pretrained
 
   jnp.zeros(1).block_until_ready()  # count the runtime itself in the baseline
   path = default_gguf_path()
@@ -226,6 +231,7 @@ def _run_worker(name, steps):
 def main():
   parser = argparse.ArgumentParser(description=__doc__)
   parser.add_argument("--steps", type=int, default=3)
+  parser.add_argument("--rounds", type=int, default=2)
   parser.add_argument("--worker", choices=sorted(WORKERS))
   parser.add_argument("--skip-torch", action="store_true")
   args = parser.parse_args()
@@ -246,27 +252,35 @@ def main():
     have_torch = not args.skip_torch
   except ImportError:
     have_torch = False
-  cell = lambda r: (
-    "n/a"
-    if r is None
-    else (
-      f"{r['tokens_per_s']:.0f} tok/s ({r['s_per_step']:.2f} s), {r['peak_rss_mb'] / 1024:.2f} GB"
+
+  from train.metrics import host_description  # here: the torch workers must not import jax
+
+  def cell(results):
+    if not results:
+      return "n/a"
+    times = np.concatenate([r["times"] for r in results])
+    low, median, high = np.min(times), np.median(times), np.max(times)
+    peak = max(r["peak_rss_mb"] for r in results) / 1024
+    return (
+      f"{results[0]['tokens'] / median:.0f} tok/s, "
+      f"{low:.2f} / {median:.2f} / {high:.2f} s, {peak:.2f} GB"
     )
-  )
+
   print(
-    f"CPU cores: {os.cpu_count()}; SmolLM2-135M shape, float32, random init; "
-    f"mean of {args.steps} steps after one warm-up step.\n"
+    f"CPU: {host_description()}; SmolLM2-135M shape, float32, random init; "
+    f"{args.rounds} rounds x {args.steps} steps per cell after one warm-up step a round; "
+    "the two columns of a row take turns.\n"
   )
   print("| measurement | Flax NNX (this repo) | PyTorch transformers |")
   print("| --- | --- | --- |")
+  print("| | tok/s at the median; s/step min / median / max; peak RSS | same |")
   for label, jax_name, torch_name in ROWS:
-    jax_result = _run_worker(jax_name, args.steps)
-    torch_result = _run_worker(torch_name, args.steps) if have_torch and torch_name else None
-    print(
-      f"| {label} | {cell(jax_result)} | "
-      f"{cell(torch_result) if torch_name and have_torch else 'n/a'} |",
-      flush=True,
-    )
+    results = {jax_name: [], torch_name: []}
+    for _ in range(args.rounds):
+      for name in (jax_name, torch_name if have_torch else None):
+        if name and (result := _run_worker(name, args.steps)):
+          results[name].append(result)
+    print(f"| {label} | {cell(results[jax_name])} | {cell(results[torch_name])} |", flush=True)
   load = _run_worker("load_gguf", 1)
   if load:
     print(

@@ -7,8 +7,8 @@ Usage::
 
 Every row is timed in the same process on the same random parameter tree
 (Llama-shaped leaves: embedding, per-layer q/k/v/o, gate/up/down, norms), and
-reported as the median of ``--repeats`` round-robin runs and as a ratio to
-``adamw``.
+timed alternately with its own ``adamw`` runs (``--repeats`` each), and
+reported as min / median / max seconds and as the ratio of the medians.
 The accumulation rows time 4 calls (4 micro-steps, one update).
 """
 
@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import optax
 
 import gmt_optax
+from train.metrics import host_description
 
 # (vocab, d_model, d_ff, layers, q heads, kv heads)
 SHAPES = {
@@ -77,16 +78,16 @@ def compiled_update(tx, params, grads, calls: int):
   return run
 
 
-def paired_medians(baseline, run, repeats: int):
-  """Medians of ``baseline`` and ``run``, timed alternately so that load on
-  the machine hits both alike."""
+def paired_times(baseline, run, repeats: int):
+  """Seconds of each call of ``baseline`` and ``run``, timed alternately so that
+  load on the machine hits both alike."""
   times = ([], [])
   for _ in range(repeats):
     for timed, f in zip(times, (baseline, run)):
       start = time.perf_counter()
       f()
       timed.append(time.perf_counter() - start)
-  return statistics.median(times[0]), statistics.median(times[1])
+  return times
 
 
 def main():
@@ -127,25 +128,27 @@ def main():
   print(
     f"# {args.model}: {n / 1e6:.1f}M parameters in "
     f"{len(params)} leaves, {args.grad_dtype} grads, mask_ratio {r}, "
-    f"{jax.devices()[0].platform} x{jax.device_count()}, jax "
-    f"{jax.__version__}"
+    f"{jax.devices()[0].device_kind} x{jax.device_count()} ({host_description()}), "
+    f"jax {jax.__version__}"
   )
   # Each row is timed against its own interleaved adamw runs (one
   # parameter copy and optimizer state per row: the 135M tree needs ~4 GB).
   baseline = compiled_update(single.pop("adamw"), params, grads, 1)
-  print("| update | median s | adamw median s | × adamw |")
+  print("| update | s min / median / max | adamw s, interleaved | × adamw (medians) |")
   print("| --- | --- | --- | --- |")
+  spread = lambda t: f"{min(t):.3f} / {statistics.median(t):.3f} / {max(t):.3f}"
   rows = [(name, tx, 1) for name, tx in single.items()]
   rows += [(f"{name}, 4 calls", tx, 4) for name, tx in accumulated.items()]
   for name, tx, calls in rows:
     if args.only not in name:
       continue
-    base, seconds = paired_medians(
+    base, seconds = paired_times(
       lambda: [baseline() for _ in range(calls)],
       compiled_update(tx, params, grads, calls),
       args.repeats,
     )
-    print(f"| {name} | {seconds:.3f} | {base:.3f} | {seconds / base:.2f} |", flush=True)
+    ratio = statistics.median(seconds) / statistics.median(base)
+    print(f"| {name} | {spread(seconds)} | {spread(base)} | {ratio:.2f} |", flush=True)
 
 
 if __name__ == "__main__":

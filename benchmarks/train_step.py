@@ -6,8 +6,8 @@ Loads the config's model and data exactly as `python -m train` does, builds
 and compiles the jitted step of each method (compile time reported
 separately), then times `--steps` updates after one warm-up, the methods taking
 turns on the same batches. Prints a Markdown table: compile
-s, median s/step, tokens/s (non-padding tokens), ratio to sft, and the peak
-RSS of the process.
+s, s/step min / median / max, tokens/s at the median (non-padding tokens),
+ratio of the medians to sft, and the peak RSS of the process.
 """
 
 import argparse
@@ -23,6 +23,7 @@ from train.config import load_config
 from train.data import Batches, prepare
 from train.loop import _global_batch, load_model
 from train.mesh import batch_sharding, make_mesh
+from train.metrics import host_description
 from train.step import build_steps
 
 
@@ -70,16 +71,18 @@ def main():
       jax.block_until_ready(metrics)
       times[method].append(time.perf_counter() - tick)
       states[method] = (p, opt_state)
-  rows = []
-  for method in methods:
-    seconds = float(np.median(times[method][1:]))  # the first step is a warm-up
-    rows.append((method, compile_s[method], seconds, float(np.mean(tokens[1:])) / seconds))
-  sft = dict((r[0], r[2]) for r in rows).get("sft")
-  print("\n| method | compile s | s/step (median) | tokens/s | ratio to sft |")
+  timed = {m: np.array(t[1:]) for m, t in times.items()}  # the first step is a warm-up
+  sft = np.median(timed["sft"]) if "sft" in timed else None
+  print(f"\nCPU: {host_description()}; {args.steps} timed steps per method")
+  print("\n| method | compile s | s/step min / median / max | tokens/s | ratio to sft |")
   print("| --- | --- | --- | --- | --- |")
-  for method, compile_s, seconds, tps in rows:
-    ratio = f"{seconds / sft:.3f}" if sft else "-"
-    print(f"| {method} | {compile_s:.1f} | {seconds:.3f} | {tps:.0f} | {ratio} |")
+  for method, t in timed.items():
+    median = np.median(t)
+    ratio = f"{median / sft:.3f}" if sft else "-"
+    print(
+      f"| {method} | {compile_s[method]:.1f} | {t.min():.3f} / {median:.3f} / {t.max():.3f} | "
+      f"{np.mean(tokens[1:]) / median:.0f} | {ratio} |"
+    )
   peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
   print(f"\npeak RSS {peak:.2f} GiB")
 

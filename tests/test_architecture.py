@@ -22,6 +22,8 @@ IO_MODULES = {
   "datasets",
   "tokenizers",
   "train.pretrained",
+  "train.gguf_import",
+  "train.tokenizer",
   "train.checkpoints",
   "train.data",
   "train.run_dir",

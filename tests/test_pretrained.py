@@ -12,16 +12,11 @@ import pytest
 import safetensors
 from flax import nnx
 
-from train import pretrained
+from train import gguf_import, pretrained
+from train.gguf_import import default_gguf_path, permute_rope_rows, unpermute_rope_rows
 from train.model import fit_spec
-from train.pretrained import (
-  Tokenizer,
-  default_gguf_path,
-  export_pretrained,
-  load_pretrained,
-  permute_rope_rows,
-  unpermute_rope_rows,
-)
+from train.pretrained import export_pretrained, load_pretrained
+from train.tokenizer import Tokenizer
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
 
@@ -233,7 +228,7 @@ def write_gguf(hf_dir, out, arch="llama", quantize=()):
   writer.add_eos_token_id(2)
   writer.add_pad_token_id(0)
   writer.add_chat_template("{{ messages[0]['content'] }}")
-  names = {v: k for k, v in pretrained.GGUF_NAME_TABLE}
+  names = {v: k for k, v in gguf_import.GGUF_NAME_TABLE}
   with safetensors.safe_open(os.path.join(hf_dir, "model.safetensors"), framework="numpy") as f:
     hf_tensors = {name: f.get_tensor(name) for name in f.keys()}
   for name, array in hf_tensors.items():
@@ -289,7 +284,7 @@ def test_chunked_dequantize_equals_whole():
   q = gguf.quants.quantize(rows, gguf.GGMLQuantizationType.Q8_0)
   whole = gguf.quants.dequantize(q, gguf.GGMLQuantizationType.Q8_0)
   np.testing.assert_array_equal(
-    pretrained._dequantize_rows(q, gguf.GGMLQuantizationType.Q8_0, chunk=3), whole
+    gguf_import._dequantize_rows(q, gguf.GGMLQuantizationType.Q8_0, chunk=3), whole
   )
 
 

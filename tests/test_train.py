@@ -21,9 +21,10 @@ from safetensors.numpy import load_file
 import train
 from train.checkpoints import NonFiniteLossError
 from train.config import ConfigError, load_config
-from train.data import Batches, ByteTokenizer, prepare
+from train.data import Batches, prepare
 from train.model import Llama, ModelConfig
 from train.optimizer import build_optimizer
+from train.tokenizer import ByteTokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = {
@@ -359,7 +360,7 @@ def test_shipped_configs_resolve_and_build(path):
   else:  # the default: read the architecture from the GGUF's metadata only
     import gguf
 
-    from train.pretrained import default_gguf_path, gguf_config
+    from train.gguf_import import default_gguf_path, gguf_config
 
     path = default_gguf_path()
     model_config = gguf_config(gguf.GGUFReader(path), path)

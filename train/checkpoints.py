@@ -35,9 +35,11 @@ class CorruptCheckpointError(RuntimeError):
 
 
 def data_fingerprint(config: Config) -> dict:
-  """What fixes the rows of step s: the data section and the global batch size."""
+  """What fixes the rows of step s: the data section, the global batch size and the
+  objective (DPO rows are pairs)."""
   values = {
     "train.batch_size": config.train.batch_size,
+    "train.objective": config.train.objective,
     **{f"data.{k}": v for k, v in to_dict(config)["data"].items()},
   }
   return json.loads(json.dumps(values))  # tuples -> lists, as they come back from a checkpoint

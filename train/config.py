@@ -1,6 +1,6 @@
 """Training configuration: nested frozen dataclasses loaded from YAML.
 
-A run is described by one `Config` with seven sections. `load_config` reads a
+A run is described by one `Config` with eight sections. `load_config` reads a
 YAML file, applies dotted command-line overrides (`optimizer.mask_ratio=0.3`)
 and validates every key and value BEFORE anything heavy starts: an unknown key
 names the nearest valid one, an enum value lists the allowed ones.
@@ -57,11 +57,15 @@ class DataConfig:
   prompt_field: str = "question"
   response_field: str = "answer"
   messages_field: str | None = None  # chat column; overrides prompt/response
+  # train.objective=dpo: the preferred and the dispreferred response, each a string or a
+  # message list whose last message is the answer (its other messages are the prompt).
+  chosen_field: str = "chosen"
+  rejected_field: str = "rejected"
   system_prompt: str | None = None
   # chat: the tokenizer's chat template; alpaca: the Alpaca instruction format
   # (for base models without a chat template, as MetaMath and Magicoder used).
   template: Literal["chat", "alpaca"] = "chat"
-  max_length: int = 128  # tokens per packed row
+  max_length: int = 128  # tokens per packed row (dpo: per response row)
   too_long: Literal["drop", "truncate"] = "drop"
   pack: bool = True
   shuffle_seed: int = 0
@@ -93,6 +97,9 @@ class OptimizerConfig:
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
+  # sft: cross-entropy on the responses; dpo: direct preference optimisation on pairs
+  # (the `dpo` section), batch sizes then count pairs.
+  objective: Literal["sft", "dpo"] = "sft"
   steps: int = 60  # optimizer updates; 0 = derive from epochs
   epochs: float = 0.0
   batch_size: int = 8  # rows (packed sequences) per optimizer update, all hosts
@@ -104,6 +111,19 @@ class TrainConfig:
   tqdm: bool = True
   peak_flops_per_device: float | None = None  # bf16 FLOP/s for MFU; null: chip table (none on CPU)
   profile_steps: tuple[int, ...] = ()  # [start, stop): a jax.profiler trace in output_dir/profile
+
+
+@dataclasses.dataclass(frozen=True)
+class DPOConfig:
+  """train.objective=dpo: loss -log sigmoid(beta * margin of log-ratios) over pairs."""
+
+  beta: float = 0.1  # strength of the implicit KL penalty to the reference
+  # Conservative DPO: the probability that a pair's labels are flipped, in [0, 0.5).
+  label_smoothing: float = 0.0
+  # true: the reference log-probs of every training pair are computed once before
+  # training, so no reference copy of the weights lives during training; false: a frozen
+  # copy in the compute dtype, sharded like the policy, scores each batch.
+  precompute_reference: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -151,6 +171,7 @@ class Config:
   data: DataConfig = DataConfig()
   optimizer: OptimizerConfig = OptimizerConfig()
   train: TrainConfig = TrainConfig()
+  dpo: DPOConfig = DPOConfig()
   eval: EvalConfig = EvalConfig()
   mesh: MeshConfig = MeshConfig()
   checkpoint: CheckpointConfig = CheckpointConfig()
@@ -294,6 +315,15 @@ def _check_consistency(config: Config) -> None:
   ):
     raise ConfigError(
       f"train.profile_steps={list(t.profile_steps)} must be [start, stop] with 0 <= start < stop"
+    )
+  if config.dpo.beta <= 0:
+    raise ConfigError(f"dpo.beta={config.dpo.beta} must be > 0")
+  if not 0.0 <= config.dpo.label_smoothing < 0.5:
+    raise ConfigError(f"dpo.label_smoothing={config.dpo.label_smoothing} must be in [0, 0.5)")
+  if t.objective == "dpo" and d.pack:
+    raise ConfigError(
+      "train.objective=dpo pads each response to a row of its own, next to its pair's "
+      "other response: set data.pack=false"
     )
   if d.max_length < 2:
     raise ConfigError(f"data.max_length={d.max_length} must be at least 2")

@@ -1,4 +1,4 @@
-"""Instruction data: load, apply the chat template, mask the prompt, pack, batch.
+"""Instruction and preference data: load, apply the chat template, mask the prompt, pack, batch.
 
 Pipeline: a source (reasoning-gym task, local files, hub dataset) gives
 examples as chat `messages`; `tokenize` renders them with the tokenizer's chat
@@ -7,6 +7,10 @@ concatenates examples into fixed-length rows with per-example `segment_ids`
 (0 = padding) and positions that restart at 0 for each example; `Batches`
 serves the rows for optimizer step `s` as a pure function of (seed, s), so the
 data position in a checkpoint is just the step number.
+
+Preference pairs (`pairs=True`, for DPO) carry a `rejected` answer next to the chosen
+one; both are tokenized as whole conversations and padded to a row each, the chosen
+row of a pair just before its rejected row, and batches take whole pairs.
 """
 
 from __future__ import annotations
@@ -19,80 +23,20 @@ from typing import Any
 import numpy as np
 
 from train.config import DataConfig
+from train.tokenizer import encode_with_offsets
 
 
 @dataclasses.dataclass
 class Example:
   messages: list[dict]  # [{"role": ..., "content": ...}], ends with the assistant turn
   entry: dict | None = None  # the reasoning-gym item, for its score_answer
+  rejected: str | None = None  # preference pairs: the dispreferred answer to the same prompt
 
-
-class ByteTokenizer:
-  """A dependency-free byte tokenizer with a tiny chat template (tests, smoke runs)."""
-
-  pad_token_id, bos_token_id, eos_token_id = 0, 1, 2
-  vocab_size = 259
-  _EOS_TEXT = "</s>"
-
-  def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
-    return [self.bos_token_id] * add_special_tokens + self.encode_with_offsets(text)[0]
-
-  def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
-    """Ids and the character span of each (every byte of a character spans that character)."""
-    ids, offsets, at = [], [], 0
-    for i, piece in enumerate(text.split(self._EOS_TEXT)):
-      if i:
-        ids.append(self.eos_token_id)
-        offsets.append((at, at + len(self._EOS_TEXT)))
-        at += len(self._EOS_TEXT)
-      for char in piece:
-        encoded = char.encode("utf-8")
-        ids.extend(b + 3 for b in encoded)
-        offsets.extend([(at, at + 1)] * len(encoded))
-        at += 1
-    return ids, offsets
-
-  def decode(self, ids, skip_special_tokens: bool = True) -> str:
-    out = bytearray()
-    for i in ids:
-      if i >= 3:
-        out.append(i - 3)
-      elif i == self.eos_token_id and not skip_special_tokens:
-        out.extend(self._EOS_TEXT.encode())
-    return out.decode("utf-8", errors="replace")
-
-  def apply_chat_template(self, messages, add_generation_prompt: bool = True) -> str:
-    text = "".join(f"<{m['role']}>{m['content']}{self._EOS_TEXT}" for m in messages)
-    return text + ("<assistant>" if add_generation_prompt else "")
-
-
-class AlpacaTemplate:
-  """A tokenizer whose chat template is the Alpaca instruction format.
-
-  For base models without a chat template: each user turn becomes
-  "### Instruction:" and each assistant turn "### Response:" text ending in
-  EOS; system messages are dropped.
-  """
-
-  HEADER = (
-    "Below is an instruction that describes a task. "
-    "Write a response that appropriately completes the request.\n\n"
-  )
-
-  def __init__(self, tokenizer):
-    self.tokenizer = tokenizer
-
-  def __getattr__(self, name):  # encode, decode, token ids: the wrapped tokenizer's
-    return getattr(self.tokenizer, name)
-
-  def apply_chat_template(self, messages, add_generation_prompt: bool = True) -> str:
-    text = getattr(self.tokenizer, "bos_token", None) or ""
-    for message in messages:
-      if message["role"] == "user":
-        text += f"{self.HEADER}### Instruction:\n{message['content']}\n\n### Response:\n"
-      elif message["role"] == "assistant":
-        text += message["content"] + (getattr(self.tokenizer, "eos_token", None) or "")
-    return text
+  def conversations(self) -> list[list[dict]]:
+    """The chat, then for a preference pair the chat with the rejected answer instead."""
+    if self.rejected is None:
+      return [self.messages]
+    return [self.messages, self.messages[:-1] + [{"role": "assistant", "content": self.rejected}]]
 
 
 # ----------------------------------------------------------------------------
@@ -183,6 +127,27 @@ def reasoning_gym_examples(cfg: DataConfig) -> tuple[list[Example], list[Example
   return [to_example(i) for i in train_items], [to_example(i) for i in held_out], report
 
 
+NEAR_MISS_OFFSETS = (-10, -2, -1, 1, 2, 10)
+
+
+def with_near_misses(examples: list[Example], seed: int) -> list[Example]:
+  """Preference pairs from examples with integer answers: the correct answer is chosen, a
+  near miss (the answer plus one of `NEAR_MISS_OFFSETS`, drawn from `seed`) rejected."""
+  offsets = np.random.default_rng(seed).choice(NEAR_MISS_OFFSETS, len(examples))
+  pairs = []
+  for example, offset in zip(examples, offsets):
+    answer = example.messages[-1]["content"]
+    try:
+      wrong = str(int(answer) + int(offset))
+    except ValueError:
+      raise ValueError(
+        f"a near-miss rejected answer needs an integer answer, got {answer!r}: use a "
+        "reasoning-gym task with integer answers, or pairs from data.source=files/hub"
+      ) from None
+    pairs.append(dataclasses.replace(example, rejected=wrong))
+  return pairs
+
+
 def _jsonl_lines(path: Path) -> list[int]:
   """The line number of each record; HF datasets reports malformed JSON without one."""
   lines = []
@@ -197,7 +162,7 @@ def _jsonl_lines(path: Path) -> list[int]:
   return lines
 
 
-def _file_examples(paths: tuple[str, ...], cfg: DataConfig) -> list[Example]:
+def _file_examples(paths: tuple[str, ...], cfg: DataConfig, pairs: bool) -> list[Example]:
   """Each file is loaded on its own, so a bad record is named by file and line (or row)."""
   import datasets
 
@@ -229,31 +194,63 @@ def _file_examples(paths: tuple[str, ...], cfg: DataConfig) -> list[Example]:
       where = lambda i, path=path: f"{path}:{i + 2}"  # after the header line
     else:
       where = lambda i, path=path: f"{path} row {i}"
-    examples += _rows_to_examples(rows, cfg, str(path), where)
+    examples += _rows_to_examples(rows, cfg, str(path), where, pairs)
   return examples
 
 
-def _rows_to_examples(rows, cfg: DataConfig, source: str, where) -> list[Example]:
+def _check_present(record: dict, field: str, where: str) -> None:
+  """Raises for a null or empty value (str(None) would train on the text "None")."""
+  value = record[field]
+  if value is None or (isinstance(value, str) and not value.strip()) or value == []:
+    state = "missing or null" if value is None else "empty"
+    raise ValueError(f"{where}: field '{field}' is {state}")
+
+
+def _pair_example(record: dict, cfg: DataConfig, head: list[dict], where: str) -> Example:
+  """A preference pair from plain strings (prompt, chosen, rejected) or from two message
+  lists whose last message is the answer and whose other messages are the prompt."""
+  chosen, rejected = record[cfg.chosen_field], record[cfg.rejected_field]
+  if isinstance(chosen, list):
+    prompt = list(chosen[:-1])
+    if not any(m["role"] == "system" for m in prompt):
+      prompt = head + prompt
+    answers = {cfg.chosen_field: chosen[-1], cfg.rejected_field: rejected[-1]}
+    for field, message in answers.items():
+      if message.get("role") != "assistant" or not str(message.get("content") or "").strip():
+        raise ValueError(
+          f"{where}: field '{field}' has an empty response: its last message must be a "
+          f"non-empty assistant answer, got {message!r}"
+        )
+    chosen, rejected = chosen[-1]["content"], rejected[-1]["content"]
+  else:
+    prompt = _messages(str(record[cfg.prompt_field]), "", cfg.system_prompt)[:-1]
+  return Example(prompt + [{"role": "assistant", "content": str(chosen)}], rejected=str(rejected))
+
+
+def _rows_to_examples(rows, cfg: DataConfig, source: str, where, pairs: bool) -> list[Example]:
   """`where(i)` names row i for an error: file:line, or the row number."""
   if len(rows) == 0:
     raise ValueError(f"empty dataset: {source}")
   columns = rows.column_names
-  needed = [cfg.messages_field] if cfg.messages_field else [cfg.prompt_field, cfg.response_field]
+  if pairs:
+    needed = [cfg.chosen_field, cfg.rejected_field]
+    if not (cfg.chosen_field in columns and isinstance(rows[0][cfg.chosen_field], list)):
+      needed.insert(0, cfg.prompt_field)  # string answers: the prompt is a column of its own
+    hint = "set data.prompt_field/chosen_field/rejected_field"
+  else:
+    needed = [cfg.messages_field] if cfg.messages_field else [cfg.prompt_field, cfg.response_field]
+    hint = "set data.prompt_field/response_field or data.messages_field"
   missing = [c for c in needed if c not in columns]
   if missing:
-    raise ValueError(
-      f"{source}: missing field(s) {missing}; available columns: {columns} "
-      "(set data.prompt_field/response_field or data.messages_field)"
-    )
+    raise ValueError(f"{source}: missing field(s) {missing}; available columns: {columns} ({hint})")
   head = [{"role": "system", "content": cfg.system_prompt}] if cfg.system_prompt else []
   examples = []
   for i, r in enumerate(rows):
-    for field in needed:  # str(None) would train on the text "None"
-      value = r[field]
-      if value is None or (isinstance(value, str) and not value.strip()) or value == []:
-        state = "missing or null" if value is None else "empty"
-        raise ValueError(f"{where(i)}: field '{field}' is {state}")
-    if cfg.messages_field:
+    for field in needed:
+      _check_present(r, field, where(i))
+    if pairs:
+      examples.append(_pair_example(r, cfg, head, where(i)))
+    elif cfg.messages_field:
       examples.append(Example(head + list(r[cfg.messages_field])))
     else:
       examples.append(
@@ -262,19 +259,23 @@ def _rows_to_examples(rows, cfg: DataConfig, source: str, where) -> list[Example
   return examples
 
 
-def table_examples(cfg: DataConfig) -> tuple[list[Example], list[Example], dict]:
+def table_examples(
+  cfg: DataConfig, pairs: bool = False
+) -> tuple[list[Example], list[Example], dict]:
   """Local files or a hub dataset; held-out split from eval files/split or a tail of train."""
   import datasets
 
   if cfg.source == "files":
-    train = _file_examples(cfg.train_files, cfg)
-    held_out = _file_examples(cfg.eval_files, cfg)[: cfg.eval_size] if cfg.eval_files else None
+    train = _file_examples(cfg.train_files, cfg, pairs)
+    held_out = (
+      _file_examples(cfg.eval_files, cfg, pairs)[: cfg.eval_size] if cfg.eval_files else None
+    )
   else:
 
     def hub(split):
       source = f"{cfg.hub_name}[{split}]"
       rows = datasets.load_dataset(cfg.hub_name, cfg.hub_config, split=split)
-      return _rows_to_examples(rows, cfg, source, lambda i: f"{source} row {i}")
+      return _rows_to_examples(rows, cfg, source, lambda i: f"{source} row {i}", pairs)
 
     train = hub(cfg.train_split)
     held_out = hub(cfg.eval_split)[: cfg.eval_size] if cfg.eval_split else None
@@ -288,23 +289,23 @@ def table_examples(cfg: DataConfig) -> tuple[list[Example], list[Example], dict]
   return train, held_out, {}
 
 
-def load_examples(cfg: DataConfig) -> tuple[list[Example], list[Example], dict]:
-  if cfg.source == "reasoning_gym":
-    return reasoning_gym_examples(cfg)
-  return table_examples(cfg)
+def load_examples(
+  cfg: DataConfig, pairs: bool = False
+) -> tuple[list[Example], list[Example], dict]:
+  """(train, held-out, report); `pairs`: preference pairs (reasoning-gym: near misses)."""
+  if cfg.source != "reasoning_gym":
+    return table_examples(cfg, pairs)
+  train, held_out, report = reasoning_gym_examples(cfg)
+  if pairs:
+    train, held_out = (
+      with_near_misses(train, cfg.train_seed),
+      with_near_misses(held_out, cfg.eval_seed),
+    )
+  return train, held_out, report
 
 
 # ----------------------------------------------------------------------------
 # Examples -> tokens with a loss mask
-
-
-def encode_with_offsets(tokenizer, text: str) -> tuple[list[int], list[tuple[int, int]]]:
-  """Ids of `text` (no special tokens added) and each token's character span."""
-  plain = tokenizer.tokenizer if isinstance(tokenizer, AlpacaTemplate) else tokenizer
-  if isinstance(plain, ByteTokenizer):
-    return plain.encode_with_offsets(text)
-  encoding = plain.tokenizer.encode(text, add_special_tokens=False)  # a pretrained.Tokenizer
-  return encoding.ids, encoding.offsets
 
 
 def tokenize(tokenizer, messages: list[dict]) -> tuple[list[int], list[int]]:
@@ -342,21 +343,27 @@ def tokenize(tokenizer, messages: list[dict]) -> tuple[list[int], list[int]]:
 
 
 def tokenize_all(tokenizer, examples: list[Example], max_length: int, too_long: str):
-  """Tokenizes examples; those longer than max_length + 1 tokens are dropped or truncated.
+  """Tokenizes examples (each conversation of a pair); those with a conversation longer than
+  max_length + 1 tokens are dropped or truncated, a pair's two conversations together.
 
-  `prompt_too_long` counts truncated examples left without a loss token.
+  Returns a flat list of (ids, mask), a pair's chosen conversation just before its
+  rejected one, and the counts. `prompt_too_long` counts truncated examples left without a
+  loss token; such a pair is dropped, as one response without tokens has no log-probability.
   """
   out, dropped, truncated, prompt_too_long = [], 0, 0, 0
   for example in examples:
-    ids, mask = tokenize(tokenizer, example.messages)
-    if len(ids) > max_length + 1:  # a row holds max_length (input, target) pairs
+    sequences = [tokenize(tokenizer, messages) for messages in example.conversations()]
+    if any(len(ids) > max_length + 1 for ids, _ in sequences):  # a row: max_length targets
       if too_long == "drop":
         dropped += 1
         continue
-      ids, mask = ids[: max_length + 1], mask[: max_length + 1]
+      sequences = [(ids[: max_length + 1], mask[: max_length + 1]) for ids, mask in sequences]
       truncated += 1
-      prompt_too_long += not any(mask[1:])  # mask[1:]: the targets' mask
-    out.append((ids, mask))
+      empty = not all(any(mask[1:]) for _, mask in sequences)  # mask[1:]: the targets' mask
+      prompt_too_long += empty
+      if empty and len(sequences) > 1:
+        continue
+    out.extend(sequences)
   return out, {
     "too_long_dropped": dropped,
     "too_long_truncated": truncated,
@@ -413,9 +420,15 @@ def pack(
   return out
 
 
-def prepare(cfg: DataConfig, tokenizer) -> tuple[dict, dict, list[Example], dict]:
-  """Returns (train rows, held-out rows, held-out examples, report)."""
-  train, held_out, report = load_examples(cfg)
+def prepare(
+  cfg: DataConfig, tokenizer, pairs: bool = False
+) -> tuple[dict, dict, list[Example], dict]:
+  """Returns (train rows, held-out rows, held-out examples, report).
+
+  With `pairs` (DPO), every row holds one response, a pair's chosen row just before its
+  rejected row (`cfg.pack` is false).
+  """
+  train, held_out, report = load_examples(cfg, pairs)
   if not train:
     raise ValueError("empty training dataset")
   # Shuffle examples before packing (deterministic by seed), so rows mix examples.
@@ -441,12 +454,13 @@ def prepare(cfg: DataConfig, tokenizer) -> tuple[dict, dict, list[Example], dict
         f"data.max_length={cfg.max_length}, so data.too_long=truncate cut off the whole "
         "response; raise data.max_length or set data.too_long=drop"
       )
+  per_example = 2 if pairs else 1
   report.update(
     {
-      "train_examples": len(train_tokens),
+      ("train_pairs" if pairs else "train_examples"): len(train_tokens) // per_example,
       "train_rows": len(train_rows["inputs"]),
       "train_loss_tokens": int(train_rows["loss_mask"].sum()),
-      "eval_examples": len(eval_tokens),
+      ("eval_pairs" if pairs else "eval_examples"): len(eval_tokens) // per_example,
       "too_long_dropped": train_stats["too_long_dropped"] + eval_stats["too_long_dropped"],
       "too_long_truncated": train_stats["too_long_truncated"] + eval_stats["too_long_truncated"],
       "prompt_too_long": train_stats["prompt_too_long"] + eval_stats["prompt_too_long"],
@@ -460,18 +474,26 @@ def prepare(cfg: DataConfig, tokenizer) -> tuple[dict, dict, list[Example], dict
 
 
 class Batches:
-  """Global batch for step s = rows at positions [s*B, (s+1)*B) of an endless stream.
+  """Global batch for step s = items at positions [s*B, (s+1)*B) of an endless stream.
 
-  The stream visits every row once per epoch in an order drawn from
-  (seed, epoch), so any step's batch is computable without replaying the
-  earlier ones: resuming at step s needs nothing but s.
+  An item is `rows_per_item` consecutive rows: one row (SFT), or the chosen and rejected
+  rows of a preference pair (DPO), which then always share a micro-batch and a device.
+  The stream visits every item once per epoch in an order drawn from (seed, epoch), so
+  any step's batch is computable without replaying the earlier ones: resuming at step s
+  needs nothing but s.
   """
 
   def __init__(
-    self, rows: dict[str, np.ndarray], batch_size: int, micro_batch_size: int, seed: int
+    self,
+    rows: dict[str, np.ndarray],
+    batch_size: int,
+    micro_batch_size: int,
+    seed: int,
+    rows_per_item: int = 1,
   ):
     self.rows = rows
-    self.num_rows = len(rows["inputs"])
+    self.rows_per_item = rows_per_item
+    self.num_items = len(rows["inputs"]) // rows_per_item
     self.batch_size = batch_size
     self.micro_batch_size = micro_batch_size
     self.seed = seed
@@ -481,28 +503,30 @@ class Batches:
   def shape(self) -> tuple[int, int, int]:
     """[accumulation steps, micro-batch rows, sequence length]."""
     accumulation = self.batch_size // self.micro_batch_size
-    return (accumulation, self.micro_batch_size, self.rows["inputs"].shape[1])
+    micro_rows = self.micro_batch_size * self.rows_per_item
+    return (accumulation, micro_rows, self.rows["inputs"].shape[1])
 
   def _order(self, epoch: int) -> np.ndarray:
     if epoch not in self._orders:
-      self._orders = {epoch: np.random.default_rng([self.seed, epoch]).permutation(self.num_rows)}
+      self._orders = {epoch: np.random.default_rng([self.seed, epoch]).permutation(self.num_items)}
     return self._orders[epoch]
 
   def row_ids(self, step: int) -> np.ndarray:
     positions = step * self.batch_size + np.arange(self.batch_size)
-    return np.array([self._order(p // self.num_rows)[p % self.num_rows] for p in positions])
+    items = np.array([self._order(p // self.num_items)[p % self.num_items] for p in positions])
+    return (items[:, None] * self.rows_per_item + np.arange(self.rows_per_item)).reshape(-1)
 
   def epoch(self, step: int) -> float:
-    return step * self.batch_size / self.num_rows
+    return step * self.batch_size / self.num_items
 
   def local(self, step: int, field: str, index: tuple[slice, ...]) -> np.ndarray:
-    """The part `index` of the [A, M, L] global batch of `field`.
+    """The part `index` of the [A, M, L] (or, for a per-row field, [A, M]) global batch.
 
     Only the rows that this process's devices hold are gathered, so each
     host touches only its share of the batch.
     """
     ids = self.row_ids(step).reshape(self.shape[:2])[index[0], index[1]]
-    return self.rows[field][ids][..., index[2]]
+    return self.rows[field][ids][(..., *index[2:])]
 
 
 def examples_for_generation(tokenizer, examples: list[Example]) -> list[dict[str, Any]]:

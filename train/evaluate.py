@@ -1,5 +1,6 @@
-"""Held-out evaluation: token loss on held-out rows, exact-match answer accuracy by greedy
-decoding, and its statistics (interval, before/after gain, most common answer).
+"""Held-out evaluation: token loss on held-out rows (SFT) or preference metrics of held-out
+pairs (DPO), exact-match answer accuracy by greedy decoding, and its statistics (interval,
+before/after gain, most common answer).
 
 CLI (a benchmark scored as its harness does, see train/benchmarks.py)::
 
@@ -16,11 +17,14 @@ from collections import Counter
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from train.mesh import BATCH_AXES
+from train import dpo
+from train.data import ROW_FIELDS
+from train.mesh import BATCH_AXES, to_host
 
 _NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
 
@@ -31,24 +35,60 @@ def write_jsonl(path, records: list[dict]) -> None:
     f.writelines(json.dumps(r) + "\n" for r in records)
 
 
-def held_out_loss(eval_step, params, rows: dict, batch_size: int, mesh) -> float:
-  """Mean cross-entropy over the loss tokens of all held-out rows."""
+def _device_chunks(rows: dict, batch_size: int, mesh):
+  """Yields (sharded chunk of the token fields, number of real rows), `batch_size` rows at a
+  time (rounded up to split evenly over devices), the last chunk padded with empty rows."""
   shards = mesh.shape["data"] * mesh.shape["fsdp"]
-  batch_size = -(-batch_size // shards) * shards  # rows must split evenly over devices
+  batch_size = -(-batch_size // shards) * shards
   sharding = NamedSharding(mesh, P(BATCH_AXES, None))
-  total, tokens = 0.0, 0.0
-  num_rows = len(rows["inputs"])
-  for start in range(0, num_rows, batch_size):
+  for start in range(0, len(rows["inputs"]), batch_size):
     chunk = {}
-    for name in ("inputs", "targets", "loss_mask", "segment_ids", "positions"):
+    for name in ROW_FIELDS:
       part = rows[name][start : start + batch_size]
       pad = np.zeros((batch_size - len(part),) + part.shape[1:], part.dtype)  # no loss tokens
       full = np.concatenate([part, pad])
       chunk[name] = jax.make_array_from_callback(full.shape, sharding, lambda i, a=full: a[i])
+    yield chunk, len(part)
+
+
+def held_out_loss(eval_step, params, rows: dict, batch_size: int, mesh) -> float:
+  """Mean cross-entropy over the loss tokens of all held-out rows."""
+  total, tokens = 0.0, 0.0
+  for chunk, _ in _device_chunks(rows, batch_size, mesh):
     loss_sum, count = eval_step(params, chunk)
     total += float(loss_sum)
     tokens += float(count)
   return total / max(tokens, 1.0)
+
+
+def all_sequence_logps(logps_step, params, rows: dict, batch_size: int, mesh) -> np.ndarray:
+  """[N] float32: each row's sequence log-probability (`Steps.logps` of `train.step.build_steps`)."""
+  parts = [
+    to_host(logps_step(params, chunk))[:real]
+    for chunk, real in _device_chunks(rows, batch_size, mesh)
+  ]
+  return np.concatenate(parts).astype(np.float32)
+
+
+def preference_stats(
+  policy_logps: np.ndarray, reference_logps: np.ndarray, beta: float, label_smoothing: float
+) -> dict:
+  """Held-out DPO metrics of pairs (rows interleaved: chosen, rejected, ...).
+
+  `eval_loss` is the mean DPO loss; TRL's `rewards/*` and `logps/*` are means over pairs
+  (`rewards/accuracies`: the fraction with a positive reward margin, 0 while the policy is
+  the reference); `chosen_logp_higher`: the fraction where the policy itself gives the
+  chosen response the higher log-probability, which the reference already has.
+  """
+  losses, statistics = dpo.pair_losses(
+    jnp.asarray(policy_logps), jnp.asarray(reference_logps), beta, label_smoothing
+  )
+  pairs = policy_logps.reshape(-1, 2)
+  return {
+    "eval_loss": float(jnp.mean(losses)),
+    **{name: float(jnp.mean(values)) for name, values in statistics.items()},
+    "chosen_logp_higher": float(np.mean(pairs[:, 0] > pairs[:, 1])),
+  }
 
 
 def parse_answer(text: str) -> str:
@@ -239,8 +279,9 @@ def main(argv=None) -> None:
     completions = benchmarks.read_completions(args.completions)
     texts = [completions.get(it["task_id"], "") for it in items]
   else:
-    from train.data import AlpacaTemplate
-    from train.pretrained import default_gguf_path, load_pretrained
+    from train.gguf_import import default_gguf_path
+    from train.pretrained import load_pretrained
+    from train.tokenizer import AlpacaTemplate
 
     model, tokenizer = load_pretrained(
       default_gguf_path() if args.model == "smollm2" else args.model

@@ -169,7 +169,8 @@ def generate(
 
 
 def main(argv=None):
-  from train.pretrained import default_gguf_path, load_pretrained  # pylint: disable=import-outside-toplevel
+  from train.gguf_import import default_gguf_path
+  from train.pretrained import load_pretrained
 
   parser = argparse.ArgumentParser(description="Generate a completion with a pretrained model.")
   parser.add_argument(

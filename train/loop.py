@@ -27,17 +27,15 @@ from train import benchmarks, evaluate, run_dir
 from train.checkpoints import Checkpoints, check_fingerprint, data_fingerprint
 from train.config import Config, load_config
 from train.data import (
-  ROW_FIELDS,
-  AlpacaTemplate,
   Batches,
-  ByteTokenizer,
   examples_for_generation,
   prepare,
 )
 from train.mesh import initialize_distributed, make_mesh, param_shardings
 from train.metrics import Meter, MetricWriter, flops_per_token, peak_flops_per_device
 from train.model import Llama, ModelConfig
-from train.step import build_steps, merge
+from train.step import build_steps, merge, reference_copy
+from train.tokenizer import AlpacaTemplate, ByteTokenizer
 
 
 def _log(message: str) -> None:
@@ -55,7 +53,8 @@ def load_model(config: Config, mesh):
   cfg = config.model
   param_dtype, dtype = jnp.dtype(cfg.param_dtype), jnp.dtype(cfg.dtype)
   if cfg.path is not None:
-    from train.pretrained import default_gguf_path, load_pretrained
+    from train.gguf_import import default_gguf_path
+    from train.pretrained import load_pretrained
 
     path = default_gguf_path() if cfg.path == "smollm2" else cfg.path
     model, tokenizer = load_pretrained(path, mesh=mesh, dtype=param_dtype)
@@ -92,14 +91,16 @@ def load_model(config: Config, mesh):
   return graphdef, params, rest, shardings, tokenizer
 
 
-def _global_batch(batches: Batches, step: int, sharding) -> dict:
-  """The step's global batch as sharded arrays; each process fills only its own devices."""
-  shape = batches.shape
+def _global_batch(batches: Batches, step: int, shardings: dict) -> dict:
+  """The step's global batch, one sharded array per field of `shardings` ([A, M, L] token
+  fields, [A, M] per-row values); each process fills only its own devices."""
   return {
     name: jax.make_array_from_callback(
-      shape, sharding, lambda index, name=name: batches.local(step, name, index)
+      batches.shape[: batches.rows[name].ndim + 1],
+      sharding,
+      lambda index, name=name: batches.local(step, name, index),
     )
-    for name in ROW_FIELDS
+    for name, sharding in shardings.items()
   }
 
 
@@ -107,7 +108,7 @@ def _evaluate(
   tag: str,
   config: Config,
   out: Path,
-  eval_step,
+  steps,
   graphdef,
   params,
   rest,
@@ -118,14 +119,28 @@ def _evaluate(
   writer: MetricWriter,
   step: int,
   answers: dict | None = None,
+  reference_logps=None,
+  policy_logps=None,
 ) -> dict:
-  """Held-out loss and (optionally) exact-match accuracy and its statistics, or a benchmark's
-  score; completions go to eval_<tag>.jsonl (and held-out answers to answers[tag])."""
+  """Held-out loss (DPO: with the preference metrics of the held-out pairs against their
+  `reference_logps`; `policy_logps` when already known) and (optionally) exact-match
+  accuracy and its statistics, or a benchmark's score; completions go to eval_<tag>.jsonl
+  (and held-out answers to answers[tag])."""
   result = {}
   start = time.time()
-  if eval_rows is not None:
+  if eval_rows is not None and reference_logps is not None:
+    if policy_logps is None:
+      policy_logps = evaluate.all_sequence_logps(
+        steps.logps, params, eval_rows, config.eval.batch_size, mesh
+      )
+    result.update(
+      evaluate.preference_stats(
+        policy_logps, reference_logps, config.dpo.beta, config.dpo.label_smoothing
+      )
+    )
+  elif eval_rows is not None:
     result["eval_loss"] = evaluate.held_out_loss(
-      eval_step, params, eval_rows, config.eval.batch_size, mesh
+      steps.eval, params, eval_rows, config.eval.batch_size, mesh
     )
   if config.eval.accuracy and config.eval.benchmark != "held_out":
     result["accuracy"] = evaluate.benchmark_accuracy(
@@ -153,7 +168,15 @@ def _evaluate(
   shown = ", ".join(
     f"{k} {v:.4f}"
     for k, v in result.items()
-    if k in ("eval_loss", "accuracy", "score", "top_answer_share")
+    if k
+    in (
+      "eval_loss",
+      "rewards/accuracies",
+      "rewards/margins",
+      "accuracy",
+      "score",
+      "top_answer_share",
+    )
   )
   _log(f"[eval {tag}] {shown} ({time.time() - start:.1f} s)")
   return result
@@ -165,6 +188,12 @@ def _show(summary: dict) -> None:
   lines = []
   for tag in ("before", "after"):
     r = summary.get(tag, {})
+    if "rewards/accuracies" in r:
+      lines.append(
+        f"{tag:>6}: preference accuracy (reward margin > 0) {r['rewards/accuracies']:.1%}, "
+        f"mean reward margin {r['rewards/margins']:+.3f}, chosen more likely than rejected "
+        f"{r['chosen_logp_higher']:.1%}, held-out DPO loss {r['eval_loss']:.4f}"
+      )
     if "accuracy" in r and "accuracy_ci95" not in r:  # a benchmark's score
       lines.append(
         f"{tag:>6}: benchmark accuracy {r['accuracy']:.1%}, "
@@ -235,8 +264,11 @@ def run(config_source="configs/default.yaml", overrides=None, cache: dict | None
   num_params = sum(x.size for x in jax.tree.leaves(params))
   _log(f"model: {num_params / 1e6:.1f}M parameters ({time.time() - start:.1f} s)")
 
+  dpo_cfg = config.dpo if config.train.objective == "dpo" else None
   train_rows, eval_rows, held_out, report = _shared(
-    cache, ("data", model_key, config.data), lambda: prepare(config.data, tokenizer)
+    cache,
+    ("data", model_key, config.data, dpo_cfg),
+    lambda: prepare(config.data, tokenizer, dpo_cfg is not None),
   )
   _log("data: " + ", ".join(f"{k} {v}" for k, v in report.items()))
   eval_items = examples_for_generation(tokenizer, held_out)
@@ -247,18 +279,24 @@ def run(config_source="configs/default.yaml", overrides=None, cache: dict | None
       config.eval.size,
     )
   t = config.train
-  batches = Batches(train_rows, t.batch_size, t.micro_batch_size, config.data.shuffle_seed)
+  batches = Batches(
+    train_rows,
+    t.batch_size,
+    t.micro_batch_size,
+    config.data.shuffle_seed,
+    rows_per_item=1 if dpo_cfg is None else 2,  # a pair's two rows stay together
+  )
   shards = mesh.shape["data"] * mesh.shape["fsdp"]
   if t.micro_batch_size % shards:
     raise ValueError(
       f"train.micro_batch_size={t.micro_batch_size} must be a multiple of "
       f"mesh data x fsdp = {shards}"
     )
-  total_steps = t.steps or math.ceil(t.epochs * batches.num_rows / t.batch_size)
+  total_steps = t.steps or math.ceil(t.epochs * batches.num_items / t.batch_size)
 
   steps = _shared(
     cache,
-    ("steps", model_key, config.optimizer, total_steps, batches.shape),
+    ("steps", model_key, config.optimizer, total_steps, batches.shape, dpo_cfg),
     lambda: build_steps(
       graphdef,
       rest,
@@ -268,10 +306,27 @@ def run(config_source="configs/default.yaml", overrides=None, cache: dict | None
       total_steps,
       mesh,
       config.model.loss_chunk_tokens,
+      dpo_cfg,
     ),
   )
   opt_state = jax.jit(steps.tx.init, out_shardings=steps.shardings["opt_state"])(params)
-  shardings, train_step, eval_step = steps.shardings, steps.train, steps.eval
+  shardings, train_step = steps.shardings, steps.train
+  # DPO's reference is the initial weights, so it is taken before any checkpoint is restored.
+  reference_args, eval_reference = (), None
+  if dpo_cfg is not None:
+    start = time.time()
+    if eval_rows is not None:
+      eval_reference = evaluate.all_sequence_logps(
+        steps.logps, params, eval_rows, config.eval.batch_size, mesh
+      )
+    if dpo_cfg.precompute_reference:
+      train_rows["reference_logps"] = evaluate.all_sequence_logps(
+        steps.logps, params, train_rows, config.eval.batch_size, mesh
+      )
+    else:
+      reference_args = (reference_copy(params, p_shardings, jnp.dtype(config.model.dtype)),)
+    kind = "log-probs of every pair" if dpo_cfg.precompute_reference else "a frozen copy"
+    _log(f"dpo reference: {kind}, {config.model.dtype} ({time.time() - start:.1f} s)")
 
   checkpoints = Checkpoints(out / "checkpoints", config.checkpoint.keep)
   first_step = 0
@@ -296,13 +351,13 @@ def run(config_source="configs/default.yaml", overrides=None, cache: dict | None
     data_key = dataclasses.replace(config.data, shuffle_seed=0) if reordered_only else config.data
     summary["before"], answers["before"] = _shared(
       cache,
-      ("before", model_key, data_key, config.eval),
+      ("before", model_key, data_key, config.eval, dpo_cfg),
       lambda: (
         _evaluate(
           "before",
           config,
           out,
-          eval_step,
+          steps,
           graphdef,
           params,
           rest,
@@ -313,6 +368,8 @@ def run(config_source="configs/default.yaml", overrides=None, cache: dict | None
           writer,
           0,
           answers,
+          reference_logps=eval_reference,
+          policy_logps=eval_reference,  # before training, the policy is the reference
         ),
         answers.get("before"),
       ),
@@ -372,7 +429,9 @@ def run(config_source="configs/default.yaml", overrides=None, cache: dict | None
       tracing = True
     tokens = int((train_rows["segment_ids"][batches.row_ids(step)] > 0).sum())
     batch = _global_batch(batches, step, shardings["batch"])
-    params, opt_state, metrics = train_step(params, opt_state, batch, jnp.int32(step))
+    params, opt_state, metrics = train_step(
+      params, opt_state, batch, jnp.int32(step), *reference_args
+    )
     if tracing and step + 1 in (profile[1], total_steps):
       jax.block_until_ready(metrics)  # the trace holds the window's device work
       jax.profiler.stop_trace()
@@ -398,7 +457,7 @@ def run(config_source="configs/default.yaml", overrides=None, cache: dict | None
         f"step{step + 1}",
         config,
         out,
-        eval_step,
+        steps,
         graphdef,
         params,
         rest,
@@ -408,6 +467,7 @@ def run(config_source="configs/default.yaml", overrides=None, cache: dict | None
         mesh,
         writer,
         step + 1,
+        reference_logps=eval_reference,
       )
       meter.restart()  # evaluating is not step time
   report(meter.flush())
@@ -423,7 +483,7 @@ def run(config_source="configs/default.yaml", overrides=None, cache: dict | None
       "after",
       config,
       out,
-      eval_step,
+      steps,
       graphdef,
       params,
       rest,
@@ -434,6 +494,7 @@ def run(config_source="configs/default.yaml", overrides=None, cache: dict | None
       writer,
       total_steps,
       answers,
+      reference_logps=eval_reference,
     )
   writer.close()
   if "before" in answers and "after" in answers:

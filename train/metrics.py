@@ -9,6 +9,8 @@ since the previous log line.
 
 from __future__ import annotations
 
+import os
+import platform
 import time
 
 import jax
@@ -31,6 +33,16 @@ def peak_flops_per_device(override: float | None = None) -> float | None:
     return override
   kind = jax.devices()[0].device_kind
   return next((flops for prefix, flops in PEAK_FLOPS if kind.startswith(prefix)), None)
+
+
+def host_description() -> str:
+  """``"<CPU model>, <n> cores"`` of this host, for benchmark and run printouts."""
+  try:
+    with open("/proc/cpuinfo") as f:
+      name = next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")), "CPU")
+  except OSError:  # not Linux
+    name = platform.processor() or "CPU"
+  return f"{name}, {os.cpu_count()} cores"
 
 
 def flops_per_token(num_params: int, num_layers: int, seq_len: int, d_model: int) -> float:

@@ -35,6 +35,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from train.config import Config, ConfigError, load_config
+from train.data import ROW_FIELDS
 from train.mesh import BATCH_AXES, make_mesh, param_shardings
 from train.metrics import flops_per_token
 from train.model import Llama, ModelConfig
@@ -94,7 +95,7 @@ def model_config_of(config: Config) -> ModelConfig:
       return ModelConfig.from_hf(json.load(f))
   import gguf
 
-  from train.pretrained import default_gguf_path, gguf_config
+  from train.gguf_import import default_gguf_path, gguf_config
 
   path = default_gguf_path() if cfg.path == "smollm2" else cfg.path
   return gguf_config(gguf.GGUFReader(path), path)
@@ -174,6 +175,7 @@ def plan(config: Config, devices: list, hbm_bytes: int | None) -> dict:
   graphdef, abstract_params, rest = nnx.split(abstract, nnx.Param, ...)
   p_shardings = param_shardings(abstract_params, mesh)
   params = _abstract(nnx.to_pure_dict(abstract_params), p_shardings)
+  dpo_cfg = config.dpo if t.objective == "dpo" else None
   steps = build_steps(
     graphdef,
     rest,
@@ -183,32 +185,42 @@ def plan(config: Config, devices: list, hbm_bytes: int | None) -> dict:
     max(t.steps, 1),
     mesh,
     config.model.loss_chunk_tokens,
+    dpo_cfg,
   )
   opt_state = _abstract(jax.eval_shape(steps.tx.init, params), steps.shardings["opt_state"])
   accumulation = t.batch_size // t.micro_batch_size
-  batch = {
+  rows_per_item = 1 if dpo_cfg is None else 2  # DPO: batch sizes count pairs
+  micro_rows = t.micro_batch_size * rows_per_item
+  batch = {  # token fields [A, M, L]; DPO's precomputed reference_logps [A, M]
     name: jax.ShapeDtypeStruct(
-      (accumulation, t.micro_batch_size, length),
-      jnp.float32 if name == "loss_mask" else jnp.int32,
-      sharding=steps.shardings["batch"],
+      (accumulation, micro_rows, length)[: 3 if name in ROW_FIELDS else 2],
+      jnp.int32 if name in ("inputs", "targets", "positions", "segment_ids") else jnp.float32,
+      sharding=sharding,
     )
-    for name in ("inputs", "targets", "positions", "segment_ids", "loss_mask")
+    for name, sharding in steps.shardings["batch"].items()
   }
+  # DPO with a live reference: the frozen copy in the compute dtype is an argument.
+  reference = [
+    _abstract(jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, dtype), params), shardings)
+    for shardings in [steps.shardings.get("reference")]
+    if shardings is not None
+  ]
 
   start = time.perf_counter()
   compiled = steps.train.lower(
-    params, opt_state, batch, jax.ShapeDtypeStruct((), jnp.int32)
+    params, opt_state, batch, jax.ShapeDtypeStruct((), jnp.int32), *reference
   ).compile()
   compile_s = time.perf_counter() - start
   eval_rows = {
     name: jax.ShapeDtypeStruct(
-      x.shape[1:],
-      x.dtype,
+      batch[name].shape[1:],
+      batch[name].dtype,
       sharding=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(BATCH_AXES, None)),
     )
-    for name, x in batch.items()
+    for name in ROW_FIELDS
   }
-  eval_memory = steps.eval.lower(params, eval_rows).compile().memory_analysis()
+  eval_step = steps.eval if dpo_cfg is None else steps.logps  # DPO scores held-out pairs
+  eval_memory = eval_step.lower(params, eval_rows).compile().memory_analysis()
 
   memory = compiled.memory_analysis()
   peak = (
@@ -220,7 +232,9 @@ def plan(config: Config, devices: list, hbm_bytes: int | None) -> dict:
   cost = compiled.cost_analysis()
   cost = (cost[0] if isinstance(cost, (list, tuple)) else cost) or {}
   num_params = sum(math.prod(x.shape) for x in jax.tree.leaves(params))
-  tokens = t.batch_size * length
+  tokens = t.batch_size * rows_per_item * length
+  # A live reference adds a forward pass: a third of the policy's forward and backward.
+  passes = 4 / 3 if reference else 1
   param_bytes = _shard_bytes(params)
   fits = hbm_bytes is None or peak <= hbm_bytes
   return {
@@ -229,9 +243,10 @@ def plan(config: Config, devices: list, hbm_bytes: int | None) -> dict:
     "devices": len(devices),
     "mesh": dict(mesh.shape),
     "num_params": num_params,
+    "objective": t.objective,
     "batch": {
-      "rows": t.batch_size,
-      "micro_batch_rows": t.micro_batch_size,
+      "rows": t.batch_size * rows_per_item,
+      "micro_batch_rows": micro_rows,
       "accumulation": accumulation,
       "length": length,
     },
@@ -242,6 +257,7 @@ def plan(config: Config, devices: list, hbm_bytes: int | None) -> dict:
       "parameters": param_bytes,
       "optimizer_state": _shard_bytes(opt_state),
       "gradients": param_bytes,  # the accumulated gradient, sharded like the parameters
+      **({"reference": _shard_bytes(reference)} if reference else {}),  # DPO's live copy
       "temporaries": memory.temp_size_in_bytes,
       "arguments": memory.argument_size_in_bytes,
       "outputs_not_aliased": memory.output_size_in_bytes - memory.alias_size_in_bytes,
@@ -255,6 +271,7 @@ def plan(config: Config, devices: list, hbm_bytes: int | None) -> dict:
     "flops_per_step": cost.get("flops"),  # per device, loop bodies once (see the module doc)
     "bytes_accessed_per_step": cost.get("bytes accessed"),
     "model_flops_per_step": tokens
+    * passes
     * flops_per_token(num_params, model_config.num_layers, length, model_config.hidden_size),
     "collectives": collectives(compiled.as_text()),
     "compile_s": compile_s,
@@ -271,8 +288,9 @@ def _format(report: dict, title: str) -> str:
   lines = [
     f"{title}: {report['devices']} x {report['device_kind']}, mesh {report['mesh']}, "
     f"{report['num_params'] / 1e9:.2f}B parameters",
-    f"batch {batch['rows']} rows x {batch['length']} tokens in {batch['accumulation']} "
-    f"micro-step(s) of {batch['micro_batch_rows']}",
+    f"{report['objective']}: batch {batch['rows']} rows x {batch['length']} tokens in "
+    f"{batch['accumulation']} micro-step(s) of {batch['micro_batch_rows']}"
+    + (" (rows are pairs' responses)" if report["objective"] == "dpo" else ""),
     "per chip: " + ", ".join(f"{k.replace('_', ' ')} {v / GiB:.2f} GiB" for k, v in b.items()),
     f"per chip total {total}: {'fits' if report['fits'] else 'DOES NOT FIT'}; "
     f"eval step {report['eval_per_device_bytes'] / GiB:.2f} GiB",

