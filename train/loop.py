@@ -344,7 +344,28 @@ def run(config_source="configs/default.yaml", overrides=None, cache: dict | None
 
   summary: dict = {"output_dir": str(out), "num_params": num_params, "data": report}
   writer = MetricWriter(out / "tensorboard", jax.process_index() == 0)
-  answers: dict = {}
+  answers: dict = {}  # held-out answers by tag, for the before/after comparison
+
+  def evaluate_at(tag: str, step: int, params, policy_logps=None) -> dict:
+    return _evaluate(
+      tag,
+      config,
+      out,
+      steps,
+      graphdef,
+      params,
+      rest,
+      tokenizer,
+      eval_rows,
+      eval_items,
+      mesh,
+      writer,
+      step,
+      answers,
+      reference_logps=eval_reference,
+      policy_logps=policy_logps,
+    )
+
   if config.eval.before and first_step == 0:
     # Generated held-out items do not depend on the shuffle: every seed scores the same before.
     reordered_only = config.data.source == "reasoning_gym"
@@ -353,24 +374,8 @@ def run(config_source="configs/default.yaml", overrides=None, cache: dict | None
       cache,
       ("before", model_key, data_key, config.eval, dpo_cfg),
       lambda: (
-        _evaluate(
-          "before",
-          config,
-          out,
-          steps,
-          graphdef,
-          params,
-          rest,
-          tokenizer,
-          eval_rows,
-          eval_items,
-          mesh,
-          writer,
-          0,
-          answers,
-          reference_logps=eval_reference,
-          policy_logps=eval_reference,  # before training, the policy is the reference
-        ),
+        # Before training the policy is the reference.
+        evaluate_at("before", 0, params, policy_logps=eval_reference),
         answers.get("before"),
       ),
     )
@@ -453,22 +458,7 @@ def run(config_source="configs/default.yaml", overrides=None, cache: dict | None
       checkpoints.save(step + 1, params, opt_state, meta(step + 1))
     if eval_now:
       report(meter.flush())
-      summary[f"step_{step + 1}"] = _evaluate(
-        f"step{step + 1}",
-        config,
-        out,
-        steps,
-        graphdef,
-        params,
-        rest,
-        tokenizer,
-        eval_rows,
-        eval_items,
-        mesh,
-        writer,
-        step + 1,
-        reference_logps=eval_reference,
-      )
+      summary[f"step_{step + 1}"] = evaluate_at(f"step{step + 1}", step + 1, params)
       meter.restart()  # evaluating is not step time
   report(meter.flush())
   progress.close()
@@ -479,23 +469,7 @@ def run(config_source="configs/default.yaml", overrides=None, cache: dict | None
   checkpoints.wait()
 
   if config.eval.after:
-    summary["after"] = _evaluate(
-      "after",
-      config,
-      out,
-      steps,
-      graphdef,
-      params,
-      rest,
-      tokenizer,
-      eval_rows,
-      eval_items,
-      mesh,
-      writer,
-      total_steps,
-      answers,
-      reference_logps=eval_reference,
-    )
+    summary["after"] = evaluate_at("after", total_steps, params)
   writer.close()
   if "before" in answers and "after" in answers:
     summary["gain"] = evaluate.paired_gain(answers["before"], answers["after"])
