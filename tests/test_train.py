@@ -22,8 +22,9 @@ import train
 from train.checkpoints import NonFiniteLossError
 from train.config import ConfigError, load_config
 from train.data import Batches, prepare
-from train.model import Llama, ModelConfig
+from train.model import abstract_model
 from train.optimizer import build_optimizer
+from train.plan import model_config_of
 from train.tokenizer import ByteTokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -355,17 +356,8 @@ def _trainer_configs() -> list[Path]:
 def test_shipped_configs_resolve_and_build(path):
   config = load_config(path)
   tx, _ = build_optimizer(config.optimizer, total_steps=1000)
-  if config.model.hf_config is not None:
-    model_config = ModelConfig.from_hf(config.model.hf_config)
-  else:  # the default: read the architecture from the GGUF's metadata only
-    import gguf
-
-    from train.gguf_import import default_gguf_path, gguf_config
-
-    path = default_gguf_path()
-    model_config = gguf_config(gguf.GGUFReader(path), path)
-  abstract = nnx.eval_shape(lambda: Llama(model_config, rngs=nnx.Rngs(0), remat=config.model.remat))
-  params = nnx.to_pure_dict(nnx.state(abstract, nnx.Param))
+  _, abstract_params, _ = abstract_model(model_config_of(config), remat=config.model.remat)
+  params = nnx.to_pure_dict(abstract_params)
   opt_state = jax.eval_shape(tx.init, params)
   assert jax.tree.leaves(opt_state)
 

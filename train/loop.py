@@ -33,7 +33,7 @@ from train.data import (
 )
 from train.mesh import initialize_distributed, make_mesh, param_shardings
 from train.metrics import Meter, MetricWriter, flops_per_token, peak_flops_per_device
-from train.model import Llama, ModelConfig
+from train.model import Llama, ModelConfig, abstract_model
 from train.step import build_steps, merge, reference_copy
 from train.tokenizer import AlpacaTemplate, ByteTokenizer
 
@@ -74,17 +74,9 @@ def load_model(config: Config, mesh):
     raise ValueError(
       f"the tokenizer has {tokenizer.vocab_size} tokens, the model only {model_config.vocab_size}"
     )
-  abstract = nnx.eval_shape(
-    lambda: Llama(
-      model_config,
-      rngs=nnx.Rngs(0),
-      dtype=dtype,
-      param_dtype=param_dtype,
-      remat=cfg.remat,
-      attention=cfg.attention,
-    )
+  graphdef, abstract_params, rest = abstract_model(
+    model_config, dtype=dtype, param_dtype=param_dtype, remat=cfg.remat, attention=cfg.attention
   )
-  graphdef, abstract_params, rest = nnx.split(abstract, nnx.Param, ...)
   shardings = param_shardings(abstract_params, mesh)
   params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
   params = jax.device_put(params, shardings)  # a no-op for weights already loaded onto the mesh

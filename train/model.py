@@ -610,6 +610,16 @@ class Llama(nnx.Module):
     return x, {"index": start + s, "segment_ids": kv_seg, "layers": new_layer_caches}
 
 
+def abstract_model(config: ModelConfig, **options) -> tuple:
+  """``(graphdef, abstract params, rest)`` of ``Llama(config, **options)``, allocating nothing.
+
+  The params are ``jax.ShapeDtypeStruct`` leaves with their sharding metadata: what
+  shardings, optimizer state and ahead-of-time compiles are derived from.
+  """
+  abstract = nnx.eval_shape(lambda: Llama(config, rngs=nnx.Rngs(0), **options))
+  return nnx.split(abstract, nnx.Param, ...)
+
+
 def project_to_vocab(hidden: jax.Array, head: jax.Array, dims: tuple) -> jax.Array:
   """Float32 logits of ``hidden`` [..., D] against ``head`` (see :meth:`Llama.head`)."""
   flat = hidden.reshape(-1, hidden.shape[-1])  # a 2-D matmul (fast weight gradient on CPU)

@@ -38,7 +38,7 @@ from train.config import Config, ConfigError, load_config
 from train.data import ROW_FIELDS
 from train.mesh import BATCH_AXES, make_mesh, param_shardings
 from train.metrics import flops_per_token
-from train.model import Llama, ModelConfig
+from train.model import ModelConfig, abstract_model
 from train.step import build_steps
 
 GiB = 2**30
@@ -162,17 +162,13 @@ def plan(config: Config, devices: list, hbm_bytes: int | None) -> dict:
     )
   model_config = model_config_of(config)
   dtype, param_dtype = jnp.dtype(config.model.dtype), jnp.dtype(config.model.param_dtype)
-  abstract = nnx.eval_shape(
-    lambda: Llama(
-      model_config,
-      rngs=nnx.Rngs(0),
-      dtype=dtype,
-      param_dtype=param_dtype,
-      remat=config.model.remat,
-      attention=config.model.attention,
-    )
+  graphdef, abstract_params, rest = abstract_model(
+    model_config,
+    dtype=dtype,
+    param_dtype=param_dtype,
+    remat=config.model.remat,
+    attention=config.model.attention,
   )
-  graphdef, abstract_params, rest = nnx.split(abstract, nnx.Param, ...)
   p_shardings = param_shardings(abstract_params, mesh)
   params = _abstract(nnx.to_pure_dict(abstract_params), p_shardings)
   dpo_cfg = config.dpo if t.objective == "dpo" else None

@@ -197,8 +197,9 @@ def build_model(config: ModelConfig, tensors, *, mesh=None, dtype=None, source: 
   """Fills an abstract :class:`Llama` from ``(hf_name, read)`` pairs.
 
   A stacked layer parameter is assembled on the host slice by slice and placed
-  once its last layer arrives, so host memory stays within the model plus one
-  tensor (checkpoints list tensors layer by layer).
+  once its last layer arrives. Checkpoints list tensors layer by layer, so the
+  stacks complete together at the last layer: host memory peaks at about 1.6x
+  the model (docs/model.md).
 
   Args:
     dtype: parameter and compute dtype (default float32).
