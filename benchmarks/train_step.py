@@ -22,7 +22,7 @@ import numpy as np
 from train.config import load_config
 from train.data import Batches, prepare
 from train.loop import _global_batch, load_model
-from train.mesh import batch_sharding, make_mesh
+from train.mesh import make_mesh
 from train.metrics import host_description
 from train.step import build_steps
 
@@ -63,7 +63,7 @@ def main():
   times = {m: [] for m in methods}
   tokens = []
   for step in range(args.steps + 1):
-    batch = _global_batch(batches, step, batch_sharding(mesh))
+    batch = _global_batch(batches, step, shardings["batch"])
     tokens.append(int((train_rows["segment_ids"][batches.row_ids(step)] > 0).sum()))
     for method in methods:
       tick = time.perf_counter()

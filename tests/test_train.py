@@ -403,3 +403,19 @@ def test_cli_rejects_a_bad_key_before_any_work():
   )
   assert result.returncode == 2
   assert "did you mean 'optimizer.mask_ratio'" in result.stderr
+
+
+def test_train_step_benchmark_runs(tmp_path):
+  """benchmarks/train_step.py builds its steps as the trainer does, so a trainer change reaches it."""
+  config = tmp_path / "tiny.yaml"
+  config.write_text(json.dumps(TINY))
+  result = subprocess.run(
+    [sys.executable, "benchmarks/train_step.py", "--config", str(config), "--steps", "2"],
+    cwd=ROOT,
+    env={**os.environ, "PYTHONPATH": str(ROOT)},
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert re.search(r"^\| gmt \| [\d.]+ \| [\d.]+ / [\d.]+ / [\d.]+ \|", result.stdout, re.MULTILINE)
