@@ -76,3 +76,19 @@ def test_model_does_no_io():
 
 def test_data_does_not_import_the_model():
   assert not module_imports("train.data") & {"train.model", "flax"}
+
+
+def test_params_does_no_io():
+  """The name table and model building work on ``(name, read)`` streams: formats read files."""
+  assert not module_imports("train.params") & IO_MODULES
+
+
+def test_no_import_cycle():
+  """No ``train`` module reaches itself through its imports (also inside functions)."""
+  for path in sorted((ROOT / "train").glob("*.py")):
+    module = f"train.{path.stem}"
+    if path.stem == "__init__":
+      continue
+    direct = {n for n in imports(path) if n.startswith("train.") and n != module}
+    reached = set().union(*(module_imports(n) for n in direct)) if direct else set()
+    assert module not in reached, f"{module} imports itself through {sorted(direct)}"
