@@ -337,13 +337,14 @@ def test_logged_tokens_cover_every_step(tmp_path):
 
 def test_accuracy_survives_ids_the_tokenizer_cannot_decode(monkeypatch):
   import train.generate
-  from train.evaluate import answer_accuracy
+  from train.evaluate import answer_records, answer_stats
 
   tokenizer = ByteTokenizer()
   answer = tokenizer.encode("7")
   monkeypatch.setattr(train.generate, "generate", lambda *a, **k: [[300, 258] + answer])
   items = [{"prompt_ids": [5], "reference": "7", "entry": None}]
-  assert answer_accuracy(None, tokenizer, items, max_new_tokens=4, batch_size=1) == 1.0
+  records = answer_records(None, tokenizer, items, max_new_tokens=4, batch_size=1)
+  assert answer_stats(records)["accuracy"] == 1.0
 
 
 def _trainer_configs() -> list[Path]:

@@ -164,11 +164,6 @@ def answer_records(
   return records
 
 
-def answer_accuracy(model, tokenizer, items: list[dict], **kwargs) -> float:
-  """Exact-match accuracy of the greedy completions (see `answer_records`)."""
-  return answer_stats(answer_records(model, tokenizer, items, **kwargs))["accuracy"]
-
-
 Z95 = 1.959964  # two-sided 95% normal quantile
 
 
