@@ -1,6 +1,10 @@
-"""TensorBoard scalars and the profile window of a tiny end-to-end run."""
+"""TensorBoard scalars and the profile window of a tiny end-to-end run: the events read back
+hold the values of train_log.jsonl."""
 
+import json
 import struct
+
+import pytest
 
 from tensorboardX.proto import event_pb2
 
@@ -8,9 +12,9 @@ import train
 from tests.test_train import TINY
 
 
-def _scalars(directory) -> dict[str, list[int]]:
-  """{tag: [steps]} from the event files (TFRecords: length, crc, event, crc)."""
-  tags: dict[str, list[int]] = {}
+def _scalars(directory) -> dict[str, dict[int, float]]:
+  """{tag: {step: value}} from the event files (TFRecords: length, crc, event, crc)."""
+  tags: dict[str, dict[int, float]] = {}
   for path in sorted(directory.glob("events.out.tfevents.*")):
     data = path.read_bytes()
     at = 0
@@ -19,7 +23,7 @@ def _scalars(directory) -> dict[str, list[int]]:
       event = event_pb2.Event.FromString(data[at + 12 : at + 12 + length])
       at += 12 + length + 4
       for value in event.summary.value:
-        tags.setdefault(value.tag, []).append(event.step)
+        tags.setdefault(value.tag, {})[event.step] = value.simple_value
   return tags
 
 
@@ -41,7 +45,13 @@ def test_scalars_go_to_tensorboard_and_the_profile_window_writes_a_trace(tmp_pat
     "train/kept_fraction",
     "train/tokens_per_s",
   ):
-    assert tags[tag] == [1, 2, 3, 4], tag
-  assert tags["eval/eval_loss"] == tags["eval/accuracy"] == [0, 4]
+    assert sorted(tags[tag]) == [1, 2, 3, 4], tag
+  assert sorted(tags["eval/eval_loss"]) == sorted(tags["eval/accuracy"]) == [0, 4]
+  log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+  assert [r["step"] for r in log] == [1, 2, 3, 4]
+  for record in log:  # TensorBoard stores float32
+    for name in ("loss", "lr", "grad_norm", "kept_fraction"):
+      assert tags[f"train/{name}"][record["step"]] == pytest.approx(record[name], rel=1e-6), name
+  assert tags["eval/eval_loss"][4] == pytest.approx(summary["after"]["eval_loss"], rel=1e-6)
   assert 0.0 <= summary["after"]["accuracy"] <= 1.0
   assert list((out / "profile").rglob("*.xplane.pb"))
