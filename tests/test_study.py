@@ -6,8 +6,10 @@ on a quiet 2-core CPU.
 """
 
 import csv
+import itertools
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -148,8 +150,39 @@ def test_quick_study_on_the_real_model(tmp_path, smollm2_path):
     timeout=900,
   )
   assert result.returncode == 0, result.stderr[-2000:]
-  report = (out / "results.md").read_text()
-  assert "exact match [95%]" in report and "minus SFT [95%]" in report
   assert (out / "results.png").read_bytes()[:4] == b"\x89PNG"
-  rows = list(csv.DictReader((out / "results.csv").open()))
-  assert sorted(r["method"] for r in rows) == ["gmt_0.5", "sft"]
+  rows = {r["method"]: r for r in csv.DictReader((out / "results.csv").open())}
+  assert sorted(rows) == ["gmt_0.5", "sft"]
+  # One seed: each method's exact match is its run's accuracy, inside its interval; the
+  # difference to SFT is the difference of the two runs' accuracies, inside its interval.
+  table = _report_rows((out / "results.md").read_text())
+  assert sorted(table) == sorted(rows)
+  for method, row in rows.items():
+    printed = table[method]
+    accuracy = 100 * float(row["accuracy"])
+    mean, low, high = _interval(printed["exact match [95%]"])
+    assert mean == pytest.approx(accuracy, abs=0.05) and low <= mean <= high
+    assert float(printed["held-out loss"].split()[0]) == pytest.approx(
+      float(row["eval_loss"]), abs=5e-4
+    )
+  gain, low, high = _interval(table["gmt_0.5"]["minus SFT [95%]"])
+  expected = 100 * (float(rows["gmt_0.5"]["accuracy"]) - float(rows["sft"]["accuracy"]))
+  assert gain == pytest.approx(expected, abs=0.1) and low <= gain <= high
+
+
+def _report_rows(report: str) -> dict[str, dict[str, str]]:
+  """{method: {column: cell}} of the (one task's) results table in results.md."""
+  lines = report.splitlines()
+  start = next(i for i, line in enumerate(lines) if line.startswith("| method |"))
+  header = [cell.strip() for cell in lines[start].strip("| ").split("|")]
+  rows = {}
+  for line in itertools.takewhile(lambda line: line.startswith("| "), lines[start + 2 :]):
+    row = dict(zip(header, (cell.strip() for cell in line.strip("| ").split("|"))))
+    rows[row["method"]] = row
+  return rows
+
+
+def _interval(cell: str) -> tuple[float, float, float]:
+  """``41.6 [34.0, 49.3]`` -> (41.6, 34.0, 49.3)."""
+  mean, low, high = map(float, re.findall(r"-?\d+(?:\.\d+)?", cell))
+  return mean, low, high

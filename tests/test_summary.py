@@ -8,7 +8,8 @@ import pytest
 
 import train
 from tests.test_train import TINY
-from train.evaluate import answer_stats, exact_match, paired_gain, seeds_interval
+from train.scoring import exact_match
+from train.stats import answer_stats, paired_gain, seeds_interval
 
 
 def test_summary_fields_match_the_saved_completions(tmp_path, capsys):

@@ -5,7 +5,6 @@ import json
 import struct
 
 import pytest
-
 from tensorboardX.proto import event_pb2
 
 import train

@@ -336,14 +336,14 @@ def test_logged_tokens_cover_every_step(tmp_path):
 
 
 def test_accuracy_survives_ids_the_tokenizer_cannot_decode(monkeypatch):
-  import train.generate
-  from train.evaluate import answer_records, answer_stats
+  from train import evaluator
+  from train.stats import answer_stats
 
   tokenizer = ByteTokenizer()
   answer = tokenizer.encode("7")
-  monkeypatch.setattr(train.generate, "generate", lambda *a, **k: [[300, 258] + answer])
+  monkeypatch.setattr(evaluator, "generate", lambda *a, **k: [[300, 258] + answer])
   items = [{"prompt_ids": [5], "reference": "7", "entry": None}]
-  records = answer_records(None, tokenizer, items, max_new_tokens=4, batch_size=1)
+  records = evaluator.answer_records(None, tokenizer, items, max_new_tokens=4, batch_size=1)
   assert answer_stats(records)["accuracy"] == 1.0
 
 

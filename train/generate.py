@@ -22,7 +22,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from train.gguf_import import default_gguf_path
 from train.mesh import to_host
+from train.pretrained import load_pretrained
 
 _PROMPT_BUCKET = 16
 
@@ -169,9 +171,6 @@ def generate(
 
 
 def main(argv=None):
-  from train.gguf_import import default_gguf_path
-  from train.pretrained import load_pretrained
-
   parser = argparse.ArgumentParser(description="Generate a completion with a pretrained model.")
   parser.add_argument(
     "--model",

@@ -23,7 +23,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
-from train import benchmarks, evaluate, run_dir
+from train import benchmarks, run_dir
 from train.checkpoints import Checkpoints, check_fingerprint, data_fingerprint
 from train.config import Config, load_config
 from train.data import (
@@ -31,9 +31,11 @@ from train.data import (
   examples_for_generation,
   prepare,
 )
+from train.evaluator import Evaluator, all_sequence_logps
 from train.mesh import initialize_distributed, make_mesh, param_shardings
 from train.metrics import Meter, MetricWriter, flops_per_token, peak_flops_per_device
 from train.model import Llama, ModelConfig, abstract_model
+from train.stats import paired_gain
 from train.step import build_steps, merge, reference_copy
 from train.tokenizer import AlpacaTemplate, ByteTokenizer
 
@@ -94,84 +96,6 @@ def _global_batch(batches: Batches, step: int, shardings: dict) -> dict:
     )
     for name, sharding in shardings.items()
   }
-
-
-def _evaluate(
-  tag: str,
-  config: Config,
-  out: Path,
-  steps,
-  graphdef,
-  params,
-  rest,
-  tokenizer,
-  eval_rows,
-  eval_items,
-  mesh,
-  writer: MetricWriter,
-  step: int,
-  answers: dict | None = None,
-  reference_logps=None,
-  policy_logps=None,
-) -> dict:
-  """Held-out loss (DPO: with the preference metrics of the held-out pairs against their
-  `reference_logps`; `policy_logps` when already known) and (optionally) exact-match
-  accuracy and its statistics, or a benchmark's score; completions go to eval_<tag>.jsonl
-  (and held-out answers to answers[tag])."""
-  result = {}
-  start = time.time()
-  if eval_rows is not None and reference_logps is not None:
-    if policy_logps is None:
-      policy_logps = evaluate.all_sequence_logps(
-        steps.logps, params, eval_rows, config.eval.batch_size, mesh
-      )
-    result.update(
-      evaluate.preference_stats(
-        policy_logps, reference_logps, config.dpo.beta, config.dpo.label_smoothing
-      )
-    )
-  elif eval_rows is not None:
-    result["eval_loss"] = evaluate.held_out_loss(
-      steps.eval, params, eval_rows, config.eval.batch_size, mesh
-    )
-  if config.eval.accuracy and config.eval.benchmark != "held_out":
-    result["accuracy"] = evaluate.benchmark_accuracy(
-      merge(graphdef, params, rest),
-      tokenizer,
-      config.eval.benchmark,
-      eval_items,
-      max_new_tokens=config.eval.max_new_tokens,
-      batch_size=config.eval.generate_batch_size,
-      samples_path=out / f"eval_{tag}.jsonl",
-    )
-  elif config.eval.accuracy and eval_items:
-    records = evaluate.answer_records(
-      merge(graphdef, params, rest),
-      tokenizer,
-      eval_items[: config.eval.size],
-      max_new_tokens=config.eval.max_new_tokens,
-      batch_size=config.eval.generate_batch_size,
-      samples_path=out / f"eval_{tag}.jsonl",
-    )
-    result.update(evaluate.answer_stats(records))
-    if answers is not None:
-      answers[tag] = records
-  writer.write(step, {k: v for k, v in result.items() if isinstance(v, (int, float))}, "eval/")
-  shown = ", ".join(
-    f"{k} {v:.4f}"
-    for k, v in result.items()
-    if k
-    in (
-      "eval_loss",
-      "rewards/accuracies",
-      "rewards/margins",
-      "accuracy",
-      "score",
-      "top_answer_share",
-    )
-  )
-  _log(f"[eval {tag}] {shown} ({time.time() - start:.1f} s)")
-  return result
 
 
 def _show(summary: dict) -> None:
@@ -308,11 +232,11 @@ def run(config_source="configs/default.yaml", overrides=None, cache: dict | None
   if dpo_cfg is not None:
     start = time.time()
     if eval_rows is not None:
-      eval_reference = evaluate.all_sequence_logps(
+      eval_reference = all_sequence_logps(
         steps.logps, params, eval_rows, config.eval.batch_size, mesh
       )
     if dpo_cfg.precompute_reference:
-      train_rows["reference_logps"] = evaluate.all_sequence_logps(
+      train_rows["reference_logps"] = all_sequence_logps(
         steps.logps, params, train_rows, config.eval.batch_size, mesh
       )
     else:
@@ -336,27 +260,20 @@ def run(config_source="configs/default.yaml", overrides=None, cache: dict | None
 
   summary: dict = {"output_dir": str(out), "num_params": num_params, "data": report}
   writer = MetricWriter(out / "tensorboard", jax.process_index() == 0)
-  answers: dict = {}  # held-out answers by tag, for the before/after comparison
-
-  def evaluate_at(tag: str, step: int, params, policy_logps=None) -> dict:
-    return _evaluate(
-      tag,
-      config,
-      out,
-      steps,
-      graphdef,
-      params,
-      rest,
-      tokenizer,
-      eval_rows,
-      eval_items,
-      mesh,
-      writer,
-      step,
-      answers,
-      reference_logps=eval_reference,
-      policy_logps=policy_logps,
-    )
+  evaluate_at = Evaluator(
+    config,
+    out,
+    steps,
+    graphdef,
+    rest,
+    tokenizer,
+    mesh,
+    writer,
+    rows=eval_rows,
+    items=eval_items,
+    reference_logps=eval_reference,
+  )
+  answers = evaluate_at.answers  # held-out answers by tag, for the before/after comparison
 
   if config.eval.before and first_step == 0:
     # Generated held-out items do not depend on the shuffle: every seed scores the same before.
@@ -464,7 +381,7 @@ def run(config_source="configs/default.yaml", overrides=None, cache: dict | None
     summary["after"] = evaluate_at("after", total_steps, params)
   writer.close()
   if "before" in answers and "after" in answers:
-    summary["gain"] = evaluate.paired_gain(answers["before"], answers["after"])
+    summary["gain"] = paired_gain(answers["before"], answers["after"])
     summary["examples"] = [
       {
         "question": b["question"],

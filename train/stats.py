@@ -1,4 +1,5 @@
-"""Paired bootstrap over eval items and seeds: the study's intervals and p-values (numpy only).
+"""Statistics of evaluations (numpy only): one run's exact-match interval, before/after gain
+and the spread over seeds; the study's paired bootstrap over eval items and seeds.
 
 A method's result is a [seeds, items] matrix of per-item scores (exact match 0/1), the
 same items for every seed and method. One bootstrap sample draws seeds and items with
@@ -11,6 +12,8 @@ numbers do not depend on the order in which they are asked for.
 from __future__ import annotations
 
 import dataclasses
+import math
+from collections import Counter
 
 import numpy as np
 
@@ -86,3 +89,56 @@ def items_needed(item: float, seed: float, num_seeds: int, half_width: float) ->
   """Items per seed for a 95% half-width of `half_width` (inf: seeds alone exceed it)."""
   room = (half_width / 1.96) ** 2 - seed / num_seeds
   return float("inf") if room <= 0 else item / (num_seeds * room)
+
+
+Z95 = 1.959964  # two-sided 95% normal quantile
+
+
+def answer_stats(records: list[dict]) -> dict:
+  """Exact-match accuracy with a 95% Wilson interval, the mean task score (partial credit),
+  and the most common prediction with its share of all predictions (a collapse detector)."""
+  n = len(records)
+  if not n:
+    return {"items": 0, "exact_matches": 0, "accuracy": float("nan")}
+  hits = sum(int(r["exact"]) for r in records)
+  p = hits / n
+  centre = (p + Z95**2 / (2 * n)) / (1 + Z95**2 / n)
+  half = Z95 * math.sqrt(p * (1 - p) / n + Z95**2 / (4 * n * n)) / (1 + Z95**2 / n)
+  top, top_count = Counter(r["prediction"] for r in records).most_common(1)[0]
+  return {
+    "items": n,
+    "exact_matches": hits,
+    "accuracy": p,
+    "accuracy_ci95": [max(0.0, centre - half), min(1.0, centre + half)],
+    "score": float(np.mean([r["score"] for r in records])),
+    "top_answer": top,
+    "top_answer_share": top_count / n,
+  }
+
+
+def paired_gain(before: list[dict], after: list[dict]) -> dict:
+  """After minus before exact-match accuracy on the same items, with the 95% interval of the
+  paired normal approximation (per-item differences in {-1, 0, 1})."""
+  if len(before) != len(after) or not before:
+    raise ValueError(f"paired_gain needs the same items: {len(before)} vs {len(after)}")
+  diffs = np.array([int(a["exact"]) - int(b["exact"]) for b, a in zip(before, after)], float)
+  n, gain = len(diffs), float(diffs.mean())
+  half = Z95 * float(diffs.std(ddof=1)) / math.sqrt(n) if n > 1 else float("inf")
+  return {
+    "accuracy_gain": gain,
+    "accuracy_gain_ci95": [gain - half, gain + half],
+    "fixed": int((diffs > 0).sum()),
+    "broken": int((diffs < 0).sum()),
+  }
+
+
+def seeds_interval(values: list[float]) -> tuple[float, float]:
+  """Mean and the half-width of the 95% Student-t interval of per-seed values."""
+  values = np.asarray(values, float)
+  if len(values) < 2:
+    return float(values.mean()), float("inf")
+  t = _T975.get(len(values) - 1, Z95)
+  return float(values.mean()), float(t * values.std(ddof=1) / math.sqrt(len(values)))
+
+
+_T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}

@@ -34,6 +34,7 @@ from pathlib import Path
 import yaml
 
 from train.config import ConfigError, load_config
+from train.data import canonical_problem, reasoning_gym_examples
 
 # The columns of results.csv, one row per run.
 COLUMNS = (
@@ -153,7 +154,7 @@ def _peak_rss_gb() -> float:
 
 def run_once(fields: dict, config, cache: dict) -> dict:
   """One run, unless its directory already holds a finished one; returns its row."""
-  from train.loop import run
+  from train.loop import run  # here: config errors are reported before JAX is imported
 
   out = Path(config.train.output_dir)
   result_path = out / "study_result.json"
@@ -199,16 +200,12 @@ def write_csv(path: Path, rows: list[dict], columns: tuple[str, ...] = COLUMNS) 
 
 def _test_forms(study: Study, task: str) -> set[str]:
   """Canonical forms of the test items of `task` (what validation must not score)."""
-  from train.data import canonical_problem, reasoning_gym_examples
-
   _, held_out, _ = reasoning_gym_examples(study.config(task, [], study.out).data)
   return {canonical_problem(example.entry) for example in held_out}
 
 
 def validation_accuracy(study: Study, row: dict, config) -> dict:
   """The sweep run's accuracy on its validation items that are not test items."""
-  from train.data import canonical_problem, reasoning_gym_examples
-
   _, validation, _ = reasoning_gym_examples(config.data)
   test_forms = _test_forms(study, row["task"])
   records = [

@@ -12,11 +12,11 @@ from pathlib import Path
 
 import numpy as np
 
-from train.evaluate import seeds_interval
 from train.stats import (
   Resampler,
   items_needed,
   resolvable_difference,
+  seeds_interval,
   variance_components,
 )
 

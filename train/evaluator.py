@@ -1,0 +1,246 @@
+"""Held-out evaluation on the mesh: token loss of held-out rows (SFT) or preference metrics of
+held-out pairs (DPO), exact-match answers by greedy decoding or a benchmark's score.
+
+`Evaluator` is built once per run and called at each evaluation point (before, every
+`eval.every` steps, after) with the current parameters.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+from tqdm.auto import tqdm
+
+from train import benchmarks, dpo
+from train.config import Config
+from train.data import ROW_FIELDS
+from train.generate import generate
+from train.mesh import BATCH_AXES, to_host
+from train.metrics import MetricWriter
+from train.scoring import exact_match, parse_answer, score
+from train.stats import answer_stats
+from train.step import Steps, merge
+
+# Shown in the one-line log of an evaluation, when present.
+_SHOWN = (
+  "eval_loss",
+  "rewards/accuracies",
+  "rewards/margins",
+  "accuracy",
+  "score",
+  "top_answer_share",
+)
+
+
+def write_jsonl(path, records: list[dict]) -> None:
+  """One JSON object per line (completions and their scores)."""
+  with open(path, "w") as f:
+    f.writelines(json.dumps(r) + "\n" for r in records)
+
+
+def _device_chunks(rows: dict, batch_size: int, mesh):
+  """Yields (sharded chunk of the token fields, number of real rows), `batch_size` rows at a
+  time (rounded up to split evenly over devices), the last chunk padded with empty rows."""
+  shards = mesh.shape["data"] * mesh.shape["fsdp"]
+  batch_size = -(-batch_size // shards) * shards
+  sharding = NamedSharding(mesh, P(BATCH_AXES, None))
+  for start in range(0, len(rows["inputs"]), batch_size):
+    chunk = {}
+    for name in ROW_FIELDS:
+      part = rows[name][start : start + batch_size]
+      pad = np.zeros((batch_size - len(part),) + part.shape[1:], part.dtype)  # no loss tokens
+      full = np.concatenate([part, pad])
+      chunk[name] = jax.make_array_from_callback(full.shape, sharding, lambda i, a=full: a[i])
+    yield chunk, len(part)
+
+
+def held_out_loss(eval_step, params, rows: dict, batch_size: int, mesh) -> float:
+  """Mean cross-entropy over the loss tokens of all held-out rows."""
+  total, tokens = 0.0, 0.0
+  for chunk, _ in _device_chunks(rows, batch_size, mesh):
+    loss_sum, count = eval_step(params, chunk)
+    total += float(loss_sum)
+    tokens += float(count)
+  return total / max(tokens, 1.0)
+
+
+def all_sequence_logps(logps_step, params, rows: dict, batch_size: int, mesh) -> np.ndarray:
+  """[N] float32: each row's sequence log-probability (`Steps.logps` of `train.step.build_steps`)."""
+  parts = [
+    to_host(logps_step(params, chunk))[:real]
+    for chunk, real in _device_chunks(rows, batch_size, mesh)
+  ]
+  return np.concatenate(parts).astype(np.float32)
+
+
+def preference_stats(
+  policy_logps: np.ndarray, reference_logps: np.ndarray, beta: float, label_smoothing: float
+) -> dict:
+  """Held-out DPO metrics of pairs (rows interleaved: chosen, rejected, ...).
+
+  `eval_loss` is the mean DPO loss; TRL's `rewards/*` and `logps/*` are means over pairs
+  (`rewards/accuracies`: the fraction with a positive reward margin, 0 while the policy is
+  the reference); `chosen_logp_higher`: the fraction where the policy itself gives the
+  chosen response the higher log-probability, which the reference already has.
+  """
+  losses, statistics = dpo.pair_losses(
+    jnp.asarray(policy_logps), jnp.asarray(reference_logps), beta, label_smoothing
+  )
+  pairs = policy_logps.reshape(-1, 2)
+  return {
+    "eval_loss": float(jnp.mean(losses)),
+    **{name: float(jnp.mean(values)) for name, values in statistics.items()},
+    "chosen_logp_higher": float(np.mean(pairs[:, 0] > pairs[:, 1])),
+  }
+
+
+def answer_records(
+  model,
+  tokenizer,
+  items: list[dict],
+  *,
+  max_new_tokens: int,
+  batch_size: int,
+  samples_path: Path | None = None,
+) -> list[dict]:
+  """Greedy completions of the held-out prompts, parsed and scored; saved as JSONL.
+
+  Each record: question, completion, prediction, reference, exact (0/1), score (the task's
+  scorer, which may give partial credit).
+  """
+  records = []
+  for start in range(0, len(items), batch_size):
+    chunk = items[start : start + batch_size]
+    completions = generate(
+      model,
+      [it["prompt_ids"] for it in chunk],
+      max_new_tokens=max_new_tokens,
+      eos_token_id=tokenizer.eos_token_id,
+      pad_token_id=tokenizer.pad_token_id or 0,
+    )
+    for item, ids in zip(chunk, completions):
+      # A model vocabulary larger than the tokenizer's can sample ids it cannot decode.
+      text = tokenizer.decode(
+        [i for i in ids if i < tokenizer.vocab_size], skip_special_tokens=True
+      )
+      prediction = parse_answer(text)
+      records.append(
+        {
+          "question": item.get("question", ""),
+          "completion": text,
+          "prediction": prediction,
+          "reference": item["reference"],
+          "exact": int(exact_match(prediction, item["reference"])),
+          "score": score(prediction, item),
+        }
+      )
+  if samples_path is not None and jax.process_index() == 0:
+    write_jsonl(samples_path, records)
+  return records
+
+
+def benchmark_accuracy(
+  model,
+  tokenizer,
+  benchmark: str,
+  items: list[dict],
+  *,
+  max_new_tokens: int,
+  batch_size: int,
+  samples_path: Path | None = None,
+) -> float:
+  """Greedy completions of a benchmark's items scored by its harness; records saved as JSONL."""
+  texts = benchmarks.generate_texts(
+    model,
+    tokenizer,
+    [it["instruction"] for it in items],
+    max_new_tokens=max_new_tokens,
+    batch_size=batch_size,
+  )
+  value, records = benchmarks.score_benchmark(benchmark, items, texts)
+  if samples_path is not None and jax.process_index() == 0:
+    write_jsonl(samples_path, records)
+  return value
+
+
+@dataclasses.dataclass
+class Evaluator:
+  """Evaluates parameters on the run's held-out data; completions go to
+  ``<output_dir>/eval_<tag>.jsonl`` and held-out answers to ``answers[tag]``.
+
+  Attributes:
+    rows: held-out token rows (None: no held-out loss).
+    items: held-out prompts with references (or a benchmark's problems) for accuracy.
+    reference_logps: DPO: the reference's log-probabilities of the held-out rows; then
+      ``rows`` are pairs and the preference metrics replace the token loss.
+  """
+
+  config: Config
+  output_dir: Path
+  steps: Steps
+  graphdef: object
+  rest: object
+  tokenizer: object
+  mesh: jax.sharding.Mesh
+  writer: MetricWriter
+  rows: dict | None
+  items: list[dict]
+  reference_logps: np.ndarray | None = None
+  answers: dict = dataclasses.field(default_factory=dict)
+
+  def __call__(self, tag: str, step: int, params, policy_logps=None) -> dict:
+    """The metrics at ``step`` (logged under ``eval/``); ``policy_logps`` when already known."""
+    start = time.time()
+    result = self._held_out(params, policy_logps)
+    result.update(self._accuracy(tag, params))
+    self.writer.write(
+      step, {k: v for k, v in result.items() if isinstance(v, (int, float))}, "eval/"
+    )
+    shown = ", ".join(f"{k} {v:.4f}" for k, v in result.items() if k in _SHOWN)
+    if jax.process_index() == 0:
+      tqdm.write(f"[eval {tag}] {shown} ({time.time() - start:.1f} s)")
+    return result
+
+  def _held_out(self, params, policy_logps) -> dict:
+    cfg = self.config
+    if self.rows is None:
+      return {}
+    if self.reference_logps is None:
+      return {
+        "eval_loss": held_out_loss(
+          self.steps.eval, params, self.rows, cfg.eval.batch_size, self.mesh
+        )
+      }
+    if policy_logps is None:
+      policy_logps = all_sequence_logps(
+        self.steps.logps, params, self.rows, cfg.eval.batch_size, self.mesh
+      )
+    return preference_stats(
+      policy_logps, self.reference_logps, cfg.dpo.beta, cfg.dpo.label_smoothing
+    )
+
+  def _accuracy(self, tag: str, params) -> dict:
+    cfg = self.config.eval
+    if not cfg.accuracy or (cfg.benchmark == "held_out" and not self.items):
+      return {}
+    model = merge(self.graphdef, params, self.rest)
+    options = dict(
+      max_new_tokens=cfg.max_new_tokens,
+      batch_size=cfg.generate_batch_size,
+      samples_path=self.output_dir / f"eval_{tag}.jsonl",
+    )
+    if cfg.benchmark != "held_out":
+      return {
+        "accuracy": benchmark_accuracy(model, self.tokenizer, cfg.benchmark, self.items, **options)
+      }
+    records = answer_records(model, self.tokenizer, self.items[: cfg.size], **options)
+    self.answers[tag] = records
+    return answer_stats(records)
