@@ -178,9 +178,9 @@ def test_humaneval_no_detached_child_survives(problem, isolation, request):
   assert _processes_with(tag) == []
 
 
-def test_humaneval_the_callers_secrets_are_not_readable(problem, isolated, tmp_path):
+def test_humaneval_the_callers_secrets_are_not_readable(isolated):
   # /proc/<pid>/environ shows a process's environment as it started: the secret is given to a
-  # real `train.evaluate` process, the candidate's parent, not set in this one.
+  # scoring process, the candidate's parent, not set in this one.
   secret = f"hf_secret{uuid.uuid4().hex}"
   attack = (
     "import os\n"
@@ -193,22 +193,25 @@ def test_humaneval_the_callers_secrets_are_not_readable(problem, isolated, tmp_p
     "print(seen)\n"
     "raise RuntimeError('environments seen: ' + repr(seen))\n"
   )
-  completions = tmp_path / "completions.jsonl"
-  completions.write_text(json.dumps({"task_id": problem["task_id"], "completion": RETURN + attack}))
-  results = tmp_path / "results.jsonl"
+  scorer = (
+    "import json, sys\n"
+    "from train.benchmarks import humaneval_problems, humaneval_results\n"
+    "records = humaneval_results(humaneval_problems(1), {'HumanEval/0': sys.stdin.read()})\n"
+    "print(json.dumps(records))\n"
+  )
   done = subprocess.run(
-    [sys.executable, "-m", "train.evaluate", "--benchmark", "humaneval", "--limit", "1"]
-    + ["--completions", str(completions), "--output", str(results)],
+    [sys.executable, "-c", scorer],
+    input=RETURN + attack,
     capture_output=True,
     text=True,
     check=True,
     env={**os.environ, "HF_TOKEN": secret},
     cwd=ROOT,
   )
-  record = json.loads(results.read_text())
+  [record] = json.loads(done.stdout)
   assert record["result"].startswith("failed: RuntimeError: environments seen:")  # it ran
   assert "LANG" in record["result"]
-  assert secret not in results.read_text() + done.stdout + done.stderr
+  assert secret not in done.stdout + done.stderr
 
 
 def test_humaneval_no_connection_leaves_the_sandbox(problem, isolated):
