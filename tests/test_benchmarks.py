@@ -286,3 +286,33 @@ def test_cli_scores_a_completions_file(tmp_path):
     check=True,
   )
   assert done.stdout.strip().endswith("humaneval pass@1 0.7500 (3/4)")
+
+
+@pytest.mark.parametrize(
+  "arguments, message",
+  [
+    (["--limit", "0"], "--limit=0 must be >= 1"),
+    (["--limit", "-1"], "--limit=-1 must be >= 1"),
+    (["--output", "{tmp}"], "--output={tmp} is a directory: give a file, e.g. {tmp}/results.jsonl"),
+    (["--output", "{tmp}/missing/r.jsonl"], "--output={tmp}/missing/r.jsonl: directory"),
+    (["--timeout", "0"], "--timeout=0.0 must be > 0"),
+    (["--completions", "{tmp}/none.jsonl"], "--completions={tmp}/none.jsonl: no such file"),
+  ],
+)
+def test_cli_rejects_bad_arguments_before_any_work(
+  arguments, message, tmp_path, monkeypatch, capsys
+):
+  from train import benchmarks, evaluate
+
+  def no_work(*args, **kwargs):
+    raise AssertionError("work started before the arguments were checked")
+
+  monkeypatch.setattr(benchmarks, "load_items", no_work)
+  completions = tmp_path / "completions.jsonl"
+  completions.write_text("")
+  argv = ["--benchmark", "humaneval", "--completions", str(completions)]
+  argv += [a.format(tmp=tmp_path) for a in arguments]
+  with pytest.raises(SystemExit) as exit_info:
+    evaluate.main(argv)
+  assert exit_info.value.code == 2
+  assert message.format(tmp=tmp_path) in capsys.readouterr().err
