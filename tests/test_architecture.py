@@ -2,6 +2,7 @@
 
 import ast
 import pathlib
+import sys
 
 import pytest
 
@@ -76,3 +77,8 @@ def test_model_does_no_io():
 
 def test_data_does_not_import_the_model():
   assert not module_imports("train.data") & {"train.model", "flax"}
+
+
+def test_the_sandbox_launcher_imports_the_standard_library_only():
+  # It runs as a script with `python -I -S`: no site-packages and no `train` package.
+  assert imports(ROOT / "train" / "sandbox_launcher.py") <= sys.stdlib_module_names

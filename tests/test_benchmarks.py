@@ -108,6 +108,17 @@ def without_isolation(monkeypatch):
   monkeypatch.setattr(sandbox, "_isolation", ["forced by the test"])
 
 
+def test_without_isolation_it_warns_once_and_still_scrubs_the_environment(monkeypatch, capsys):
+  monkeypatch.setattr(sandbox, "_isolation", [])
+  monkeypatch.setattr(sandbox, "_probe", lambda: "unshare: Operation not permitted")
+  program = "import os\nprint(sorted(os.environ))\n"
+  outcomes = [sandbox.run_python(program, timeout=10) for _ in range(2)]
+  assert [o.stdout for o in outcomes] == ["['HOME', 'LANG', 'PATH', 'TMPDIR']\n"] * 2
+  warnings = capsys.readouterr().err.splitlines()
+  assert len(warnings) == 1
+  assert warnings[0].startswith("WARNING: untrusted code runs WITHOUT isolation (unshare: Oper")
+
+
 @pytest.mark.parametrize("exit_call", ["sys.exit(0)", "os._exit(0)", "raise SystemExit"])
 def test_humaneval_an_exit_before_the_tests_fails(problem, exit_call):
   completion = RETURN + f"import os, sys\n{exit_call}\n"
