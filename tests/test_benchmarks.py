@@ -119,6 +119,47 @@ def test_without_isolation_it_warns_once_and_still_scrubs_the_environment(monkey
   assert warnings[0].startswith("WARNING: untrusted code runs WITHOUT isolation (unshare: Oper")
 
 
+def test_the_sandbox_isolates_where_the_caller_is_not_root(tmp_path):
+  # `unshare --map-user` puts the caller in a user namespace as uid 1000 (a non-root caller's
+  # path: a user namespace of its own, then a nested one for the program).
+  probe = subprocess.run(
+    ["unshare", "--user", "--map-user=1000", "--map-group=1000", "true"], capture_output=True
+  )
+  if probe.returncode != 0:
+    pytest.skip(f"cannot make a user namespace here: {probe.stderr.decode().strip()}")
+  program = (
+    "import os, socket\n"
+    f"print(os.getuid(), os.path.exists({str(ROOT)!r}), os.path.exists({str(tmp_path)!r}))\n"
+    "try:\n"
+    "  open('/usr/escaped', 'w')\n"
+    "except OSError as e:\n"
+    "  print(e.strerror)\n"
+    "try:\n"
+    "  socket.create_connection(('127.0.0.1', 9))\n"
+    "except OSError as e:\n"
+    "  print(e.strerror)\n"
+  )
+  runner = (
+    "import sys\nfrom train import sandbox\n"
+    "print(sandbox.isolation_unavailable())\n"
+    "print(sandbox.run_python(sys.stdin.read(), timeout=20).stdout, end='')\n"
+  )
+  done = subprocess.run(
+    ["unshare", "--user", "--map-user=1000", "--map-group=1000", sys.executable, "-c", runner],
+    input=program,
+    capture_output=True,
+    text=True,
+    check=True,
+    cwd=ROOT,
+  )
+  assert done.stdout.splitlines() == [
+    "None",
+    "1000 False False",  # neither the project nor the caller's /tmp are there
+    "Read-only file system",
+    "Network is unreachable",
+  ]
+
+
 @pytest.mark.parametrize("exit_call", ["sys.exit(0)", "os._exit(0)", "raise SystemExit"])
 def test_humaneval_an_exit_before_the_tests_fails(problem, exit_call):
   completion = RETURN + f"import os, sys\n{exit_call}\n"

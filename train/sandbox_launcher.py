@@ -68,30 +68,31 @@ def environment(home: str) -> dict[str, str]:
 def _main(config: dict) -> None:
   """Unshares the namespaces, forks init, and exits with init's exit code."""
   sandbox_uid = _SANDBOX_UID_BASE + os.getpid()
+  user_namespace = False
   if config["isolate"]:
     try:
-      _unshare_namespaces()
+      user_namespace = _unshare_namespaces()
     except OSError as e:
       _setup_failed(e)
   init = os.fork()
   if init == 0:
     try:
-      _init(config, sandbox_uid)
+      _init(config, sandbox_uid, user_namespace)
     except BaseException as e:  # noqa: BLE001 -- any failure here is a setup failure
       _setup_failed(e)
   _, status = os.waitpid(init, 0)
   os._exit(_exit_code(status))
 
 
-def _init(config: dict, sandbox_uid: int) -> None:
+def _init(config: dict, sandbox_uid: int, user_namespace: bool) -> None:
   """Pid 1 of the sandbox (or a subreaper): runs the candidate, kills what is left, exits."""
   libc = _libc()
-  _call(libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0), "prctl(PR_SET_PDEATHSIG)")
+  _prctl(libc, PR_SET_PDEATHSIG, signal.SIGKILL)  # the launcher killed: so is all of the run
   if config["isolate"]:
     _build_root(libc, config)
     home = "/tmp"
   else:
-    libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)  # orphans come back here to be killed
+    _prctl(libc, PR_SET_CHILD_SUBREAPER, 1)  # orphans come back here to be killed
     home = config["home"]
 
   def time_is_up(signum, frame):
@@ -101,32 +102,33 @@ def _init(config: dict, sandbox_uid: int) -> None:
   candidate = os.fork()
   if candidate == 0:
     try:
-      _exec_candidate(libc, config, home, sandbox_uid)
+      _exec_candidate(libc, config, home, sandbox_uid, user_namespace)
     except BaseException as e:  # noqa: BLE001 -- any failure before exec is a setup failure
       _setup_failed(e)
   signal.setitimer(signal.ITIMER_REAL, config["timeout"])
   try:
     _, status = os.waitpid(candidate, 0)
+    signal.setitimer(signal.ITIMER_REAL, 0)
     code = _exit_code(status)
   except TimeoutError:
     code = TIMED_OUT
-  signal.setitimer(signal.ITIMER_REAL, 0)
   if not config["isolate"]:  # with a PID namespace, the kernel kills them when init exits
     _kill_descendants(candidate)
   os._exit(code)
 
 
-def _unshare_namespaces() -> None:
+def _unshare_namespaces() -> bool:
   """New mount, network, PID, IPC and UTS namespaces; as non-root inside a new user namespace
-  where this user is root (mapped to itself outside)."""
+  where this user is root (mapped to itself outside). Returns whether it made the latter."""
   libc = _libc()
   flags = CLONE_NEWNS | CLONE_NEWNET | CLONE_NEWPID | CLONE_NEWIPC | CLONE_NEWUTS
   if os.geteuid() == 0:
     _call(libc.unshare(flags), "unshare")
-    return
+    return False
   uid, gid = os.geteuid(), os.getegid()
   _call(libc.unshare(flags | CLONE_NEWUSER), "unshare (user namespace)")
   _map_ids(inside=0, outside_uid=uid, outside_gid=gid)
+  return True
 
 
 def _map_ids(inside: int, outside_uid: int, outside_gid: int) -> None:
@@ -146,6 +148,9 @@ def _build_root(libc, config: dict) -> None:
   os.umask(0o022)  # the skeleton's directories must be traversable by the sandbox's uid
   _mount(libc, None, "/", None, MS_REC | MS_PRIVATE)  # nothing propagates back to the host
   _mount(libc, "tmpfs", root, "tmpfs", MS_NOSUID | MS_NODEV, "size=1m,mode=0755")
+  os.mkdir(f"{root}/tmp")  # first: a Python installation under /tmp is bound inside it
+  tmp_options = f"size={config['limits']['tmp_bytes']},mode=1777"
+  _mount(libc, "tmpfs", f"{root}/tmp", "tmpfs", MS_NOSUID | MS_NODEV, tmp_options)
   bound = []
   for path in (*_SYSTEM_PATHS, *config["python_prefixes"]):
     if path != "/" and not any(path == b or path.startswith(b + "/") for b in bound):
@@ -156,9 +161,6 @@ def _build_root(libc, config: dict) -> None:
     os.makedirs(os.path.dirname(target), exist_ok=True)
     open(target, "w").close()
     _mount(libc, f"/dev/{name}", target, None, MS_BIND)
-  os.mkdir(f"{root}/tmp")
-  tmp_options = f"size={config['limits']['tmp_bytes']},mode=1777"
-  _mount(libc, "tmpfs", f"{root}/tmp", "tmpfs", MS_NOSUID | MS_NODEV, tmp_options)
   os.mkdir(f"{root}/proc")  # this process is pid 1 of the new PID namespace: its own /proc
   _mount(libc, "proc", f"{root}/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
   os.mkdir(f"{root}/.old_root")
@@ -185,18 +187,21 @@ def _bind_read_only(libc, source: str, target: str) -> None:
     _mount(libc, None, target, None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | kept)
 
 
-def _exec_candidate(libc, config: dict, home: str, sandbox_uid: int) -> None:
+def _exec_candidate(libc, config: dict, home: str, sandbox_uid: int, user_namespace: bool) -> None:
   """Drops privileges, sets the limits and becomes `python -I -c _WRAPPER`."""
   os.setpgid(0, 0)  # its own group: killed as one where there is no PID namespace
-  if config["isolate"] and os.geteuid() == 0 and os.getuid() == 0:
-    if _in_initial_user_namespace():
+  if config["isolate"]:
+    try:  # as root: a uid of its own (not mapped where root is itself in a user namespace)
+      if user_namespace:
+        raise PermissionError("only this user is mapped")
       os.setgroups([])
       os.setgid(sandbox_uid)
       os.setuid(sandbox_uid)
-    else:  # root of the user namespace made by a non-root caller: nest one more, unprivileged
+    except OSError:  # a nested user namespace: an unprivileged uid, no capability after execve
+      uid, gid = os.geteuid(), os.getegid()
       _call(libc.unshare(CLONE_NEWUSER), "unshare (nested user namespace)")
-      _map_ids(inside=1000, outside_uid=0, outside_gid=0)
-  _call(libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "prctl(PR_SET_NO_NEW_PRIVS)")
+      _map_ids(inside=1000, outside_uid=uid, outside_gid=gid)
+  _prctl(libc, PR_SET_NO_NEW_PRIVS, 1)  # no setuid binary gives privileges back
   limits = config["limits"]
   seconds = int(config["timeout"]) + 1
   for limit, value in (
@@ -211,11 +216,6 @@ def _exec_candidate(libc, config: dict, home: str, sandbox_uid: int) -> None:
   os.chdir(home)
   python = config["python"]
   os.execve(python, [python, "-I", "-c", _WRAPPER], environment(home))
-
-
-def _in_initial_user_namespace() -> bool:
-  with open("/proc/self/uid_map") as f:
-    return f.read().split() == ["0", "0", "4294967295"]
 
 
 def _kill_descendants(candidate: int) -> None:
@@ -250,6 +250,12 @@ def _children(parent: int) -> list[int]:
 
 def _libc():
   return ctypes.CDLL(None, use_errno=True)
+
+
+def _prctl(libc, option: int, value: int) -> None:
+  """prctl(2) on Linux; elsewhere (no namespaces either) nothing."""
+  if sys.platform == "linux":
+    _call(libc.prctl(option, value, 0, 0, 0), f"prctl({option}, {value})")
 
 
 def _call(result: int, what: str) -> None:
