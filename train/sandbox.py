@@ -183,12 +183,12 @@ def _launch(source: str, timeout: float, limits: Limits, *, isolate: bool) -> Ou
       out.seek(0)
       err.seek(0)
       stdout, stderr = out.read(), err.read()
+  # Anywhere, not only last: a child of the program may still write before it is killed.
   end = ("\n" + marker + "\n").encode()
-  finished = stdout.endswith(end)
   return Outcome(
-    finished=finished,
+    finished=end in stdout,
     timed_out=launcher.returncode in (sandbox_launcher.TIMED_OUT, -signal.SIGKILL),
     returncode=launcher.returncode,
-    stdout=(stdout[: -len(end)] if finished else stdout).decode(errors="replace"),
+    stdout=stdout.replace(end, b"", 1).decode(errors="replace"),
     stderr=stderr.decode(errors="replace"),
   )
