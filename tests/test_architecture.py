@@ -2,6 +2,7 @@
 
 import ast
 import pathlib
+import sys
 
 import pytest
 
@@ -92,3 +93,8 @@ def test_no_import_cycle():
     direct = {n for n in imports(path) if n.startswith("train.") and n != module}
     reached = set().union(*(module_imports(n) for n in direct)) if direct else set()
     assert module not in reached, f"{module} imports itself through {sorted(direct)}"
+
+
+def test_the_sandbox_launcher_imports_the_standard_library_only():
+  # It runs as a script with `python -I -S`: no site-packages and no `train` package.
+  assert imports(ROOT / "train" / "sandbox_launcher.py") <= sys.stdlib_module_names

