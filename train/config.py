@@ -3,7 +3,10 @@
 A run is described by one `Config` with eight sections. `load_config` reads a
 YAML file, applies dotted command-line overrides (`optimizer.mask_ratio=0.3`)
 and validates every key and value BEFORE anything heavy starts: an unknown key
-names the nearest valid one, an enum value lists the allowed ones.
+names the nearest valid one, an enum value lists the allowed ones, a number outside
+its field's declared range (`ranged`) names that range, a YAML key given twice names
+both lines. Sections merge field by field; a field's value, a mapping too, replaces
+the earlier one whole (`_layer`, `_set_path`).
 """
 
 from __future__ import annotations
