@@ -208,6 +208,8 @@ def test_an_override_that_sets_a_mapping_replaces_it(tmp_path):
   assert replaced.data.task_options == {}
   one = load_config("configs/default.yaml", ["data.task_options.max_digits=3"])
   assert one.data.task_options == {**default.data.task_options, "max_digits": 3}
+  section = load_config("configs/default.yaml", ["optimizer={lr: 1.0e-3}"]).optimizer
+  assert section.lr == 1e-3 and section.selection == "sample"  # a section merges
   layered = load_config(default, {"data": {"task_options": {"max_digits": 3}}})
   assert layered.data.task_options == {"max_digits": 3}
   assert layered.data.task == default.data.task  # sections still merge field by field

@@ -464,9 +464,10 @@ class _UniqueKeyLoader(yaml.SafeLoader):
       except TypeError:  # an unhashable key: SafeLoader's own error follows
         continue
       if first is not None:
+        where = f"on lines {first} and {line}" if first != line else f"on line {line}"
         raise ConfigError(
           f"{key_node.start_mark.name}:{line}: key {key!r} is given twice in one mapping, "
-          f"on lines {first} and {line}: keep one"
+          f"{where}: keep one"
         )
       first_lines[key] = line
     return super().construct_mapping(node, deep)
@@ -569,7 +570,10 @@ def load_config(
     values = _layer(values, overrides)
   elif overrides:
     for item, (path, value) in zip(overrides, parse_overrides(overrides)):
-      values = _set_path(values, path, value, item)
+      if len(path) == 1:  # a whole section (`optimizer={lr: 1e-3}`): merged like a file's
+        values = _layer(values, {path[0]: value})
+      else:
+        values = _set_path(values, path, value, item)
   config = _build(Config, values, "")
   _check_consistency(config)
   return config
