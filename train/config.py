@@ -184,9 +184,8 @@ class DataConfig:
   task: str = "basic_arithmetic"
   task_options: dict = dataclasses.field(default_factory=dict)
   train_seed: int = ranged(1, SEED_RANGE)
-  eval_seed: int = ranged(
-    1_000_003, SEED_RANGE
-  )  # far from train_seed: items repeat across nearby seeds
+  # Far from train_seed: items repeat across nearby seeds.
+  eval_seed: int = ranged(1_000_003, SEED_RANGE)
   train_files: tuple[str, ...] = ()
   eval_files: tuple[str, ...] = ()
   hub_name: str = ""
@@ -243,21 +242,19 @@ class TrainConfig:
   objective: Literal["sft", "dpo"] = "sft"
   steps: int = ranged(60, "[0, inf)")  # optimizer updates; 0 = derive from epochs
   epochs: float = ranged(0.0, "[0, inf)")
-  batch_size: int = ranged(8, "[1, inf)")  # rows (packed sequences) per optimizer update, all hosts
-  micro_batch_size: int = ranged(
-    8, "[1, inf)"
-  )  # rows per forward/backward; batch_size / this = accumulation
+  # Rows (packed sequences) per optimizer update, all hosts.
+  batch_size: int = ranged(8, "[1, inf)")
+  # Rows per forward/backward; batch_size / this = accumulation steps.
+  micro_batch_size: int = ranged(8, "[1, inf)")
   output_dir: str = "outputs/default"
   resume: bool | str = False  # true: latest checkpoint in output_dir; or a path
   overwrite: bool = False  # move a previous run in output_dir aside instead of refusing
   log_every: int = ranged(1, "[1, inf)")
   tqdm: bool = True
-  peak_flops_per_device: float | None = ranged(
-    None, "(0, inf)"
-  )  # bf16 FLOP/s for MFU; null: chip table (none on CPU)
-  profile_steps: tuple[int, ...] = ranged(
-    (), "[0, inf)"
-  )  # [start, stop): a jax.profiler trace in output_dir/profile
+  # bf16 FLOP/s for MFU; null: the chip table (none on CPU).
+  peak_flops_per_device: float | None = ranged(None, "(0, inf)")
+  # [start, stop): a jax.profiler trace in output_dir/profile.
+  profile_steps: tuple[int, ...] = ranged((), "[0, inf)")
 
 
 @dataclasses.dataclass(frozen=True)
