@@ -47,9 +47,15 @@ class RandomMaskState(NamedTuple):
 
 
 def _check_ratio(mask_ratio) -> None:
-  if isinstance(mask_ratio, (int, float)) and not 0.0 <= mask_ratio < 1.0:
+  """Refuses a concrete ratio (a Python or NumPy number, a JAX array) outside [0, 1), NaN
+  included; a schedule or a traced value (``inject_hyperparams`` under ``jit``) is not known
+  here."""
+  if callable(mask_ratio) or isinstance(mask_ratio, jax.core.Tracer):
+    return
+  ratio = np.asarray(mask_ratio)
+  if ratio.ndim or ratio.dtype.kind not in "iuf" or not 0.0 <= float(ratio) < 1.0:
     raise ValueError(
-      f"mask_ratio must be in [0, 1) (the fraction of entries zeroed), got {mask_ratio!r}."
+      f"mask_ratio must be a number in [0, 1) (the fraction of entries zeroed), got {mask_ratio!r}."
     )
 
 

@@ -1,11 +1,12 @@
 """Data pipeline: chat template + loss mask, packing, batching, bad inputs."""
 
+import dataclasses
 import json
 
 import numpy as np
 import pytest
 
-from train.config import load_config
+from train.config import ConfigError, load_config
 from train.data import (
   Batches,
   pack,
@@ -264,3 +265,66 @@ def test_held_out_problems_are_not_reorderings_of_training_ones():
   forms = [canonical_problem(e.entry) for e in held_out]
   assert len(held_out) == 50 and not seen & set(forms) and len(set(forms)) == len(forms)
   assert report["eval_overlap_removed"] > 0
+
+
+def _record(i: int) -> bytes:
+  return json.dumps({"question": f"{i}+1", "answer": str(i + 1)}).encode() + b"\n"
+
+
+@pytest.mark.parametrize(
+  "name, content, message",
+  [
+    (
+      "latin1.jsonl",
+      _record(1) + _record(2) + b'{"question": "caf\xe9", "answer": "1"}\n',
+      r"latin1.jsonl:3:18: byte 0xe9 is not UTF-8 \(invalid continuation byte\).*iconv",
+    ),
+    (
+      "joined.jsonl",
+      b"\xef\xbb\xbf" + _record(1) + _record(2) + _record(3) + b"\xef\xbb\xbf" + _record(4),
+      r"joined.jsonl:4:1: a byte-order mark \(U\+FEFF\) starts this line.*concatenated",
+    ),
+    (
+      "joined.csv",
+      b"question,answer\n1+1,2\n2+1,3\n\xef\xbb\xbf3+1,4\n",
+      r"joined.csv:4:1: a byte-order mark",
+    ),
+    ("latin1.csv", b"question,answer\n1+1,2\ncaf\xe9,3\n", r"latin1.csv:3:4: byte 0xe9 is not"),
+    ("latin1.json", b'[{"question": "\xe9", "answer": "1"}]', r"latin1.json:1:16: byte 0xe9"),
+  ],
+)
+def test_an_encoding_error_names_file_line_and_column(tmp_path, name, content, message):
+  path = tmp_path / name
+  path.write_bytes(content)
+  with pytest.raises(ValueError, match=message):
+    prepare(_cfg(source="files", train_files=[str(path)]), TOK)
+
+
+def test_a_byte_order_mark_that_opens_the_file_is_read_past(tmp_path):
+  path = tmp_path / "bom.jsonl"
+  path.write_bytes(b"\xef\xbb\xbf" + b"".join(_record(i) for i in range(20)))
+  train_rows, _, _, report = prepare(_cfg(source="files", train_files=[str(path)]), TOK)
+  assert report["train_examples"] == 18
+
+
+def test_task_options_a_task_does_not_take_are_a_config_error_listing_its_options():
+  # The default's basic_arithmetic options under another task, as `data.task=leg_counting` keeps.
+  cfg = load_config("configs/default.yaml", ["data.task=leg_counting"]).data
+  with pytest.raises(
+    ConfigError,
+    match=r"data.task_options \['min_terms', .*\]: not options of reasoning-gym task "
+    r"'leg_counting' \(LegCountingConfig\), which takes \['min_animals', 'max_animals'",
+  ):
+    reasoning_gym_examples(cfg)
+  cfg = load_config(
+    "configs/default.yaml",
+    ["data.task=leg_counting", "data.task_options={}", "data.train_size=4", "data.eval_size=2"],
+  ).data
+  train, held_out, _ = reasoning_gym_examples(cfg)
+  assert len(train) == 4 and "legs" in train[0].messages[-2]["content"]
+  with pytest.raises(ConfigError, match=r"data.task='leg_countin'.*did you mean 'leg_counting'"):
+    reasoning_gym_examples(dataclasses.replace(cfg, task="leg_countin"))
+  with pytest.raises(ConfigError, match=r"data.task_options.seed: set data.train_seed/eval_seed"):
+    reasoning_gym_examples(dataclasses.replace(cfg, task_options={"seed": 3}))
+  with pytest.raises(ConfigError, match=r"'leg_counting': .*min_animals"):
+    reasoning_gym_examples(dataclasses.replace(cfg, task_options={"min_animals": 0}))

@@ -226,6 +226,31 @@ def test_bad_mask_ratio_names_the_value(bad):
     gmt_optax.gmt(optax.sgd(1.0), bad)
 
 
+@pytest.mark.parametrize(
+  "bad",
+  [np.float32(1.0), np.float64(-0.5), jnp.array(1.5), jnp.array(jnp.nan), jnp.array([0.5]), "0.5"],
+  ids=["np.float32(1)", "np.float64(-0.5)", "jnp(1.5)", "jnp(nan)", "shape (1,)", "str"],
+)
+def test_a_concrete_array_or_numpy_ratio_is_checked_like_a_float(bad):
+  for factory in (gmt_optax.gradient_mask, gmt_optax.random_mask):
+    with pytest.raises(ValueError, match=r"mask_ratio must be a number in \[0, 1\)"):
+      factory(bad)
+  assert gmt_optax.gradient_mask(np.float32(0.5)) is not None  # in range: accepted
+  assert gmt_optax.random_mask(jnp.array(0.25)) is not None
+  for fraction in (np.float32(1.5), jnp.array(jnp.nan)):
+    with pytest.raises(ValueError, match="freeze_fraction must be in"):
+      gmt_optax.hft(optax.sgd(1.0), freeze_fraction=fraction)
+
+
+def test_an_injected_ratio_out_of_range_is_refused_at_init_but_traced_ones_pass():
+  grads = {"w": jnp.ones((4, 4))}
+  with pytest.raises(ValueError, match=r"mask_ratio must be a number in \[0, 1\)"):
+    optax.inject_hyperparams(gmt_optax.gradient_mask)(mask_ratio=1.5).init(grads)
+  injected = optax.inject_hyperparams(gmt_optax.gradient_mask)(mask_ratio=0.5)
+  state = injected.init(grads)
+  jax.jit(injected.update)(grads, state)  # traced: not checked, not refused
+
+
 def test_bad_options_name_the_option():
   with pytest.raises(ValueError, match="granularity.*'layer'"):
     gmt_optax.gradient_mask(0.5, granularity="layer")

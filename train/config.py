@@ -3,19 +3,158 @@
 A run is described by one `Config` with eight sections. `load_config` reads a
 YAML file, applies dotted command-line overrides (`optimizer.mask_ratio=0.3`)
 and validates every key and value BEFORE anything heavy starts: an unknown key
-names the nearest valid one, an enum value lists the allowed ones.
+names the nearest valid one, an enum value lists the allowed ones, a number outside
+its field's declared range (`ranged`) names that range, a YAML key given twice names
+both lines. Sections merge field by field; a field's value, a mapping too, replaces
+the earlier one whole (`_layer`, `_set_path`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import re
 import types
 import typing
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
+
+
+class ConfigError(ValueError):
+  """A config key or value that is not allowed."""
+
+
+class Interval:
+  """The values a numeric field allows, in interval notation: ``"[0, 1)"``, ``"(0, inf)"``.
+
+  A bound that is not ``inf`` is inclusive under ``[``/``]`` and exclusive under ``(``/``)``;
+  NaN and the infinities are never inside. ``also`` maps values outside the interval that
+  mean something to their meaning (a mesh axis of -1: all devices the other axes leave).
+  """
+
+  _NOTATION = re.compile(r"([\[(])\s*([^,\s]+)\s*,\s*([^\])\s]+)\s*([\])])")
+
+  def __init__(self, notation: str, also: dict | None = None):
+    match = self._NOTATION.fullmatch(notation)
+    if match is None:
+      raise ValueError(f"interval {notation!r} is not in interval notation, e.g. '[0, 1)'")
+    opening, low, high, closing = match.groups()
+    self.low, self.high = float(low), float(high)
+    self.low_closed, self.high_closed = opening == "[", closing == "]"
+    self.notation = notation
+    self.also = also or {}
+
+  def __contains__(self, value: float) -> bool:
+    if value in self.also:
+      return True
+    above = value >= self.low if self.low_closed else value > self.low
+    below = value <= self.high if self.high_closed else value < self.high
+    return math.isfinite(value) and above and below
+
+  def __str__(self) -> str:
+    if self.high == math.inf:  # ">= 1" reads better than "[1, inf)"
+      text = f"{'>=' if self.low_closed else '>'} {self.low:g}"
+    else:
+      text = f"in {self.notation}"
+    return text + "".join(f", or {value} ({meaning})" for value, meaning in self.also.items())
+
+
+def ranged(default: Any, interval: str, also: dict | None = None) -> Any:
+  """A numeric field whose values (each, for a tuple) must lie in ``interval`` or ``also``.
+
+  The one declaration of a field's range: :func:`load_config` checks it with the field's
+  type, before any work, and the error names the key and this range.
+  """
+  return dataclasses.field(default=default, metadata={"allowed": Interval(interval, also)})
+
+
+SEED_RANGE = f"[0, {2**32})"  # jax.random.PRNGKey keeps 32 bits of a larger seed
+_ALL_DEVICES_LEFT = {-1: "all devices the other axes leave"}
+
+# model.hf_config: the keys `train.model.ModelConfig.from_hf` reads, with the range of the
+# numeric ones, then keys of Hugging Face config.json files that change nothing here (HF
+# bookkeeping, token ids, inference options). Any other key is a typo or a feature this
+# decoder does not implement, so it is refused rather than ignored.
+_HF_CONFIG_KEYS = {
+  "model_type": None,
+  "vocab_size": Interval("[1, inf)"),
+  "hidden_size": Interval("[1, inf)"),
+  "intermediate_size": Interval("[1, inf)"),
+  "num_hidden_layers": Interval("[1, inf)"),
+  "num_attention_heads": Interval("[1, inf)"),
+  "num_key_value_heads": Interval("[1, inf)"),
+  "head_dim": Interval("[1, inf)"),
+  "rms_norm_eps": Interval("(0, inf)"),
+  "rope_theta": Interval("(0, inf)"),
+  "rope_scaling": None,
+  "rope_parameters": None,
+  "max_position_embeddings": Interval("[1, inf)"),
+  "tie_word_embeddings": None,
+  "hidden_act": None,
+  "mlp_bias": None,
+  "attention_bias": None,
+  "sliding_window": None,
+  "use_sliding_window": None,
+  "layer_types": None,
+  "partial_rotary_factor": None,
+}
+_HF_CONFIG_HARMLESS_KEYS = (
+  "architectures",
+  "_name_or_path",
+  "transformers_version",
+  "torch_dtype",
+  "dtype",
+  "bos_token_id",
+  "eos_token_id",
+  "pad_token_id",
+  "use_cache",
+  "initializer_range",  # random init here is flax's own
+  "pretraining_tp",  # a matmul split that changes rounding only
+  "attention_dropout",
+  "max_window_layers",  # qwen2: only with use_sliding_window, refused by from_hf
+)
+_HF_CONFIG_REQUIRED = (
+  "model_type",
+  "vocab_size",
+  "hidden_size",
+  "intermediate_size",
+  "num_hidden_layers",
+  "num_attention_heads",
+)
+
+
+def _check_hf_config(key: str, hf: dict | None) -> None:
+  """Refuses an unknown, missing or out-of-range key of `model.hf_config` (a random init)."""
+  if hf is None:
+    return
+  known = [*_HF_CONFIG_KEYS, *_HF_CONFIG_HARMLESS_KEYS]
+  for name, value in hf.items():
+    if name not in known:
+      close = difflib.get_close_matches(str(name), known, n=3)
+      hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+      raise ConfigError(
+        f"unknown key {key}.{name}{hint} The decoder reads: {sorted(_HF_CONFIG_KEYS)}; "
+        f"also accepted (no effect): {sorted(_HF_CONFIG_HARMLESS_KEYS)}"
+      )
+    _check_range(f"{key}.{name}", value, _HF_CONFIG_KEYS.get(name))
+  missing = [name for name in _HF_CONFIG_REQUIRED if name not in hf]
+  if missing:
+    raise ConfigError(f"{key} lacks {missing}: a random init needs {list(_HF_CONFIG_REQUIRED)}")
+
+
+def _check_range(key: str, value: Any, interval: Interval | None) -> None:
+  """Refuses a number (or a tuple element) outside `interval`; None passes (optional)."""
+  if interval is None or value is None:
+    return
+  for item in value if isinstance(value, tuple) else (value,):
+    if isinstance(item, bool) or not isinstance(item, (int, float)):
+      raise ConfigError(f"{key}={item!r}: expected a number {interval}")
+    if item not in interval:
+      finite = "" if math.isfinite(item) else " (nan and inf are never allowed)"
+      raise ConfigError(f"{key}={item!r} must be {interval}{finite}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -25,7 +164,7 @@ class ModelConfig:
   path: str | None = "smollm2"
   # A Hugging Face config.json as a dict: the architecture for random init
   # (tests, smoke runs) and for abstract shapes when the weights are absent.
-  hf_config: dict | None = None
+  hf_config: dict | None = dataclasses.field(default=None, metadata={"check": _check_hf_config})
   dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # compute
   param_dtype: Literal["float32", "bfloat16"] = "float32"
   remat: bool = False  # rematerialise each layer: less memory, ~1.3x compute
@@ -33,8 +172,8 @@ class ModelConfig:
   attention: Literal["xla", "splash"] = "xla"
   # The loss visits the sequence in chunks of at most this many tokens, so the
   # float32 logits [rows, chunk, vocab] never exist for the whole sequence; 0 = one chunk.
-  loss_chunk_tokens: int = 512
-  seed: int = 0  # random init only
+  loss_chunk_tokens: int = ranged(512, "[0, inf)")
+  seed: int = ranged(0, SEED_RANGE)  # random init only
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,16 +183,17 @@ class DataConfig:
   source: Literal["reasoning_gym", "files", "hub"] = "reasoning_gym"
   task: str = "basic_arithmetic"
   task_options: dict = dataclasses.field(default_factory=dict)
-  train_seed: int = 1
-  eval_seed: int = 1_000_003  # far from train_seed: items repeat across nearby seeds
+  train_seed: int = ranged(1, SEED_RANGE)
+  # Far from train_seed: items repeat across nearby seeds.
+  eval_seed: int = ranged(1_000_003, SEED_RANGE)
   train_files: tuple[str, ...] = ()
   eval_files: tuple[str, ...] = ()
   hub_name: str = ""
   hub_config: str | None = None
   train_split: str = "train"
   eval_split: str | None = None  # None: hold out eval_size items of train
-  train_size: int = 2000  # examples; 0 = all
-  eval_size: int = 200
+  train_size: int = ranged(2000, "[0, inf)")  # examples; 0 = all
+  eval_size: int = ranged(200, "[0, inf)")
   prompt_field: str = "question"
   response_field: str = "answer"
   messages_field: str | None = None  # chat column; overrides prompt/response
@@ -65,34 +205,34 @@ class DataConfig:
   # chat: the tokenizer's chat template; alpaca: the Alpaca instruction format
   # (for base models without a chat template, as MetaMath and Magicoder used).
   template: Literal["chat", "alpaca"] = "chat"
-  max_length: int = 128  # tokens per packed row (dpo: per response row)
+  max_length: int = ranged(128, "[2, inf)")  # tokens per packed row (dpo: per response row)
   too_long: Literal["drop", "truncate"] = "drop"
   pack: bool = True
-  shuffle_seed: int = 0
+  shuffle_seed: int = ranged(0, SEED_RANGE)
   tokenizer: Literal["model", "bytes"] = "model"  # bytes: tests/smoke runs
 
 
 @dataclasses.dataclass(frozen=True)
 class OptimizerConfig:
   method: Literal["gmt", "sft", "random_mask", "hft"] = "gmt"
-  lr: float = 5e-5
-  warmup_steps: int = 10
+  lr: float = ranged(5e-5, "(0, inf)")
+  warmup_steps: int = ranged(10, "[0, inf)")
   schedule: Literal["cosine", "constant"] = "cosine"
-  final_lr_fraction: float = 0.1
-  weight_decay: float = 0.0
-  b1: float = 0.9
-  b2: float = 0.999
-  eps: float = 1e-8
-  clip_norm: float = 1.0  # 0 = no clipping
-  mask_ratio: float = 0.5  # gmt, random_mask: fraction of entries zeroed
+  final_lr_fraction: float = ranged(0.1, "[0, 1]")  # of lr, reached at the end (cosine)
+  weight_decay: float = ranged(0.0, "[0, inf)")
+  b1: float = ranged(0.9, "[0, 1)")
+  b2: float = ranged(0.999, "[0, 1)")
+  eps: float = ranged(1e-8, "(0, inf)")  # > 0: a masked entry's second moment can be 0
+  clip_norm: float = ranged(1.0, "[0, inf)")  # 0 = no clipping
+  mask_ratio: float = ranged(0.5, "[0, 1)")  # gmt, random_mask: fraction of entries zeroed
   granularity: Literal["tensor", "global"] = "tensor"
   selection: Literal["auto", "exact", "bisect", "sample"] = "auto"
-  sample_size: int = 8192
+  sample_size: int = ranged(8192, "[1, inf)")
   mask_embeddings: bool = True  # False: embeddings/head pass through unmasked
   mask_updates: bool = False  # also zero the AdamW update where the grad was masked
-  hft_freeze_fraction: float = 0.5
-  hft_period: int = 100
-  seed: int = 0
+  hft_freeze_fraction: float = ranged(0.5, "(0, 1)")
+  hft_period: int = ranged(100, "[1, inf)")
+  seed: int = ranged(0, SEED_RANGE)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,26 +240,30 @@ class TrainConfig:
   # sft: cross-entropy on the responses; dpo: direct preference optimisation on pairs
   # (the `dpo` section), batch sizes then count pairs.
   objective: Literal["sft", "dpo"] = "sft"
-  steps: int = 60  # optimizer updates; 0 = derive from epochs
-  epochs: float = 0.0
-  batch_size: int = 8  # rows (packed sequences) per optimizer update, all hosts
-  micro_batch_size: int = 8  # rows per forward/backward; batch_size / this = accumulation
+  steps: int = ranged(60, "[0, inf)")  # optimizer updates; 0 = derive from epochs
+  epochs: float = ranged(0.0, "[0, inf)")
+  # Rows (packed sequences) per optimizer update, all hosts.
+  batch_size: int = ranged(8, "[1, inf)")
+  # Rows per forward/backward; batch_size / this = accumulation steps.
+  micro_batch_size: int = ranged(8, "[1, inf)")
   output_dir: str = "outputs/default"
   resume: bool | str = False  # true: latest checkpoint in output_dir; or a path
   overwrite: bool = False  # move a previous run in output_dir aside instead of refusing
-  log_every: int = 1
+  log_every: int = ranged(1, "[1, inf)")
   tqdm: bool = True
-  peak_flops_per_device: float | None = None  # bf16 FLOP/s for MFU; null: chip table (none on CPU)
-  profile_steps: tuple[int, ...] = ()  # [start, stop): a jax.profiler trace in output_dir/profile
+  # bf16 FLOP/s for MFU; null: the chip table (none on CPU).
+  peak_flops_per_device: float | None = ranged(None, "(0, inf)")
+  # [start, stop): a jax.profiler trace in output_dir/profile.
+  profile_steps: tuple[int, ...] = ranged((), "[0, inf)")
 
 
 @dataclasses.dataclass(frozen=True)
 class DPOConfig:
   """train.objective=dpo: loss -log sigmoid(beta * margin of log-ratios) over pairs."""
 
-  beta: float = 0.1  # strength of the implicit KL penalty to the reference
+  beta: float = ranged(0.1, "(0, inf)")  # strength of the implicit KL penalty to the reference
   # Conservative DPO: the probability that a pair's labels are flipped, in [0, 0.5).
-  label_smoothing: float = 0.0
+  label_smoothing: float = ranged(0.0, "[0, 0.5)")
   # true: the reference log-probs of every training pair are computed once before
   # training, so no reference copy of the weights lives during training; false: a frozen
   # copy in the compute dtype, sharded like the policy, scores each batch.
@@ -130,11 +274,11 @@ class DPOConfig:
 class EvalConfig:
   before: bool = True
   after: bool = True
-  every: int = 0  # steps between evaluations during training; 0 = never
-  size: int = 200  # held-out items scored for accuracy
-  batch_size: int = 8  # rows for held-out loss
-  generate_batch_size: int = 64
-  max_new_tokens: int = 16
+  every: int = ranged(0, "[0, inf)")  # steps between evaluations during training; 0 = never
+  size: int = ranged(200, "[0, inf)")  # held-out items scored for accuracy
+  batch_size: int = ranged(8, "[1, inf)")  # rows for held-out loss
+  generate_batch_size: int = ranged(64, "[1, inf)")
+  max_new_tokens: int = ranged(16, "[0, inf)")
   accuracy: bool = True
   # What accuracy scores: "held_out" (reasoning-gym's scorer, else the last number), or a
   # benchmark scored as its harness does (train/benchmarks.py): "gsm8k"/"math" (the
@@ -145,21 +289,21 @@ class EvalConfig:
 
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
-  data: int = -1  # -1 (on one axis at most): all devices the other axes leave
-  fsdp: int = 1
-  tensor: int = 1
+  data: int = ranged(-1, "[1, inf)", _ALL_DEVICES_LEFT)  # -1 on one axis at most
+  fsdp: int = ranged(1, "[1, inf)", _ALL_DEVICES_LEFT)
+  tensor: int = ranged(1, "[1, inf)", _ALL_DEVICES_LEFT)
   # "auto": initialise jax.distributed when the launcher set the standard env
   # vars (TPU pod, SLURM, JAX_COORDINATOR_ADDRESS); true: always; false: never.
   distributed: Literal["auto", "true", "false"] = "auto"
   coordinator_address: str | None = None
-  num_processes: int | None = None
-  process_id: int | None = None
+  num_processes: int | None = ranged(None, "[1, inf)")
+  process_id: int | None = ranged(None, "[0, inf)")
 
 
 @dataclasses.dataclass(frozen=True)
 class CheckpointConfig:
-  every: int = 0  # steps between saves; 0 = only at the end
-  keep: int = 2
+  every: int = ranged(0, "[0, inf)")  # steps between saves; 0 = only at the end
+  keep: int = ranged(2, "[1, inf)")
   save_final: bool = True
   export: bool = False  # write a Hugging Face directory at the end
   export_dir: str | None = None  # default: <output_dir>/hf
@@ -175,10 +319,6 @@ class Config:
   eval: EvalConfig = EvalConfig()
   mesh: MeshConfig = MeshConfig()
   checkpoint: CheckpointConfig = CheckpointConfig()
-
-
-class ConfigError(ValueError):
-  """A config key or value that is not allowed."""
 
 
 def _check_value(key: str, value: Any, annotation: Any) -> Any:
@@ -238,7 +378,11 @@ def _check_value(key: str, value: Any, annotation: Any) -> Any:
 
 
 def _build(cls: type, values: dict, prefix: str) -> Any:
-  """Builds dataclass `cls` from a nested dict, validating keys and values."""
+  """Builds dataclass `cls` from a nested dict, validating keys and values.
+
+  Each value is checked against its field's type, then against the field's metadata: its
+  range (`ranged`) or its own check (`"check"`), so a new field gets validated by declaring it.
+  """
   if not isinstance(values, dict):
     raise ConfigError(f"{prefix.rstrip('.') or 'config'} must be a mapping, got {values!r}")
   fields = {f.name: f for f in dataclasses.fields(cls)}
@@ -246,87 +390,50 @@ def _build(cls: type, values: dict, prefix: str) -> Any:
   kwargs = {}
   for key, value in values.items():
     if key not in fields:
-      close = difflib.get_close_matches(key, fields, n=1)
+      close = difflib.get_close_matches(str(key), fields, n=1)
       hint = f"; did you mean '{prefix}{close[0]}'?" if close else ""
       raise ConfigError(f"unknown config key '{prefix}{key}'{hint} Allowed: {sorted(fields)}")
     if dataclasses.is_dataclass(hints[key]):
       kwargs[key] = _build(hints[key], value, f"{prefix}{key}.")
-    else:
-      kwargs[key] = _check_value(f"{prefix}{key}", value, hints[key])
+      continue
+    kwargs[key] = _check_value(f"{prefix}{key}", value, hints[key])
+    _check_range(f"{prefix}{key}", kwargs[key], fields[key].metadata.get("allowed"))
+    if "check" in fields[key].metadata:
+      fields[key].metadata["check"](f"{prefix}{key}", kwargs[key])
   return cls(**kwargs)
 
 
-# Lower bounds that need nothing loaded: a value below them fails late (after
-# the output dir exists) or silently does nothing.
-_AT_LEAST = {
-  "data.train_size": 0,
-  "data.eval_size": 0,
-  "optimizer.lr": 0,
-  "optimizer.warmup_steps": 0,
-  "optimizer.weight_decay": 0,
-  "optimizer.clip_norm": 0,
-  "optimizer.sample_size": 1,
-  "optimizer.hft_period": 1,
-  "train.steps": 0,
-  "train.epochs": 0,
-  "train.log_every": 1,
-  "eval.every": 0,
-  "eval.size": 0,
-  "eval.batch_size": 1,
-  "eval.generate_batch_size": 1,
-  "eval.max_new_tokens": 0,
-  "checkpoint.every": 0,
-  "checkpoint.keep": 1,
-}
-
-
 def _check_consistency(config: Config) -> None:
-  """Range and cross-field checks that a single annotation cannot express."""
-  t, o, d, m = config.train, config.optimizer, config.data, config.mesh
-  values = to_dict(config)
-  for key, low in _AT_LEAST.items():
-    section, name = key.split(".")
-    if values[section][name] < low:
-      raise ConfigError(f"{key}={values[section][name]} must be >= {low}")
+  """Cross-field checks: what one field's range cannot express."""
+  t, d, m = config.train, config.data, config.mesh
   sizes = {"mesh.data": m.data, "mesh.fsdp": m.fsdp, "mesh.tensor": m.tensor}
-  for key, size in sizes.items():
-    if size == 0 or size < -1:
-      raise ConfigError(f"{key}={size} must be >= 1, or -1 (all devices the other axes leave)")
   if list(sizes.values()).count(-1) > 1:
     raise ConfigError(f"mesh {sizes}: at most one axis may be -1")
+  if None not in (m.process_id, m.num_processes) and m.process_id >= m.num_processes:
+    raise ConfigError(
+      f"mesh.process_id={m.process_id} must be < mesh.num_processes={m.num_processes}"
+    )
   if t.resume is True and t.overwrite:
     raise ConfigError(
       "train.resume=true continues the run in train.output_dir and "
       "train.overwrite=true moves it aside: choose one"
     )
-  if t.batch_size <= 0 or t.micro_batch_size <= 0 or t.batch_size % t.micro_batch_size:
+  if t.batch_size % t.micro_batch_size:
     raise ConfigError(
       f"train.batch_size={t.batch_size} must be a positive multiple of "
       f"train.micro_batch_size={t.micro_batch_size}"
     )
   if t.steps == 0 and t.epochs == 0:
     raise ConfigError("set train.steps > 0 or train.epochs > 0")
-  if not 0.0 <= o.mask_ratio < 1.0:
-    raise ConfigError(f"optimizer.mask_ratio={o.mask_ratio} must be in [0, 1)")
-  if not 0.0 < o.hft_freeze_fraction < 1.0:
-    raise ConfigError(f"optimizer.hft_freeze_fraction={o.hft_freeze_fraction} must be in (0, 1)")
-  if t.profile_steps and (
-    len(t.profile_steps) != 2 or not 0 <= t.profile_steps[0] < t.profile_steps[1]
-  ):
+  if t.profile_steps and (len(t.profile_steps) != 2 or t.profile_steps[0] >= t.profile_steps[1]):
     raise ConfigError(
       f"train.profile_steps={list(t.profile_steps)} must be [start, stop] with 0 <= start < stop"
     )
-  if config.dpo.beta <= 0:
-    raise ConfigError(f"dpo.beta={config.dpo.beta} must be > 0")
-  if not 0.0 <= config.dpo.label_smoothing < 0.5:
-    raise ConfigError(f"dpo.label_smoothing={config.dpo.label_smoothing} must be in [0, 0.5)")
   if t.objective == "dpo" and d.pack:
     raise ConfigError(
       "train.objective=dpo pads each response to a row of its own, next to its pair's "
       "other response: set data.pack=false"
     )
-  if d.max_length < 2:
-    raise ConfigError(f"data.max_length={d.max_length} must be at least 2")
   if config.model.path is None and config.model.hf_config is None:
     raise ConfigError("model.path is null: give model.hf_config for a random init")
   if d.source == "files" and not d.train_files:
@@ -339,66 +446,115 @@ def to_dict(config: Config) -> dict:
   return dataclasses.asdict(config)
 
 
-def parse_overrides(overrides: list[str]) -> dict:
-  """["a.b=1", ...] -> {"a": {"b": 1}}; values are parsed as YAML scalars."""
-  nested: dict = {}
+class _UniqueKeyLoader(yaml.SafeLoader):
+  """PyYAML's SafeLoader, but a key given twice in one mapping is an error, not last-wins."""
+
+  def construct_mapping(self, node, deep=False):
+    first_lines = {}
+    for key_node, _ in node.value:
+      if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor` may be overridden
+        continue
+      key = self.construct_object(key_node, deep=True)
+      line = key_node.start_mark.line + 1
+      try:
+        first = first_lines.get(key)
+      except TypeError:  # an unhashable key: SafeLoader's own error follows
+        continue
+      if first is not None:
+        where = f"on lines {first} and {line}" if first != line else f"on line {line}"
+        raise ConfigError(
+          f"{key_node.start_mark.name}:{line}: key {key!r} is given twice in one mapping, "
+          f"{where}: keep one"
+        )
+      first_lines[key] = line
+    return super().construct_mapping(node, deep)
+
+
+def _load_yaml(text: str, name: str, in_file: bool = True) -> Any:
+  """`text` parsed as YAML; its errors name `name` and, `in_file`, the line and column."""
+  loader = _UniqueKeyLoader(text)
+  loader.name = name  # what the marks in its errors call the stream
+  try:
+    return loader.get_single_data()
+  except yaml.YAMLError as e:
+    mark = getattr(e, "problem_mark", None)
+    where = f":{mark.line + 1}:{mark.column + 1}" if mark and in_file else ""
+    raise ConfigError(f"{name}{where}: invalid YAML: {getattr(e, 'problem', None) or e}") from None
+  finally:
+    loader.dispose()
+
+
+def parse_overrides(overrides: list[str]) -> list[tuple[list[str], Any]]:
+  """["a.b=1", ...] -> [(["a", "b"], 1), ...]; values are parsed as YAML."""
+  parsed = []
   for item in overrides:
     if "=" not in item:
       raise ConfigError(f"override {item!r} must look like section.key=value")
     key, raw = item.split("=", 1)
-    parts = key.strip().split(".")
-    node = nested
-    for part in parts[:-1]:
-      node = node.setdefault(part, {})
-      if not isinstance(node, dict):
-        raise ConfigError(f"override {item!r} conflicts with an earlier one")
-    try:
-      node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError as e:
-      raise ConfigError(
-        f"override {item!r}: invalid YAML value: {getattr(e, 'problem', None) or e}"
-      ) from None
-  return nested
+    value = _load_yaml(raw, f"override {item!r}", in_file=False) if raw.strip() else ""
+    parsed.append((key.strip().split("."), value))
+  return parsed
 
 
-def _yaml_where(error: yaml.YAMLError) -> str:
-  mark = getattr(error, "problem_mark", None)
-  return f":{mark.line + 1}:{mark.column + 1}" if mark else ""
+def _set_path(values: dict, path: list[str], value: Any, item: str) -> dict:
+  """`values` with the entry at `path` set to `value`, which replaces it whole, even when
+  both are mappings: `data.task_options={}` empties the options, while
+  `data.task_options.min_terms=3` (a longer path) changes one."""
+  name, *rest = path
+  if not rest:
+    return {**values, name: value}
+  node = values.get(name)
+  if node is None:
+    node = {}
+  if not isinstance(node, dict):
+    raise ConfigError(f"override {item!r}: {name} is {node!r}, not a mapping")
+  return {**values, name: _set_path(node, rest, value, item)}
 
 
-def _merge(base: dict, extra: dict) -> dict:
+def _layer(base: dict, extra: dict) -> dict:
+  """`extra` over `base` (a `base:` file, or a dict of overrides): each section takes
+  `extra`'s fields one by one, and a field's value replaces the base's whole, a mapping
+  (model.hf_config, data.task_options) too."""
   out = dict(base)
-  for key, value in extra.items():
-    if isinstance(value, dict) and isinstance(out.get(key), dict):
-      out[key] = _merge(out[key], value)
+  for section, fields in extra.items():
+    if isinstance(fields, dict) and isinstance(out.get(section), dict):
+      out[section] = {**out[section], **fields}
     else:
-      out[key] = value
+      out[section] = fields
   return out
 
 
 def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
   """A YAML config; a top-level `base: other.yaml` (relative to this file) is read first
-  and this file's values are merged over it, so a recipe states only what differs."""
+  and this file's values are layered over it (`_layer`), so a recipe states what differs."""
   if not path.is_file():
     raise ConfigError(f"config file not found: {path}")
   if path.resolve() in seen:
     raise ConfigError(f"{path}: `base` chain loops back to itself")
-  try:
-    values = yaml.safe_load(path.read_text()) or {}
-  except yaml.YAMLError as e:
+  values = _load_yaml(path.read_text(), str(path))
+  if values is None:
+    values = {}
+  if not isinstance(values, dict):
     raise ConfigError(
-      f"{path}{_yaml_where(e)}: invalid YAML: {getattr(e, 'problem', None) or e}"
-    ) from None
-  base = values.pop("base", None) if isinstance(values, dict) else None
+      f"{path}: a config file must be a mapping of sections (model:, data:, ...), "
+      f"got a {type(values).__name__}"
+    )
+  base = values.pop("base", None)
   if base is None:
     return values
-  return _merge(_read_yaml(path.parent / base, seen + (path.resolve(),)), values)
+  if not isinstance(base, str):
+    raise ConfigError(f"{path}: base={base!r} must be the path of one YAML file")
+  return _layer(_read_yaml(path.parent / base, seen + (path.resolve(),)), values)
 
 
 def load_config(
   source: str | Path | dict | Config | None = None, overrides: list[str] | dict | None = None
 ) -> Config:
-  """Builds a validated Config from a YAML path, a dict or a Config, plus overrides."""
+  """Builds a validated Config from a YAML path, a dict or a Config, plus overrides.
+
+  `overrides` are dotted `section.key=value` strings, each setting the value at its path
+  (`_set_path`), or a dict layered like a `base:` file (`_layer`).
+  """
   if isinstance(source, Config):
     values = to_dict(source)
   elif isinstance(source, dict):
@@ -407,9 +563,14 @@ def load_config(
     values = {}
   else:
     values = _read_yaml(Path(source))
-  if overrides:
-    extra = parse_overrides(overrides) if isinstance(overrides, list) else overrides
-    values = _merge(values, extra)
+  if isinstance(overrides, dict):
+    values = _layer(values, overrides)
+  elif overrides:
+    for item, (path, value) in zip(overrides, parse_overrides(overrides)):
+      if len(path) == 1:  # a whole section (`optimizer={lr: 1e-3}`): merged like a file's
+        values = _layer(values, {path[0]: value})
+      else:
+        values = _set_path(values, path, value, item)
   config = _build(Config, values, "")
   _check_consistency(config)
   return config

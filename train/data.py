@@ -16,13 +16,14 @@ row of a pair just before its rejected row, and batches take whole pairs.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from train.config import DataConfig
+from train.config import ConfigError, DataConfig
 from train.tokenizer import encode_with_offsets
 
 
@@ -95,11 +96,52 @@ def canonical_problem(item: dict) -> str:
     return text
 
 
+# Set by data.train_seed/eval_seed and data.train_size/eval_size, never by task_options.
+_RESERVED_TASK_OPTIONS = {"seed": "data.train_seed/eval_seed", "size": "data.train_size/eval_size"}
+
+
+def check_task_options(cfg: DataConfig) -> None:
+  """Refuses, as a ConfigError, a reasoning-gym task that does not exist, `task_options` that
+  its config dataclass does not take (listing those it does) and values its `validate()`
+  rejects, instead of reasoning-gym's TypeError or AssertionError."""
+  from reasoning_gym.factory import DATASETS  # an optional heavy import: this source only
+
+  if cfg.task not in DATASETS:
+    close = difflib.get_close_matches(cfg.task, DATASETS, n=3)
+    hint = f"; did you mean {' or '.join(map(repr, close))}?" if close else ""
+    raise ConfigError(f"data.task={cfg.task!r} is not a reasoning-gym task{hint}")
+  options_class = DATASETS[cfg.task][1]
+  taken = [
+    f.name for f in dataclasses.fields(options_class) if f.name not in _RESERVED_TASK_OPTIONS
+  ]
+  for name in cfg.task_options:
+    if name in _RESERVED_TASK_OPTIONS:
+      raise ConfigError(f"data.task_options.{name}: set {_RESERVED_TASK_OPTIONS[name]} instead")
+  unknown = [name for name in cfg.task_options if name not in taken]
+  if unknown:
+    raise ConfigError(
+      f"data.task_options {unknown}: not options of reasoning-gym task {cfg.task!r} "
+      f"({options_class.__name__}), which takes {taken}. (An override of data.task keeps "
+      "the file's task_options: replace them too, e.g. data.task_options={})"
+    )
+  try:
+    options = options_class(**cfg.task_options)
+    if hasattr(options, "validate"):
+      options.validate()
+  except (AssertionError, ValueError, TypeError) as e:
+    raise ConfigError(
+      f"data.task_options {cfg.task_options} for reasoning-gym task {cfg.task!r}: "
+      f"{e or type(e).__name__}"
+    ) from None
+
+
 def reasoning_gym_examples(cfg: DataConfig) -> tuple[list[Example], list[Example], dict]:
   """Train items from `train_seed`, held-out items from `eval_seed`; a held-out item whose
   problem is a training problem up to reordering (`canonical_problem`) is dropped, as is a
   repeat of an earlier held-out problem."""
   import reasoning_gym
+
+  check_task_options(cfg)
 
   def make(seed: int, size: int):  # items are generated one at a time, as iterated
     return reasoning_gym.create_dataset(cfg.task, seed=seed, size=size, **cfg.task_options)
@@ -148,17 +190,46 @@ def with_near_misses(examples: list[Example], seed: int) -> list[Example]:
   return pairs
 
 
+_BOM = "\ufeff"
+
+
+def _utf8_lines(path: Path):
+  """Yields (line number, line) of a text data file decoded strictly as UTF-8, without the
+  byte-order mark that may open the file. A byte that is not UTF-8, or a byte-order mark at the
+  start of a later line (files that each had one, concatenated), is an error naming
+  file:line:column: HF datasets reports neither with a place, or reads the mark into a value."""
+  with path.open("rb") as f:
+    for number, raw in enumerate(f, 1):
+      try:
+        line = raw.decode("utf-8")
+      except UnicodeDecodeError as e:
+        column = len(raw[: e.start].decode("utf-8")) + 1  # in characters, as editors count
+        raise ValueError(
+          f"{path}:{number}:{column}: byte 0x{raw[e.start]:02x} is not UTF-8 ({e.reason}): "
+          "the file is in another encoding (e.g. Latin-1 or Windows-1252); convert it, e.g. "
+          f"`iconv -f WINDOWS-1252 -t UTF-8 {path} > fixed{path.suffix}`"
+        ) from None
+      if line.startswith(_BOM):
+        if number > 1:
+          raise ValueError(
+            f"{path}:{number}:1: a byte-order mark (U+FEFF) starts this line: files that each "
+            "begin with one were concatenated; remove the marks, e.g. "
+            f"`sed -i 's/^\\xEF\\xBB\\xBF//' {path}`"
+          )
+        line = line[1:]
+      yield number, line
+
+
 def _jsonl_lines(path: Path) -> list[int]:
   """The line number of each record; HF datasets reports malformed JSON without one."""
   lines = []
-  with path.open("rb") as f:
-    for line_number, line in enumerate(f, 1):
-      if line.strip():
-        try:
-          json.loads(line)
-        except json.JSONDecodeError as e:
-          raise ValueError(f"{path}:{line_number}: malformed JSON line: {e.msg}") from None
-        lines.append(line_number)
+  for line_number, line in _utf8_lines(path):
+    if line.strip():
+      try:
+        json.loads(line)
+      except json.JSONDecodeError as e:
+        raise ValueError(f"{path}:{line_number}: malformed JSON line: {e.msg}") from None
+      lines.append(line_number)
   return lines
 
 
@@ -182,6 +253,9 @@ def _file_examples(paths: tuple[str, ...], cfg: DataConfig, pairs: bool) -> list
   for name in paths:
     path = Path(name)
     lines = _jsonl_lines(path) if path.suffix == ".jsonl" else None
+    if path.suffix in (".json", ".csv"):  # text read by datasets: checked line by line first
+      for _ in _utf8_lines(path):
+        pass
     if lines == [] or path.stat().st_size == 0:
       raise ValueError(f"empty dataset: {path} holds no records")
     try:

