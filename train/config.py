@@ -105,7 +105,9 @@ class TrainConfig:
   batch_size: int = 8  # rows (packed sequences) per optimizer update, all hosts
   micro_batch_size: int = 8  # rows per forward/backward; batch_size / this = accumulation
   output_dir: str = "outputs/default"
-  resume: bool | str = False  # true: latest checkpoint in output_dir; or a path
+  # true: the latest checkpoint in output_dir; or another run's output_dir (or its
+  # checkpoints/), read and never written
+  resume: bool | str = False
   overwrite: bool = False  # move a previous run in output_dir aside instead of refusing
   log_every: int = 1
   tqdm: bool = True
@@ -159,6 +161,9 @@ class MeshConfig:
 @dataclasses.dataclass(frozen=True)
 class CheckpointConfig:
   every: int = 0  # steps between saves; 0 = only at the end
+  # Also save once this many seconds of wall time have passed since the last save (all
+  # processes save the same step; a step is skipped while a save is still writing); 0 = off.
+  every_seconds: float = 0.0
   keep: int = 2
   save_final: bool = True
   export: bool = False  # write a Hugging Face directory at the end
@@ -276,6 +281,7 @@ _AT_LEAST = {
   "eval.generate_batch_size": 1,
   "eval.max_new_tokens": 0,
   "checkpoint.every": 0,
+  "checkpoint.every_seconds": 0,
   "checkpoint.keep": 1,
 }
 
