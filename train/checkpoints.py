@@ -242,7 +242,8 @@ class Checkpoints:
     options = ocp.CheckpointManagerOptions(
       max_to_keep=None, create=not read_only, read_only=read_only
     )
-    self.manager = ocp.CheckpointManager(self.directory, options=options)
+    handlers = {"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
+    self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
     # Orbax decides a time-based save on the primary process and shares the decision,
     # so all processes save the same step; it skips a step while a save is in flight.
     self._by_time = every_seconds and ocp.checkpoint_managers.ContinuousCheckpointingPolicy(
