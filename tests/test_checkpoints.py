@@ -1,6 +1,7 @@
 """Orbax training state: keep only checkpoints whose loss was seen finite, keep K, stale tmp
 dirs, corrupt files, the data fingerprint a resume checks."""
 
+import datetime
 from pathlib import Path
 
 import jax.numpy as jnp
@@ -90,3 +91,19 @@ def test_fingerprint_names_the_data_keys_that_change_the_rows():
   changed = load_config({}, ["data.max_length=32", "data.train_size=10"])
   with pytest.raises(ConfigError, match=r"data.max_length: 64 -> 32, data.train_size: 2000 -> 10"):
     check_fingerprint(meta, changed, "ckpt")
+
+
+def test_every_seconds_saves_once_that_much_time_has_passed(tmp_path):
+  checkpoints = Checkpoints(tmp_path, keep=5, every=4, every_seconds=10)
+  start = datetime.datetime.now(datetime.timezone.utc)
+  seconds = lambda s: start + datetime.timedelta(seconds=s)  # noqa: E731
+  assert not checkpoints.due(1, now=seconds(5))
+  assert checkpoints.due(2, now=seconds(11))
+  assert checkpoints.due(4, now=seconds(5))  # every 4 steps, whatever the time
+  checkpoints.save(2, PARAMS, OPT_STATE, {"step": 2})
+  checkpoints.wait()  # a save in flight defers a time-based one
+  saved = datetime.datetime.now(datetime.timezone.utc)
+  later = lambda s: saved + datetime.timedelta(seconds=s)  # noqa: E731
+  assert not checkpoints.due(3, now=later(5))  # counted from the last save
+  assert checkpoints.due(5, now=later(11))
+  assert not Checkpoints(tmp_path, keep=5, every=4).due(5, now=later(1000))  # off by default

@@ -459,8 +459,8 @@ def _run(
     writer.close()
     return Preempted(step, checkpoints.directory, preemption.signal_name or "SIGTERM", saved)
 
-  if preemption.reached():  # asked before the first step: nothing to save
-    raise stopped(first_step, saved=first_step > 0)
+  if preemption.reached():  # asked before the first step: nothing new to save
+    raise stopped(first_step, saved=checkpoints.latest_step() is not None)
   profile = t.profile_steps if jax.process_index() == 0 else ()
   tracing = False
   for step in progress:
