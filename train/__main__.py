@@ -30,6 +30,8 @@ def main(argv=None) -> int:
   except ConfigError as e:
     print(f"config error: {e}", file=sys.stderr)
     return 2
+  import jax
+
   from train.checkpoints import (
     PREEMPTED_EXIT_CODE,
     CorruptCheckpointError,
@@ -42,6 +44,9 @@ def main(argv=None) -> int:
     run(config)
   except Preempted as e:
     print(f"{e}; {_how_to_continue(e, config, argv)}", file=sys.stderr)
+    # Every process stopped at the same point: leave the coordination service together, so
+    # that process 0 (which serves it) exiting first does not abort the others.
+    jax.distributed.shutdown()
     return PREEMPTED_EXIT_CODE
   except ConfigError as e:  # found once the output dir or a checkpoint is seen
     print(f"config error: {e}", file=sys.stderr)

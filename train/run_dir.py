@@ -73,14 +73,14 @@ class RunLock:
         fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
       except BlockingIOError:
         raise self._in_use(self._holder()) from None
+      # The lock is free, so whoever the file names has ended (on this host flock is
+      # always exact: a file system without locks gets the kernel's local ones).
       holder = self._holder()
-      here = holder.get("host") == socket.gethostname()
-      if here and holder.get("pid") != os.getpid() and _alive(holder.get("pid", -1)):
-        raise self._in_use(holder)  # a file system whose flock does not exclude
       if holder:
+        gone = holder.get("host") == socket.gethostname() and not _alive(holder.get("pid", -1))
         print(
           f"taking over {self.path}: {self._describe(holder)} did not release it "
-          f"({'no longer running' if here else 'its lock is free'})",
+          f"({'no longer running' if gone else 'its lock is free'})",
           flush=True,
         )
       os.ftruncate(self._fd, 0)
