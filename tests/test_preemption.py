@@ -71,7 +71,7 @@ def test_sigterm_saves_the_current_step_and_its_resume_equals_the_straight_run(t
   stopped = _cli(tmp_path, _config(tmp_path / "stopped", steps))
   _wait_for_steps(tmp_path / "stopped", 2, [stopped])
   stopped.send_signal(signal.SIGTERM)
-  _, stderr = stopped.communicate(timeout=300)
+  _, stderr = stopped.communicate(timeout=900)
   train.run(_config(tmp_path / "straight", steps))
   assert stopped.returncode == PREEMPTED_EXIT_CODE, stderr
   signal_name, step, saved, command = STOPPED.search(stderr).groups()
@@ -104,7 +104,7 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_one_saved_step(tmp_path):
   )
   _wait_for_steps(tmp_path / "stopped", 2, stopped)
   stopped[1].send_signal(signal.SIGTERM)
-  outputs = [p.communicate(timeout=300)[0] for p in stopped + straight]
+  outputs = [p.communicate(timeout=900)[0] for p in stopped + straight]
   assert [p.returncode for p in stopped] == [PREEMPTED_EXIT_CODE] * 2, outputs[:2]
   assert [p.returncode for p in straight] == [0, 0], outputs[2:]
   lines = [STOPPED.search(output).groups() for output in outputs[:2]]
@@ -119,7 +119,7 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_one_saved_step(tmp_path):
     "train.resume=true",
     cli=True,
   )
-  outputs = [p.communicate(timeout=300)[0] for p in resumed]
+  outputs = [p.communicate(timeout=900)[0] for p in resumed]
   assert [p.returncode for p in resumed] == [0, 0], outputs
   assert _losses(tmp_path / "stopped") == _losses(tmp_path / "straight")  # bit for bit
 
