@@ -107,3 +107,19 @@ def test_every_seconds_saves_once_that_much_time_has_passed(tmp_path):
   assert not checkpoints.due(3, now=later(5))  # counted from the last save
   assert checkpoints.due(5, now=later(11))
   assert not Checkpoints(tmp_path, keep=5, every=4).due(5, now=later(1000))  # off by default
+
+
+def test_arrays_of_another_shape_are_named_not_called_corrupt(tmp_path):
+  """A checkpoint without the state fingerprint (saved before it existed) still names the
+  arrays that differ, and never advises deleting it."""
+  Checkpoints(tmp_path, keep=1).save_final(2, PARAMS, OPT_STATE, {"step": 2})
+  wider = {"w": jnp.zeros((2, 4))}
+  with pytest.raises(ConfigError) as error:
+    Checkpoints(tmp_path, keep=1).restore(wider, {"mu": jnp.zeros((2, 4)), "nu": jnp.zeros(3)})
+  assert str(error.value) == (
+    f"cannot resume from {tmp_path}/2: its arrays do not fit this run's model and optimizer "
+    "(opt_state.mu: (2, 3) -> (2, 4); opt_state.nu: absent -> (3,); params.w: (2, 3) -> (2, 4)); "
+    "resume with the settings it was saved with, or train into a fresh train.output_dir (the "
+    "checkpoint is intact and is left as it is)"
+  )
+  assert _steps(tmp_path) == [2]
