@@ -54,12 +54,16 @@ def _cli(tmp_path: Path, config: dict, *overrides: str) -> subprocess.Popen:
   )
 
 
-def _wait_for_steps(out: Path, steps: int, procs: list, timeout: float = 600) -> None:
-  """Until the run in `out` has logged `steps` steps (while all of `procs` still run)."""
+def _wait_for_steps(out: Path, steps: int, procs: list, timeout: float = 900) -> None:
+  """Until the run in `out` has logged `steps` steps; fails with the runs' output (and
+  kills them: SIGTERM would only stop them after a step) when one ends or none comes."""
   log, deadline = out / "train_log.jsonl", time.monotonic() + timeout
   while not (log.is_file() and len(log.read_text().splitlines()) >= steps):
-    assert all(p.poll() is None for p in procs), "a run ended before it was signalled"
-    assert time.monotonic() < deadline, "the run logged no steps in time"
+    if any(p.poll() is not None for p in procs) or time.monotonic() > deadline:
+      for p in procs:
+        p.kill()
+      outputs = [str(p.communicate()[0])[-3000:] for p in procs]
+      pytest.fail(f"no step {steps} in {out} while all runs lived: {outputs}")
     time.sleep(0.2)
 
 
