@@ -62,7 +62,7 @@ def _wait_for_steps(out: Path, steps: int, procs: list, timeout: float = 900) ->
     if any(p.poll() is not None for p in procs) or time.monotonic() > deadline:
       for p in procs:
         p.kill()
-      outputs = [str(p.communicate()[0])[-3000:] for p in procs]
+      outputs = [str(p.communicate())[-3000:] for p in procs]
       pytest.fail(f"no step {steps} in {out} while all runs lived: {outputs}")
     time.sleep(0.2)
 
@@ -106,9 +106,13 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_one_saved_step(tmp_path):
   straight = _launch_two_processes(
     _config(tmp_path / "straight", steps), tmp_path / "straight.json", cli=True
   )
-  _wait_for_steps(tmp_path / "stopped", 2, stopped)
-  stopped[1].send_signal(signal.SIGTERM)
-  outputs = [p.communicate(timeout=900)[0] for p in stopped + straight]
+  try:
+    _wait_for_steps(tmp_path / "stopped", 2, stopped)
+    stopped[1].send_signal(signal.SIGTERM)
+    outputs = [p.communicate(timeout=900)[0] for p in stopped + straight]
+  finally:
+    for p in stopped + straight:
+      p.kill()  # (only one left running: SIGTERM would not end it)
   assert [p.returncode for p in stopped] == [PREEMPTED_EXIT_CODE] * 2, outputs[:2]
   assert [p.returncode for p in straight] == [0, 0], outputs[2:]
   lines = [STOPPED.search(output).groups() for output in outputs[:2]]
