@@ -1,6 +1,7 @@
 """Orbax training state: keep only checkpoints whose loss was seen finite, keep K, stale tmp
 dirs, corrupt files, the data fingerprint a resume checks."""
 
+import datetime
 from pathlib import Path
 
 import jax.numpy as jnp
@@ -90,3 +91,35 @@ def test_fingerprint_names_the_data_keys_that_change_the_rows():
   changed = load_config({}, ["data.max_length=32", "data.train_size=10"])
   with pytest.raises(ConfigError, match=r"data.max_length: 64 -> 32, data.train_size: 2000 -> 10"):
     check_fingerprint(meta, changed, "ckpt")
+
+
+def test_every_seconds_saves_once_that_much_time_has_passed(tmp_path):
+  checkpoints = Checkpoints(tmp_path, keep=5, every=4, every_seconds=10)
+  start = datetime.datetime.now(datetime.timezone.utc)
+  seconds = lambda s: start + datetime.timedelta(seconds=s)  # noqa: E731
+  assert not checkpoints.due(1, now=seconds(5))
+  assert checkpoints.due(2, now=seconds(11))
+  assert checkpoints.due(4, now=seconds(5))  # every 4 steps, whatever the time
+  checkpoints.save(2, PARAMS, OPT_STATE, {"step": 2})
+  checkpoints.wait()  # a save in flight defers a time-based one
+  saved = datetime.datetime.now(datetime.timezone.utc)
+  later = lambda s: saved + datetime.timedelta(seconds=s)  # noqa: E731
+  assert not checkpoints.due(3, now=later(5))  # counted from the last save
+  assert checkpoints.due(5, now=later(11))
+  assert not Checkpoints(tmp_path, keep=5, every=4).due(5, now=later(1000))  # off by default
+
+
+def test_arrays_of_another_shape_are_named_not_called_corrupt(tmp_path):
+  """A checkpoint without the state fingerprint (saved before it existed) still names the
+  arrays that differ, and never advises deleting it."""
+  Checkpoints(tmp_path, keep=1).save_final(2, PARAMS, OPT_STATE, {"step": 2})
+  wider = {"w": jnp.zeros((2, 4))}
+  with pytest.raises(ConfigError) as error:
+    Checkpoints(tmp_path, keep=1).restore(wider, {"mu": jnp.zeros((2, 4)), "nu": jnp.zeros(3)})
+  assert str(error.value) == (
+    f"cannot resume from {tmp_path}/2: its arrays do not fit this run's model and optimizer "
+    "(opt_state.mu: (2, 3) -> (2, 4); opt_state.nu: absent -> (3,); params.w: (2, 3) -> (2, 4)); "
+    "resume with the settings it was saved with, or train into a fresh train.output_dir (the "
+    "checkpoint is intact and is left as it is)"
+  )
+  assert _steps(tmp_path) == [2]

@@ -215,8 +215,11 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def _launch_two_processes(config: dict, config_path: Path, *overrides: str) -> list:
-  """Starts `train.run` in 2 processes x 4 CPU devices (gloo on localhost)."""
+def _launch_two_processes(
+  config: dict, config_path: Path, *overrides: str, cli: bool = False
+) -> list:
+  """Starts `train.run` in 2 processes x 4 CPU devices (gloo on localhost); `cli`: through
+  `python -m train` (its exit code and messages) instead of printing the summary."""
   config_path.write_text(json.dumps(config))
   port = _free_port()
   env = {
@@ -231,12 +234,12 @@ def _launch_two_processes(config: dict, config_path: Path, *overrides: str) -> l
     "import json, sys, train; "
     "print('SUMMARY', json.dumps(train.run(json.load(open(sys.argv[1])), sys.argv[2:])))"
   )
+  command = ["-m", "train", "--config"] if cli else ["-c", code]
   return [
     subprocess.Popen(
       [
         sys.executable,
-        "-c",
-        code,
+        *command,
         str(config_path),
         *overrides,
         "mesh.distributed=true",

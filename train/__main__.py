@@ -2,9 +2,20 @@
 
 import argparse
 import os
+import shlex
 import sys
 
 from train.config import ConfigError, load_config
+
+
+def _how_to_continue(stopped, config, argv) -> str:
+  """This very command line, set to resume from the checkpoint the run saved."""
+  command = sys.orig_argv if argv is None else ["python", "-m", "train", *argv]
+  if not stopped.saved:
+    return f"start it again: {shlex.join(command)}"
+  kept = [a for a in command if not a.startswith(("train.resume=", "train.overwrite="))]
+  extra = ["train.resume=true"] + (["train.overwrite=false"] if config.train.overwrite else [])
+  return f"resume with: {shlex.join(kept + extra)}"
 
 
 def main(argv=None) -> int:
@@ -19,11 +30,24 @@ def main(argv=None) -> int:
   except ConfigError as e:
     print(f"config error: {e}", file=sys.stderr)
     return 2
-  from train.checkpoints import CorruptCheckpointError, NonFiniteLossError
+  import jax
+
+  from train.checkpoints import (
+    PREEMPTED_EXIT_CODE,
+    CorruptCheckpointError,
+    NonFiniteLossError,
+    Preempted,
+  )
   from train.loop import run
 
   try:
     run(config)
+  except Preempted as e:
+    print(f"{e}; {_how_to_continue(e, config, argv)}", file=sys.stderr)
+    # Every process stopped at the same point: leave the coordination service together, so
+    # that process 0 (which serves it) exiting first does not abort the others.
+    jax.distributed.shutdown()
+    return PREEMPTED_EXIT_CODE
   except ConfigError as e:  # found once the output dir or a checkpoint is seen
     print(f"config error: {e}", file=sys.stderr)
     return 2

@@ -1,21 +1,33 @@
-"""Orbax training state: manager, save, restore, keep K, stale-tmp cleanup, data fingerprint for resume.
+"""Orbax training state: manager, save, restore, keep K, stale-tmp cleanup, data fingerprint for resume,
+when to save (every k steps, every s seconds, on preemption).
 
 A checkpoint at step s holds the weights after s updates. The loss of those
 weights is only known once step s + 1 has run on them, so a checkpoint stays
 unconfirmed until `check(s, loss)` sees that loss finite; a non-finite loss
 removes every checkpoint from s on, and only confirmed checkpoints count
-towards the `keep` most recent ones. The final checkpoint, on which no step
-runs, is confirmed by checking that all its parameters are finite.
+towards the `keep` most recent ones. The final checkpoint, and one saved
+because the job is stopped, on which no step runs, are confirmed by checking
+that all their parameters are finite.
+
+`Preemption` turns SIGTERM (what preemptible TPU VMs, spot VMs, Kubernetes and
+SLURM send before they kill) and SIGINT into "stop after this step": the loop
+saves that step, and the command line exits with `PREEMPTED_EXIT_CODE`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import datetime
 import errno
 import json
 import math
+import os
 import re
 import shutil
+import signal
+import sys
+import threading
 import time
 from pathlib import Path
 
@@ -32,6 +44,26 @@ class NonFiniteLossError(FloatingPointError):
 
 class CorruptCheckpointError(RuntimeError):
   """A checkpoint's files cannot be read back."""
+
+
+# EX_TEMPFAIL of sysexits.h, "a temporary failure: retrying may succeed": the run saved its
+# state and stopped early; the same command with train.resume=true continues it. Distinct
+# from 0 (done), 1 (error), 2 (config error) and 128 + n (killed by signal n, nothing saved),
+# so a wrapper, a Kubernetes podFailurePolicy or a SLURM requeue script can tell them apart.
+PREEMPTED_EXIT_CODE = 75
+
+
+class Preempted(Exception):
+  """The run was asked to stop (SIGTERM/SIGINT) after `step` updates.
+
+  `saved`: its state is in checkpoint `step` (resume it); False: it stopped before its
+  first step and nothing is lost (start it again).
+  """
+
+  def __init__(self, step: int, directory: Path, signal_name: str, saved: bool = True):
+    self.step, self.directory, self.signal_name, self.saved = step, directory, signal_name, saved
+    where = f"saved in {directory / str(step)}" if saved else "nothing to save"
+    super().__init__(f"{signal_name}: stopped after step {step}, {where}")
 
 
 def data_fingerprint(config: Config) -> dict:
@@ -57,6 +89,37 @@ def check_fingerprint(meta: dict, config: Config, source) -> None:
     )
 
 
+def state_fingerprint(model_config, config: Config) -> dict:
+  """What fixes the shapes and the tree of the saved arrays: the model's architecture and
+  the optimizer method (its state); `model.param_dtype` is only cast on restore."""
+  return {
+    **{f"model.{k}": v for k, v in dataclasses.asdict(model_config).items()},
+    "optimizer.method": config.optimizer.method,
+  }
+
+
+def check_state(meta: dict, model_config, config: Config, source) -> str | None:
+  """Raises ConfigError naming each field whose saved value differs; returns a line to
+  print when only `model.param_dtype` differs (the restore casts), else None."""
+  saved = json.loads(json.dumps(meta.get("state_fingerprint", {})))
+  now = json.loads(json.dumps(state_fingerprint(model_config, config)))
+  changed = [k for k in sorted(saved) if saved[k] != now.get(k)]  # older checkpoints: fewer keys
+  if changed:
+    shown = ", ".join(f"{k}: {saved[k]!r} -> {now.get(k)!r}" for k in changed)
+    raise ConfigError(
+      f"cannot resume from {source}: this run differs from the one that saved it ({shown}); "
+      "resume with the saved values, or train into a fresh train.output_dir "
+      "(the checkpoint is intact and is left as it is)"
+    )
+  saved_dtype, dtype = meta.get("param_dtype"), config.model.param_dtype
+  if saved_dtype is not None and saved_dtype != dtype:
+    return (
+      f"model.param_dtype: {saved_dtype} -> {dtype}: the checkpoint's {saved_dtype} weights and "
+      f"optimizer state are cast to {dtype}"
+    )
+  return None
+
+
 def _no_space(error: BaseException) -> bool:
   """Whether ENOSPC is anywhere in the chain (Orbax and TensorStore re-wrap it as text)."""
   while error is not None:
@@ -76,6 +139,67 @@ def _disk_errors(directory: Path):
     raise
 
 
+@dataclasses.dataclass
+class _StepInfo:
+  """What Orbax's save decision policies read of a step (its `PolicyCheckpointInfo`)."""
+
+  step: int
+  time: datetime.datetime
+  metrics: dict | None = None
+
+
+class Preemption:
+  """Stop requests: SIGTERM or SIGINT to any process stops every process after one step.
+
+  With several processes, JAX's preemption service (started by `jax.distributed.initialize`)
+  catches SIGTERM in each process, tells the others through the coordination service and
+  picks a sync point; Orbax's `reached_preemption(n)` (what `CheckpointManager.reached_preemption`
+  calls: JAX's `reached_preemption_sync_point`) is true at the same `n` in every process. `n` counts the calls to `reached`, the same in
+  every process, from 1, so that a notice received before the first call is reachable too.
+  A SIGINT is passed on to that service as a SIGTERM. With one process, a handler of both
+  signals sets a flag. A second SIGINT stops at once (KeyboardInterrupt), without saving.
+
+  Signals reach Python's main thread only: in another thread this handles none (JAX's
+  service still does).
+  """
+
+  def __init__(self):
+    self._calls = 0
+    self._previous: dict = {}
+    self.signal_name: str | None = None
+
+  def __enter__(self) -> "Preemption":
+    if threading.current_thread() is threading.main_thread():
+      # Several processes: SIGTERM stays with JAX's handler, which this would replace.
+      wanted = [signal.SIGINT] + ([signal.SIGTERM] if jax.process_count() == 1 else [])
+      self._previous = {s: signal.signal(s, self._handle) for s in wanted}
+    return self
+
+  def __exit__(self, *exc) -> None:
+    for s, handler in self._previous.items():
+      signal.signal(s, signal.SIG_DFL if handler is None else handler)
+
+  def _handle(self, signum, frame) -> None:
+    if signum == signal.SIGINT and self.signal_name is not None:
+      raise KeyboardInterrupt  # asked twice: stop now, without saving
+    self.signal_name = signal.Signals(signum).name
+    print(
+      f"{self.signal_name}: finishing the current step, saving a checkpoint and stopping "
+      f"(exit {PREEMPTED_EXIT_CODE}); SIGINT again stops at once, without saving",
+      file=sys.stderr,
+      flush=True,
+    )
+    if jax.process_count() > 1:
+      os.kill(os.getpid(), signal.SIGTERM)  # to JAX's handler, which tells the other processes
+
+  def reached(self) -> bool:
+    """Whether to stop now; every process calls this at the same points of the run."""
+    self._calls += 1
+    if jax.process_count() > 1:
+      return ocp.multihost.reached_preemption(self._calls)
+    return self.signal_name is not None
+
+
 def _all_finite(tree) -> bool:
   return bool(
     jax.jit(lambda t: jnp.all(jnp.stack([jnp.isfinite(x).all() for x in jax.tree.leaves(t)])))(tree)
@@ -83,24 +207,72 @@ def _all_finite(tree) -> bool:
 
 
 class Checkpoints:
-  """The Orbax checkpoints of (params, opt_state, meta) in one directory."""
+  """The Orbax checkpoints of (params, opt_state, meta) in one directory.
 
-  def __init__(self, directory: Path, keep: int):
+  Args:
+    directory: where the step directories are.
+    keep: how many confirmed checkpoints to keep.
+    every: save every this many steps (0: never by step count).
+    every_seconds: save at least this often by wall time (0: never by time).
+    read_only: another run's checkpoints (`train.resume=<path>`): restored from, never
+      written, pruned or cleaned.
+  """
+
+  def __init__(
+    self,
+    directory: Path,
+    keep: int,
+    every: int = 0,
+    every_seconds: float = 0,
+    read_only: bool = False,
+  ):
     self.directory = directory.absolute()
-    self.keep = keep
+    self.keep, self.every = keep, every
     self.unconfirmed: set[int] = set()
-    if jax.process_index() == 0 and self.directory.is_dir():
-      # Left by a save that died before its rename; they may fill the disk again.
+    if read_only and not self.directory.is_dir():
+      raise FileNotFoundError(errno.ENOENT, f"no such checkpoint directory: {self.directory}")
+    if not read_only and jax.process_index() == 0 and self.directory.is_dir():
+      # Left by a save of this run directory that died before its rename (the run lock
+      # says no other run writes here); they may fill the disk again.
       for stale in self.directory.glob("*.orbax-checkpoint-tmp*"):
         shutil.rmtree(stale)
     # Orbax writes into a temporary directory and renames it when complete, so
     # a save interrupted mid-way is never listed. Pruning is ours (`check`):
     # Orbax's max_to_keep would drop a good checkpoint for a diverged one.
-    options = ocp.CheckpointManagerOptions(max_to_keep=None, create=True)
-    self.manager = ocp.CheckpointManager(self.directory, options=options)
+    options = ocp.CheckpointManagerOptions(
+      max_to_keep=None, create=not read_only, read_only=read_only
+    )
+    handlers = {"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
+    self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
+    # Orbax decides a time-based save on the primary process and shares the decision,
+    # so all processes save the same step; it skips a step while a save is in flight.
+    self._by_time = every_seconds and ocp.checkpoint_managers.ContinuousCheckpointingPolicy(
+      minimum_interval_secs=every_seconds
+    )
+    self._last_save = datetime.datetime.now(datetime.timezone.utc)
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
+
+  def due(self, step: int, now: datetime.datetime | None = None) -> bool:
+    """Whether to save the weights after `step` updates: every `every` steps, or once
+    `every_seconds` have passed since the last save (or since this object was made).
+
+    With `every_seconds`, every process must call this at every step (it is collective)."""
+    by_steps = bool(self.every) and step % self.every == 0
+    if not self._by_time:
+      return by_steps
+    now = now or datetime.datetime.now(datetime.timezone.utc)
+    by_time = self._by_time.should_save(
+      _StepInfo(step, now),
+      previous_steps=[_StepInfo(step - 1, self._last_save)],
+      context=ocp.checkpoint_managers.DecisionContext(
+        is_saving_in_progress=self.manager.is_saving_in_progress(),
+        reached_preemption=False,
+        multiprocessing_options=ocp.options.MultiprocessingOptions(),
+      ),
+    )
+    return by_steps or by_time
 
   def save(self, step: int, params, opt_state, meta: dict) -> None:
     """Starts an async save; it is kept once `check(step, loss)` sees a finite loss."""
@@ -114,9 +286,11 @@ class Checkpoints:
         force=True,
       )
     self.unconfirmed.add(step)
+    self._last_save = datetime.datetime.now(datetime.timezone.utc)
 
   def save_final(self, step: int, params, opt_state, meta: dict) -> None:
-    """No step runs on the last weights: they are kept if every parameter is finite."""
+    """No step runs on the last weights (of the run, or before it stops): they are kept if
+    every parameter is finite."""
     if not _all_finite(params):
       self.check(step, math.nan, what=f"a parameter is not finite after step {step}")
     self.save(step, params, opt_state, meta)
@@ -153,8 +327,30 @@ class Checkpoints:
     for old in sorted(good)[: -self.keep]:
       self.manager.delete(old)
 
+  def read_meta(self) -> dict:
+    """The latest checkpoint's meta (step, data position, fingerprints), without its arrays,
+    to check a resume before anything is restored."""
+    step = self.latest_step()
+    try:
+      restored = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+    except Exception as e:
+      raise self._corrupt(step, e) from e
+    return restored["meta"]
+
+  def _corrupt(self, step: int, error: Exception) -> CorruptCheckpointError:
+    # The restore's other reads still report into Orbax's closed event loop from
+    # TensorStore threads ("Event loop is closed"): let them finish first, so the
+    # error is the last thing a user sees.
+    time.sleep(1)
+    step_dir = self.directory / str(step)
+    return CorruptCheckpointError(
+      f"checkpoint {step_dir} is corrupt or truncated: {_bad_file(error, step_dir)}; "
+      f"to resume from the checkpoint before it, move it out of {self.directory}"
+    )
+
   def restore(self, params, opt_state) -> tuple:
-    """(params, opt_state, meta) of the latest step, placed like `params` and `opt_state`.
+    """(params, opt_state, meta) of the latest step, placed like `params` and `opt_state`
+    (and cast to their dtypes).
 
     Its weights count as unconfirmed until the first step's loss is seen.
     """
@@ -164,6 +360,18 @@ class Checkpoints:
       {"params": params, "opt_state": opt_state},
     )
     try:
+      saved = self.manager.item_metadata(step)["state"].tree
+    except Exception as e:
+      raise self._corrupt(step, e) from e
+    differences = _shape_differences(saved, abstract)
+    if differences:  # checkpoints older than `state_fingerprint`, or a field it misses
+      raise ConfigError(
+        f"cannot resume from {self.directory / str(step)}: its arrays do not fit this run's "
+        f"model and optimizer ({'; '.join(differences)}); resume with the settings it was "
+        "saved with, or train into a fresh train.output_dir (the checkpoint is intact and is "
+        "left as it is)"
+      )
+    try:
       restored = self.manager.restore(
         step,
         args=ocp.args.Composite(
@@ -171,20 +379,36 @@ class Checkpoints:
         ),
       )
     except Exception as e:
-      # The restore's other reads still report into Orbax's closed event loop from
-      # TensorStore threads ("Event loop is closed"): let them finish first, so the
-      # error below is the last thing a user sees.
-      time.sleep(1)
-      raise CorruptCheckpointError(
-        f"checkpoint {self.directory / str(step)} is corrupt or truncated: {_bad_file(e, self.directory / str(step))}; "
-        "remove that step's directory to resume from the one before"
-      ) from e
+      raise self._corrupt(step, e) from e
     self.unconfirmed.add(step)
     return restored["state"]["params"], restored["state"]["opt_state"], restored["meta"]
 
   def wait(self) -> None:
     with _disk_errors(self.directory):
       self.manager.wait_until_finished()
+
+
+def _leaf_shapes(tree) -> dict[str, tuple]:
+  """{"params.layers.w": shape} for a tree of arrays or of Orbax's saved array metadata
+  (in which the optimizer state's named tuples are dicts)."""
+
+  def name(key) -> str:
+    return str(getattr(key, "key", getattr(key, "name", getattr(key, "idx", key))))
+
+  leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+  return {".".join(name(k) for k in path): tuple(leaf.shape) for path, leaf in leaves}
+
+
+def _shape_differences(saved, abstract, shown: int = 4) -> list[str]:
+  """The arrays that the checkpoint lacks, has in excess or holds in another shape."""
+  before, now = _leaf_shapes(saved), _leaf_shapes(abstract)
+  differences = [
+    f"{k}: {before[k] if k in before else 'absent'} -> {now[k] if k in now else 'absent'}"
+    for k in sorted(before.keys() | now.keys())
+    if before.get(k) != now.get(k)
+  ]
+  more = len(differences) - shown
+  return differences[:shown] + ([f"{more} more"] if more > 0 else [])
 
 
 def _bad_file(error: BaseException, step_dir: Path) -> str:

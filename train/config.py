@@ -247,7 +247,9 @@ class TrainConfig:
   # Rows per forward/backward; batch_size / this = accumulation steps.
   micro_batch_size: int = ranged(8, "[1, inf)")
   output_dir: str = "outputs/default"
-  resume: bool | str = False  # true: latest checkpoint in output_dir; or a path
+  # true: the latest checkpoint in output_dir; or another run's output_dir (or its
+  # checkpoints/), read and never written
+  resume: bool | str = False
   overwrite: bool = False  # move a previous run in output_dir aside instead of refusing
   log_every: int = ranged(1, "[1, inf)")
   tqdm: bool = True
@@ -303,6 +305,9 @@ class MeshConfig:
 @dataclasses.dataclass(frozen=True)
 class CheckpointConfig:
   every: int = ranged(0, "[0, inf)")  # steps between saves; 0 = only at the end
+  # Also save once this many seconds of wall time have passed since the last save (all
+  # processes save the same step; a step is skipped while a save is still writing); 0 = off.
+  every_seconds: float = ranged(0.0, "[0, inf)")
   keep: int = ranged(2, "[1, inf)")
   save_final: bool = True
   export: bool = False  # write a Hugging Face directory at the end

@@ -1,10 +1,11 @@
 """The training job, top to bottom: config -> mesh -> model -> data -> steps -> outputs.
 
-`run(config)` validates the config, starts multi-host JAX when asked, loads
-(or randomly initialises) the model sharded over the mesh, prepares the data,
-evaluates, trains with periodic Orbax checkpoints and per-step JSONL logs,
-evaluates again and returns the final metrics. Everything it writes goes under
-`train.output_dir`.
+`run(config)` validates the config, starts multi-host JAX when asked, claims
+the output directory, loads (or randomly initialises) the model sharded over the
+mesh, prepares the data, evaluates, trains with periodic Orbax checkpoints and
+per-step JSONL logs, evaluates again and returns the final metrics. Everything it
+writes goes under `train.output_dir`. Asked to stop (SIGTERM, SIGINT), it
+finishes the current step, saves it and raises `Preempted`.
 """
 
 from __future__ import annotations
@@ -24,7 +25,15 @@ from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
 from train import benchmarks, run_dir
-from train.checkpoints import Checkpoints, check_fingerprint, data_fingerprint
+from train.checkpoints import (
+  Checkpoints,
+  Preempted,
+  Preemption,
+  check_fingerprint,
+  check_state,
+  data_fingerprint,
+  state_fingerprint,
+)
 from train.config import Config, load_config
 from train.data import (
   Batches,
@@ -163,7 +172,21 @@ def run(config_source="configs/default.yaml", overrides=None, cache: dict | None
   config = load_config(config_source, overrides)  # all validation happens here, before any work
   initialize_distributed(config.mesh)
   out = Path(config.train.output_dir)
-  run_dir.prepare(out, config)  # refuses another run's directory, probes that it is writable
+  # Refuses a directory that another run holds or used, probes that it is writable, and
+  # locks it until this run ends, however it ends.
+  lock = run_dir.prepare(out, config)
+  try:
+    with Preemption() as preemption:  # SIGTERM/SIGINT: stop after a step, saved
+      return _run(config, out, cache, started, preemption)
+  finally:
+    if lock is not None:
+      lock.release()
+
+
+def _run(
+  config: Config, out: Path, cache: dict | None, started: float, preemption: Preemption
+) -> dict:
+  """`run` once the output directory is this run's."""
   mesh = make_mesh(config.mesh)
   _log(
     f"mesh {dict(mesh.shape)} over {jax.device_count()} {jax.devices()[0].platform} device(s), "
@@ -244,16 +267,25 @@ def run(config_source="configs/default.yaml", overrides=None, cache: dict | None
     kind = "log-probs of every pair" if dpo_cfg.precompute_reference else "a frozen copy"
     _log(f"dpo reference: {kind}, {config.model.dtype} ({time.time() - start:.1f} s)")
 
-  checkpoints = Checkpoints(out / "checkpoints", config.checkpoint.keep)
+  c = config.checkpoint
+  checkpoints = Checkpoints(out / "checkpoints", c.keep, c.every, c.every_seconds)
+  model_config = merge(graphdef, params, rest).config
   first_step = 0
   if t.resume:
     source = (
-      checkpoints if t.resume is True else Checkpoints(Path(t.resume), config.checkpoint.keep)
+      checkpoints
+      if t.resume is True
+      else Checkpoints(run_dir.resume_source(config), c.keep, read_only=True)
     )
     if source.latest_step() is None:
       raise FileNotFoundError(f"train.resume: no checkpoint in {source.directory}")
-    params, opt_state, meta = source.restore(params, opt_state)
+    # Refused before any array is read: other rows, another model or optimizer state.
+    meta = source.read_meta()
     check_fingerprint(meta, config, source.directory)
+    cast = check_state(meta, model_config, config, source.directory)
+    if cast:
+      _log(cast)
+    params, opt_state, meta = source.restore(params, opt_state)
     first_step = meta["step"]
     run_dir.resumed(out, config, first_step)
     _log(f"resumed from {source.directory} at step {first_step} (row {meta['data_position']})")
@@ -297,6 +329,8 @@ def run(config_source="configs/default.yaml", overrides=None, cache: dict | None
       "data_position": step * t.batch_size,
       "optimizer_seed": config.optimizer.seed,
       "fingerprint": data_fingerprint(config),
+      "state_fingerprint": state_fingerprint(model_config, config),
+      "param_dtype": config.model.param_dtype,
     }
 
   log_file = open(out / "train_log.jsonl", "a") if jax.process_index() == 0 else None
@@ -307,7 +341,6 @@ def run(config_source="configs/default.yaml", overrides=None, cache: dict | None
     desc=config.optimizer.method,
     disable=not t.tqdm or jax.process_index() != 0,
   )
-  model_config = merge(graphdef, params, rest).config
   peak = peak_flops_per_device(t.peak_flops_per_device)
   meter = Meter(
     flops_per_token(
@@ -335,6 +368,16 @@ def run(config_source="configs/default.yaml", overrides=None, cache: dict | None
       **({"kept": f"{record['kept_fraction']:.2f}"} if "kept_fraction" in record else {}),
     )
 
+  def stopped(step: int, saved: bool = True) -> Preempted:
+    """Closes the log and the progress bar; the error that ends the run after `step`."""
+    progress.close()
+    if log_file:
+      log_file.close()
+    writer.close()
+    return Preempted(step, checkpoints.directory, preemption.signal_name or "SIGTERM", saved)
+
+  if preemption.reached():  # asked before the first step: nothing new to save
+    raise stopped(first_step, saved=checkpoints.latest_step() is not None)
   profile = t.profile_steps if jax.process_index() == 0 else ()
   tracing = False
   for step in progress:
@@ -350,8 +393,9 @@ def run(config_source="configs/default.yaml", overrides=None, cache: dict | None
       jax.block_until_ready(metrics)  # the trace holds the window's device work
       jax.profiler.stop_trace()
       tracing = False
-    every = config.checkpoint.every
-    save_now = every and (step + 1) % every == 0 and step + 1 < total_steps
+    # Both are agreed on by every process: each calls them at every step.
+    save_now = checkpoints.due(step + 1) and step + 1 < total_steps
+    stopping = preemption.reached()
     eval_now = config.eval.every and (step + 1) % config.eval.every == 0 and step + 1 < total_steps
     # The previous log step's metrics are read only now, with this step queued. A step
     # whose loss is on the weights of an unconfirmed checkpoint is always logged.
@@ -360,9 +404,16 @@ def run(config_source="configs/default.yaml", overrides=None, cache: dict | None
         step + 1,
         metrics,
         tokens,
-        (step + 1) % t.log_every == 0 or step + 1 == total_steps or step in checkpoints.unconfirmed,
+        (step + 1) % t.log_every == 0
+        or step + 1 == total_steps
+        or step in checkpoints.unconfirmed
+        or stopping,
       )
     )
+    if stopping:  # this step is done: log and save it, and stop
+      report(meter.flush())
+      checkpoints.save_final(step + 1, params, opt_state, meta(step + 1))
+      raise stopped(step + 1)
     if save_now:
       checkpoints.save(step + 1, params, opt_state, meta(step + 1))
     if eval_now:
@@ -376,6 +427,10 @@ def run(config_source="configs/default.yaml", overrides=None, cache: dict | None
   if config.checkpoint.save_final and total_steps > first_step:
     checkpoints.save_final(total_steps, params, opt_state, meta(total_steps))
   checkpoints.wait()
+  if preemption.reached():  # asked while the last steps ran: skip the evaluation after
+    if checkpoints.latest_step() != total_steps:  # checkpoint.save_final=false
+      checkpoints.save_final(total_steps, params, opt_state, meta(total_steps))
+    raise stopped(total_steps)
 
   if config.eval.after:
     summary["after"] = evaluate_at("after", total_steps, params)

@@ -5,10 +5,23 @@ A directory with another run's log or checkpoints is refused unless the run cont
 the directory and its `checkpoints/` must be writable. A resumed run keeps the
 original `config.yaml`, writes its own beside it and drops the log records
 after the step it resumes from, so every step is logged once.
+
+A live run holds `run.lock` in its directory for its whole life, so a second run
+into the same directory is refused before any work, naming the first. The lock is
+an exclusive `flock` on that file, which the kernel releases however the process
+ends (SIGKILL included); the file names the holder (pid, host, start time) for
+that message and is emptied when the run ends. A file that still names a run
+whose lock is free (it was killed) is taken over, saying so. With several
+processes only process 0 locks, and all of them stop if it cannot. On a shared
+file system (NFS), `flock` excludes runs on other hosts too; a file system
+without cross-host locks (some FUSE mounts) cannot tell two hosts' runs apart.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import json
 import os
 import socket
@@ -16,8 +29,16 @@ import time
 from pathlib import Path
 
 import jax
+import numpy as np
+from jax.experimental import multihost_utils
 
 from train.config import Config, ConfigError, save_config
+
+LOCK_NAME = "run.lock"
+
+
+class RunDirInUse(ConfigError):
+  """Another live run holds the output directory."""
 
 
 def _writable(directory: Path) -> None:
@@ -31,30 +52,158 @@ def _writable(directory: Path) -> None:
     raise OSError(e.errno, f"cannot write to {directory}: {e.strerror}") from None
 
 
-def prepare(out: Path, config: Config) -> None:
-  t = config.train
-  # A run that trained left log records or checkpoints; a config.yaml alone (a
-  # run that failed before its first step) is simply replaced.
-  previous = [
-    p.name
-    for p in (out / "train_log.jsonl", out / "checkpoints")
-    if p.is_file() and p.stat().st_size or p.is_dir() and any(p.iterdir())
-  ]
-  if previous and t.resume is not True:
-    if not t.overwrite:
-      raise ConfigError(
-        f"{out} already holds a run ({', '.join(previous)}): continue it with "
-        "train.resume=true, choose a fresh train.output_dir, or set train.overwrite=true "
-        "to move it aside"
+def _alive(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:  # another user's process
+    return True
+  return True
+
+
+class RunLock:
+  """An exclusive lock on `<directory>/run.lock`, held until `release()` or process exit."""
+
+  def __init__(self, directory: Path):
+    self.path = directory / LOCK_NAME
+    self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+      try:
+        fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+      except BlockingIOError:
+        raise self._in_use(self._holder()) from None
+      # The lock is free, so whoever the file names has ended (on this host flock is
+      # always exact: a file system without locks gets the kernel's local ones).
+      holder = self._holder()
+      if holder:
+        gone = holder.get("host") == socket.gethostname() and not _alive(holder.get("pid", -1))
+        print(
+          f"taking over {self.path}: {self._describe(holder)} did not release it "
+          f"({'no longer running' if gone else 'its lock is free'})",
+          flush=True,
+        )
+      os.ftruncate(self._fd, 0)
+      os.pwrite(
+        self._fd,
+        json.dumps(
+          {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%c")}
+        ).encode(),
+        0,
       )
-    if jax.process_index() == 0:
+    except BaseException:
+      os.close(self._fd)
+      raise
+
+  def _holder(self) -> dict:
+    try:
+      return json.loads(os.pread(self._fd, 4096, 0) or b"{}")
+    except ValueError:  # torn by a kill mid-write
+      return {}
+
+  @staticmethod
+  def _describe(holder: dict) -> str:
+    return (
+      f"run pid {holder.get('pid', '?')} on host {holder.get('host', '?')} "
+      f"(started {holder.get('started', '?')})"
+    )
+
+  def _in_use(self, holder: dict) -> RunDirInUse:
+    who = self._describe(holder) if holder else "another run"
+    return RunDirInUse(
+      f"{self.path.parent} is in use by {who}, which holds {self.path}: wait for it to "
+      "end, or choose another train.output_dir"
+    )
+
+  def release(self) -> None:
+    """Empties the file (no holder to name) and unlocks it."""
+    if self._fd < 0:
+      return
+    with contextlib.suppress(OSError):  # a directory that vanished or filled up
+      os.ftruncate(self._fd, 0)
+    os.close(self._fd)  # closing releases the flock
+    self._fd = -1
+
+
+def _claim(out: Path, config: Config) -> RunLock:
+  """Process 0: locks `out`, checks that it holds no other run (or moves it aside), and
+  writes the config."""
+  t = config.train
+  _writable(out)
+  lock = RunLock(out)
+  try:
+    # A run that trained left log records or checkpoints; a config.yaml alone (a
+    # run that failed before its first step) is simply replaced.
+    previous = [
+      p.name
+      for p in (out / "train_log.jsonl", out / "checkpoints")
+      if p.is_file() and p.stat().st_size or p.is_dir() and any(p.iterdir())
+    ]
+    if previous and t.resume is not True:
+      if not t.overwrite:
+        raise ConfigError(
+          f"{out} already holds a run ({', '.join(previous)}): continue it with "
+          "train.resume=true, choose a fresh train.output_dir, or set train.overwrite=true "
+          "to move it aside"
+        )
       aside = out.with_name(f"{out.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
-      out.rename(aside)
+      out.rename(aside)  # the lock moves with it: take one in the fresh directory
+      lock.release()
+      (aside / LOCK_NAME).unlink()
       print(f"moved the previous run in {out} to {aside}")
-  for directory in (out, out / "checkpoints"):
-    _writable(directory)
-  if t.resume is not True and jax.process_index() == 0:
-    save_config(config, out / "config.yaml")
+      _writable(out)
+      lock = RunLock(out)
+    _writable(out / "checkpoints")
+    if t.resume is not True:
+      save_config(config, out / "config.yaml")
+  except BaseException:
+    lock.release()
+    raise
+  return lock
+
+
+def resume_source(config: Config) -> Path | None:
+  """The checkpoints a `train.resume=<path>` run starts from: `<path>` itself or, for a run
+  directory, its `checkpoints/`; it must exist. None for `train.resume=true` or false."""
+  resume = config.train.resume
+  if not isinstance(resume, str):
+    return None
+  path = Path(resume)
+  if (path / "checkpoints").is_dir():
+    path = path / "checkpoints"
+  if not path.is_dir():
+    raise FileNotFoundError(
+      errno.ENOENT,
+      f"train.resume={resume}: no such directory (a run's output_dir or its checkpoints/)",
+    )
+  return path
+
+
+def prepare(out: Path, config: Config) -> RunLock | None:
+  """Checks and claims the run directory before any work; returns process 0's lock, to be
+  released when the run ends (other processes: None).
+
+  :raises RunDirInUse: another live run holds `out`.
+  :raises ConfigError: `out` holds a finished or stopped run that this one would mix with.
+  :raises OSError: `out` is not writable, or `train.resume=<path>` does not exist.
+  """
+  resume_source(config)
+  lock, error = None, None
+  if jax.process_index() == 0:
+    try:
+      lock = _claim(out, config)
+    except (ConfigError, OSError) as e:
+      error = e
+  if jax.process_count() > 1:  # the others stop too, rather than wait in a collective
+    failed = multihost_utils.broadcast_one_to_all(np.int32(error is not None))
+    if failed and error is None:
+      raise ConfigError(f"process 0 could not claim {out}; its output says why")
+  if error is not None:
+    raise error
+  if jax.process_index() != 0:
+    for directory in (out, out / "checkpoints"):
+      _writable(directory)
+  return lock
 
 
 def resumed(out: Path, config: Config, step: int) -> None:

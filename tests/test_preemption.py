@@ -1,0 +1,261 @@
+"""The run's life on preemptible machines and shared directories: SIGTERM/SIGINT stop after a
+saved step and a resume continues bit for bit (1 and 2 processes), one run per directory
+(`run.lock`), resumes that name what changed, another run's directory left untouched."""
+
+import json
+import os
+import re
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import train
+from tests.test_train import ROOT, TINY, _launch_two_processes, _losses
+from train.checkpoints import PREEMPTED_EXIT_CODE, Preemption
+from train.config import ConfigError
+from train.run_dir import LOCK_NAME, RunDirInUse, RunLock
+
+# No evaluation: these tests are about steps, checkpoints and the directory.
+QUICK = {**TINY, "eval": {"before": False, "after": False}}
+STOPPED = re.compile(
+  r"^(SIGTERM|SIGINT): stopped after step (\d+), saved in (\S+); resume with: (.+)$", re.M
+)
+
+
+def _config(out: Path, steps: int, **sections) -> dict:
+  return {**QUICK, "train": {**QUICK["train"], "steps": steps, "output_dir": str(out)}, **sections}
+
+
+def _env(tmp_path: Path) -> dict:
+  # Later runs reuse what earlier ones compiled: these runs are mostly compilation.
+  return {
+    **os.environ,
+    "JAX_COMPILATION_CACHE_DIR": str(tmp_path.parent / "jax_cache_preemption"),
+    "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+  }
+
+
+def _cli(tmp_path: Path, config: dict, *overrides: str) -> subprocess.Popen:
+  path = tmp_path / f"config-{len(list(tmp_path.glob('config-*')))}.json"
+  path.write_text(json.dumps(config))
+  return subprocess.Popen(
+    [sys.executable, "-m", "train", "--config", str(path), *overrides],
+    cwd=ROOT,
+    env=_env(tmp_path),
+    stdout=subprocess.PIPE,
+    stderr=subprocess.PIPE,
+    text=True,
+  )
+
+
+def _wait_for_steps(out: Path, steps: int, procs: list, timeout: float = 900) -> None:
+  """Until the run in `out` has logged `steps` steps; fails with the runs' output (and
+  kills them: SIGTERM would only stop them after a step) when one ends or none comes."""
+  log, deadline = out / "train_log.jsonl", time.monotonic() + timeout
+  while not (log.is_file() and len(log.read_text().splitlines()) >= steps):
+    if any(p.poll() is not None for p in procs) or time.monotonic() > deadline:
+      for p in procs:
+        p.kill()
+      outputs = [str(p.communicate())[-3000:] for p in procs]
+      pytest.fail(f"no step {steps} in {out} while all runs lived: {outputs}")
+    time.sleep(0.2)
+
+
+def test_sigterm_saves_the_current_step_and_its_resume_equals_the_straight_run(tmp_path):
+  """One process, `checkpoint.every=0`: SIGTERM mid-run ends with exit 75 and one line
+  naming the step and the command that resumes it; that command finishes the run with the
+  losses of a run that was never stopped, bit for bit."""
+  steps = 50
+  stopped = _cli(tmp_path, _config(tmp_path / "stopped", steps))
+  _wait_for_steps(tmp_path / "stopped", 2, [stopped])
+  stopped.send_signal(signal.SIGTERM)
+  _, stderr = stopped.communicate(timeout=900)
+  train.run(_config(tmp_path / "straight", steps))
+  assert stopped.returncode == PREEMPTED_EXIT_CODE, stderr
+  signal_name, step, saved, command = STOPPED.search(stderr).groups()
+  step = int(step)
+  assert signal_name == "SIGTERM" and 2 <= step < steps
+  assert stderr.rstrip().endswith(command)  # the last line
+  checkpoints = tmp_path / "stopped" / "checkpoints"
+  assert saved == str(checkpoints / str(step)) and os.listdir(checkpoints) == [str(step)]
+  assert sorted(_losses(tmp_path / "stopped")) == list(range(1, step + 1))
+  assert (tmp_path / "stopped" / LOCK_NAME).read_text() == ""  # released
+  resumed = subprocess.run(
+    shlex.split(command), cwd=ROOT, env=_env(tmp_path), capture_output=True, text=True
+  )
+  assert resumed.returncode == 0, resumed.stderr
+  assert _losses(tmp_path / "stopped") == _losses(tmp_path / "straight")  # bit for bit
+
+
+def test_sigterm_to_one_of_two_processes_stops_both_at_one_saved_step(tmp_path):
+  """2 processes x 4 devices; SIGTERM to process 1 only: JAX's preemption service makes
+  both stop after the same step, save it and exit 75; resumed on 2 processes, the losses
+  equal those of a 2-process run never stopped. Meanwhile `checkpoint.every_seconds` saves
+  by process 0's clock, at steps both processes agree on (a disagreement would hang)."""
+  steps = 40
+  config = {**_config(tmp_path / "stopped", steps), "checkpoint": {"keep": 100}}
+  stopped = _launch_two_processes(
+    config, tmp_path / "stopped.json", "checkpoint.every_seconds=1", cli=True
+  )
+  straight = _launch_two_processes(
+    _config(tmp_path / "straight", steps), tmp_path / "straight.json", cli=True
+  )
+  try:
+    _wait_for_steps(tmp_path / "stopped", 2, stopped)
+    stopped[1].send_signal(signal.SIGTERM)
+    outputs = [p.communicate(timeout=900)[0] for p in stopped + straight]
+  finally:
+    for p in stopped + straight:
+      p.kill()  # (only one left running: SIGTERM would not end it)
+  assert [p.returncode for p in stopped] == [PREEMPTED_EXIT_CODE] * 2, outputs[:2]
+  assert [p.returncode for p in straight] == [0, 0], outputs[2:]
+  lines = [STOPPED.search(output).groups() for output in outputs[:2]]
+  step = int(lines[0][1])
+  assert lines[0][1:3] == lines[1][1:3] and step < steps  # the same step and checkpoint
+  assert [f"mesh.process_id={i}" in line[3] for i, line in enumerate(lines)] == [True, True]
+  saved = sorted(int(p.name) for p in (tmp_path / "stopped" / "checkpoints").iterdir())
+  assert saved[-1] == step and len(saved) > 1  # every_seconds saved before the stop
+  resumed = _launch_two_processes(
+    json.loads((tmp_path / "stopped.json").read_text()),
+    tmp_path / "stopped.json",
+    "train.resume=true",
+    cli=True,
+  )
+  outputs = [p.communicate(timeout=900)[0] for p in resumed]
+  assert [p.returncode for p in resumed] == [0, 0], outputs
+  assert _losses(tmp_path / "stopped") == _losses(tmp_path / "straight")  # bit for bit
+
+
+def test_sigint_stops_after_the_step_and_a_second_sigint_at_once():
+  with Preemption() as preemption:
+    assert not preemption.reached()
+    os.kill(os.getpid(), signal.SIGINT)
+    time.sleep(0.1)  # the handler runs between bytecodes
+    assert preemption.reached() and preemption.signal_name == "SIGINT"
+    with pytest.raises(KeyboardInterrupt):
+      os.kill(os.getpid(), signal.SIGINT)
+      time.sleep(0.1)
+  assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # handlers restored
+  assert signal.getsignal(signal.SIGINT) == signal.default_int_handler
+
+
+def test_two_runs_started_at_once_into_one_directory_the_second_is_refused(tmp_path):
+  out = tmp_path / "run"
+  config = _config(out, 2)
+  first, second = _cli(tmp_path, config), _cli(tmp_path, config)
+  results = {p.pid: p.communicate(timeout=600) for p in (first, second)}
+  codes = sorted((p.returncode, p.pid) for p in (first, second))
+  assert [code for code, _ in codes] == [0, 2], results
+  (_, winner), (_, refused) = codes
+  message = results[refused][1].splitlines()[-1]
+  assert re.fullmatch(
+    rf"config error: {out} is in use by run pid {winner} on host {socket.gethostname()} "
+    rf"\(started .+\), which holds {out / LOCK_NAME}: wait for it to end, or choose another "
+    r"train.output_dir",
+    message,
+  ), message
+  assert "model:" not in results[refused][0]  # refused before any work
+  assert sorted(_losses(out)) == [1, 2]  # one run's steps, each logged once
+  assert (out / LOCK_NAME).read_text() == ""  # released at the end
+
+
+def _holding_process(directory: Path) -> subprocess.Popen:
+  """Another live process that holds `directory`'s lock."""
+  holder = subprocess.Popen(
+    [
+      sys.executable,
+      "-c",
+      "import sys, time; from pathlib import Path; from train.run_dir import RunLock; "
+      "RunLock(Path(sys.argv[1])); print('locked', flush=True); time.sleep(600)",
+      str(directory),
+    ],
+    cwd=ROOT,
+    stdout=subprocess.PIPE,
+    text=True,
+  )
+  assert holder.stdout.readline() == "locked\n"
+  return holder
+
+
+def test_the_lock_names_a_live_holder_and_takes_over_a_dead_one(tmp_path, capsys):
+  holder = _holding_process(tmp_path)
+  try:
+    with pytest.raises(RunDirInUse, match=rf"in use by run pid {holder.pid} on host "):
+      RunLock(tmp_path)
+  finally:
+    holder.kill()
+    holder.wait()
+  # Killed (SIGKILL: no cleanup): its pid is in the file, its lock is free.
+  lock = RunLock(tmp_path)
+  assert re.fullmatch(
+    rf"taking over {tmp_path / LOCK_NAME}: run pid {holder.pid} on host "
+    rf"{socket.gethostname()} \(started .+\) did not release it \(no longer running\)\n",
+    capsys.readouterr().out,
+  )
+  assert json.loads((tmp_path / LOCK_NAME).read_text())["pid"] == os.getpid()
+  lock.release()
+  assert (tmp_path / LOCK_NAME).read_text() == ""
+  RunLock(tmp_path).release()
+  assert "taking over" not in capsys.readouterr().out  # a released lock is not stale
+
+
+def test_the_lock_is_released_when_the_run_fails(tmp_path):
+  out = tmp_path / "run"
+  model = tmp_path / "model"
+  model.mkdir()
+  (model / "config.json").write_text('{"model_type": "llama",')
+  config = {**_config(out, 2), "model": {"path": str(model)}}
+  config["data"] = {**config["data"], "tokenizer": "model"}
+  with pytest.raises(ValueError, match="corrupt JSON"):
+    train.run(config)
+  assert (out / LOCK_NAME).read_text() == ""
+  RunLock(out).release()
+
+
+def test_a_resume_names_the_changed_model_or_method_and_keeps_the_checkpoint(tmp_path, capsys):
+  out = tmp_path / "run"
+  config = _config(out, 2)
+  train.run(config)
+  files = {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != LOCK_NAME}
+  wider = {"model": {**QUICK["model"], "hf_config": {**QUICK["model"]["hf_config"]}}}
+  wider["model"]["hf_config"]["intermediate_size"] = 128
+  for overrides, changed in (
+    (wider, r"model.intermediate_size: 64 -> 128"),
+    ({"optimizer": {**QUICK["optimizer"], "method": "sft"}}, r"optimizer.method: 'gmt' -> 'sft'"),
+  ):
+    with pytest.raises(ConfigError) as error:
+      train.run({**config, **overrides}, ["train.resume=true", "train.steps=3"])
+    assert re.search(rf"cannot resume from {out}/checkpoints: .*\({changed}\)", str(error.value))
+    assert "intact" in str(error.value) and "corrupt" not in str(error.value)
+  assert {p: p.read_bytes() for p in files} == files  # nothing touched
+  capsys.readouterr()
+  train.run(config, ["train.resume=true", "train.steps=3", "model.param_dtype=bfloat16"])
+  assert (
+    "model.param_dtype: float32 -> bfloat16: the checkpoint's float32 weights and optimizer "
+    "state are cast to bfloat16"
+  ) in capsys.readouterr().out
+  assert sorted(_losses(out)) == [1, 2, 3]
+
+
+def test_resuming_from_another_run_never_writes_there(tmp_path):
+  other = tmp_path / "other"
+  train.run(_config(other, 2))
+  # Another run's save in flight: deleting it would break that run.
+  in_flight = other / "checkpoints" / "3.orbax-checkpoint-tmp-1234567890"
+  in_flight.mkdir()
+  (in_flight / "part").write_text("being written")
+  before = {p: p.read_bytes() for p in other.rglob("*") if p.is_file()}
+  out = tmp_path / "run"
+  train.run(_config(out, 3), [f"train.resume={other}"])
+  assert {p: p.read_bytes() for p in other.rglob("*") if p.is_file()} == before
+  assert sorted(_losses(out)) == [3]
+  missing = tmp_path / "missing"
+  with pytest.raises(FileNotFoundError, match=rf"train.resume={missing}: no such directory"):
+    train.run(_config(tmp_path / "run2", 3), [f"train.resume={missing}"])
+  assert not missing.exists() and not (tmp_path / "run2").exists()  # before any work
