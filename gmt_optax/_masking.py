@@ -699,8 +699,8 @@ def gradient_mask(
       did (kept fraction, threshold, kept gradient energy, overlap with the
       previous update's mask and coverage on a fixed sample): see
       :class:`MaskTelemetry` and :func:`mask_telemetry`. Off, the state and
-      the compiled update are exactly those without it. Static: under
-      ``optax.inject_hyperparams`` pass it in ``static_args``.
+      the compiled update are exactly those without it. A Python bool
+      (``optax.inject_hyperparams`` keeps bools static).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose state is a
@@ -876,8 +876,5 @@ def telemetry_sample_size(telemetry) -> int:
   """Entries sampled per row for :func:`gradient_mask`'s ``telemetry`` flag
   (0: off), checked to be a Python bool."""
   if not isinstance(telemetry, bool):
-    raise ValueError(
-      f"telemetry must be a Python bool, got {telemetry!r} "
-      "(under optax.inject_hyperparams, pass static_args=('telemetry',))."
-    )
+    raise ValueError(f"telemetry must be a Python bool, got {telemetry!r}.")
   return TELEMETRY_SAMPLE_SIZE if telemetry else 0
