@@ -1,5 +1,7 @@
 """Mask telemetry (`gradient_mask(telemetry=True)`) against exact numpy computations."""
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -277,3 +279,77 @@ def test_telemetry_must_be_a_bool_and_is_static_under_inject_hyperparams():
   grads = grads_tree(np.random.default_rng(10))
   _, state = jax.jit(injected.update)(grads, injected.init(grads))
   assert gmt_optax.mask_telemetry(state).kept_fraction.shape == (3,)
+
+
+@pytest.fixture(scope="module")
+def telemetry_run(tmp_path_factory):
+  """A tiny GMT training (3 steps) with `optimizer.telemetry: true`: its output directory."""
+  import train
+  from tests.test_train import TINY
+
+  out = tmp_path_factory.mktemp("telemetry") / "run"
+  train.run(
+    {
+      **TINY,
+      "train": {**TINY["train"], "steps": 3, "output_dir": str(out)},
+      "optimizer": {**TINY["optimizer"], "method": "gmt", "telemetry": True},
+    }
+  )
+  return out
+
+
+def test_the_trainer_logs_per_layer_telemetry_to_jsonl_and_tensorboard(telemetry_run):
+  from tests.test_tensorboard import _scalars
+
+  records = [
+    json.loads(line) for line in (telemetry_run / "train_log.jsonl").read_text().splitlines()
+  ]
+  assert [r["step"] for r in records] == [1, 2, 3]
+  down = [r["mask"]["layers/mlp/down_proj/kernel"] for r in records]
+  assert all(len(d[name]) == 2 for d in down for name in _masking.TELEMETRY_STATISTICS)  # 2 layers
+  assert np.isnan(down[0]["jaccard"]).all() and np.isfinite(down[2]["jaccard"]).all()
+  head = records[-1]["mask"]["lm_head/kernel"]  # an unstacked tensor: one value each
+  assert isinstance(head["kept_energy"], float)
+  for record in records:  # keeping the largest entries keeps at least their share of energy
+    for statistics in record["mask"].values():
+      assert np.all(
+        np.asarray(statistics["kept_energy"]) >= np.asarray(statistics["kept_fraction"]) - 1e-6
+      )
+
+  tags = _scalars(telemetry_run / "tensorboard")
+  for layer in ("layer_0", "layer_1"):
+    assert tags[f"mask/kept_energy/layers/mlp/down_proj/kernel/{layer}"] == [1, 2, 3]
+    assert tags[f"mask/coverage/layers/self_attn/q_proj/kernel/{layer}"] == [1, 2, 3]
+    assert tags[f"mask/jaccard/layers/mlp/down_proj/kernel/{layer}"] == [2, 3]  # none before
+  assert tags["mask/threshold/lm_head/kernel"] == [1, 2, 3]
+  assert tags["train/kept_fraction"] == [1, 2, 3]
+
+
+def test_the_study_report_plots_telemetry_and_skips_runs_without(telemetry_run, tmp_path):
+  from train.study_report import plot_telemetry, telemetry_curves
+
+  plain = tmp_path / "sft"
+  plain.mkdir()
+  (plain / "train_log.jsonl").write_text(json.dumps({"step": 1, "loss": 2.0}) + "\n")
+  rows = [
+    {"method": "gmt_0.5", "mask_ratio": "0.5", "run_dir": str(telemetry_run)},
+    {"method": "sft", "mask_ratio": "", "run_dir": str(plain)},
+  ]
+  curves = telemetry_curves(rows)
+  assert list(curves) == [0.5]
+  records = [
+    json.loads(line) for line in (telemetry_run / "train_log.jsonl").read_text().splitlines()
+  ]
+  energy = [
+    np.mean(np.concatenate([np.atleast_1d(s["kept_energy"]) for s in r["mask"].values()]))
+    for r in records
+  ]
+  steps, values = curves[0.5]["kept_energy"]
+  np.testing.assert_array_equal(steps, [1, 2, 3])
+  np.testing.assert_allclose(values, energy)
+  assert list(curves[0.5]["jaccard"][0]) == [2, 3]  # the first update has no previous mask
+  assert plot_telemetry(tmp_path / "mask_telemetry.png", rows)
+  assert (tmp_path / "mask_telemetry.png").read_bytes()[:4] == b"\x89PNG"
+  assert (
+    not plot_telemetry(tmp_path / "none.png", rows[1:]) and not (tmp_path / "none.png").exists()
+  )

@@ -90,6 +90,7 @@ class OptimizerConfig:
   sample_size: int = 8192
   mask_embeddings: bool = True  # False: embeddings/head pass through unmasked
   mask_updates: bool = False  # also zero the AdamW update where the grad was masked
+  telemetry: bool = False  # gmt: log per-layer kept energy, mask stability, coverage
   hft_freeze_fraction: float = 0.5
   hft_period: int = 100
   seed: int = 0

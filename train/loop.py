@@ -397,6 +397,7 @@ def run(config_source="configs/default.yaml", overrides=None, cache: dict | None
       num_params, model_config.num_layers, config.data.max_length, model_config.hidden_size
     ),
     peak and peak * jax.device_count(),
+    p_shardings,  # names the layers of mask telemetry
   )
   step_times = []
 
