@@ -864,7 +864,7 @@ def mask_telemetry(opt_state) -> Optional[MaskTelemetry]:
     >>> _, state = tx.update(params, tx.init(params))
     >>> telemetry = gmt_optax.mask_telemetry(state)
     >>> telemetry.kept_energy  # (16 + 9) / (1 + 16 + 4 + 9)
-    Array([0.8333334], dtype=float32)
+    Array([0.8333333], dtype=float32)
     >>> telemetry.by_tensor(params)["w"]["threshold"]
     3.0
   """
