@@ -45,7 +45,8 @@ class MaskTelemetry(NamedTuple):
 
   With :math:`g` a row's gradient, :math:`m` its keep mask, :math:`K_t` the
   kept entries of the fixed sample :math:`S` (``TELEMETRY_SAMPLE_SIZE``
-  entries of the row, drawn once with replacement) at update :math:`t`:
+  entries of the row drawn uniformly with replacement from the mask's seed,
+  the same at every update) at update :math:`t`:
 
   .. math::
     \text{kept\_energy} = \frac{\lVert g \odot m \rVert^2}{\lVert g \rVert^2},

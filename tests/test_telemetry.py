@@ -353,3 +353,20 @@ def test_the_study_report_plots_telemetry_and_skips_runs_without(telemetry_run, 
   assert (
     not plot_telemetry(tmp_path / "none.png", rows[1:]) and not (tmp_path / "none.png").exists()
   )
+
+
+def test_bad_uses_are_refused_with_what_and_where():
+  from train.config import ConfigError, load_config
+
+  with pytest.raises(ConfigError, match="optimizer.method=sft has no such mask"):
+    load_config("configs/default.yaml", ["optimizer.method=sft", "optimizer.telemetry=true"])
+  grads = grads_tree(np.random.default_rng(11))
+  tx = gmt_optax.gradient_mask(0.5, telemetry=True)
+  with pytest.raises(ValueError, match="the updates have 3 masked rows, the state 1"):
+    tx.update(grads, tx.init(grads["embed"]))
+  mesh = jax.make_mesh((3,), ("x",), axis_types=(AUTO,), devices=jax.devices()[:3])
+  local = gmt_optax.gradient_mask(0.5, axis_name="x", telemetry=True)
+  update = jax.shard_map(local.update, mesh=mesh, in_specs=(P("x"), P()), out_specs=(P("x"), P()))
+  w = jnp.ones((6, 4))
+  with pytest.raises(ValueError, match="1024 entries per row, which 3 shards of axis 'x'"):
+    jax.jit(update)(w, local.init(w))

@@ -311,6 +311,11 @@ def _check_consistency(config: Config) -> None:
     raise ConfigError(f"optimizer.mask_ratio={o.mask_ratio} must be in [0, 1)")
   if not 0.0 < o.hft_freeze_fraction < 1.0:
     raise ConfigError(f"optimizer.hft_freeze_fraction={o.hft_freeze_fraction} must be in (0, 1)")
+  if o.telemetry and o.method != "gmt":
+    raise ConfigError(
+      f"optimizer.telemetry=true reports what GMT's mask does; optimizer.method={o.method} "
+      "has no such mask: use optimizer.method=gmt or optimizer.telemetry=false"
+    )
   if t.profile_steps and (
     len(t.profile_steps) != 2 or not 0 <= t.profile_steps[0] < t.profile_steps[1]
   ):
