@@ -7,7 +7,8 @@ and compiles the jitted step of each method (compile time reported
 separately), then times `--steps` updates after one warm-up, the methods taking
 turns on the same batches. Prints a Markdown table: compile
 s, s/step min / median / max, tokens/s at the median (non-padding tokens),
-ratio of the medians to sft, and the peak RSS of the process.
+ratio of the medians to sft, and the peak RSS of the process. A method
+`gmt+telemetry` is GMT with `optimizer.telemetry=true` (mask telemetry).
 """
 
 import argparse
@@ -49,7 +50,8 @@ def main():
   # (round-robin), so that load from other processes hits all methods alike.
   methods, compile_s, states, steps = args.methods.split(","), {}, {}, {}
   for method in methods:
-    opt = dataclasses.replace(config.optimizer, method=method)
+    name, _, option = method.partition("+")
+    opt = dataclasses.replace(config.optimizer, method=name, telemetry=option == "telemetry")
     built = build_steps(graphdef, rest, params, p_shardings, opt, args.steps + 1, mesh)
     opt_state = jax.jit(built.tx.init, out_shardings=built.shardings["opt_state"])(params)
     shardings, step_fn = built.shardings, built.train

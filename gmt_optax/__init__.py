@@ -8,9 +8,12 @@ from gmt_optax._accumulation import AccumulationState, MaskedUpdateState, accumu
 from gmt_optax._hft import HFTState, hft
 from gmt_optax._masking import (
   GradientMaskState,
+  GradientMaskTelemetryState,
+  MaskTelemetry,
   RandomMaskState,
   gradient_mask,
   kept_fraction,
+  mask_telemetry,
   random_mask,
 )
 
@@ -19,7 +22,9 @@ __version__ = "0.1.0"
 __all__ = (
   "AccumulationState",
   "GradientMaskState",
+  "GradientMaskTelemetryState",
   "HFTState",
+  "MaskTelemetry",
   "MaskedUpdateState",
   "RandomMaskState",
   "accumulate_gradients",
@@ -27,5 +32,6 @@ __all__ = (
   "gradient_mask",
   "hft",
   "kept_fraction",
+  "mask_telemetry",
   "random_mask",
 )

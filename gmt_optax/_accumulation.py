@@ -28,7 +28,8 @@ class AccumulationState(NamedTuple):
 
 
 class MaskedUpdateState(NamedTuple):
-  """State of :func:`gmt` with ``mask_updates=True``."""
+  """State of :func:`gmt` with ``mask_updates=True`` (``mask_state`` is a
+  :class:`GradientMaskTelemetryState` with ``telemetry=True``)."""
 
   mask_state: _masking.GradientMaskState
   inner_state: optax.OptState
@@ -116,24 +117,28 @@ def accumulate_gradients(
 def _mask_then_inner(inner, mask_ratio, seed, mask_options):
   """``chain(gradient_mask, inner)`` that also zeroes ``inner``'s update
   wherever the gradient was masked."""
-  keep_masks = _masking.keep_mask_fn(mask_ratio, **mask_options)
+  mask_options = dict(mask_options)
+  telemetry = mask_options.pop("telemetry", False)
+  keep_masks = _masking.keep_mask_fn(
+    mask_ratio, telemetry_size=_masking.telemetry_sample_size(telemetry), **mask_options
+  )
   inner = optax.with_extra_args_support(inner)
 
   def init_fn(params):
     return MaskedUpdateState(
-      mask_state=_masking.init_state(_masking.GradientMaskState, seed, params),
+      mask_state=_masking.init_mask_state(
+        seed, params, telemetry, mask_options.get("mask"), mask_options.get("stacked_axes")
+      ),
       inner_state=inner.init(params),
     )
 
   def update_fn(updates, state, params=None, **extra_args):
     mask_state = state.mask_state
-    keep, kept = keep_masks(updates, mask_state.count, mask_state.rng_key)
+    keep, kept, statistics = keep_masks(updates, mask_state.count, mask_state.rng_key)
     new_updates, inner_state = inner.update(
       _masking.apply_keep_masks(updates, keep), state.inner_state, params, **extra_args
     )
-    mask_state = mask_state._replace(
-      count=optax.safe_increment(mask_state.count), kept_fraction=kept
-    )
+    mask_state = _masking.next_mask_state(mask_state, kept, statistics)
     return (
       _masking.apply_keep_masks(new_updates, keep),
       MaskedUpdateState(mask_state, inner_state),
@@ -179,7 +184,8 @@ def gmt(
       (see :func:`accumulate_gradients`).
     seed: seed of the mask sampler.
     **gradient_mask_options: ``granularity``, ``selection``, ``sample_size``,
-      ``mask``, ``axis_name``, ``stacked_axes`` of :func:`gradient_mask`.
+      ``mask``, ``axis_name``, ``stacked_axes``, ``telemetry`` of
+      :func:`gradient_mask`.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.

@@ -230,6 +230,7 @@ class OptimizerConfig:
   sample_size: int = ranged(8192, "[1, inf)")
   mask_embeddings: bool = True  # False: embeddings/head pass through unmasked
   mask_updates: bool = False  # also zero the AdamW update where the grad was masked
+  telemetry: bool = False  # gmt: log per-layer kept energy, mask stability, coverage
   hft_freeze_fraction: float = ranged(0.5, "(0, 1)")
   hft_period: int = ranged(100, "[1, inf)")
   seed: int = ranged(0, SEED_RANGE)
@@ -410,7 +411,7 @@ def _build(cls: type, values: dict, prefix: str) -> Any:
 
 def _check_consistency(config: Config) -> None:
   """Cross-field checks: what one field's range cannot express."""
-  t, d, m = config.train, config.data, config.mesh
+  t, d, m, o = config.train, config.data, config.mesh, config.optimizer
   sizes = {"mesh.data": m.data, "mesh.fsdp": m.fsdp, "mesh.tensor": m.tensor}
   if list(sizes.values()).count(-1) > 1:
     raise ConfigError(f"mesh {sizes}: at most one axis may be -1")
@@ -430,6 +431,11 @@ def _check_consistency(config: Config) -> None:
     )
   if t.steps == 0 and t.epochs == 0:
     raise ConfigError("set train.steps > 0 or train.epochs > 0")
+  if o.telemetry and o.method != "gmt":
+    raise ConfigError(
+      f"optimizer.telemetry=true reports what GMT's mask does; optimizer.method={o.method} "
+      "has no such mask: use optimizer.method=gmt or optimizer.telemetry=false"
+    )
   if t.profile_steps and (len(t.profile_steps) != 2 or t.profile_steps[0] >= t.profile_steps[1]):
     raise ConfigError(
       f"train.profile_steps={list(t.profile_steps)} must be [start, stop] with 0 <= start < stop"

@@ -347,6 +347,7 @@ def _run(
       num_params, model_config.num_layers, config.data.max_length, model_config.hidden_size
     ),
     peak and peak * jax.device_count(),
+    p_shardings,  # names the layers of mask telemetry
   )
   step_times = []
 

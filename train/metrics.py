@@ -4,16 +4,21 @@ TensorBoard scalars beside the JSONL log.
 Reading a metric (`float(v)`) waits for its step. `Meter` keeps the metrics of
 a log step and reads them only after the next step is dispatched (as nanodo
 does), so the device always has queued work; tokens and time cover every step
-since the previous log line.
+since the previous log line. Mask telemetry (`optimizer.telemetry`) arrives as
+per-row arrays and leaves as `{"mask": {tensor: {statistic: value or per-layer
+list}}}`, named by the parameters' paths.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import platform
 import time
 
 import jax
+
+import gmt_optax
 
 # Peak dense bf16 FLOP/s per chip, by `jax.devices()[0].device_kind` (first match wins).
 PEAK_FLOPS = (
@@ -53,9 +58,10 @@ def flops_per_token(num_params: int, num_layers: int, seq_len: int, d_model: int
 class Meter:
   """Turns each log step's device metrics into a log record, one step late."""
 
-  def __init__(self, flops_per_token: float, peak_flops: float | None):
+  def __init__(self, flops_per_token: float, peak_flops: float | None, param_tree=None):
     self.flops_per_token = flops_per_token
     self.peak_flops = peak_flops  # all devices together; None: no MFU
+    self.param_tree = param_tree  # any pytree shaped like the params: names mask telemetry
     self._pending = None
     self._tokens = self._steps = 0
     self.restart()
@@ -80,7 +86,10 @@ class Meter:
       return None
     step, metrics, tokens, steps = self._pending
     self._pending = None
-    values = {k: float(v) for k, v in metrics.items()}
+    values = {
+      k: v.by_tensor(self.param_tree) if isinstance(v, gmt_optax.MaskTelemetry) else float(v)
+      for k, v in metrics.items()
+    }
     now = time.perf_counter()
     seconds, self._since = now - self._since, now
     record = {
@@ -93,6 +102,24 @@ class Meter:
     if self.peak_flops:
       record["mfu"] = tokens * self.flops_per_token / seconds / self.peak_flops
     return record
+
+
+def mask_scalars(tensors: dict) -> dict[str, float]:
+  """`{"mask/<statistic>/<tensor>/layer_<i>": value}` of a record's mask telemetry
+  (`MaskTelemetry.by_tensor`): statistics first, so TensorBoard's filter (e.g.
+  `mask/kept_energy/.*mlp`) shows one statistic of every layer side by side; layer
+  numbers are zero-padded to sort in order. First updates have no previous mask: their
+  NaN Jaccard is left out."""
+  scalars = {}
+  for tensor, statistics in tensors.items():
+    for statistic, value in statistics.items():
+      tag = f"mask/{statistic}/{tensor}"
+      if isinstance(value, list):
+        width = len(str(len(value) - 1))
+        scalars.update({f"{tag}/layer_{i:0{width}d}": v for i, v in enumerate(value)})
+      else:
+        scalars[tag] = value
+  return {tag: v for tag, v in scalars.items() if not math.isnan(v)}
 
 
 class MetricWriter:
@@ -112,11 +139,15 @@ class MetricWriter:
       self._writer = SummaryWriter(str(directory))
 
   def write(self, step: int, values: dict, prefix: str) -> None:
+    """Numeric `values` as `<prefix><name>`; a `"mask"` entry (mask telemetry) as
+    `mask/<statistic>/<tensor>[/layer_<i>]`, one scalar per layer (see `mask_scalars`)."""
     if self._writer is None:
       return
     for name, value in values.items():
       if name != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
         self._writer.add_scalar(prefix + name, value, step)
+    for tag, value in mask_scalars(values.get("mask", {})).items():
+      self._writer.add_scalar(tag, value, step)
     self._writer.flush()  # a crash or a preemption keeps what was logged
 
   def close(self) -> None:

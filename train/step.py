@@ -195,6 +195,9 @@ def make_train_step(
     kept = gmt_optax.kept_fraction(opt_state)
     if kept is not None:
       metrics["kept_fraction"] = kept
+    telemetry = gmt_optax.mask_telemetry(opt_state)
+    if telemetry is not None:  # per-row arrays: the Meter names them on the host
+      metrics["mask"] = telemetry
     return params, opt_state, metrics
 
   in_shardings = (

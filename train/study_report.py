@@ -144,6 +144,73 @@ def _plot(path: Path, tasks: dict[str, list[dict]]) -> None:
   plt.close(fig)
 
 
+TELEMETRY_PANELS = (
+  ("kept_energy", "kept gradient energy ||g*m||^2 / ||g||^2"),
+  ("jaccard", "mask stability (Jaccard with the previous update)"),
+  ("coverage", "coverage (sampled entries ever updated)"),
+)
+
+
+def telemetry_curves(rows: list[dict]) -> dict[float, dict[str, tuple[np.ndarray, np.ndarray]]]:
+  """Per mask ratio, per statistic of `TELEMETRY_PANELS`: (steps, values), each value the
+  mean over the runs of that ratio of the mean over every masked tensor and layer (NaN, as a
+  first update's Jaccard, left out). Runs logged without telemetry are skipped."""
+  by_ratio: dict[float, list[dict]] = {}
+  for row in rows:
+    log = Path(row["run_dir"]) / "train_log.jsonl"
+    records = [json.loads(line) for line in log.read_text().splitlines() if line]
+    per_step = {}
+    for record in records:
+      if "mask" not in record:
+        continue
+      values = {name: [] for name, _ in TELEMETRY_PANELS}
+      for statistics in record["mask"].values():
+        for name in values:
+          values[name] += np.atleast_1d(statistics[name]).tolist()
+      per_step[record["step"]] = {
+        name: np.nanmean(v) if np.isfinite(v).any() else np.nan for name, v in values.items()
+      }
+    if per_step:
+      by_ratio.setdefault(float(row["mask_ratio"]), []).append(per_step)
+  curves = {}
+  for ratio, runs in sorted(by_ratio.items()):
+    steps = np.array(sorted(set().union(*runs)))
+    curves[ratio] = {}
+    for name, _ in TELEMETRY_PANELS:
+      table = np.array([[run.get(s, {}).get(name, np.nan) for s in steps] for run in runs])
+      finite = np.isfinite(table).any(axis=0)
+      curves[ratio][name] = (
+        steps[finite],
+        np.nanmean(table[:, finite], axis=0) if finite.any() else np.array([]),
+      )
+  return curves
+
+
+def plot_telemetry(path: Path, rows: list[dict]) -> bool:
+  """Kept gradient energy, mask stability and coverage against the step, one line per mask
+  ratio (the mean over that ratio's runs, tasks and seeds, and over every masked tensor and
+  layer); False, and no file, when no run logged mask telemetry."""
+  curves = telemetry_curves(rows)
+  if not curves:
+    return False
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  fig, axes = plt.subplots(1, len(TELEMETRY_PANELS), figsize=(5 * len(TELEMETRY_PANELS), 3.6))
+  for ax, (name, label) in zip(axes, TELEMETRY_PANELS):
+    for ratio, statistics in curves.items():
+      steps, values = statistics[name]
+      ax.plot(steps, values, marker=".", label=f"GMT mask ratio {ratio:g}")
+    ax.set(title=label, xlabel="optimizer step", ylim=(0, 1.02))
+    ax.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+  return True
+
+
 def _sizing(results: list[dict], seeds: int, items: int) -> list[str]:
   """The arithmetic that sizes the test set: variance components of the GMT - SFT differences
   measured here, the difference this study resolves, and the items a 3-point one needs."""
@@ -370,6 +437,20 @@ def write(study, sweep_rows: list[dict], rows: list[dict], lr: float) -> Path:
     lines += ["", "Sizing: " + " ".join(_sizing(results, seeds, items)), ""]
   if spec.get("notes"):
     lines += ["## Notes", ""] + [f"- {' '.join(note.split())}" for note in spec["notes"]] + [""]
+  if plot_telemetry(report_dir / "mask_telemetry.png", rows):
+    lines += [
+      "## Mask telemetry",
+      "",
+      "What the mask did in the GMT runs (`optimizer.telemetry`), against the step: the "
+      "fraction of squared gradient norm it kept, the Jaccard overlap of its kept set with the "
+      "previous update's and the fraction of entries updated at least once so far (both on a "
+      "fixed sample of 1024 entries per tensor and layer). Each line is a mask ratio: the mean "
+      "over its runs of the mean over every masked tensor and layer (docs/training.md, "
+      '"Mask telemetry").',
+      "",
+      "![mask telemetry against the step](mask_telemetry.png)",
+      "",
+    ]
   lines += ["## Conclusion", ""] + [_conclusion(t, r, draws) for t, r in tasks.items()]
   lines += ["", _overall(tasks)]
   report = report_dir / "results.md"
