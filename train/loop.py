@@ -37,6 +37,7 @@ from train.checkpoints import (
 from train.config import Config, load_config
 from train.data import (
   Batches,
+  check_task_options,
   examples_for_generation,
   prepare,
 )
@@ -170,6 +171,8 @@ def run(config_source="configs/default.yaml", overrides=None, cache: dict | None
   """
   started = time.time()
   config = load_config(config_source, overrides)  # all validation happens here, before any work
+  if config.data.source == "reasoning_gym":
+    check_task_options(config.data)  # needs reasoning-gym imported: not in load_config
   initialize_distributed(config.mesh)
   out = Path(config.train.output_dir)
   # Refuses a directory that another run holds or used, probes that it is writable, and
