@@ -19,7 +19,8 @@ import train
 from tests.test_train import ROOT, TINY, _launch_two_processes, _losses
 from train.checkpoints import PREEMPTED_EXIT_CODE, Preemption
 from train.config import ConfigError
-from train.run_dir import LOCK_NAME, RunDirInUse, RunLock
+from train.paths import RunPaths
+from train.run_dir import RunDirInUse, RunLock
 
 # No evaluation: these tests are about steps, checkpoints and the directory.
 QUICK = {**TINY, "eval": {"before": False, "after": False}}
@@ -85,7 +86,7 @@ def test_sigterm_saves_the_current_step_and_its_resume_equals_the_straight_run(t
   checkpoints = tmp_path / "stopped" / "checkpoints"
   assert saved == str(checkpoints / str(step)) and os.listdir(checkpoints) == [str(step)]
   assert sorted(_losses(tmp_path / "stopped")) == list(range(1, step + 1))
-  assert (tmp_path / "stopped" / LOCK_NAME).read_text() == ""  # released
+  assert RunPaths(tmp_path / "stopped").lock.read_text() == ""  # released
   resumed = subprocess.run(
     shlex.split(command), cwd=ROOT, env=_env(tmp_path), capture_output=True, text=True
   )
@@ -156,13 +157,13 @@ def test_two_runs_started_at_once_into_one_directory_the_second_is_refused(tmp_p
   message = results[refused][1].splitlines()[-1]
   assert re.fullmatch(
     rf"config error: {out} is in use by run pid {winner} on host {socket.gethostname()} "
-    rf"\(started .+\), which holds {out / LOCK_NAME}: wait for it to end, or choose another "
+    rf"\(started .+\), which holds {RunPaths(out).lock}: wait for it to end, or choose another "
     r"train.output_dir",
     message,
   ), message
   assert "model:" not in results[refused][0]  # refused before any work
   assert sorted(_losses(out)) == [1, 2]  # one run's steps, each logged once
-  assert (out / LOCK_NAME).read_text() == ""  # released at the end
+  assert RunPaths(out).lock.read_text() == ""  # released at the end
 
 
 def _holding_process(directory: Path) -> subprocess.Popen:
@@ -194,13 +195,13 @@ def test_the_lock_names_a_live_holder_and_takes_over_a_dead_one(tmp_path, capsys
   # Killed (SIGKILL: no cleanup): its pid is in the file, its lock is free.
   lock = RunLock(tmp_path)
   assert re.fullmatch(
-    rf"taking over {tmp_path / LOCK_NAME}: run pid {holder.pid} on host "
+    rf"taking over {RunPaths(tmp_path).lock}: run pid {holder.pid} on host "
     rf"{socket.gethostname()} \(started .+\) did not release it \(no longer running\)\n",
     capsys.readouterr().out,
   )
-  assert json.loads((tmp_path / LOCK_NAME).read_text())["pid"] == os.getpid()
+  assert json.loads(RunPaths(tmp_path).lock.read_text())["pid"] == os.getpid()
   lock.release()
-  assert (tmp_path / LOCK_NAME).read_text() == ""
+  assert RunPaths(tmp_path).lock.read_text() == ""
   RunLock(tmp_path).release()
   assert "taking over" not in capsys.readouterr().out  # a released lock is not stale
 
@@ -214,7 +215,7 @@ def test_the_lock_is_released_when_the_run_fails(tmp_path):
   config["data"] = {**config["data"], "tokenizer": "model"}
   with pytest.raises(ValueError, match="corrupt JSON"):
     train.run(config)
-  assert (out / LOCK_NAME).read_text() == ""
+  assert RunPaths(out).lock.read_text() == ""
   RunLock(out).release()
 
 
@@ -222,7 +223,7 @@ def test_a_resume_names_the_changed_model_or_method_and_keeps_the_checkpoint(tmp
   out = tmp_path / "run"
   config = _config(out, 2)
   train.run(config)
-  files = {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != LOCK_NAME}
+  files = {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p != RunPaths(out).lock}
   wider = {"model": {**QUICK["model"], "hf_config": {**QUICK["model"]["hf_config"]}}}
   wider["model"]["hf_config"]["intermediate_size"] = 128
   for overrides, changed in (

@@ -25,6 +25,7 @@ from train.data import ROW_FIELDS
 from train.generate import generate
 from train.mesh import BATCH_AXES, to_host
 from train.metrics import MetricWriter
+from train.paths import RunPaths
 from train.scoring import exact_match, parse_answer, score
 from train.stats import answer_stats
 from train.step import Steps, merge
@@ -174,7 +175,7 @@ def benchmark_accuracy(
 @dataclasses.dataclass
 class Evaluator:
   """Evaluates parameters on the run's held-out data; completions go to
-  ``<output_dir>/eval_<tag>.jsonl`` and held-out answers to ``answers[tag]``.
+  ``paths.eval_samples(tag)`` and held-out answers to ``answers[tag]``.
 
   Attributes:
     rows: held-out token rows (None: no held-out loss).
@@ -184,7 +185,7 @@ class Evaluator:
   """
 
   config: Config
-  output_dir: Path
+  paths: RunPaths
   steps: Steps
   graphdef: object
   rest: object
@@ -235,7 +236,7 @@ class Evaluator:
     options = dict(
       max_new_tokens=cfg.max_new_tokens,
       batch_size=cfg.generate_batch_size,
-      samples_path=self.output_dir / f"eval_{tag}.jsonl",
+      samples_path=self.paths.eval_samples(tag),
     )
     if cfg.benchmark != "held_out":
       return {

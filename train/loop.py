@@ -45,6 +45,7 @@ from train.evaluator import Evaluator, all_sequence_logps
 from train.mesh import initialize_distributed, make_mesh, param_shardings
 from train.metrics import Meter, MetricWriter, flops_per_token, peak_flops_per_device
 from train.model import Llama, ModelConfig, abstract_model
+from train.paths import RunPaths
 from train.stats import paired_gain
 from train.step import build_steps, merge, reference_copy
 from train.tokenizer import AlpacaTemplate, ByteTokenizer
@@ -190,6 +191,7 @@ def _run(
   config: Config, out: Path, cache: dict | None, started: float, preemption: Preemption
 ) -> dict:
   """`run` once the output directory is this run's."""
+  paths = RunPaths(out)
   mesh = make_mesh(config.mesh)
   _log(
     f"mesh {dict(mesh.shape)} over {jax.device_count()} {jax.devices()[0].platform} device(s), "
@@ -271,7 +273,7 @@ def _run(
     _log(f"dpo reference: {kind}, {config.model.dtype} ({time.time() - start:.1f} s)")
 
   c = config.checkpoint
-  checkpoints = Checkpoints(out / "checkpoints", c.keep, c.every, c.every_seconds)
+  checkpoints = Checkpoints(paths.checkpoints, c.keep, c.every, c.every_seconds)
   model_config = merge(graphdef, params, rest).config
   first_step = 0
   if t.resume:
@@ -294,10 +296,10 @@ def _run(
     _log(f"resumed from {source.directory} at step {first_step} (row {meta['data_position']})")
 
   summary: dict = {"output_dir": str(out), "num_params": num_params, "data": report}
-  writer = MetricWriter(out / "tensorboard", jax.process_index() == 0)
+  writer = MetricWriter(paths.tensorboard, jax.process_index() == 0)
   evaluate_at = Evaluator(
     config,
-    out,
+    paths,
     steps,
     graphdef,
     rest,
@@ -336,7 +338,7 @@ def _run(
       "param_dtype": config.model.param_dtype,
     }
 
-  log_file = open(out / "train_log.jsonl", "a") if jax.process_index() == 0 else None
+  log_file = open(paths.log, "a") if jax.process_index() == 0 else None
   progress = tqdm(
     range(first_step, total_steps),
     initial=first_step,
@@ -386,7 +388,7 @@ def _run(
   tracing = False
   for step in progress:
     if profile and not tracing and profile[0] <= step < profile[1]:
-      jax.profiler.start_trace(str(out / "profile"))
+      jax.profiler.start_trace(str(paths.profile))
       tracing = True
     tokens = int((train_rows["segment_ids"][batches.row_ids(step)] > 0).sum())
     batch = _global_batch(batches, step, shardings["batch"])
@@ -458,7 +460,7 @@ def _run(
   if config.checkpoint.export:
     from train.pretrained import export_pretrained
 
-    export_dir = Path(config.checkpoint.export_dir or out / "hf")
+    export_dir = Path(config.checkpoint.export_dir or paths.export)
     plain = tokenizer.tokenizer if isinstance(tokenizer, AlpacaTemplate) else tokenizer
     export_pretrained(
       merge(graphdef, params, rest),
@@ -471,7 +473,7 @@ def _run(
   timing = [float(x) for x in multihost_utils.broadcast_one_to_all(timing)]
   summary["wall_time_s"], summary["load_average"] = timing[0], timing[1:]
   if jax.process_index() == 0:
-    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    paths.summary.write_text(json.dumps(summary, indent=1))
   _show(summary)
   _log(
     f"outputs: {out}/ (config.yaml, train_log.jsonl, checkpoints/, eval_*.jsonl, summary.json"

@@ -33,8 +33,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from train.config import Config, ConfigError, save_config
-
-LOCK_NAME = "run.lock"
+from train.paths import RunPaths
 
 
 class RunDirInUse(ConfigError):
@@ -66,7 +65,7 @@ class RunLock:
   """An exclusive lock on `<directory>/run.lock`, held until `release()` or process exit."""
 
   def __init__(self, directory: Path):
-    self.path = directory / LOCK_NAME
+    self.path = RunPaths(directory).lock
     self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
       try:
@@ -136,7 +135,7 @@ def _claim(out: Path, config: Config) -> RunLock:
     # run that failed before its first step) is simply replaced.
     previous = [
       p.name
-      for p in (out / "train_log.jsonl", out / "checkpoints")
+      for p in (RunPaths(out).log, RunPaths(out).checkpoints)
       if p.is_file() and p.stat().st_size or p.is_dir() and any(p.iterdir())
     ]
     if previous and t.resume is not True:
@@ -149,13 +148,13 @@ def _claim(out: Path, config: Config) -> RunLock:
       aside = out.with_name(f"{out.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
       out.rename(aside)  # the lock moves with it: take one in the fresh directory
       lock.release()
-      (aside / LOCK_NAME).unlink()
+      RunPaths(aside).lock.unlink()
       print(f"moved the previous run in {out} to {aside}")
       _writable(out)
       lock = RunLock(out)
-    _writable(out / "checkpoints")
+    _writable(RunPaths(out).checkpoints)
     if t.resume is not True:
-      save_config(config, out / "config.yaml")
+      save_config(config, RunPaths(out).config)
   except BaseException:
     lock.release()
     raise
@@ -169,8 +168,8 @@ def resume_source(config: Config) -> Path | None:
   if not isinstance(resume, str):
     return None
   path = Path(resume)
-  if (path / "checkpoints").is_dir():
-    path = path / "checkpoints"
+  if RunPaths(path).checkpoints.is_dir():
+    path = RunPaths(path).checkpoints
   if not path.is_dir():
     raise FileNotFoundError(
       errno.ENOENT,
@@ -201,7 +200,7 @@ def prepare(out: Path, config: Config) -> RunLock | None:
   if error is not None:
     raise error
   if jax.process_index() != 0:
-    for directory in (out, out / "checkpoints"):
+    for directory in (out, RunPaths(out).checkpoints):
       _writable(directory)
   return lock
 
@@ -210,8 +209,8 @@ def resumed(out: Path, config: Config, step: int) -> None:
   """Continuing the run in `out` at `step`: its config beside the original, the log cut at `step`."""
   if jax.process_index() != 0 or config.train.resume is not True:
     return
-  save_config(config, out / f"config.resumed-{step}.yaml")
-  log = out / "train_log.jsonl"
+  save_config(config, RunPaths(out).resumed_config(step))
+  log = RunPaths(out).log
   if log.is_file():
     kept = []
     for line in log.read_text().splitlines():

@@ -35,6 +35,7 @@ import yaml
 
 from train.config import ConfigError, load_config
 from train.data import canonical_problem, reasoning_gym_examples
+from train.paths import RunPaths
 
 # The columns of results.csv, one row per run.
 COLUMNS = (
@@ -157,8 +158,8 @@ def run_once(fields: dict, config, cache: dict) -> dict:
   from train.loop import run  # here: config errors are reported before JAX is imported
 
   out = Path(config.train.output_dir)
-  result_path = out / "study_result.json"
-  if result_path.is_file() and load_config(out / "config.yaml") == config:
+  result_path = RunPaths(out).study_result
+  if result_path.is_file() and load_config(RunPaths(out).config) == config:
     return json.loads(result_path.read_text())
   if out.exists():  # an interrupted run: start it again from nothing
     shutil.rmtree(out)
@@ -210,7 +211,7 @@ def validation_accuracy(study: Study, row: dict, config) -> dict:
   test_forms = _test_forms(study, row["task"])
   records = [
     json.loads(line)
-    for line in (Path(row["run_dir"]) / "eval_after.jsonl").read_text().split("\n")
+    for line in RunPaths(row["run_dir"]).eval_samples("after").read_text().split("\n")
     if line
   ]
   kept = [
@@ -251,7 +252,7 @@ def main(argv=None) -> int:
   cache: dict = {}
   sweep_rows = []
   for fields, config in study.sweep_runs():
-    if args.report_only and not (Path(config.train.output_dir) / "study_result.json").is_file():
+    if args.report_only and not RunPaths(config.train.output_dir).study_result.is_file():
       continue
     row = run_once(fields, config, cache)
     sweep_rows.append(validation_accuracy(study, row, config))
@@ -263,7 +264,7 @@ def main(argv=None) -> int:
   lr = choose_lr(sweep_rows)
   rows = []
   for fields, config in study.grid_runs(lr):
-    if args.report_only and not (Path(config.train.output_dir) / "study_result.json").is_file():
+    if args.report_only and not RunPaths(config.train.output_dir).study_result.is_file():
       continue
     rows.append(run_once(fields, config, cache))
     r = rows[-1]

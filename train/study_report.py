@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from train.paths import RunPaths
 from train.stats import (
   Resampler,
   items_needed,
@@ -27,7 +28,7 @@ def exact_matrix(rows: list[dict]) -> np.ndarray:
   """[seeds, items] exact match (0/1) of one method's runs, in the rows' seed order."""
   matrix = []
   for row in rows:
-    lines = (Path(row["run_dir"]) / "eval_after.jsonl").read_text().splitlines()
+    lines = RunPaths(row["run_dir"]).eval_samples("after").read_text().splitlines()
     matrix.append([json.loads(line)["exact"] for line in lines if line])
   return np.array(matrix, np.float64)
 
@@ -157,7 +158,7 @@ def telemetry_curves(rows: list[dict]) -> dict[float, dict[str, tuple[np.ndarray
   first update's Jaccard, left out). Runs logged without telemetry are skipped."""
   by_ratio: dict[float, list[dict]] = {}
   for row in rows:
-    log = Path(row["run_dir"]) / "train_log.jsonl"
+    log = RunPaths(row["run_dir"]).log
     records = [json.loads(line) for line in log.read_text().splitlines() if line]
     per_step = {}
     for record in records:
