@@ -1,5 +1,6 @@
 """train.plan: the real XLA TPU compiler on this CPU (libtpu, no TPU), and local devices."""
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -146,3 +147,33 @@ def test_local_plan_on_cpu_devices():
 
   report = plan.plan(load_config(SMALL, ["mesh.fsdp=-1", "mesh.data=1"]), jax.devices(), None)
   assert report["fits"] and report["mesh"]["fsdp"] == jax.device_count()
+
+
+def _vs_maxtext():
+  spec = importlib.util.spec_from_file_location("vs_maxtext", ROOT / "benchmarks" / "vs_maxtext.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def test_vs_maxtext_names_the_slice_as_maxtext_does_and_prints_one_table():
+  vs = _vs_maxtext()
+  # MaxText counts TensorCores: a v5p chip has two, a v5e chip one.
+  assert vs.maxtext_topology("v5p:4x4x4") == "v5p-128"
+  assert vs.maxtext_topology("v5e:16x16") == "v5e-256"
+  with pytest.raises(ValueError, match="v7x:2x2"):
+    vs.maxtext_topology("v7x:2x2")
+  side = {
+    "per_device_bytes": 5e9,
+    "arguments": 1.5e9,
+    "temporaries": 3.5e9,
+    "flops": 1e12,
+    "bytes_accessed": 2e10,
+    "collectives": {"all-gather": {"count": 16, "bytes": 2e9}, "sort": {"count": 1, "bytes": 8}},
+    "compile_s": 70.0,
+  }
+  table = vs.table({"maxtext": [side, {**side, "compile_s": 80.0}], "sft": [side, side]})
+  assert "| per chip | MaxText | ours, sft |" in table
+  assert "| all-gather: count (bytes) | 16 (2.00 GB) | 16 (2.00 GB) |" in table
+  assert "| collective bytes, GB | 2.00 | 2.00 |" in table  # sorts are not collectives
+  assert "70.0 / 75.0 / 80.0" in table

@@ -149,8 +149,9 @@ def collectives(hlo_text: str) -> dict:
   return dict(found)
 
 
-def plan(config: Config, devices: list, hbm_bytes: int | None) -> dict:
-  """Compiles the train and eval steps of `config` for `devices`; returns the report dict."""
+def plan(config: Config, devices: list, hbm_bytes: int | None, with_hlo: bool = False) -> dict:
+  """Compiles the train and eval steps of `config` for `devices`; returns the report dict
+  (with the compiled train step's HLO text under "hlo" if `with_hlo`)."""
   t, length = config.train, config.data.max_length
   mesh = make_mesh(config.mesh, devices)
   shards = math.prod(mesh.shape[a] for a in BATCH_AXES)
@@ -271,6 +272,7 @@ def plan(config: Config, devices: list, hbm_bytes: int | None) -> dict:
     * flops_per_token(num_params, model_config.num_layers, length, model_config.hidden_size),
     "collectives": collectives(compiled.as_text()),
     "compile_s": compile_s,
+    **({"hlo": compiled.as_text()} if with_hlo else {}),
   }
 
 

