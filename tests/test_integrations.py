@@ -167,7 +167,7 @@ def kept_fraction_logger_class():
   return run_blocks([block], {})["KeptFractionLogger"]
 
 
-def recording_hook(tunix):
+def recording_hook():
   """The documented hook, also keeping the parameters and optimizer state at each step start."""
 
   class Recorder(kept_fraction_logger_class()):
@@ -230,14 +230,14 @@ def test_peft_trainer_with_tunix_accumulation(tunix):
     model,
     optax.chain(
       record_gradient(),
-      gmt_optax.gmt(optax.chain(count_runs(runs), optax.adamw(LEARNING_RATE)), 0.5),
+      gmt_optax.gmt(optax.chain(count_runs(runs), optax.adamw(LEARNING_RATE)), MASK_RATIO),
     ),
     tunix.peft.TrainingConfig(
       eval_every_n_steps=1000, max_steps=UPDATES, gradient_accumulation_steps=ACCUMULATION
     ),
   )
   trainer.with_gen_model_input_fn(gen_model_input_fn_for(tunix))
-  recorder = recording_hook(tunix)
+  recorder = recording_hook()
   trainer.with_training_hooks(recorder)
   batches = sft_batches(UPDATES * ACCUMULATION)
   trainer.train(batches)
@@ -275,23 +275,26 @@ def test_peft_trainer_with_gmt_accumulation(tunix):
       record_gradient(),
       gmt_optax.gmt(
         optax.chain(count_runs(runs), optax.adamw(LEARNING_RATE)),
-        0.5,
+        MASK_RATIO,
         accumulation_steps=ACCUMULATION,
       ),
     ),
     tunix.peft.TrainingConfig(eval_every_n_steps=1000, max_steps=UPDATES * ACCUMULATION),
   )
   trainer.with_gen_model_input_fn(gen_model_input_fn_for(tunix))
-  recorder = recording_hook(tunix)
+  recorder = recording_hook()
   trainer.with_training_hooks(recorder)
   trainer.train(sft_batches(UPDATES * ACCUMULATION))
 
   # Tunix steps are micro-batches now; the recorder sees each micro-batch's gradient, and gmt's
-  # running mean adds g / 2 per micro-batch in float32: the same sums here.
+  # running mean adds g / k per micro-batch in float32: the same sums, in the same order, here.
   seen = [seen_gradient(s) for s in recorder.opt_states]
   update_steps = [ACCUMULATION * u for u in range(1, UPDATES + 1)]
   means = [
-    [a / np.float32(2) + b / np.float32(2) for a, b in zip(seen[s - 1], seen[s])]
+    [
+      sum(g / np.float32(ACCUMULATION) for g in leaf)
+      for leaf in zip(*seen[s + 1 - ACCUMULATION : s + 1])
+    ]
     for s in update_steps
   ]
   reference_kept = check_updates_against_reference(recorder, means, update_steps)
@@ -330,7 +333,7 @@ def test_dpo_trainer(tunix):
   trainer = tunix.dpo.DPOTrainer(
     model,
     tiny_llama3(tunix),  # the frozen reference: the same initial weights
-    optax.chain(record_gradient(), gmt_optax.gmt(optax.adamw(LEARNING_RATE), 0.5)),
+    optax.chain(record_gradient(), gmt_optax.gmt(optax.adamw(LEARNING_RATE), MASK_RATIO)),
     tunix.dpo.DPOTrainingConfig(
       eval_every_n_steps=1000,
       max_steps=UPDATES,
@@ -338,7 +341,7 @@ def test_dpo_trainer(tunix):
       beta=0.5,
     ),
   )
-  recorder = recording_hook(tunix)
+  recorder = recording_hook()
   trainer.with_training_hooks(recorder)
   trainer.train(dpo_batches(tunix, UPDATES * ACCUMULATION))
 
