@@ -211,12 +211,17 @@ def check_updates_against_reference(recorder, mean_gradients, update_steps):
   return np.array(kept_fractions)
 
 
-def micro_batch_gradients(tunix, trainer, params, batches):
-  """Gradients of the trainer's own loss at ``params``, computed here, one per micro-batch."""
+def micro_batch_gradients(tunix, trainer):
+  """``gradients(params, batches)``: the trainer's own loss differentiated here, one gradient per
+  micro-batch, at ``params``."""
   model = tiny_llama3(tunix, seed=1)
-  nnx.update(model, params)
   grad = nnx.jit(nnx.grad(lambda m, batch: trainer.loss_fn(m, **trainer.gen_model_input_fn(batch))))
-  return [[np.asarray(g) for g in jax.tree_util.tree_leaves(grad(model, b))] for b in batches]
+
+  def gradients(params, batches):
+    nnx.update(model, params)
+    return [[np.asarray(g) for g in jax.tree_util.tree_leaves(grad(model, b))] for b in batches]
+
+  return gradients
 
 
 # -- Tunix ----------------------------------------------------------------------------------------
@@ -247,10 +252,9 @@ def test_peft_trainer_with_tunix_accumulation(tunix):
   reference_kept = check_updates_against_reference(recorder, means, update_steps)
 
   # The optimizer saw the mean of the micro-batches' gradients (accumulated before the mask).
+  gradients = micro_batch_gradients(tunix, trainer)
   for u, step in enumerate(update_steps):
-    micro = micro_batch_gradients(
-      tunix, trainer, recorder.params[step - ACCUMULATION], batches[step - ACCUMULATION : step]
-    )
+    micro = gradients(recorder.params[step - ACCUMULATION], batches[step - ACCUMULATION : step])
     for seen, *per_batch in zip(means[u], *micro):
       np.testing.assert_allclose(seen, np.mean(per_batch, axis=0), rtol=1e-4, atol=1e-6)
 
