@@ -341,6 +341,13 @@ def remat_sweep(
       if "RESOURCE_EXHAUSTED" not in str(e):
         raise
       reports[policy] = {"fits": False, "error": str(e).splitlines()[0]}
+    done = reports[policy]
+    print(  # progress: a sweep of a large model takes minutes per policy
+      f"model.remat={policy}: "
+      + (done.get("error") or f"{done['per_device_bytes'] / GiB:.2f} GiB per chip"),
+      file=sys.stderr,
+      flush=True,
+    )
   roomy = [
     policy
     for policy, report in reports.items()
