@@ -140,3 +140,37 @@ def test_cudnn_call_equals_xla_attention_with_packed_segments():
     jax.grad(loss(xla), (0, 1, 2))(q, k, v), jax.grad(loss(fused), (0, 1, 2))(q, k, v)
   ):
     np.testing.assert_allclose(got, expected, atol=1e-4)
+
+
+def test_plan_remat_sweep_trades_memory_for_flops():
+  """`train.plan --remat-sweep` on the real TPU compiler (libtpu, no TPU): keeping every
+  activation costs the most memory and the fewest FLOPs, and fits here, so it is chosen."""
+  pytest.importorskip("libtpu", reason="libtpu (in the test extra) compiles for TPU topologies")
+  from train import plan
+
+  small = {
+    "model": {
+      "path": None,
+      "dtype": "bfloat16",
+      "hf_config": {
+        "model_type": "llama",
+        "vocab_size": 4096,
+        "hidden_size": 256,
+        "intermediate_size": 768,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+      },
+    },
+    "data": {"max_length": 256},
+    "train": {"steps": 10, "batch_size": 8, "micro_batch_size": 8},
+  }
+  devices = plan.topology_devices("v5e:2x4")
+  hbm = plan.HBM_BYTES[devices[0].device_kind]
+  sweep = plan.remat_sweep(load_config(small), devices, hbm, ("none", "minimal", "full"))
+  none, minimal, full = (sweep["policies"][p] for p in ("none", "minimal", "full"))
+  temporaries = [r["breakdown_bytes"]["temporaries"] for r in (none, minimal, full)]
+  flops = [r["flops_per_step"] for r in (none, minimal, full)]
+  assert temporaries[0] > temporaries[1] > temporaries[2], temporaries
+  assert flops[0] < flops[1] < flops[2], flops
+  assert sweep["choice"] == "none"
