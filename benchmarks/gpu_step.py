@@ -1,13 +1,16 @@
 """SFT vs GMT train steps of a 1B-shaped model on whatever accelerator is present.
 
     python benchmarks/gpu_step.py [--steps 10] [--batch 8] [--length 2048] [--methods sft,gmt]
+                                  [--attention auto] [--remat full]
 
 The trainer's own step (`train.step.build_steps`: scanned layers, remat, chunked
 loss, clip -> method -> AdamW) on a Llama-3.2-1B-shaped model with random
 weights and tokens: float32 parameters and AdamW moments, bfloat16 compute.
 Methods are compiled first, then timed round-robin, one step each in turn, so
-load hits them alike. Prints min/median/max s/step, tokens/s and MFU (model
-FLOPs, 6N per token plus causal attention, over the chip's peak bf16 rate).
+load hits them alike. Prints the attention implementation used (``auto``: cuDNN's
+fused kernel where it compiles, else XLA, with a log line saying why), then
+min/median/max s/step, tokens/s and MFU (model FLOPs, 6N per token plus causal
+attention, over the chip's peak bf16 rate).
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from train.config import load_config  # noqa: E402
 from train.mesh import make_mesh, shard_model  # noqa: E402
 from train.metrics import flops_per_token, peak_flops_per_device  # noqa: E402
-from train.model import Llama, ModelConfig  # noqa: E402
+from train.model import ATTENTION_KINDS, REMAT_POLICIES, Llama, ModelConfig  # noqa: E402
 from train.step import build_steps  # noqa: E402
 
 LLAMA_1B = ModelConfig(
@@ -50,7 +53,8 @@ def main():
   parser.add_argument("--batch", type=int, default=8, help="rows per step")
   parser.add_argument("--length", type=int, default=2048, help="tokens per row")
   parser.add_argument("--methods", default="sft,gmt")
-  parser.add_argument("--no-remat", action="store_true")
+  parser.add_argument("--remat", default="full", choices=list(REMAT_POLICIES))
+  parser.add_argument("--attention", default="auto", choices=["auto", *ATTENTION_KINDS])
   parser.add_argument(
     "--layers", type=int, default=LLAMA_1B.num_layers, help="cut depth (smoke tests)"
   )
@@ -63,7 +67,10 @@ def main():
   )
   mesh = make_mesh(config.mesh)
   shape = dataclasses.replace(LLAMA_1B, num_layers=args.layers)
-  model = Llama(shape, rngs=nnx.Rngs(0), dtype=jnp.bfloat16, remat=not args.no_remat)
+  model = Llama(
+    shape, rngs=nnx.Rngs(0), dtype=jnp.bfloat16, remat=args.remat, attention=args.attention
+  )
+  attention = model.attention
   graphdef, params, rest, p_shardings = shard_model(model, mesh)
   del model
   num_params = sum(x.size for x in jax.tree.leaves(params))
@@ -71,7 +78,8 @@ def main():
   flops = tokens * flops_per_token(num_params, shape.num_layers, args.length, shape.hidden_size)
   print(
     f"{jax.device_count()} x {device.device_kind} ({jax.__version__}); "
-    f"{num_params / 1e9:.2f}B parameters; batch {args.batch} x {args.length}"
+    f"{num_params / 1e9:.2f}B parameters; batch {args.batch} x {args.length}; "
+    f"attention {attention}, remat {args.remat}"
   )
 
   rng = np.random.default_rng(0)

@@ -167,9 +167,14 @@ class ModelConfig:
   hf_config: dict | None = dataclasses.field(default=None, metadata={"check": _check_hf_config})
   dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # compute
   param_dtype: Literal["float32", "bfloat16"] = "float32"
-  remat: bool = False  # rematerialise each layer: less memory, ~1.3x compute
-  # xla: any backend; splash: the TPU Pallas kernel (training and prefill).
-  attention: Literal["xla", "splash"] = "xla"
+  # What each layer keeps for the backward pass, by MaxText's remat_policy names (less kept:
+  # less memory, more recompute): none (everything), minimal (every matmul output),
+  # save_dot_except_mlp, save_qkv_proj, full (the layer input only, ~1.3x compute).
+  # true = full, false = none. `python -m train.plan --remat-sweep` compares them.
+  remat: Literal["none", "minimal", "save_dot_except_mlp", "save_qkv_proj", "full"] = "none"
+  # xla: any backend; splash: the TPU Pallas kernel (training and prefill); cudnn: cuDNN's
+  # fused kernel on an NVIDIA GPU; auto: splash on TPU, cudnn on a GPU where it compiles, else xla.
+  attention: Literal["auto", "xla", "splash", "cudnn"] = "xla"
   # The loss visits the sequence in chunks of at most this many tokens, so the
   # float32 logits [rows, chunk, vocab] never exist for the whole sequence; 0 = one chunk.
   loss_chunk_tokens: int = ranged(512, "[0, inf)")
@@ -327,15 +332,27 @@ class Config:
   checkpoint: CheckpointConfig = CheckpointConfig()
 
 
+# Enum keys that also accept a boolean, as the name it stands for (model.remat was a bool).
+_BOOLEAN_ALIASES = {"model.remat": {True: "full", False: "none"}}
+
+
 def _check_value(key: str, value: Any, annotation: Any) -> Any:
   """Returns `value` converted to `annotation`, or raises ConfigError."""
   origin = typing.get_origin(annotation)
   if origin is Literal:
     allowed = typing.get_args(annotation)
+    if isinstance(value, bool) and key in _BOOLEAN_ALIASES:
+      value = _BOOLEAN_ALIASES[key][value]
     if isinstance(value, bool) and "true" in allowed:  # yaml parses true as bool
       value = str(value).lower()
     if value not in allowed:
-      raise ConfigError(f"{key}={value!r} is not allowed; choose one of {list(allowed)}")
+      aliases = ", ".join(
+        f"{str(b).lower()} = {name}" for b, name in _BOOLEAN_ALIASES.get(key, {}).items()
+      )
+      raise ConfigError(
+        f"{key}={value!r} is not allowed; choose one of {list(allowed)}"
+        + (f" ({aliases})" if aliases else "")
+      )
     return value
   if origin in (typing.Union, types.UnionType):
     options = typing.get_args(annotation)

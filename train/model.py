@@ -8,8 +8,8 @@ Scale, as MaxText and Levanter do it:
 
 * The decoder layers are stacked (every layer parameter has a leading
   ``[num_layers]`` axis) and run by ``lax.scan``, so compile time and program
-  size do not grow with depth; with ``remat`` each scanned layer saves only its
-  input for the backward pass.
+  size do not grow with depth; ``remat`` names what each scanned layer keeps for
+  the backward pass (:data:`REMAT_POLICIES`, MaxText's names).
 * Every parameter carries ``out_sharding`` metadata naming the mesh axes
   ``"fsdp"`` and ``"tensor"``: kernels that produce heads/features are
   ``("fsdp", "tensor")``, kernels that consume them ``("tensor", "fsdp")``
@@ -27,13 +27,17 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import logging
 import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import PartitionSpec as P
+
+log = logging.getLogger(__name__)
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 _ARCHITECTURES = {
@@ -199,6 +203,34 @@ def _mesh_active() -> bool:
   return not jax.sharding.get_abstract_mesh().empty
 
 
+# What each decoder layer keeps for the backward pass, by MaxText's `remat_policy` names
+# (its decoders.py): the layer outputs tagged with `checkpoint_name` that are saved;
+# everything else is recomputed. "none": no rematerialisation (all activations kept);
+# "full": nothing but the layer's input (the scan carry). (MaxText's save_dot_except_mlpwi
+# would equal save_dot_except_mlp here: down_proj's output is not needed by the backward pass.)
+_ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj")
+REMAT_POLICIES = {  # from the most kept to the least
+  "none": None,
+  # every matmul output of the layer (MaxText's save-dots-without-batch "minimal")
+  "minimal": _ATTENTION_PROJECTIONS + ("o_proj", "gate_proj", "up_proj", "down_proj"),
+  "save_dot_except_mlp": _ATTENTION_PROJECTIONS + ("o_proj",),
+  "save_qkv_proj": _ATTENTION_PROJECTIONS,
+  "full": (),
+}
+
+
+def remat_policy_name(remat: bool | str) -> str:
+  """The :data:`REMAT_POLICIES` name of ``remat``: ``True`` is ``"full"``, ``False`` ``"none"``.
+
+  :raises ValueError: listing the allowed names for anything else.
+  """
+  if isinstance(remat, bool):
+    return "full" if remat else "none"
+  if remat not in REMAT_POLICIES:
+    raise ValueError(f"remat={remat!r}: expected true, false or one of {list(REMAT_POLICIES)}")
+  return remat
+
+
 def _param(rngs, init, shape, sharding, param_dtype):
   # Shard eagerly only inside a mesh context, so the model also builds on a
   # single device without one.
@@ -342,7 +374,7 @@ def _attention_bwd(res, d_out):
 
 _attention.defvjp(_attention_fwd, _attention_bwd)
 
-ATTENTION_KINDS = ("xla", "splash")
+ATTENTION_KINDS = ("xla", "splash", "cudnn")
 
 
 def splash_attention(q, k, v, segment_ids, *, interpret: bool = False):
@@ -374,6 +406,12 @@ def splash_attention(q, k, v, segment_ids, *, interpret: bool = False):
     )
     return out.transpose(0, 3, 1, 2, 4).astype(q.dtype)
 
+  return _per_shard(local, q, k, v, segment_ids)
+
+
+def _per_shard(local, q, k, v, segment_ids):
+  """``local(q, k, v, segment_ids)`` on each shard: a kernel that XLA does not partition
+  runs in ``shard_map`` under a mesh, rows over the batch axes and kv heads over ``tensor``."""
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty:
     return local(q, k, v, segment_ids)
@@ -383,6 +421,93 @@ def splash_attention(q, k, v, segment_ids, *, interpret: bool = False):
   return jax.shard_map(
     local, mesh=mesh, in_specs=(heads, kv, kv, rows), out_specs=heads, check_vma=False
   )(q, k, v, segment_ids)
+
+
+def packing_mask(q_segment_ids, kv_segment_ids, q_slots, kv_slots):
+  """bool [B, S, T]: query s may attend to key t, an earlier (or the same) slot of the same
+  nonzero segment. Segment ids are [B, S] and [B, T], slots (positions in the row or
+  cache) [S] and [T]."""
+  same_segment = q_segment_ids[:, :, None] == kv_segment_ids[:, None, :]
+  return same_segment & (kv_segment_ids[:, None, :] != 0) & (q_slots[:, None] >= kv_slots)[None]
+
+
+def cudnn_attention(q, k, v, segment_ids, *, implementation: str = "cudnn"):
+  """Causal attention within packed segments by cuDNN's fused (flash) kernel.
+
+  Same contract as :func:`splash_attention`: the :func:`packing_mask` of
+  ``segment_ids`` [B, S] goes to the kernel as its mask, with ``is_causal`` so
+  that it skips the blocks above the diagonal; outputs at padding (segment 0)
+  are unspecified. Needs an NVIDIA GPU (see :func:`resolve_attention`);
+  ``implementation="xla"`` makes the same call on any backend (tests).
+  """
+
+  def local(q, k, v, segment_ids):
+    b, s, _, _, h = q.shape
+    slots = jnp.arange(s)
+    mask = packing_mask(segment_ids, segment_ids, slots, slots)[:, None]  # [B, 1, S, S]
+    # Query head k * G + g is the g-th of kv head k: the grouping the kernel assumes.
+    out = jax.nn.dot_product_attention(
+      q.reshape(b, s, -1, h),
+      k,
+      v,
+      mask=mask,
+      scale=1.0,
+      is_causal=True,
+      implementation=implementation,
+    )
+    return out.reshape(q.shape)
+
+  return _per_shard(local, q, k, v, segment_ids)
+
+
+@functools.cache
+def cudnn_unavailable() -> str | None:
+  """Why cuDNN's fused attention does not compile on this host's default backend, or None."""
+  if jax.default_backend() != "gpu":
+    return f"the default backend is {jax.default_backend()}, not an NVIDIA GPU"
+  probe = jax.ShapeDtypeStruct((1, 128, 1, 64), jnp.bfloat16)
+  attend = functools.partial(jax.nn.dot_product_attention, is_causal=True, implementation="cudnn")
+  try:
+    jax.jit(attend).lower(probe, probe, probe).compile()
+  except Exception as e:  # any failure (no cuDNN, old GPU or cuDNN): say which
+    return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+  return None
+
+
+def resolve_attention(kind: str, platform: str) -> str:
+  """The attention implementation for ``kind`` on devices of ``platform``.
+
+  Args:
+    kind: one of :data:`ATTENTION_KINDS` or ``"auto"``: :func:`splash_attention`
+      on TPU, :func:`cudnn_attention` on a GPU where cuDNN's fused kernel
+      compiles, :func:`attention` (XLA) otherwise; one log line says which.
+    platform: ``jax.Device.platform`` of the devices that run the model
+      (``"tpu"``, ``"gpu"``, ``"cpu"``).
+
+  :raises ValueError: for an unknown ``kind``, and for ``"cudnn"`` where it
+    does not compile, with the reason.
+  """
+  if kind not in ATTENTION_KINDS + ("auto",):
+    raise ValueError(f"attention={kind!r}: expected auto or one of {ATTENTION_KINDS}")
+  if kind not in ("auto", "cudnn"):
+    return kind
+  if platform == "gpu":
+    why_not = cudnn_unavailable()
+  else:
+    why_not = f"the devices are {platform}, not NVIDIA GPUs"
+  if kind == "cudnn":
+    if why_not:
+      raise ValueError(
+        f"attention='cudnn': cuDNN fused attention is unavailable ({why_not}); "
+        "use attention=auto (falls back to xla) or xla"
+      )
+    return kind
+  chosen = {"tpu": "splash", "gpu": "xla" if why_not else "cudnn"}.get(platform, "xla")
+  if platform == "gpu" and why_not:
+    log.warning("attention=auto: cuDNN fused attention unavailable (%s); using xla", why_not)
+  else:
+    log.info("attention=auto: %s on %s", chosen, platform)
+  return chosen
 
 
 class Attention(nnx.Module):
@@ -404,13 +529,15 @@ class Attention(nnx.Module):
     self.dtype = dtype
 
   def __call__(self, x, cos, sin, attend, layer_cache=None, cache_index=None):
-    """``attend(q, k, v)``: :func:`attention` with its mask bound, or :func:`splash_attention`."""
+    """``attend(q, k, v)``: :func:`attention` with its mask bound, or a kernel with the segments bound."""
     b, s, _ = x.shape
     k_heads, groups, h = self.num_kv_heads, self.num_heads // self.num_kv_heads, self.head_dim
     heads = (BATCH, None, "tensor", None)
-    q = apply_rope(constrain(self.q_proj(x).reshape(b, s, self.num_heads, h), *heads), cos, sin)
-    k = apply_rope(constrain(self.k_proj(x).reshape(b, s, k_heads, h), *heads), cos, sin)
-    v = constrain(self.v_proj(x).reshape(b, s, k_heads, h), *heads)
+    q, k, v = (
+      constrain(checkpoint_name(proj(x), name).reshape(b, s, -1, h), *heads)
+      for proj, name in ((self.q_proj, "q_proj"), (self.k_proj, "k_proj"), (self.v_proj, "v_proj"))
+    )
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     new_cache = None
     if layer_cache is not None:
       start = (0, cache_index, 0, 0)
@@ -420,7 +547,7 @@ class Attention(nnx.Module):
       k, v = k.astype(self.dtype), v.astype(self.dtype)
     q = q.reshape(b, s, k_heads, groups, h) * jnp.asarray(h**-0.5, self.dtype)
     out = attend(q, k, v).reshape(b, s, self.num_heads * h)
-    return self.o_proj(out), new_cache
+    return checkpoint_name(self.o_proj(out), "o_proj"), new_cache
 
 
 class MLP(nnx.Module):
@@ -435,10 +562,9 @@ class MLP(nnx.Module):
 
   def __call__(self, x):
     features = (BATCH, None, "tensor")
-    hidden = jax.nn.silu(constrain(self.gate_proj(x), *features)) * constrain(
-      self.up_proj(x), *features
-    )
-    return self.down_proj(hidden)
+    gate = constrain(checkpoint_name(self.gate_proj(x), "gate_proj"), *features)
+    up = constrain(checkpoint_name(self.up_proj(x), "up_proj"), *features)
+    return checkpoint_name(self.down_proj(jax.nn.silu(gate) * up), "down_proj")
 
 
 class DecoderLayer(nnx.Module):
@@ -468,11 +594,14 @@ class Llama(nnx.Module):
     rngs: parameter initialisation keys.
     dtype: compute dtype (activations); logits are always float32.
     param_dtype: parameter storage dtype.
-    remat: rematerialise each decoder layer in the backward pass (only
-      the layer inputs are saved).
-    attention: ``"xla"`` (:func:`attention`, any backend) or ``"splash"``
-      (the TPU Pallas kernel, :func:`splash_attention`, for training and
-      prefill; decoding with a cache uses the XLA path).
+    remat: what each decoder layer keeps for the backward pass: a
+      :data:`REMAT_POLICIES` name, or ``True`` (``"full"``: only the layer
+      inputs) / ``False`` (``"none"``: everything).
+    attention: ``"xla"`` (:func:`attention`, any backend), ``"splash"``
+      (the TPU Pallas kernel, :func:`splash_attention`), ``"cudnn"``
+      (:func:`cudnn_attention`, NVIDIA GPUs) or ``"auto"`` (see
+      :func:`resolve_attention`, for this host's default backend). The kernels
+      serve training and prefill; decoding with a cache uses the XLA path.
   """
 
   def __init__(
@@ -482,15 +611,13 @@ class Llama(nnx.Module):
     rngs: nnx.Rngs,
     dtype=jnp.float32,
     param_dtype=jnp.float32,
-    remat: bool = False,
+    remat: bool | str = False,
     attention: str = "xla",
   ):
-    if attention not in ATTENTION_KINDS:
-      raise ValueError(f"attention={attention!r}: expected one of {ATTENTION_KINDS}")
     self.config = config
     self.dtype = dtype
-    self.remat = remat
-    self.attention = attention
+    self.remat = remat_policy_name(remat)
+    self.attention = resolve_attention(attention, jax.default_backend())
     kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
     self.embed_tokens = _param(
       rngs,
@@ -573,15 +700,11 @@ class Llama(nnx.Module):
         cache["segment_ids"], q_seg.astype(jnp.int32), (0, start)
       )
       kv_slot = jnp.arange(kv_seg.shape[1])
-    if self.attention == "splash" and cache is None:
-      attend = functools.partial(splash_attention, segment_ids=q_seg)
+    kernels = {"splash": splash_attention, "cudnn": cudnn_attention}
+    if self.attention in kernels and cache is None:
+      attend = functools.partial(kernels[self.attention], segment_ids=q_seg)
     else:
-      mask = (
-        (q_seg[:, :, None] == kv_seg[:, None, :])
-        & (kv_seg[:, None, :] != 0)
-        & (q_slot[:, None] >= kv_slot[None, :])[None]
-      )
-      attend = functools.partial(attention, mask=mask)
+      attend = functools.partial(attention, mask=packing_mask(q_seg, kv_seg, q_slot, kv_slot))
 
     freqs = positions.astype(jnp.float32)[..., None] * jnp.asarray(rope_inv_freq(self.config))
     freqs = jnp.concatenate([freqs, freqs], axis=-1)
@@ -598,9 +721,12 @@ class Llama(nnx.Module):
       x, new_layer_cache = layer(x, cos, sin, attend, layer_cache, start)
       return constrain(x, BATCH, None, None), new_layer_cache
 
-    if self.remat:
+    saved = REMAT_POLICIES[self.remat]
+    if saved is not None:
       layer_step = jax.checkpoint(
-        layer_step, prevent_cse=False, policy=jax.checkpoint_policies.nothing_saveable
+        layer_step,
+        prevent_cse=False,
+        policy=jax.checkpoint_policies.save_only_these_names(*saved),
       )
     layer_caches = None if cache is None else cache["layers"]
     x, new_layer_caches = jax.lax.scan(layer_step, x, (layers_state, layer_caches))

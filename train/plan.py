@@ -2,6 +2,8 @@
 
     python -m train.plan --config configs/llama3_8b_metamath.yaml --topology v5p:4x4x4 [--json]
     python -m train.plan --config configs/default.yaml --local [key=value ...]
+    python -m train.plan --config configs/llama3_8b_metamath_v5p-128.yaml --topology v5p:4x4x4 \
+      --remat-sweep [--json]
 
 `--topology` compiles for the chips of a TPU slice with the real XLA TPU
 compiler (needs libtpu: `pip install "jax[tpu]==<installed jax>"`), on any
@@ -13,6 +15,11 @@ Printed per chip: parameters, optimizer state, gradients and the compiler's
 temporaries against the chip's HBM; compiler FLOPs next to model FLOPs; the
 collectives by kind and bytes; compile time. Exits 0 when the step fits, 1
 (with the knobs that help) when it does not, 2 on a config error.
+
+`--remat-sweep` compiles the train step once per remat policy (`model.remat`,
+MaxText's names) and prints one table of per-chip memory and compiler FLOPs,
+naming the policy with the fewest FLOPs among those that fit with headroom
+(`SWEEP_HEADROOM` of the chip's HBM left free); it exits 1 when none does.
 
 XLA's cost analysis and the HLO text count a while-loop body once: the scanned
 layers, micro-batches and loss chunks run many times per step, so compiler
@@ -38,7 +45,7 @@ from train.config import Config, ConfigError, load_config
 from train.data import ROW_FIELDS
 from train.mesh import BATCH_AXES, make_mesh, param_shardings
 from train.metrics import flops_per_token
-from train.model import ModelConfig, abstract_model
+from train.model import REMAT_POLICIES, ModelConfig, abstract_model, resolve_attention
 from train.step import build_steps
 
 GiB = 2**30
@@ -83,6 +90,9 @@ _KNOBS = (
   "model.param_dtype=bfloat16",
   "model.loss_chunk_tokens (smaller loss chunks)",
 )
+# --remat-sweep recommends a policy only when this fraction of HBM stays free: the
+# compiler's estimate is not the allocator's peak, and fragmentation needs room.
+SWEEP_HEADROOM = 0.15
 
 
 def model_config_of(config: Config) -> ModelConfig:
@@ -149,9 +159,16 @@ def collectives(hlo_text: str) -> dict:
   return dict(found)
 
 
-def plan(config: Config, devices: list, hbm_bytes: int | None, with_hlo: bool = False) -> dict:
-  """Compiles the train and eval steps of `config` for `devices`; returns the report dict
-  (with the compiled train step's HLO text under "hlo" if `with_hlo`)."""
+def plan(
+  config: Config,
+  devices: list,
+  hbm_bytes: int | None,
+  with_hlo: bool = False,
+  eval_step: bool = True,
+) -> dict:
+  """Compiles the train and (unless `eval_step` is false) eval steps of `config` for
+  `devices`; returns the report dict (with the compiled train step's HLO text under "hlo" if
+  `with_hlo`)."""
   t, length = config.train, config.data.max_length
   mesh = make_mesh(config.mesh, devices)
   shards = math.prod(mesh.shape[a] for a in BATCH_AXES)
@@ -168,7 +185,7 @@ def plan(config: Config, devices: list, hbm_bytes: int | None, with_hlo: bool = 
     dtype=dtype,
     param_dtype=param_dtype,
     remat=config.model.remat,
-    attention=config.model.attention,
+    attention=resolve_attention(config.model.attention, devices[0].platform),
   )
   p_shardings = param_shardings(abstract_params, mesh)
   params = _abstract(nnx.to_pure_dict(abstract_params), p_shardings)
@@ -216,8 +233,8 @@ def plan(config: Config, devices: list, hbm_bytes: int | None, with_hlo: bool = 
     )
     for name in ROW_FIELDS
   }
-  eval_step = steps.eval if dpo_cfg is None else steps.logps  # DPO scores held-out pairs
-  eval_memory = eval_step.lower(params, eval_rows).compile().memory_analysis()
+  evaluate = steps.eval if dpo_cfg is None else steps.logps  # DPO scores held-out pairs
+  eval_memory = eval_step and evaluate.lower(params, eval_rows).compile().memory_analysis()
 
   memory = compiled.memory_analysis()
   peak = (
@@ -260,7 +277,8 @@ def plan(config: Config, devices: list, hbm_bytes: int | None, with_hlo: bool = 
       "outputs_not_aliased": memory.output_size_in_bytes - memory.alias_size_in_bytes,
       "program": memory.generated_code_size_in_bytes,
     },
-    "eval_per_device_bytes": (
+    "eval_per_device_bytes": eval_memory
+    and (
       eval_memory.argument_size_in_bytes
       + eval_memory.output_size_in_bytes
       + eval_memory.temp_size_in_bytes
@@ -312,6 +330,68 @@ def _format(report: dict, title: str) -> str:
   return "\n".join(lines)
 
 
+def remat_sweep(
+  config: Config, devices: list, hbm_bytes: int | None, policies=tuple(REMAT_POLICIES)
+) -> dict:
+  """The train step of `config` compiled under each remat policy of `policies`.
+
+  Returns ``{"policies": {name: report or {"fits": False, "error": ...}}, "choice": name or
+  None}``: the choice has the fewest compiler FLOPs among the policies whose per-chip
+  bytes leave `SWEEP_HEADROOM` of `hbm_bytes` free (all, when the HBM is unknown).
+  """
+  reports = {}
+  for policy in policies:
+    try:
+      reports[policy] = plan(
+        load_config(config, {"model": {"remat": policy}}), devices, hbm_bytes, eval_step=False
+      )
+    except Exception as e:  # the compiler's verdict on a program that does not fit
+      if "RESOURCE_EXHAUSTED" not in str(e):
+        raise
+      reports[policy] = {"fits": False, "error": str(e).splitlines()[0]}
+    done = reports[policy]
+    print(  # progress: a sweep of a large model takes minutes per policy
+      f"model.remat={policy}: "
+      + (done.get("error") or f"{done['per_device_bytes'] / GiB:.2f} GiB per chip"),
+      file=sys.stderr,
+      flush=True,
+    )
+  roomy = [
+    policy
+    for policy, report in reports.items()
+    if "error" not in report
+    and (hbm_bytes is None or report["per_device_bytes"] <= (1 - SWEEP_HEADROOM) * hbm_bytes)
+  ]
+  choice = min(roomy, key=lambda policy: reports[policy]["flops_per_step"] or 0, default=None)
+  return {"policies": reports, "choice": choice}
+
+
+def _format_sweep(sweep: dict, title: str) -> str:
+  lines = [
+    f"{title}: remat policies (loop bodies counted once in FLOPs)",
+    "| model.remat | per chip GiB | of HBM | temporaries GiB | compiler FLOPs | compile s |",
+    "| --- | --- | --- | --- | --- | --- |",
+  ]
+  for policy, report in sweep["policies"].items():
+    if "error" in report:
+      lines.append(f"| {policy} | does not fit: {report['error']} | | | | |")
+      continue
+    fraction = report["hbm_fraction"]
+    lines.append(
+      f"| {policy} | {report['per_device_bytes'] / GiB:.2f} | "
+      f"{'-' if fraction is None else f'{fraction:.0%}'} | "
+      f"{report['breakdown_bytes']['temporaries'] / GiB:.2f} | "
+      f"{report['flops_per_step'] or 0:.3e} | {report['compile_s']:.1f} |"
+    )
+  choice = sweep["choice"]
+  lines.append(
+    f"fastest that leaves {SWEEP_HEADROOM:.0%} of HBM free: model.remat={choice}"
+    if choice
+    else f"no policy leaves {SWEEP_HEADROOM:.0%} of HBM free"
+  )
+  return "\n".join(lines)
+
+
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(prog="python -m train.plan", description=__doc__.split("\n")[0])
   parser.add_argument("--config", default="configs/default.yaml")
@@ -323,6 +403,14 @@ def main(argv=None) -> int:
   )
   target.add_argument("--local", action="store_true", help="this machine's devices (the default)")
   parser.add_argument("--json", action="store_true", help="print one JSON object")
+  parser.add_argument(
+    "--remat-sweep",
+    nargs="?",
+    const=",".join(REMAT_POLICIES),
+    metavar="POLICY,...",
+    help="compile the train step under each model.remat policy (default: all) and pick the "
+    "fastest that fits",
+  )
   parser.add_argument("overrides", nargs="*", help="key=value config overrides")
   args = parser.parse_args(argv)
   try:
@@ -335,6 +423,11 @@ def main(argv=None) -> int:
     else:
       devices = jax.devices()
       hbm = (devices[0].memory_stats() or {}).get("bytes_limit")
+    if args.remat_sweep:
+      sweep = remat_sweep(config, devices, hbm, args.remat_sweep.split(","))
+      title = f"{args.config} on {args.topology or 'local devices'}"
+      print(json.dumps(sweep, indent=1) if args.json else _format_sweep(sweep, title))
+      return 0 if sweep["choice"] else 1
     report = plan(config, devices, hbm)
   except (ConfigError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
