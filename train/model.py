@@ -668,13 +668,9 @@ class Llama(nnx.Module):
 
   def head(self) -> tuple[jax.Array, tuple]:
     """(the output projection in the compute dtype, its dot_general contraction dims)."""
-    # Gathered here, once per loss: inside the chunked loss's scan the partitioner would
-    # gather it again in the forward and the backward pass of every chunk.
     if self.lm_head is None:  # tied: contract with the [V, D] embedding directly
-      head = gathered(self.embed_tokens[...].astype(self.dtype), ("tensor", "fsdp"))
-      return head, (((1,), (1,)), ((), ()))
-    head = gathered(self.lm_head.kernel[...].astype(self.dtype), self.lm_head.sharding)
-    return head, (((1,), (0,)), ((), ()))
+      return self.embed_tokens[...].astype(self.dtype), (((1,), (1,)), ((), ()))
+    return self.lm_head.kernel[...].astype(self.dtype), (((1,), (0,)), ((), ()))
 
   def logits(self, hidden: jax.Array) -> jax.Array:
     """Float32 logits [..., V] of final hidden states [..., D], vocabulary over tensor."""
