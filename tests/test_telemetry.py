@@ -316,13 +316,18 @@ def test_the_trainer_logs_per_layer_telemetry_to_jsonl_and_tensorboard(telemetry
         np.asarray(statistics["kept_energy"]) >= np.asarray(statistics["kept_fraction"]) - 1e-6
       )
 
-  tags = _scalars(telemetry_run / "tensorboard")
-  for layer in ("layer_0", "layer_1"):
-    assert tags[f"mask/kept_energy/layers/mlp/down_proj/kernel/{layer}"] == [1, 2, 3]
-    assert tags[f"mask/coverage/layers/self_attn/q_proj/kernel/{layer}"] == [1, 2, 3]
-    assert tags[f"mask/jaccard/layers/mlp/down_proj/kernel/{layer}"] == [2, 3]  # none before
-  assert tags["mask/threshold/lm_head/kernel"] == [1, 2, 3]
-  assert tags["train/kept_fraction"] == [1, 2, 3]
+  tags = _scalars(telemetry_run / "tensorboard")  # {tag: {step: value}}
+  for i, layer in enumerate(("layer_0", "layer_1")):
+    kept_energy = tags[f"mask/kept_energy/layers/mlp/down_proj/kernel/{layer}"]
+    assert sorted(kept_energy) == [1, 2, 3]
+    for record in records:  # the same values as the JSONL log (TensorBoard keeps float32)
+      logged = record["mask"]["layers/mlp/down_proj/kernel"]["kept_energy"][i]
+      assert kept_energy[record["step"]] == pytest.approx(logged, rel=1e-6)
+    assert sorted(tags[f"mask/coverage/layers/self_attn/q_proj/kernel/{layer}"]) == [1, 2, 3]
+    jaccard = tags[f"mask/jaccard/layers/mlp/down_proj/kernel/{layer}"]
+    assert sorted(jaccard) == [2, 3]  # none before
+  assert sorted(tags["mask/threshold/lm_head/kernel"]) == [1, 2, 3]
+  assert sorted(tags["train/kept_fraction"]) == [1, 2, 3]
 
 
 def test_the_study_report_plots_telemetry_and_skips_runs_without(telemetry_run, tmp_path):
