@@ -18,6 +18,16 @@ def _how_to_continue(stopped, config, argv) -> str:
   return f"resume with: {shlex.join(kept + extra)}"
 
 
+def _last_words(message: str) -> None:
+  """Prints `message` as the last line on stderr. Orbax's writer threads may still be unwinding
+  a failed save and logging to stderr; from here on their writes go to /dev/null, so the root
+  cause cannot be interleaved with them. For a process about to exit only."""
+  sys.stderr.flush()
+  stderr = os.dup(2)
+  os.dup2(os.open(os.devnull, os.O_WRONLY), 2)
+  os.write(stderr, f"{message}\n".encode())
+
+
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(prog="python -m train", description=__doc__)
   parser.add_argument("--config", default="configs/default.yaml", help="YAML config file")
@@ -49,10 +59,10 @@ def main(argv=None) -> int:
     jax.distributed.shutdown()
     return PREEMPTED_EXIT_CODE
   except ConfigError as e:  # found once the output dir or a checkpoint is seen
-    print(f"config error: {e}", file=sys.stderr)
+    _last_words(f"config error: {e}")
     return 2
   except (NonFiniteLossError, CorruptCheckpointError, OSError) as e:
-    print(f"error: {e}", file=sys.stderr)
+    _last_words(f"error: {e}")
     return 1
   return 0
 
@@ -61,7 +71,7 @@ if __name__ == "__main__":
   code = main()
   if code:
     # Fail without interpreter teardown: Orbax's TensorStore threads would otherwise
-    # print "Event loop is closed" tracebacks after the root cause printed above.
+    # print "Event loop is closed" tracebacks after the last line printed above.
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
