@@ -30,10 +30,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from train.config import load_config  # noqa: E402
 from train.mesh import make_mesh, shard_model  # noqa: E402
 from train.metrics import flops_per_token, peak_flops_per_device  # noqa: E402
-from train.model import ATTENTION_KINDS, REMAT_POLICIES, Llama, ModelConfig  # noqa: E402
+from train.model import ATTENTION_KINDS, REMAT_POLICIES, Llama, LlamaConfig  # noqa: E402
 from train.step import build_steps  # noqa: E402
 
-LLAMA_1B = ModelConfig(
+LLAMA_1B = LlamaConfig(
   vocab_size=128256,
   hidden_size=2048,
   intermediate_size=8192,

@@ -63,10 +63,10 @@ def jax_train(steps, optimizer, remat=False, dtype="float32"):
   import optax
   from flax import nnx
 
-  from train.model import Llama, ModelConfig
+  from train.model import Llama, LlamaConfig
 
   dtype = jnp.dtype(dtype)
-  model = Llama(ModelConfig(**SMOLLM2), rngs=nnx.Rngs(0), dtype=dtype, remat=remat)
+  model = Llama(LlamaConfig(**SMOLLM2), rngs=nnx.Rngs(0), dtype=dtype, remat=remat)
   ids = jax.random.randint(jax.random.key(1), (BATCH, SEQ), 0, SMOLLM2["vocab_size"])
 
   graphdef, params = nnx.split(model, nnx.Param)
@@ -100,9 +100,9 @@ def jax_decode(steps, batch=1):
   from flax import nnx
 
   from train.generate import generate
-  from train.model import Llama, ModelConfig
+  from train.model import Llama, LlamaConfig
 
-  model = Llama(ModelConfig(**SMOLLM2), rngs=nnx.Rngs(0))
+  model = Llama(LlamaConfig(**SMOLLM2), rngs=nnx.Rngs(0))
   prompts = [list(range(10, 10 + PROMPT))] * batch
   run = lambda: generate(model, prompts, max_new_tokens=NEW_TOKENS, eos_token_id=-1)
   return {"times": _timed(run, max(1, steps // 2)), "tokens": batch * NEW_TOKENS}

@@ -220,8 +220,8 @@ def table(results: dict) -> str:
     c = r["collectives"].get(kind)
     return f"{c['count']} ({_gb(c['bytes'])} GB)" if c else "-"
 
-  def total_bytes(r):
-    return sum(v["bytes"] for k, v in r["collectives"].items() if k != "sort")
+  def total_bytes(r, key="bytes"):
+    return sum(v[key] for k, v in r["collectives"].items() if k != "sort")
 
   def seconds(runs):
     times = sorted(r["compile_s"] for r in runs)
@@ -240,7 +240,11 @@ def table(results: dict) -> str:
   ]
   rows += [(f"{kind}: count (bytes)", lambda s, k=kind: collective(first[s], k)) for kind in kinds]
   rows += [
-    ("collective bytes, GB", lambda s: _gb(total_bytes(first[s]))),
+    ("collective bytes, GB (each op once)", lambda s: _gb(total_bytes(first[s]))),
+    (
+      "collective bytes per step, GB (loop bodies times their trips)",
+      lambda s: _gb(total_bytes(first[s], "bytes_per_step")),
+    ),
     ("compiler FLOPs", lambda s: f"{first[s]['flops']:.3e}"),
     ("compiler bytes accessed, GB", lambda s: _gb(first[s]["bytes_accessed"])),
     (

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from train.model import Llama, ModelConfig, attention, rope_inv_freq, splash_attention
+from train.model import Llama, LlamaConfig, attention, rope_inv_freq, splash_attention
 from train.pretrained import load_pretrained
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
@@ -51,7 +51,7 @@ def test_logits_match_transformers(name):
 
 
 def test_fixture_configs_cover_the_family():
-  configs = {n: ModelConfig.from_hf(hf_config(n)) for n in NAMES}
+  configs = {n: LlamaConfig.from_hf(hf_config(n)) for n in NAMES}
   assert configs["llama"].rope_scaling["rope_type"] == "llama3"
   assert configs["llama"].tie_word_embeddings
   assert configs["qwen2"].attention_bias
@@ -60,15 +60,15 @@ def test_fixture_configs_cover_the_family():
 
 @pytest.mark.parametrize("name", NAMES)
 def test_config_round_trip(name):
-  config = ModelConfig.from_hf(hf_config(name))
-  assert ModelConfig.from_hf(config.to_hf()) == config
+  config = LlamaConfig.from_hf(hf_config(name))
+  assert LlamaConfig.from_hf(config.to_hf()) == config
   # Static jit metadata: an equal config must hash equal (a cache hit, no retrace).
-  assert hash(ModelConfig.from_hf(config.to_hf())) == hash(config)
+  assert hash(LlamaConfig.from_hf(config.to_hf())) == hash(config)
   assert hash(dataclasses.replace(config, num_layers=config.num_layers + 1)) != hash(config)
 
 
 def test_llama3_rope_scaling_divides_low_frequencies():
-  config = ModelConfig.from_hf(hf_config("llama"))
+  config = LlamaConfig.from_hf(hf_config("llama"))
   plain = rope_inv_freq(dataclasses.replace(config, rope_scaling=None))
   scaled = rope_inv_freq(config)
   np.testing.assert_allclose(scaled[1:], plain[1:] / 8.0, rtol=1e-6)  # wavelength > 16
@@ -88,12 +88,12 @@ def test_llama3_rope_scaling_divides_low_frequencies():
 def test_unsupported_config_names_the_field(field, value, message):
   config = {**hf_config("mistral"), field: value}
   with pytest.raises(ValueError, match=message):
-    ModelConfig.from_hf(config)
+    LlamaConfig.from_hf(config)
 
 
 def test_qwen2_sliding_window_in_use_is_rejected():
   with pytest.raises(ValueError, match="use_sliding_window"):
-    ModelConfig.from_hf({**hf_config("qwen2"), "use_sliding_window": True})
+    LlamaConfig.from_hf({**hf_config("qwen2"), "use_sliding_window": True})
 
 
 def test_partitioning_metadata(llama):
@@ -170,7 +170,7 @@ def test_splash_kernel_equals_xla_attention_with_packed_segments():
 
 
 def test_remat_same_values_and_gradients():
-  config = ModelConfig.from_hf(hf_config("qwen2"))
+  config = LlamaConfig.from_hf(hf_config("qwen2"))
   ids = jnp.asarray(fixture("qwen2")[1])
 
   def loss_and_grads(remat):
@@ -194,7 +194,7 @@ def test_bfloat16_compute_is_close():
 
 
 def test_random_init_without_mesh():
-  config = ModelConfig(
+  config = LlamaConfig(
     vocab_size=64,
     hidden_size=16,
     intermediate_size=32,

@@ -6,7 +6,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
 import pytest
+from jax.sharding import PartitionSpec as P
 
 from train import plan
 from train.config import load_config
@@ -99,7 +102,7 @@ def test_cli_json_and_exit_codes(tmp_path):
   for key in ("per_device_bytes", "hbm_bytes", "flops_per_step", "collectives"):
     assert key in report
   assert set(report["collectives"]) <= set(plan.COLLECTIVES) | {"sort"}
-  assert all(set(v) == {"count", "bytes"} for v in report["collectives"].values())
+  assert all(set(v) == {"count", "bytes", "bytes_per_step"} for v in report["collectives"].values())
 
   odd = subprocess.run(
     [
@@ -169,11 +172,48 @@ def test_vs_maxtext_names_the_slice_as_maxtext_does_and_prints_one_table():
     "temporaries": 3.5e9,
     "flops": 1e12,
     "bytes_accessed": 2e10,
-    "collectives": {"all-gather": {"count": 16, "bytes": 2e9}, "sort": {"count": 1, "bytes": 8}},
+    "collectives": {
+      "all-gather": {"count": 16, "bytes": 2e9, "bytes_per_step": 6e9},
+      "sort": {"count": 1, "bytes": 8, "bytes_per_step": 8},
+    },
     "compile_s": 70.0,
   }
   table = vs.table({"maxtext": [side, {**side, "compile_s": 80.0}], "sft": [side, side]})
   assert "| per chip | MaxText | ours, sft |" in table
   assert "| all-gather: count (bytes) | 16 (2.00 GB) | 16 (2.00 GB) |" in table
-  assert "| collective bytes, GB | 2.00 | 2.00 |" in table  # sorts are not collectives
+  assert (
+    "| collective bytes, GB (each op once) | 2.00 | 2.00 |" in table
+  )  # sorts are not collectives
+  assert "| collective bytes per step, GB (loop bodies times their trips) | 6.00 | 6.00 |" in table
   assert "70.0 / 75.0 / 80.0" in table
+
+
+def test_collectives_per_step_count_loop_bodies_times_their_trips():
+  mesh = jax.make_mesh((8,), ("x",), axis_types=(jax.sharding.AxisType.Explicit,))
+
+  @jax.jit
+  @jax.shard_map(mesh=mesh, in_specs=P("x"), out_specs=P("x"))
+  def summed(x):
+    def body(carry, _):  # one all-reduce of 4 float32 per trip
+      return carry + jax.lax.psum(carry, "x"), None
+
+    x = jax.lax.psum(x, "x")  # and one outside the loop
+    return jax.lax.scan(body, x, length=5)[0]
+
+  x = jax.ShapeDtypeStruct((32,), jnp.float32, sharding=jax.NamedSharding(mesh, P("x")))
+  found = plan.collectives(summed.lower(x).compile().as_text())
+  assert found["all-reduce"]["count"] == 2 and found["all-reduce"]["bytes"] == 2 * 16
+  assert found["all-reduce"]["bytes_per_step"] == 16 + 5 * 16
+
+
+def test_slices_compile_as_provisioned():
+  # v4/v5p: one megacore device per chip, a torus when every side is a multiple of 4;
+  # v5e/v6e: a side of 16 chips wraps around.
+  assert plan.slice_links("v5p:4x4x4") == {"chip_config_name": "megacore", "wrap": (True,) * 3}
+  assert plan.slice_links("v5p:2x4x4")["wrap"] == (False,) * 3
+  assert plan.slice_links("v5e:8x16") == {
+    "chip_config_name": "default",
+    "wrap": (False, True, False),
+  }
+  with pytest.raises(ValueError, match="v5p:4xx4"):
+    plan.slice_links("v5p:4xx4")

@@ -9,10 +9,10 @@ from flax import nnx
 
 from train.config import load_config
 from train.mesh import make_mesh, shard_model
-from train.model import Llama, ModelConfig
+from train.model import Llama, LlamaConfig
 from train.step import build_steps, token_loss_sum
 
-TINY = ModelConfig(
+TINY = LlamaConfig(
   vocab_size=64,
   hidden_size=32,
   intermediate_size=64,

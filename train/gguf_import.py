@@ -29,7 +29,7 @@ import tokenizers
 from jax.experimental import multihost_utils
 from tokenizers import decoders, pre_tokenizers, processors
 
-from train.model import ModelConfig
+from train.model import LlamaConfig
 from train.params import build_model, translate_name
 from train.tokenizer import Tokenizer
 
@@ -149,8 +149,8 @@ def gguf_tokenizer(reader, path: str) -> Tokenizer:
   )
 
 
-def gguf_config(reader, path: str) -> ModelConfig:
-  """A :class:`ModelConfig` from ``llama.*`` GGUF metadata."""
+def gguf_config(reader, path: str) -> LlamaConfig:
+  """A :class:`LlamaConfig` from ``llama.*`` GGUF metadata."""
   arch = _gguf_field(reader, "general.architecture")
   if arch != "llama":
     raise ValueError(
@@ -168,7 +168,7 @@ def gguf_config(reader, path: str) -> ModelConfig:
   vocab = _gguf_field(reader, "llama.vocab_size") or len(
     _gguf_field(reader, "tokenizer.ggml.tokens")
   )
-  return ModelConfig(
+  return LlamaConfig(
     vocab_size=int(vocab),
     hidden_size=hidden,
     intermediate_size=int(_gguf_field(reader, "llama.feed_forward_length")),
@@ -218,7 +218,7 @@ def _dequantize_rows(raw: np.ndarray, qtype, chunk: int = 2048) -> np.ndarray:
   return out
 
 
-def _gguf_tensors(infos, path: str, config: ModelConfig):
+def _gguf_tensors(infos, path: str, config: LlamaConfig):
   """``(hf_name, read)`` pairs from ``(name, offset, nbytes, dtype, shape, qtype)`` infos."""
   for gguf_name, offset, nbytes, raw_dtype, raw_shape, qtype in infos:
     name, _, _ = translate_name(gguf_name, GGUF_NAME_TABLE, 0, 1)

@@ -44,7 +44,7 @@ from train.data import (
 from train.evaluator import Evaluator, all_sequence_logps
 from train.mesh import initialize_distributed, make_mesh, param_shardings
 from train.metrics import Meter, MetricWriter, flops_per_token, peak_flops_per_device
-from train.model import Llama, ModelConfig, abstract_model
+from train.model import Llama, LlamaConfig, abstract_model
 from train.paths import RunPaths
 from train.stats import paired_gain
 from train.step import build_steps, merge, reference_copy
@@ -73,7 +73,7 @@ def load_model(config: Config, mesh):
     model, tokenizer = load_pretrained(path, mesh=mesh, dtype=param_dtype)
     model_config = model.config
   else:
-    model_config = ModelConfig.from_hf(cfg.hf_config)
+    model_config = LlamaConfig.from_hf(cfg.hf_config)
     model, tokenizer = Llama(model_config, rngs=nnx.Rngs(cfg.seed), param_dtype=param_dtype), None
   if config.data.tokenizer == "bytes":
     tokenizer = ByteTokenizer()

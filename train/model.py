@@ -48,7 +48,7 @@ _ARCHITECTURES = {
 
 
 @dataclasses.dataclass(frozen=True)
-class ModelConfig:
+class LlamaConfig:
   """Shape and numerics of a Llama-family decoder."""
 
   vocab_size: int
@@ -72,7 +72,7 @@ class ModelConfig:
     return hash(json.dumps(dataclasses.asdict(self), sort_keys=True))
 
   @classmethod
-  def from_hf(cls, hf: dict) -> "ModelConfig":
+  def from_hf(cls, hf: dict) -> "LlamaConfig":
     """Builds a config from a Hugging Face ``config.json`` dict.
 
     :raises ValueError: naming the unknown ``model_type`` or the field whose
@@ -281,7 +281,7 @@ class RMSNorm(nnx.Module):
     return self.weight[...].astype(self.dtype) * x32.astype(self.dtype)
 
 
-def rope_inv_freq(config: ModelConfig) -> np.ndarray:
+def rope_inv_freq(config: LlamaConfig) -> np.ndarray:
   """Inverse RoPE frequencies [head_dim // 2], with Llama 3.1 scaling if set."""
   dim = config.head_dim
   exponent = np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / np.float32(dim)
@@ -513,7 +513,7 @@ def resolve_attention(kind: str, platform: str) -> str:
 class Attention(nnx.Module):
   """Grouped-query attention; k/v heads are never repeated in memory."""
 
-  def __init__(self, config: ModelConfig, *, rngs, dtype, param_dtype):
+  def __init__(self, config: LlamaConfig, *, rngs, dtype, param_dtype):
     d, h = config.hidden_size, config.head_dim
     kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
     bias = config.attention_bias
@@ -553,7 +553,7 @@ class Attention(nnx.Module):
 class MLP(nnx.Module):
   """SwiGLU: ``down(silu(gate(x)) * up(x))``."""
 
-  def __init__(self, config: ModelConfig, *, rngs, dtype, param_dtype):
+  def __init__(self, config: LlamaConfig, *, rngs, dtype, param_dtype):
     d, f = config.hidden_size, config.intermediate_size
     kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
     self.gate_proj = Linear(d, f, sharding=("fsdp", "tensor"), **kw)
@@ -570,7 +570,7 @@ class MLP(nnx.Module):
 class DecoderLayer(nnx.Module):
   """Pre-norm attention and MLP blocks with residual connections."""
 
-  def __init__(self, config: ModelConfig, *, rngs, dtype, param_dtype):
+  def __init__(self, config: LlamaConfig, *, rngs, dtype, param_dtype):
     kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
     self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, **kw)
     self.self_attn = Attention(config, **kw)
@@ -606,7 +606,7 @@ class Llama(nnx.Module):
 
   def __init__(
     self,
-    config: ModelConfig,
+    config: LlamaConfig,
     *,
     rngs: nnx.Rngs,
     dtype=jnp.float32,
@@ -736,7 +736,7 @@ class Llama(nnx.Module):
     return x, {"index": start + s, "segment_ids": kv_seg, "layers": new_layer_caches}
 
 
-def abstract_model(config: ModelConfig, **options) -> tuple:
+def abstract_model(config: LlamaConfig, **options) -> tuple:
   """``(graphdef, abstract params, rest)`` of ``Llama(config, **options)``, allocating nothing.
 
   The params are ``jax.ShapeDtypeStruct`` leaves with their sharding metadata: what
@@ -746,10 +746,36 @@ def abstract_model(config: ModelConfig, **options) -> tuple:
   return nnx.split(abstract, nnx.Param, ...)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _float32_logits(flat: jax.Array, head: jax.Array, dims: tuple) -> jax.Array:
+  """``flat @ head`` with float32 output, whose gradients are computed in ``head.dtype``.
+
+  JAX's own transpose of a float32-output product would make the head's gradient a float32
+  [D, V] product (2 GB for Llama 3 in every loss chunk, before the cast to bfloat16) from
+  upcast operands. Here the float32 cotangent is cast to the compute dtype first, and both
+  gradient products come out in it, as in MaxText's bfloat16 logits; in float32 nothing
+  changes.
+  """
+  return jax.lax.dot_general(flat, head, dims, preferred_element_type=jnp.float32)
+
+
+def _float32_logits_forward(flat, head, dims):
+  return _float32_logits(flat, head, dims), (flat, head)
+
+
+def _float32_logits_backward(dims, residuals, cotangent):
+  flat, head = residuals
+  _, pullback = jax.vjp(lambda f, h: jax.lax.dot_general(f, h, dims), flat, head)
+  return pullback(cotangent.astype(head.dtype))
+
+
+_float32_logits.defvjp(_float32_logits_forward, _float32_logits_backward)
+
+
 def project_to_vocab(hidden: jax.Array, head: jax.Array, dims: tuple) -> jax.Array:
   """Float32 logits of ``hidden`` [..., D] against ``head`` (see :meth:`Llama.head`)."""
   flat = hidden.reshape(-1, hidden.shape[-1])  # a 2-D matmul (fast weight gradient on CPU)
-  logits = jax.lax.dot_general(flat, head, dims, preferred_element_type=jnp.float32)
+  logits = _float32_logits(flat, head, dims)
   logits = logits.reshape(*hidden.shape[:-1], logits.shape[-1])
   return constrain(logits, *(BATCH,) + (None,) * (hidden.ndim - 2) + ("tensor",))
 

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from train.model import Llama, ModelConfig, fit_spec
+from train.model import Llama, LlamaConfig, fit_spec
 
 # (Hugging Face name, NNX path, transpose). ``{i}`` is a layer index: slice
 # ``i`` of the stacked NNX parameter; ``{p}`` a projection name.
@@ -82,7 +82,7 @@ def _place(array: np.ndarray, variable, mesh):
   return jax.make_array_from_callback(array.shape, sharding, lambda index: array[index])
 
 
-def build_model(config: ModelConfig, tensors, *, mesh=None, dtype=None, source: str = ""):
+def build_model(config: LlamaConfig, tensors, *, mesh=None, dtype=None, source: str = ""):
   """Fills an abstract :class:`Llama` from ``(hf_name, read)`` pairs.
 
   A stacked layer parameter is assembled on the host slice by slice and placed

@@ -45,7 +45,7 @@ from train.config import Config, ConfigError, load_config
 from train.data import ROW_FIELDS
 from train.mesh import BATCH_AXES, make_mesh, param_shardings
 from train.metrics import flops_per_token
-from train.model import REMAT_POLICIES, ModelConfig, abstract_model, resolve_attention
+from train.model import REMAT_POLICIES, LlamaConfig, abstract_model, resolve_attention
 from train.step import build_steps
 
 GiB = 2**30
@@ -95,14 +95,14 @@ _KNOBS = (
 SWEEP_HEADROOM = 0.15
 
 
-def model_config_of(config: Config) -> ModelConfig:
+def model_config_of(config: Config) -> LlamaConfig:
   """The architecture of `config.model` without reading weights."""
   cfg = config.model
   if cfg.hf_config is not None:
-    return ModelConfig.from_hf(cfg.hf_config)
+    return LlamaConfig.from_hf(cfg.hf_config)
   if os.path.isfile(os.path.join(str(cfg.path), "config.json")):
     with open(os.path.join(cfg.path, "config.json")) as f:
-      return ModelConfig.from_hf(json.load(f))
+      return LlamaConfig.from_hf(json.load(f))
   import gguf
 
   from train.gguf_import import default_gguf_path, gguf_config
@@ -122,7 +122,32 @@ def topology_devices(name: str) -> list:
   os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v5p-8")
   os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
   os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # compile-only: processes may share it
-  return list(topologies.get_topology_desc(platform="tpu", topology_name=name).devices)
+  return list(
+    topologies.get_topology_desc(
+      platform="tpu", topology_name=name, **slice_links(name), num_slices=1
+    ).devices
+  )
+
+
+def slice_links(name: str) -> dict:
+  """How a provisioned slice `name` (e.g. `v5p:4x4x4`) runs, for `get_topology_desc`.
+
+  v4 and v5p chips run as one megacore device each; a v4/v5p slice whose sides are all
+  multiples of 4 is a torus (wraparound links on every side), and a v5e/v6e side of 16 chips
+  wraps. Compiled without this (libtpu's default: one core per device, no wraparound), the
+  v5p FSDP weight all-gathers come out as all-reduces of zero-padded weights, twice the
+  traffic, and the plan describes a machine nobody runs.
+  """
+  kind, _, shape = name.partition(":")
+  try:
+    sides = [int(n) for n in shape.split("x")]
+  except ValueError:
+    raise ValueError(f"topology {name!r}: expected e.g. v5p:4x4x4 or v5e:16x16") from None
+  if kind in ("v4", "v5p", "v5"):
+    torus = len(sides) == 3 and all(n % 4 == 0 for n in sides)
+    return {"chip_config_name": "megacore", "wrap": (torus,) * 3}
+  wrap = tuple(n == 16 for n in sides) + (False,) * (3 - len(sides))
+  return {"chip_config_name": "default", "wrap": wrap}
 
 
 def _shard_bytes(tree) -> int:
@@ -139,23 +164,100 @@ def _abstract(tree, shardings):
   )
 
 
-def collectives(hlo_text: str) -> dict:
-  """{kind: {"count", "bytes"}} of the collectives (and sorts) in an HLO module's text.
+_COMPUTATION = re.compile(r"^(?:ENTRY )?%(\S+) .*\{$")
+_CALLED = re.compile(r"\b(calls|to_apply|body|condition)=%([\w.\-]+)")
+_BRANCHES = re.compile(r"branch_computations=\{([^}]*)\}")
+_TRIP_BOUND = re.compile(r"constant\((\d+)\)")
+_KNOWN_TRIPS = re.compile(r'"known_trip_count":\{"n":"(\d+)"\}')
 
-  Bytes are those of each op's result: all tensors of a combined op; the output alone of
-  an async all-gather or collective-permute, whose `-start` tuple also holds its input.
-  The TPU compiler often lowers an FSDP all-gather to an all-reduce of the zero-padded
-  shard, so weight gathers show up as all-reduces of weight-shaped bf16 tensors.
+
+def _computations(hlo_text: str) -> tuple[dict, str]:
+  """({name: instruction lines}, the entry computation's name) of an HLO module's text."""
+  bodies, entry, current = {}, None, None
+  for line in hlo_text.splitlines():
+    header = _COMPUTATION.match(line)
+    if header:
+      current = header.group(1)
+      bodies[current] = []
+      entry = current if line.startswith("ENTRY") else entry
+    elif line == "}":  # (a custom call's backend config may hold lines starting with "}")
+      current = None
+    elif current is not None:
+      bodies[current].append(line)
+  return bodies, entry
+
+
+def _trip_count(while_line: str, condition: list[str]) -> int:
+  """Iterations of a while loop: the compiler's `known_trip_count` when it wrote one, else
+  N of a condition `counter < N` (what `lax.scan` compiles to); 1 when neither is known."""
+  known = _KNOWN_TRIPS.search(while_line)
+  if known:
+    return int(known.group(1))
+  bounds = {int(n) for line in condition for n in _TRIP_BOUND.findall(line)}
+  return bounds.pop() if len(bounds) == 1 else 1
+
+
+def _runs_per_step(bodies: dict, entry: str) -> collections.Counter:
+  """{computation: times it runs per call of the entry}: while bodies times their trips."""
+  runs = collections.Counter({entry: 1})
+  for name in _callers_first(bodies, entry):
+    for callee, times in _callees(bodies.get(name, []), bodies):
+      runs[callee] += runs[name] * times
+  return runs
+
+
+def _callees(lines: list[str], bodies: dict):
+  """(computation, runs per run of the caller) for each computation these lines call."""
+  for line in lines:
+    called = dict((role, name) for role, name in _CALLED.findall(line))
+    trips = _trip_count(line, bodies.get(called["condition"], [])) if "condition" in called else 1
+    for role, name in called.items():
+      yield name, trips if role in ("body", "condition") else 1
+    for branches in _BRANCHES.findall(line):
+      for name in branches.replace("%", "").split(","):
+        yield name.strip(), 1
+
+
+def _callers_first(bodies: dict, entry: str) -> list:
+  """The computations reachable from `entry`, each after every computation that calls it."""
+  order, seen = [], set()
+
+  def visit(name):
+    if name not in seen:
+      seen.add(name)
+      for callee, _ in _callees(bodies.get(name, []), bodies):
+        visit(callee)
+      order.append(name)
+
+  visit(entry)
+  return order[::-1]
+
+
+def collectives(hlo_text: str) -> dict:
+  """{kind: {"count", "bytes", "bytes_per_step"}} of the collectives (and sorts) in an HLO
+  module's text.
+
+  `count` and `bytes` count each op in the program once; `bytes_per_step` counts it as
+  many times as it runs in one call of the program: ops in a loop body (layers, micro-steps,
+  loss chunks) times the loop's trips. Bytes are those of each op's result: all tensors
+  of a combined op; the output alone of an async all-gather or collective-permute, whose
+  `-start` tuple also holds its input.
   """
-  found = collections.defaultdict(lambda: {"count": 0, "bytes": 0})
-  for result, kind, start in _OP.findall(hlo_text):
-    sizes = [
-      math.prod(int(d) for d in dims.split(",") if d) * _DTYPE_BYTES.get(dtype, 4)
-      for dtype, dims in _SHAPE.findall(result)
-    ]
-    output_only = start and kind in ("all-gather", "collective-permute")
-    found[kind]["count"] += 1
-    found[kind]["bytes"] += max(sizes, default=0) if output_only else sum(sizes)
+  bodies, entry = _computations(hlo_text)
+  runs = _runs_per_step(bodies, entry) if entry else collections.Counter()
+  found = collections.defaultdict(lambda: {"count": 0, "bytes": 0, "bytes_per_step": 0})
+  for name, lines in bodies.items() or {None: hlo_text.splitlines()}.items():
+    for line in lines:
+      for result, kind, start in _OP.findall(line):
+        sizes = [
+          math.prod(int(d) for d in dims.split(",") if d) * _DTYPE_BYTES.get(dtype, 4)
+          for dtype, dims in _SHAPE.findall(result)
+        ]
+        output_only = start and kind in ("all-gather", "collective-permute")
+        size = max(sizes, default=0) if output_only else sum(sizes)
+        found[kind]["count"] += 1
+        found[kind]["bytes"] += size
+        found[kind]["bytes_per_step"] += size * runs.get(name, 1)
   return dict(found)
 
 

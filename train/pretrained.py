@@ -25,7 +25,7 @@ from jax.experimental import multihost_utils
 
 from train.gguf_import import load_gguf
 from train.mesh import to_host
-from train.model import Llama, ModelConfig
+from train.model import Llama, LlamaConfig
 from train.params import build_model, nnx_to_hf_name
 from train.tokenizer import Tokenizer
 
@@ -157,7 +157,7 @@ def load_pretrained(path: str, *, mesh=None, dtype=None):
       hf_config = json.load(f)
     except json.JSONDecodeError as e:
       raise ValueError(f"{config_file}: corrupt JSON: {e}") from None
-  config = ModelConfig.from_hf(hf_config)
+  config = LlamaConfig.from_hf(hf_config)
   tokenizer = Tokenizer.from_dir(path, hf_config)
   model = build_model(config, _hf_tensors(path), mesh=mesh, dtype=dtype, source=path)
   return model, tokenizer
