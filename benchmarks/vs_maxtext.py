@@ -1,16 +1,18 @@
 """Our train step against MaxText's, compiled for the same TPU slice by the same compiler.
 
     python benchmarks/vs_maxtext.py --topology v5p:4x4x4 \\
-      --config configs/llama3_8b_metamath_v5p-128.yaml [--layers 2] [--repeats 1] [--json]
+      --config configs/llama3_8b_metamath_v5p-128.yaml [--remat full] [--layers 2] [--json]
 
 Compiles, without a TPU (the XLA TPU compiler of libtpu runs on this CPU), the train step of
 MaxText (its ahead-of-time entry point `maxtext.trainers.pre_train.train_compile`, model
 `--maxtext-model`) and ours (`train.plan`, with `optimizer.method=sft` and `gmt`) for the
-same batch: rows per chip, sequence length, accumulation steps, full remat and the compute
-and parameter dtypes all come from `--config`. Prints one Markdown table per chip: HBM
-(arguments + temporaries), collectives by kind (count, bytes), compiler FLOPs and bytes
-accessed, compile seconds. XLA's analyses count a while-loop body once (the scanned layers
-and micro-steps, on both sides alike), so FLOPs and collective bytes are per loop trip.
+same batch: rows per chip, sequence length, accumulation steps, remat policy (`--remat`, else
+the recipe's) and the compute and parameter dtypes all come from `--config`. Prints one
+Markdown table per chip: HBM (arguments + temporaries), collectives by kind (count, bytes),
+collective bytes per step, compiler FLOPs and bytes accessed, compile seconds. XLA's analyses
+count a while-loop body once (the scanned layers and micro-steps, on both sides alike), so
+FLOPs and the per-kind bytes are per loop trip; the per-step bytes multiply each collective
+by the trips of the loops around it (`train.plan.collectives`).
 
 Each compile runs in its own subprocess (an 8B compile holds several GiB of host memory) and
 the sides take turns, `--repeats` times, so that load from other processes hits them alike;
@@ -57,8 +59,10 @@ def maxtext_topology(topology: str) -> str:
   return f"{kind}-{chips * _CORES_PER_CHIP[kind]}"
 
 
-def _our_overrides(layers: int | None) -> list[str]:
-  return [] if layers is None else [f"model.hf_config.num_hidden_layers={layers}"]
+def _our_overrides(layers: int | None, remat: str | None) -> list[str]:
+  """The recipe's overrides for a cut to `layers` layers and the `remat` policy."""
+  cut = [] if layers is None else [f"model.hf_config.num_hidden_layers={layers}"]
+  return cut + ([] if remat is None else [f"model.remat={remat}"])
 
 
 def maxtext_argv(config, topology: str, model: str, layers: int | None, out_dir: str) -> list:
@@ -81,7 +85,7 @@ def maxtext_argv(config, topology: str, model: str, layers: int | None, out_dir:
     f"per_device_batch_size={t.micro_batch_size // chips}",
     f"max_target_length={config.data.max_length}",
     f"gradient_accumulation_steps={t.batch_size // t.micro_batch_size}",
-    f"remat_policy={'full' if config.model.remat else 'minimal'}",
+    f"remat_policy={maxtext_remat(config.model.remat)}",
     f"dtype={config.model.dtype}",
     f"weight_dtype={config.model.param_dtype}",
     "dataset_type=synthetic",
@@ -135,7 +139,17 @@ def run_maxtext(config, topology: str, model: str, layers: int | None) -> dict:
   return _summary(compiled["step"], compiled["seconds"])
 
 
-def run_ours(config_path: str, topology: str, method: str, layers: int | None) -> dict:
+def maxtext_remat(policy: str) -> str:
+  """MaxText's `remat_policy` for ours (they share names); MaxText has no `none`."""
+  if policy == "none":
+    raise ValueError(
+      "model.remat=none has no MaxText counterpart (its `minimal` still recomputes the "
+      "non-matmul activations): compare with --remat full or --remat minimal"
+    )
+  return policy
+
+
+def run_ours(config_path: str, topology: str, method: str, overrides: list[str]) -> dict:
   """Compiles our step with `train.plan`'s machinery (the same shapes and shardings)."""
   import jax
 
@@ -143,7 +157,7 @@ def run_ours(config_path: str, topology: str, method: str, layers: int | None) -
   from train.config import load_config
 
   jax.config.update("jax_platforms", "cpu")
-  config = load_config(config_path, _our_overrides(layers) + [f"optimizer.method={method}"])
+  config = load_config(config_path, overrides + [f"optimizer.method={method}"])
   devices = plan.topology_devices(topology)
   report = plan.plan(config, devices, plan.HBM_BYTES.get(devices[0].device_kind), with_hlo=True)
   b = report["breakdown_bytes"]
@@ -170,10 +184,11 @@ def _child(args) -> None:
       TPU_WORKER_HOSTNAMES="localhost",
       ALLOW_MULTIPLE_LIBTPU_LOAD="1",
     )
-    config = load_config(args.config, _our_overrides(args.layers))
+    config = load_config(args.config, _our_overrides(args.layers, args.remat))
     result = run_maxtext(config, args.topology, args.maxtext_model, args.layers)
   else:
-    result = run_ours(args.config, args.topology, args.side, args.layers)
+    overrides = _our_overrides(args.layers, args.remat)
+    result = run_ours(args.config, args.topology, args.side, overrides)
   print(_RESULT + json.dumps(result), flush=True)
 
 
@@ -182,6 +197,7 @@ def _run_side(args, side: str) -> dict:
   command += ["--topology", args.topology, "--config", args.config]
   command += ["--maxtext-model", args.maxtext_model]
   command += [] if args.layers is None else ["--layers", str(args.layers)]
+  command += [] if args.remat is None else ["--remat", args.remat]
   done = subprocess.run(command, capture_output=True, text=True)
   for line in done.stdout.splitlines():
     if line.startswith(_RESULT):
@@ -267,6 +283,9 @@ def main(argv=None) -> int:
   parser.add_argument("--config", required=True, help="our recipe, e.g. configs/llama3_8b_*.yaml")
   parser.add_argument("--maxtext-model", default="llama3-8b", help="MaxText's model_name")
   parser.add_argument("--layers", type=int, help="both models cut to this many layers (quick)")
+  parser.add_argument(
+    "--remat", help="the remat policy of both sides (default: the recipe's model.remat)"
+  )
   parser.add_argument("--sides", default=",".join(SIDES), help=f"a subset of {SIDES}")
   parser.add_argument("--repeats", type=int, default=1)
   parser.add_argument("--json", action="store_true", help="print one JSON object")
@@ -280,7 +299,11 @@ def main(argv=None) -> int:
   unknown = sorted(set(sides) - set(SIDES))
   if unknown:
     parser.error(f"--sides: unknown {unknown}; expected a subset of {SIDES}")
-  maxtext_topology(args.topology)  # a clear error before any compile
+  maxtext_topology(args.topology)  # clear errors before any compile
+  if "maxtext" in sides:
+    from train.config import load_config
+
+    maxtext_remat(load_config(args.config, _our_overrides(args.layers, args.remat)).model.remat)
   results = {side: [] for side in sides}
   for _ in range(args.repeats):
     for side in sides:  # interleaved: each repeat visits every side once
