@@ -235,7 +235,9 @@ class OptimizerConfig:
   sample_size: int = ranged(8192, "[1, inf)")
   mask_embeddings: bool = True  # False: embeddings/head pass through unmasked
   mask_updates: bool = False  # also zero the AdamW update where the grad was masked
-  telemetry: bool = False  # gmt: log per-layer kept energy, mask stability, coverage
+  # Per-layer kept energy, mask stability and coverage of GMT's mask in the logs and
+  # TensorBoard; "auto": on for optimizer.method=gmt (the others have no such mask).
+  telemetry: Literal["auto", "true", "false"] = "auto"
   hft_freeze_fraction: float = ranged(0.5, "(0, 1)")
   hft_period: int = ranged(100, "[1, inf)")
   seed: int = ranged(0, SEED_RANGE)
@@ -448,7 +450,7 @@ def _check_consistency(config: Config) -> None:
     )
   if t.steps == 0 and t.epochs == 0:
     raise ConfigError("set train.steps > 0 or train.epochs > 0")
-  if o.telemetry and o.method != "gmt":
+  if o.telemetry == "true" and o.method != "gmt":
     raise ConfigError(
       f"optimizer.telemetry=true reports what GMT's mask does; optimizer.method={o.method} "
       "has no such mask: use optimizer.method=gmt or optimizer.telemetry=false"

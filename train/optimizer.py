@@ -103,7 +103,7 @@ def build_optimizer(
       mask=leaf_mask,
       stacked_axes=_layer_axis,
       seed=cfg.seed,
-      telemetry=cfg.telemetry,
+      telemetry=cfg.telemetry != "false",
     )
   elif cfg.method == "random_mask":
     method = optax.chain(
