@@ -173,3 +173,31 @@ def test_clipping_inside_the_method_equals_clip_first():
     expected, _ = reference.update(clipped, reference.init(params), params)
     for got, want in zip(jax.tree.leaves(updates), jax.tree.leaves(expected)):
       np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
+
+
+def test_logits_gradients_come_out_in_the_compute_dtype():
+  """The [hidden, vocab] head's gradient is computed in the head's dtype from the float32
+  cotangent cast down (no float32 head-sized product); in float32 it is JAX's own."""
+  from train.model import project_to_vocab
+
+  rng = np.random.default_rng(0)
+  hidden = jnp.asarray(rng.normal(size=(2, 6, 16)), jnp.float32)
+  head = jnp.asarray(rng.normal(size=(16, 40)), jnp.float32)
+  dims = (((1,), (0,)), ((), ()))
+
+  def loss(hidden, head, project):
+    return jnp.sum(jnp.sin(project(hidden, head)))
+
+  def plain(h, w):
+    flat = h.reshape(-1, h.shape[-1])
+    out = jax.lax.dot_general(flat, w, dims, preferred_element_type=jnp.float32)
+    return out.reshape(*h.shape[:-1], -1)
+
+  ours = jax.grad(loss, (0, 1))(hidden, head, lambda h, w: project_to_vocab(h, w, dims))
+  reference = jax.grad(loss, (0, 1))(hidden, head, plain)
+  for a, b in zip(ours, reference):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+  low = [x.astype(jnp.bfloat16) for x in (hidden, head)]
+  d_hidden, d_head = jax.grad(loss, (0, 1))(*low, lambda h, w: project_to_vocab(h, w, dims))
+  assert d_hidden.dtype == d_head.dtype == jnp.bfloat16
+  np.testing.assert_allclose(np.float32(d_head), reference[1], rtol=0.05, atol=0.15)

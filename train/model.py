@@ -766,7 +766,12 @@ def _float32_logits_forward(flat, head, dims):
 def _float32_logits_backward(dims, residuals, cotangent):
   flat, head = residuals
   _, pullback = jax.vjp(lambda f, h: jax.lax.dot_general(f, h, dims), flat, head)
-  return pullback(cotangent.astype(head.dtype))
+  d_flat, d_head = pullback(cotangent.astype(head.dtype))
+  # Reduced to the head's own sharding here, once per projection: left replicated, the head's
+  # gradient would be summed over the loss chunks and micro-steps as a full [D, V] copy.
+  contracted = dims[0][1][0]
+  d_head = constrain(d_head, *("fsdp" if d == contracted else "tensor" for d in range(head.ndim)))
+  return d_flat, d_head
 
 
 _float32_logits.defvjp(_float32_logits_forward, _float32_logits_backward)
