@@ -710,8 +710,10 @@ class Llama(nnx.Module):
     freqs = jnp.concatenate([freqs, freqs], axis=-1)
     cos, sin = jnp.cos(freqs).astype(self.dtype), jnp.sin(freqs).astype(self.dtype)
 
+    # Cast before the lookup (the same values): the table's gradient then reaches the
+    # parameter in the compute dtype, and its all-to-all moves half the bytes.
     x = constrain(
-      jnp.take(self.embed_tokens[...], input_ids, axis=0).astype(self.dtype), BATCH, None, None
+      jnp.take(self.embed_tokens[...].astype(self.dtype), input_ids, axis=0), BATCH, None, None
     )
     layers_graph, layers_state = nnx.split(self.layers)
 
