@@ -76,10 +76,11 @@ def test_llama3_8b_recipe_fits_v5p_and_gmt_costs_what_sft_costs():
     assert extra < 2**20, (kind, gmt["collectives"], sft["collectives"])
   assert abs(gmt["flops_per_step"] / sft["flops_per_step"] - 1) < 0.05
   # Compiled for the megacore torus the slice is (train.plan.slice_links), the mask's passes
-  # over the gradients measured +10.8% of SFT's bytes accessed (docs/benchmarks.md), where
-  # the default target gave +3.1%; this bounds it against growing further.
+  # over the gradients measured +10.8% of SFT's bytes accessed with full remat on jax 0.12
+  # and +12.5% for this recipe (remat none) on jax 0.10 (docs/benchmarks.md), where the
+  # default target gave +3.1%; this bounds it against growing further.
   ratio = gmt["bytes_accessed_per_step"] / sft["bytes_accessed_per_step"]
-  assert 1 <= ratio < 1.12, ratio
+  assert 1 <= ratio < 1.15, ratio
   assert gmt["per_device_bytes"] <= 1.05 * sft["per_device_bytes"]
 
 
