@@ -199,9 +199,20 @@ def _trip_count(while_line: str, condition: list[str]) -> int:
 
 def _runs_per_step(bodies: dict, entry: str) -> collections.Counter:
   """{computation: times it runs per call of the entry}: while bodies times their trips."""
+  calls = {name: list(_callees(lines, bodies)) for name, lines in bodies.items()}
+  order, seen = [], set()
+
+  def visit(name):  # depth first: each computation lands after every one it calls
+    if name not in seen:
+      seen.add(name)
+      for callee, _ in calls.get(name, []):
+        visit(callee)
+      order.append(name)
+
+  visit(entry)
   runs = collections.Counter({entry: 1})
-  for name in _callers_first(bodies, entry):
-    for callee, times in _callees(bodies.get(name, []), bodies):
+  for name in reversed(order):  # callers before callees
+    for callee, times in calls.get(name, []):
       runs[callee] += runs[name] * times
   return runs
 
@@ -216,21 +227,6 @@ def _callees(lines: list[str], bodies: dict):
     for branches in _BRANCHES.findall(line):
       for name in branches.replace("%", "").split(","):
         yield name.strip(), 1
-
-
-def _callers_first(bodies: dict, entry: str) -> list:
-  """The computations reachable from `entry`, each after every computation that calls it."""
-  order, seen = [], set()
-
-  def visit(name):
-    if name not in seen:
-      seen.add(name)
-      for callee, _ in _callees(bodies.get(name, []), bodies):
-        visit(callee)
-      order.append(name)
-
-  visit(entry)
-  return order[::-1]
 
 
 def collectives(hlo_text: str) -> dict:
