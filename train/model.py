@@ -748,6 +748,14 @@ def abstract_model(config: LlamaConfig, **options) -> tuple:
   return nnx.split(abstract, nnx.Param, ...)
 
 
+def constrain_head(head: jax.Array, dims: tuple, hidden_axis: str | None) -> jax.Array:
+  """Pins the output projection (or its gradient) as :meth:`Llama.head` contracts it with
+  ``dims``: the vocabulary over ``tensor``, the hidden dimension over ``hidden_axis``
+  (``"fsdp"``: the parameter's own sharding; ``None``: gathered)."""
+  contracted = dims[0][1][0]
+  return constrain(head, *(hidden_axis if d == contracted else "tensor" for d in range(head.ndim)))
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def _float32_logits(flat: jax.Array, head: jax.Array, dims: tuple) -> jax.Array:
   """``flat @ head`` with float32 output, whose gradients are computed in ``head.dtype``.
@@ -771,9 +779,7 @@ def _float32_logits_backward(dims, residuals, cotangent):
   d_flat, d_head = pullback(cotangent.astype(head.dtype))
   # Reduced to the head's own sharding here, once per projection: left replicated, the head's
   # gradient would be summed over the loss chunks and micro-steps as a full [D, V] copy.
-  contracted = dims[0][1][0]
-  d_head = constrain(d_head, *("fsdp" if d == contracted else "tensor" for d in range(head.ndim)))
-  return d_flat, d_head
+  return d_flat, constrain_head(d_head, dims, hidden_axis="fsdp")
 
 
 _float32_logits.defvjp(_float32_logits_forward, _float32_logits_backward)

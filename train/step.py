@@ -30,7 +30,7 @@ from train import dpo
 from train.config import DPOConfig, OptimizerConfig
 from train.data import ROW_FIELDS
 from train.mesh import BATCH_AXES, batch_sharding, replicated
-from train.model import constrain, project_to_vocab
+from train.model import constrain_head, project_to_vocab
 from train.optimizer import build_optimizer, opt_state_shardings
 
 
@@ -99,8 +99,7 @@ def chunked_cross_entropy(hidden, head, dims, targets, mask, chunk_tokens: int) 
 
   # Gathered once for every chunk, forward and backward (as MaxText's unchunked loss does):
   # otherwise the backward's recomputation gathers the [D, V] head a second time.
-  contracted = dims[0][1][0]
-  head = constrain(head, *(None if d == contracted else "tensor" for d in range(head.ndim)))
+  head = constrain_head(head, dims, hidden_axis=None)
   checkpointed = jax.checkpoint(chunk_loss)  # the backward recomputes one chunk's logits
 
   def add_chunk(total, chunk_inputs):
