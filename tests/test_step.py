@@ -5,6 +5,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from flax import nnx
 
 from train.config import load_config
@@ -144,7 +145,6 @@ def test_hft_freezes_half_of_the_matrices():
 def test_clipping_inside_the_method_equals_clip_first():
   """The method gets the raw gradient and the clip factor (applied just before AdamW):
   the same updates as clip_by_global_norm first, for SFT and for GMT's mask."""
-  import optax
 
   from train.optimizer import build_optimizer
 
@@ -176,9 +176,11 @@ def test_clipping_inside_the_method_equals_clip_first():
 
 
 def test_logits_gradients_come_out_in_the_compute_dtype():
-  """The [hidden, vocab] head's gradient is computed in the head's dtype from the float32
-  cotangent cast down (no float32 head-sized product); in float32 it is JAX's own."""
-  from train.model import project_to_vocab
+  """The [hidden, vocab] head's gradient is computed in the head's dtype from the cotangent
+  cast down (no float32 head-sized product); in float32 it is JAX's own. With a bfloat16
+  head the product comes out in bfloat16 unless `model.logits_dot_in_fp32`, and the logits
+  are float32 either way."""
+  from train.model import OutputHead, project_to_vocab
 
   rng = np.random.default_rng(0)
   hidden = jnp.asarray(rng.normal(size=(2, 6, 16)), jnp.float32)
@@ -193,11 +195,38 @@ def test_logits_gradients_come_out_in_the_compute_dtype():
     out = jax.lax.dot_general(flat, w, dims, preferred_element_type=jnp.float32)
     return out.reshape(*h.shape[:-1], -1)
 
-  ours = jax.grad(loss, (0, 1))(hidden, head, lambda h, w: project_to_vocab(h, w, dims))
+  def ours(product_dtype):
+    return lambda h, w: project_to_vocab(h, OutputHead(w, dims, product_dtype))
+
   reference = jax.grad(loss, (0, 1))(hidden, head, plain)
-  for a, b in zip(ours, reference):
+  for a, b in zip(jax.grad(loss, (0, 1))(hidden, head, ours(jnp.float32)), reference):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
   low = [x.astype(jnp.bfloat16) for x in (hidden, head)]
-  d_hidden, d_head = jax.grad(loss, (0, 1))(*low, lambda h, w: project_to_vocab(h, w, dims))
-  assert d_hidden.dtype == d_head.dtype == jnp.bfloat16
-  np.testing.assert_allclose(np.float32(d_head), reference[1], rtol=0.05, atol=0.15)
+  for product_dtype in (jnp.bfloat16, jnp.float32):
+    logits = ours(product_dtype)(*low)
+    assert logits.dtype == jnp.float32
+    products = [e for e in jax.make_jaxpr(ours(product_dtype))(*low).eqns if "dot" in str(e)]
+    assert products[0].outvars[0].aval.dtype == product_dtype
+    d_hidden, d_head = jax.grad(loss, (0, 1))(*low, ours(product_dtype))
+    assert d_hidden.dtype == d_head.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.float32(d_head), reference[1], rtol=0.05, atol=0.3)
+
+
+def test_cross_entropy_is_optax_to_the_bit():
+  """The gather-free cross-entropy (it lets XLA keep only the product's bfloat16 logits in
+  memory) gives optax's values and gradients exactly."""
+  from train.step import cross_entropy
+
+  rng = np.random.default_rng(1)
+  logits = jnp.asarray(rng.normal(scale=4.0, size=(3, 5, 97)), jnp.float32)
+  targets = jnp.asarray(rng.integers(0, 97, size=(3, 5)), jnp.int32)
+  weights = jnp.asarray(rng.normal(size=(3, 5)), jnp.float32)
+  ours = jax.value_and_grad(lambda x: jnp.sum(cross_entropy(x, targets) * weights))(logits)
+  theirs = jax.value_and_grad(
+    lambda x: jnp.sum(optax.softmax_cross_entropy_with_integer_labels(x, targets) * weights)
+  )(logits)
+  np.testing.assert_array_equal(
+    cross_entropy(logits, targets), optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+  )
+  for a, b in zip(ours, theirs):
+    np.testing.assert_array_equal(a, b)

@@ -178,6 +178,9 @@ class ModelConfig:
   # The loss visits the sequence in chunks of at most this many tokens, so the
   # float32 logits [rows, chunk, vocab] never exist for the whole sequence; 0 = one chunk.
   loss_chunk_tokens: int = ranged(512, "[0, inf)")
+  # The logits product's output dtype, as MaxText's flag: false = the compute dtype (then cast
+  # to float32 for the loss; half the [tokens, vocab] memory in bfloat16), true = float32.
+  logits_dot_in_fp32: bool = False
   seed: int = ranged(0, SEED_RANGE)  # random init only
 
 

@@ -88,7 +88,12 @@ def load_model(config: Config, mesh):
       f"the tokenizer has {tokenizer.vocab_size} tokens, the model only {model_config.vocab_size}"
     )
   graphdef, abstract_params, rest = abstract_model(
-    model_config, dtype=dtype, param_dtype=param_dtype, remat=cfg.remat, attention=cfg.attention
+    model_config,
+    dtype=dtype,
+    param_dtype=param_dtype,
+    remat=cfg.remat,
+    attention=cfg.attention,
+    logits_dot_in_fp32=cfg.logits_dot_in_fp32,
   )
   shardings = param_shardings(abstract_params, mesh)
   params = nnx.to_pure_dict(nnx.state(model, nnx.Param))

@@ -29,6 +29,7 @@ import functools
 import json
 import logging
 import math
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -613,9 +614,11 @@ class Llama(nnx.Module):
     param_dtype=jnp.float32,
     remat: bool | str = False,
     attention: str = "xla",
+    logits_dot_in_fp32: bool = False,
   ):
     self.config = config
     self.dtype = dtype
+    self.logits_dot_in_fp32 = logits_dot_in_fp32
     self.remat = remat_policy_name(remat)
     self.attention = resolve_attention(attention, jax.default_backend())
     kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
@@ -666,15 +669,18 @@ class Llama(nnx.Module):
     logits = self.logits(hidden)
     return logits if cache is None else (logits, new_cache)
 
-  def head(self) -> tuple[jax.Array, tuple]:
-    """(the output projection in the compute dtype, its dot_general contraction dims)."""
+  def head(self) -> OutputHead:
+    """The output projection in the compute dtype, as the logits contract it."""
+    product_dtype = jnp.float32 if self.logits_dot_in_fp32 else self.dtype
     if self.lm_head is None:  # tied: contract with the [V, D] embedding directly
-      return self.embed_tokens[...].astype(self.dtype), (((1,), (1,)), ((), ()))
-    return self.lm_head.kernel[...].astype(self.dtype), (((1,), (0,)), ((), ()))
+      kernel, dims = self.embed_tokens[...], (((1,), (1,)), ((), ()))
+    else:
+      kernel, dims = self.lm_head.kernel[...], (((1,), (0,)), ((), ()))
+    return OutputHead(kernel.astype(self.dtype), dims, product_dtype)
 
   def logits(self, hidden: jax.Array) -> jax.Array:
     """Float32 logits [..., V] of final hidden states [..., D], vocabulary over tensor."""
-    return project_to_vocab(hidden, *self.head())
+    return project_to_vocab(hidden, self.head())
 
   def hidden_states(self, input_ids, *, positions=None, segment_ids=None, cache=None):
     """``(final normed hidden states [B, S, D], new cache or None)``.
@@ -748,49 +754,64 @@ def abstract_model(config: LlamaConfig, **options) -> tuple:
   return nnx.split(abstract, nnx.Param, ...)
 
 
-def constrain_head(head: jax.Array, dims: tuple, hidden_axis: str | None) -> jax.Array:
+class OutputHead(NamedTuple):
+  """The output projection as the logits contract it (:meth:`Llama.head`)."""
+
+  kernel: jax.Array  # [D, V], or the tied [V, D] embedding; in the compute dtype
+  dims: tuple  # dot_general dimension numbers of flat hidden states [N, D] with `kernel`
+  product_dtype: Any  # the product's output dtype, before the logits' cast to float32
+
+
+def constrain_head(kernel: jax.Array, dims: tuple, hidden_axis: str | None) -> jax.Array:
   """Pins the output projection (or its gradient) as :meth:`Llama.head` contracts it with
   ``dims``: the vocabulary over ``tensor``, the hidden dimension over ``hidden_axis``
   (``"fsdp"``: the parameter's own sharding; ``None``: gathered)."""
   contracted = dims[0][1][0]
-  return constrain(head, *(hidden_axis if d == contracted else "tensor" for d in range(head.ndim)))
+  return constrain(
+    kernel, *(hidden_axis if d == contracted else "tensor" for d in range(kernel.ndim))
+  )
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _float32_logits(flat: jax.Array, head: jax.Array, dims: tuple) -> jax.Array:
-  """``flat @ head`` with float32 output, whose gradients are computed in ``head.dtype``.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _vocab_product(flat: jax.Array, kernel: jax.Array, dims: tuple, product_dtype) -> jax.Array:
+  """``flat @ kernel`` out in ``product_dtype``, whose gradients come out in ``kernel.dtype``.
 
   JAX's own transpose of a float32-output product would make the head's gradient a float32
-  [D, V] product (2 GB for Llama 3 in every loss chunk, before the cast to bfloat16) from
-  upcast operands. Here the float32 cotangent is cast to the compute dtype first, and both
-  gradient products come out in it, as in MaxText's bfloat16 logits; in float32 nothing
-  changes.
+  [D, V] product (2 GB for Llama 3) from upcast operands. Here the cotangent is cast to the
+  compute dtype first and both gradient products come out in it, as with MaxText's
+  bfloat16 logits; in float32 nothing changes.
   """
-  return jax.lax.dot_general(flat, head, dims, preferred_element_type=jnp.float32)
+  return jax.lax.dot_general(flat, kernel, dims, preferred_element_type=product_dtype)
 
 
-def _float32_logits_forward(flat, head, dims):
-  return _float32_logits(flat, head, dims), (flat, head)
+def _vocab_product_forward(flat, kernel, dims, product_dtype):
+  return _vocab_product(flat, kernel, dims, product_dtype), (flat, kernel)
 
 
-def _float32_logits_backward(dims, residuals, cotangent):
-  flat, head = residuals
-  _, pullback = jax.vjp(lambda f, h: jax.lax.dot_general(f, h, dims), flat, head)
-  d_flat, d_head = pullback(cotangent.astype(head.dtype))
+def _vocab_product_backward(dims, product_dtype, residuals, cotangent):
+  flat, kernel = residuals
+  _, pullback = jax.vjp(lambda f, k: jax.lax.dot_general(f, k, dims), flat, kernel)
+  d_flat, d_kernel = pullback(cotangent.astype(kernel.dtype))
   # Reduced to the head's own sharding here, once per projection: left replicated, the head's
   # gradient would be summed over the loss chunks and micro-steps as a full [D, V] copy.
-  return d_flat, constrain_head(d_head, dims, hidden_axis="fsdp")
+  return d_flat, constrain_head(d_kernel, dims, hidden_axis="fsdp")
 
 
-_float32_logits.defvjp(_float32_logits_forward, _float32_logits_backward)
+_vocab_product.defvjp(_vocab_product_forward, _vocab_product_backward)
 
 
-def project_to_vocab(hidden: jax.Array, head: jax.Array, dims: tuple) -> jax.Array:
-  """Float32 logits of ``hidden`` [..., D] against ``head`` (see :meth:`Llama.head`)."""
+def project_to_vocab(hidden: jax.Array, head: OutputHead) -> jax.Array:
+  """Float32 logits of ``hidden`` [..., D] against ``head``.
+
+  The product comes out in ``head.product_dtype`` and is cast to float32 after: with a
+  bfloat16 product (``model.logits_dot_in_fp32: false``, MaxText's default) the [tokens, V]
+  buffer in memory is bfloat16, and the float32 cast fuses into the loss's reductions.
+  """
   flat = hidden.reshape(-1, hidden.shape[-1])  # a 2-D matmul (fast weight gradient on CPU)
-  logits = _float32_logits(flat, head, dims)
+  logits = _vocab_product(flat, head.kernel, head.dims, head.product_dtype)
   logits = logits.reshape(*hidden.shape[:-1], logits.shape[-1])
-  return constrain(logits, *(BATCH,) + (None,) * (hidden.ndim - 2) + ("tensor",))
+  spec = (BATCH,) + (None,) * (hidden.ndim - 2) + ("tensor",)
+  return constrain(logits, *spec).astype(jnp.float32)
 
 
 def num_params(model: nnx.Module) -> int:

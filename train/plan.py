@@ -284,6 +284,7 @@ def plan(
     param_dtype=param_dtype,
     remat=config.model.remat,
     attention=resolve_attention(config.model.attention, devices[0].platform),
+    logits_dot_in_fp32=config.model.logits_dot_in_fp32,
   )
   p_shardings = param_shardings(abstract_params, mesh)
   params = _abstract(nnx.to_pure_dict(abstract_params), p_shardings)

@@ -30,7 +30,7 @@ from train import dpo
 from train.config import DPOConfig, OptimizerConfig
 from train.data import ROW_FIELDS
 from train.mesh import BATCH_AXES, batch_sharding, replicated
-from train.model import constrain_head, project_to_vocab
+from train.model import OutputHead, constrain_head, project_to_vocab
 from train.optimizer import build_optimizer, opt_state_shardings
 
 
@@ -62,7 +62,7 @@ def sequence_logps(model: nnx.Module, rows: dict, chunk_tokens: int = 0) -> jax.
     rows["inputs"], positions=rows["positions"], segment_ids=rows["segment_ids"]
   )
   return -chunked_cross_entropy(
-    hidden, *model.head(), rows["targets"], rows["loss_mask"], chunk_tokens
+    hidden, model.head(), rows["targets"], rows["loss_mask"], chunk_tokens
   )
 
 
@@ -73,7 +73,21 @@ def token_loss_sum(
   return -jnp.sum(sequence_logps(model, batch, chunk_tokens)), jnp.sum(batch["loss_mask"])
 
 
-def chunked_cross_entropy(hidden, head, dims, targets, mask, chunk_tokens: int) -> jax.Array:
+def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
+  """``logsumexp(logits) - logits[target]`` over the last axis: [..., V] -> [...].
+
+  The target's logit is picked by comparing the vocabulary index with the target inside a sum,
+  not by a gather as in ``optax.softmax_cross_entropy_with_integer_labels``: a gather needs
+  its operand in memory, so the float32 cast of bfloat16 logits would be materialised (1 GB
+  per 2048 tokens of Llama 3) beside them; the compare fuses into the reductions that read
+  the product's output. The values are optax's to the bit.
+  """
+  vocab = jax.lax.broadcasted_iota(targets.dtype, logits.shape, logits.ndim - 1)
+  target_logits = jnp.sum(jnp.where(vocab == targets[..., None], logits, 0.0), axis=-1)
+  return jax.nn.logsumexp(logits, axis=-1) - target_logits
+
+
+def chunked_cross_entropy(hidden, head: OutputHead, targets, mask, chunk_tokens: int) -> jax.Array:
   """Per-row sums [M] of masked cross-entropy of `hidden` [M, L, D] projected by `head`.
 
   The sequence is cut into chunks of at most `chunk_tokens` (a divisor of L;
@@ -84,8 +98,8 @@ def chunked_cross_entropy(hidden, head, dims, targets, mask, chunk_tokens: int) 
   rows, length = targets.shape
 
   def chunk_loss(hidden, targets, mask):
-    logits = project_to_vocab(hidden, head, dims)
-    losses = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+    logits = project_to_vocab(hidden, head)
+    losses = cross_entropy(logits, targets)
     return jnp.sum(losses * mask, axis=-1)
 
   chunk = max(
@@ -99,7 +113,7 @@ def chunked_cross_entropy(hidden, head, dims, targets, mask, chunk_tokens: int) 
 
   # Gathered once for every chunk, forward and backward (as MaxText's unchunked loss does):
   # otherwise the backward's recomputation gathers the [D, V] head a second time.
-  head = constrain_head(head, dims, hidden_axis=None)
+  head = head._replace(kernel=constrain_head(head.kernel, head.dims, hidden_axis=None))
   checkpointed = jax.checkpoint(chunk_loss)  # the backward recomputes one chunk's logits
 
   def add_chunk(total, chunk_inputs):
