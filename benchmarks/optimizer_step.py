@@ -113,6 +113,9 @@ def main():
     single[f"gradient_mask({selection}) + adamw"] = optax.chain(
       gmt_optax.gradient_mask(r, selection=selection), adamw
     )
+  single["gradient_mask(sample, telemetry) + adamw"] = optax.chain(
+    gmt_optax.gradient_mask(r, selection="sample", telemetry=True), adamw
+  )
   single["gradient_mask(auto, global) + adamw"] = optax.chain(
     gmt_optax.gradient_mask(r, granularity="global"), adamw
   )

@@ -69,12 +69,17 @@ def maxtext_argv(config, topology: str, model: str, layers: int | None, out_dir:
   """`train_compile` arguments for the step `config` describes (batch, length, dtypes, remat)."""
   import maxtext  # the MaxText venv only
 
+  from train.mesh import mesh_sizes
+
   t = config.train
   chips = math.prod(int(n) for n in topology.partition(":")[2].split("x"))
-  if t.micro_batch_size % chips:
+  mesh = mesh_sizes(config.mesh, chips)
+  # MaxText counts rows per chip, a fraction where tensor parallelism shares a row.
+  rows_per_chip = t.micro_batch_size / chips
+  if t.micro_batch_size % (mesh["data"] * mesh["fsdp"]):
     raise ValueError(
-      f"train.micro_batch_size={t.micro_batch_size} is not a whole number of rows per chip "
-      f"on {chips} chips ({topology}); MaxText's per_device_batch_size needs one"
+      f"train.micro_batch_size={t.micro_batch_size} does not divide over mesh data x fsdp = "
+      f"{mesh['data'] * mesh['fsdp']} on {chips} chips ({topology})"
     )
   argv = [
     "train_compile",
@@ -82,7 +87,10 @@ def maxtext_argv(config, topology: str, model: str, layers: int | None, out_dir:
     f"compile_topology={maxtext_topology(topology)}",
     "compile_topology_num_slices=1",
     f"model_name={model}",
-    f"per_device_batch_size={t.micro_batch_size // chips}",
+    f"per_device_batch_size={rows_per_chip:g}",
+    f"ici_data_parallelism={mesh['data']}",
+    f"ici_fsdp_parallelism={mesh['fsdp']}",
+    f"ici_tensor_parallelism={mesh['tensor']}",
     f"max_target_length={config.data.max_length}",
     f"gradient_accumulation_steps={t.batch_size // t.micro_batch_size}",
     f"remat_policy={maxtext_remat(config.model.remat)}",

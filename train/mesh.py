@@ -51,11 +51,8 @@ def initialize_distributed(cfg: MeshConfig) -> bool:
   return True
 
 
-def make_mesh(cfg: MeshConfig, devices=None) -> jax.sharding.Mesh:
-  """A (data, fsdp, tensor) mesh over `devices` (default: all devices of all processes,
-  or e.g. the chips of a TPU topology for ahead-of-time compilation); one axis may be -1 (fill)."""
-  devices = jax.devices() if devices is None else list(devices)
-  count = len(devices)
+def mesh_sizes(cfg: MeshConfig, count: int) -> dict[str, int]:
+  """``{"data", "fsdp", "tensor"}`` sizes of `cfg` over `count` devices, a -1 axis filled."""
   sizes = {"data": cfg.data, "fsdp": cfg.fsdp, "tensor": cfg.tensor}
   fill = [name for name, size in sizes.items() if size == -1]
   known = math.prod(size for size in sizes.values() if size != -1)
@@ -70,6 +67,14 @@ def make_mesh(cfg: MeshConfig, devices=None) -> jax.sharding.Mesh:
       f"mesh {sizes} needs {math.prod(sizes.values())} devices, there are "
       f"{count}; set one axis to -1 to fill"
     )
+  return sizes
+
+
+def make_mesh(cfg: MeshConfig, devices=None) -> jax.sharding.Mesh:
+  """A (data, fsdp, tensor) mesh over `devices` (default: all devices of all processes,
+  or e.g. the chips of a TPU topology for ahead-of-time compilation); one axis may be -1 (fill)."""
+  devices = jax.devices() if devices is None else list(devices)
+  sizes = mesh_sizes(cfg, len(devices))
   # Auto axes: shardings are given to jit explicitly and XLA propagates the rest.
   return jax.make_mesh(
     tuple(sizes.values()), MESH_AXES, devices=devices, axis_types=(jax.sharding.AxisType.Auto,) * 3

@@ -718,16 +718,16 @@ class Llama(nnx.Module):
 
     # Cast before the lookup (the same values): the table's gradient then reaches the
     # parameter in the compute dtype, and its all-to-all moves half the bytes.
-    x = constrain(
-      jnp.take(self.embed_tokens[...].astype(self.dtype), input_ids, axis=0), BATCH, None, None
-    )
+    table = constrain(self.embed_tokens[...].astype(self.dtype), None, "fsdp")
+    x = constrain(jnp.take(table, input_ids, axis=0), None, None, "fsdp")
+    x = constrain(x, BATCH, None, "tensor")
     layers_graph, layers_state = nnx.split(self.layers)
 
     def layer_step(x, layer_and_cache):
       layer_state, layer_cache = layer_and_cache
       layer = nnx.merge(layers_graph, layer_state)
       x, new_layer_cache = layer(x, cos, sin, attend, layer_cache, start)
-      return constrain(x, BATCH, None, None), new_layer_cache
+      return constrain(x, BATCH, None, "tensor"), new_layer_cache
 
     saved = REMAT_POLICIES[self.remat]
     if saved is not None:
