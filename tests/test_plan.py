@@ -194,6 +194,38 @@ def test_vs_maxtext_names_the_slice_as_maxtext_does_and_prints_one_table():
   assert "70.0 / 75.0 / 80.0" in table
 
 
+def test_vs_maxtext_gives_maxtext_our_mesh_and_rows_per_chip(monkeypatch, tmp_path):
+  """MaxText compiles the recipe's mesh; with tensor parallelism a chip holds a fraction of
+  a row (70B: 64 rows over 512 chips)."""
+  import types
+
+  from train.config import load_config
+
+  monkeypatch.setitem(
+    sys.modules, "maxtext", types.SimpleNamespace(__file__=str(tmp_path / "__init__.py"))
+  )
+  vs = _vs_maxtext()
+  config = load_config(str(ROOT / "configs" / "llama3_70b_metamath_v5p-1024.yaml"))
+  argv = vs.maxtext_argv(config, "v5p:8x8x8", "llama3-70b", None, str(tmp_path))
+  for expected in (
+    "compile_topology=v5p-1024",
+    "per_device_batch_size=0.125",
+    "ici_data_parallelism=1",
+    "ici_fsdp_parallelism=64",
+    "ici_tensor_parallelism=8",
+    "gradient_accumulation_steps=2",
+  ):
+    assert expected in argv
+  bad = load_config(
+    str(ROOT / "configs" / "llama3_70b_metamath_v5p-1024.yaml"),
+    ["train.micro_batch_size=32", "train.batch_size=64"],
+  )
+  with pytest.raises(
+    ValueError, match="micro_batch_size=32 does not divide over mesh data x fsdp = 64"
+  ):
+    vs.maxtext_argv(bad, "v5p:8x8x8", "llama3-70b", None, str(tmp_path))
+
+
 def test_collectives_per_step_count_loop_bodies_times_their_trips():
   mesh = jax.make_mesh((8,), ("x",), axis_types=(jax.sharding.AxisType.Explicit,))
 
