@@ -603,6 +603,8 @@ class Llama(nnx.Module):
       (:func:`cudnn_attention`, NVIDIA GPUs) or ``"auto"`` (see
       :func:`resolve_attention`, for this host's default backend). The kernels
       serve training and prefill; decoding with a cache uses the XLA path.
+    logits_dot_in_fp32: the output projection's product in float32; ``False``
+      (MaxText's default) keeps it in the compute dtype, then casts the logits to float32.
   """
 
   def __init__(
