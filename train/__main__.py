@@ -40,6 +40,7 @@ def main(argv=None) -> int:
   except ConfigError as e:
     print(f"config error: {e}", file=sys.stderr)
     return 2
+  # JAX and the trainer only now: a config error above costs no JAX start-up.
   import jax
 
   from train.checkpoints import (

@@ -23,6 +23,7 @@ import re
 from fractions import Fraction
 
 from train import sandbox
+from train.generate import generate
 
 # ----------------------------------------------------------------------------
 # Math answers
@@ -246,8 +247,6 @@ def generate_texts(
   model, tokenizer, instructions: list[str], *, max_new_tokens: int, batch_size: int
 ) -> list[str]:
   """Greedy answers to single-turn user instructions, through the tokenizer's template."""
-  from train.generate import generate
-
   texts = []
   for start in range(0, len(instructions), batch_size):
     prompts = [

@@ -42,10 +42,12 @@ from train.data import (
   prepare,
 )
 from train.evaluator import Evaluator, all_sequence_logps
+from train.gguf_import import default_gguf_path
 from train.mesh import initialize_distributed, make_mesh, param_shardings
 from train.metrics import Meter, MetricWriter, flops_per_token, peak_flops_per_device
 from train.model import Llama, LlamaConfig, abstract_model
 from train.paths import RunPaths
+from train.pretrained import export_pretrained, load_pretrained
 from train.stats import paired_gain
 from train.step import build_steps, merge, reference_copy
 from train.tokenizer import AlpacaTemplate, ByteTokenizer
@@ -66,9 +68,6 @@ def load_model(config: Config, mesh):
   cfg = config.model
   param_dtype, dtype = jnp.dtype(cfg.param_dtype), jnp.dtype(cfg.dtype)
   if cfg.path is not None:
-    from train.gguf_import import default_gguf_path
-    from train.pretrained import load_pretrained
-
     path = default_gguf_path() if cfg.path == "smollm2" else cfg.path
     model, tokenizer = load_pretrained(path, mesh=mesh, dtype=param_dtype)
     model_config = model.config
@@ -463,8 +462,6 @@ def _run(
     summary["median_step_time_s"] = float(multihost_utils.broadcast_one_to_all(median))
   summary["steps"] = total_steps
   if config.checkpoint.export:
-    from train.pretrained import export_pretrained
-
     export_dir = Path(config.checkpoint.export_dir or paths.export)
     plain = tokenizer.tokenizer if isinstance(tokenizer, AlpacaTemplate) else tokenizer
     export_pretrained(

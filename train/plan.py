@@ -37,12 +37,14 @@ import re
 import sys
 import time
 
+import gguf
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from train.config import Config, ConfigError, load_config
 from train.data import ROW_FIELDS
+from train.gguf_import import default_gguf_path, gguf_config
 from train.mesh import BATCH_AXES, make_mesh, param_shardings
 from train.metrics import flops_per_token
 from train.model import REMAT_POLICIES, LlamaConfig, abstract_model, resolve_attention
@@ -103,10 +105,6 @@ def model_config_of(config: Config) -> LlamaConfig:
   if os.path.isfile(os.path.join(str(cfg.path), "config.json")):
     with open(os.path.join(cfg.path, "config.json")) as f:
       return LlamaConfig.from_hf(json.load(f))
-  import gguf
-
-  from train.gguf_import import default_gguf_path, gguf_config
-
   path = default_gguf_path() if cfg.path == "smollm2" else cfg.path
   return gguf_config(gguf.GGUFReader(path), path)
 

@@ -246,7 +246,7 @@ def main(argv=None) -> int:
   except ConfigError as e:
     print(f"config error: {e}", file=sys.stderr)
     return 2
-  from train import study_report
+  from train import study_report  # matplotlib: loaded only once the config is valid
 
   study.out.mkdir(parents=True, exist_ok=True)
   cache: dict = {}
