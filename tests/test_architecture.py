@@ -27,6 +27,7 @@ IO_MODULES = {
   "train.tokenizer",
   "train.checkpoints",
   "train.data",
+  "train.examples",
   "train.run_dir",
 }
 
@@ -76,7 +77,8 @@ def test_model_does_no_io():
 
 
 def test_data_does_not_import_the_model():
-  assert not module_imports("train.data") & {"train.model", "flax"}
+  for module in ("train.data", "train.examples"):
+    assert not module_imports(module) & {"train.model", "flax"}
 
 
 def test_params_does_no_io():

@@ -306,7 +306,7 @@ def test_humaneval_a_fork_bomb_is_contained(problem, isolated):
 
 def test_gsm_symbolic_held_out_items_take_the_gsm8k_path():
   from train.config import load_config
-  from train.data import reasoning_gym_examples
+  from train.examples import reasoning_gym_examples
 
   cfg = load_config({"data": {"task": "gsm_symbolic", "train_size": 4, "eval_size": 3}}).data
   items = load_items("gsm8k", reasoning_gym_examples(cfg)[1])

@@ -7,14 +7,8 @@ import numpy as np
 import pytest
 
 from train.config import ConfigError, load_config
-from train.data import (
-  Batches,
-  pack,
-  prepare,
-  reasoning_gym_examples,
-  tokenize,
-  tokenize_all,
-)
+from train.data import Batches, pack, prepare, tokenize, tokenize_all
+from train.examples import reasoning_gym_examples
 from train.tokenizer import ByteTokenizer
 
 TOK = ByteTokenizer()
@@ -249,7 +243,7 @@ def test_sentencepiece_targets_are_the_full_text_tokens_and_decode_to_the_answer
 
 
 def test_held_out_problems_are_not_reorderings_of_training_ones():
-  from train.data import canonical_problem
+  from train.examples import canonical_problem
 
   form = lambda q: canonical_problem({"question": q})
   assert form("3 + 45") == form("45  +  3") and form("a - b + c") == form("c - b + a")

@@ -273,7 +273,7 @@ def test_too_long_pairs_are_dropped_or_truncated_and_counted(tmp_path):
 
 def test_reasoning_gym_pairs_reject_a_near_miss():
   cfg = load_config({"data": {"tokenizer": "bytes", "train_size": 20, "eval_size": 5}}).data
-  from train.data import load_examples
+  from train.examples import load_examples
 
   train_pairs, held_out, _ = load_examples(cfg, pairs=True)
   again, _, _ = load_examples(cfg, pairs=True)

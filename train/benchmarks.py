@@ -141,7 +141,7 @@ def math_items(benchmark: str, limit: int | None = None) -> list[dict]:
 
 def load_items(benchmark: str, held_out=None, limit: int | None = None) -> list[dict]:
   """The items to score: HumanEval's problems; for gsm8k/math the given held-out
-  `data.Example`s (reasoning-gym's GSM-style tasks, offline) or else the hub test set."""
+  `examples.Example`s (reasoning-gym's GSM-style tasks, offline) or else the hub test set."""
   if benchmark == "humaneval":
     return humaneval_problems(limit)
   if held_out is not None:

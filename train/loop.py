@@ -35,13 +35,9 @@ from train.checkpoints import (
   state_fingerprint,
 )
 from train.config import Config, load_config
-from train.data import (
-  Batches,
-  check_task_options,
-  examples_for_generation,
-  prepare,
-)
+from train.data import Batches, examples_for_generation, prepare
 from train.evaluator import Evaluator, all_sequence_logps
+from train.examples import check_task_options
 from train.gguf_import import default_gguf_path
 from train.mesh import initialize_distributed, make_mesh, param_shardings
 from train.metrics import Meter, MetricWriter, flops_per_token, peak_flops_per_device

@@ -34,7 +34,7 @@ from pathlib import Path
 import yaml
 
 from train.config import ConfigError, load_config
-from train.data import canonical_problem, reasoning_gym_examples
+from train.examples import canonical_problem, reasoning_gym_examples
 from train.paths import RunPaths
 
 # The columns of results.csv, one row per run.
