@@ -71,9 +71,9 @@ def main():
     shape, rngs=nnx.Rngs(0), dtype=jnp.bfloat16, remat=args.remat, attention=args.attention
   )
   attention = model.attention
-  graphdef, params, rest, p_shardings = shard_model(model, mesh)
+  split = shard_model(model, mesh)
   del model
-  num_params = sum(x.size for x in jax.tree.leaves(params))
+  num_params = sum(x.size for x in jax.tree.leaves(split.params))
   tokens = args.batch * args.length
   flops = tokens * flops_per_token(num_params, shape.num_layers, args.length, shape.hidden_size)
   print(
@@ -87,16 +87,9 @@ def main():
   for method in methods:
     optimizer = dataclasses.replace(config.optimizer, method=method)
     steps = build_steps(
-      graphdef,
-      rest,
-      params,
-      p_shardings,
-      optimizer,
-      args.steps + 2,
-      mesh,
-      config.model.loss_chunk_tokens,
+      split, dataclasses.replace(config, optimizer=optimizer), mesh, args.steps + 2
     )
-    opt_state = jax.jit(steps.tx.init, out_shardings=steps.shardings["opt_state"])(params)
+    opt_state = jax.jit(steps.tx.init, out_shardings=steps.shardings["opt_state"])(split.params)
     rows = (1, args.batch, args.length)
     batch = jax.device_put(
       {
@@ -108,7 +101,7 @@ def main():
       },
       steps.shardings["batch"],
     )
-    own = jax.tree.map(jnp.copy, params)  # the step donates its parameters
+    own = jax.tree.map(jnp.copy, split.params)  # the step donates its parameters
     tick = time.perf_counter()
     compiled[method] = steps.train.lower(own, opt_state, batch, jnp.int32(0)).compile()
     print(f"{method}: compiled in {time.perf_counter() - tick:.1f} s")

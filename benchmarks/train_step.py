@@ -2,8 +2,8 @@
 
     python benchmarks/train_step.py [--config configs/default.yaml] [--steps 5] [key=value ...]
 
-Loads the config's model and data exactly as `python -m train` does, builds
-and compiles the jitted step of each method (compile time reported
+Sets up each method's run exactly as `python -m train` does (`train.run_setup`: one
+model and one data preparation shared by all methods), compiles the jitted step of each method (compile time reported
 separately), then times `--steps` updates after one warm-up, the methods taking
 turns on the same batches. Prints a Markdown table: compile
 s, s/step min / median / max, tokens/s at the median (non-padding tokens),
@@ -21,11 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from train.config import load_config
-from train.data import Batches, prepare
-from train.loop import _global_batch, load_model
-from train.mesh import make_mesh
 from train.metrics import host_description
-from train.step import build_steps
+from train.run_setup import setup_run
 
 
 def main():
@@ -36,37 +33,34 @@ def main():
   parser.add_argument("overrides", nargs="*")
   args = parser.parse_args()
   config = load_config(args.config, args.overrides)
-  mesh = make_mesh(config.mesh)
-  graphdef, params, rest, p_shardings, tokenizer = load_model(config, mesh)
-  train_rows, _, _, _ = prepare(config.data, tokenizer)
-  t = config.train
-  batches = Batches(train_rows, t.batch_size, t.micro_batch_size, config.data.shuffle_seed)
-  print(
-    f"{jax.device_count()} {jax.devices()[0].platform} device(s); batch {t.batch_size} rows "
-    f"x {config.data.max_length} tokens, micro-batch {t.micro_batch_size}"
+  config = dataclasses.replace(
+    config, train=dataclasses.replace(config.train, steps=args.steps + 1)
   )
 
   # Build and compile every method first, then interleave their timed steps
   # (round-robin), so that load from other processes hits all methods alike.
-  methods, compile_s, states, steps = args.methods.split(","), {}, {}, {}
+  methods, compile_s, states, steps, cache = args.methods.split(","), {}, {}, {}, {}
   for method in methods:
     name, _, option = method.partition("+")
     opt = dataclasses.replace(config.optimizer, method=name, telemetry=option == "telemetry")
-    built = build_steps(graphdef, rest, params, p_shardings, opt, args.steps + 1, mesh)
-    opt_state = jax.jit(built.tx.init, out_shardings=built.shardings["opt_state"])(params)
-    shardings, step_fn = built.shardings, built.train
-    p = jax.tree.map(jnp.copy, params)  # donation consumes it: each method owns a copy
+    run = setup_run(dataclasses.replace(config, optimizer=opt), cache)  # params: its own copy
+    params = run.model.params
+    opt_state = jax.jit(run.steps.tx.init, out_shardings=run.steps.shardings["opt_state"])(params)
+    batch = run.batches.global_batch(0, run.steps.shardings["batch"])
     tick = time.perf_counter()
-    steps[method] = step_fn.lower(
-      p, opt_state, _global_batch(batches, 0, shardings["batch"]), jnp.int32(0)
-    ).compile()
+    steps[method] = run.steps.train.lower(params, opt_state, batch, jnp.int32(0)).compile()
     compile_s[method] = time.perf_counter() - tick
-    states[method] = (p, opt_state)
+    states[method] = (params, opt_state)
+  t = config.train
+  print(
+    f"{jax.device_count()} {jax.devices()[0].platform} device(s); batch {t.batch_size} rows "
+    f"x {config.data.max_length} tokens, micro-batch {t.micro_batch_size}"
+  )
   times = {m: [] for m in methods}
   tokens = []
   for step in range(args.steps + 1):
-    batch = _global_batch(batches, step, shardings["batch"])
-    tokens.append(int((train_rows["segment_ids"][batches.row_ids(step)] > 0).sum()))
+    batch = run.batches.global_batch(step, run.steps.shardings["batch"])
+    tokens.append(run.batches.tokens(step))
     for method in methods:
       tick = time.perf_counter()
       p, opt_state, metrics = steps[method](*states[method], batch, jnp.int32(step))

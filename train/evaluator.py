@@ -20,15 +20,14 @@ from jax.sharding import PartitionSpec as P
 from tqdm.auto import tqdm
 
 from train import benchmarks, dpo
-from train.config import Config
 from train.data import ROW_FIELDS
 from train.generate import generate
 from train.mesh import BATCH_AXES, to_host
 from train.metrics import MetricWriter
 from train.paths import RunPaths
+from train.run_setup import Run
 from train.scoring import exact_match, parse_answer, score
 from train.stats import answer_stats
-from train.step import Steps, merge
 
 # Shown in the one-line log of an evaluation, when present.
 _SHOWN = (
@@ -178,22 +177,15 @@ class Evaluator:
   ``paths.eval_samples(tag)`` and held-out answers to ``answers[tag]``.
 
   Attributes:
-    rows: held-out token rows (None: no held-out loss).
-    items: held-out prompts with references (or a benchmark's problems) for accuracy.
-    reference_logps: DPO: the reference's log-probabilities of the held-out rows; then
-      ``rows`` are pairs and the preference metrics replace the token loss.
+    run: the run (`train.run_setup.Run`): its held-out rows give the held-out loss, its
+      held-out prompts (or a benchmark's problems) the accuracy.
+    reference_logps: DPO: the reference's log-probabilities of the held-out rows; then the
+      rows are pairs and the preference metrics replace the token loss.
   """
 
-  config: Config
+  run: Run
   paths: RunPaths
-  steps: Steps
-  graphdef: object
-  rest: object
-  tokenizer: object
-  mesh: jax.sharding.Mesh
   writer: MetricWriter
-  rows: dict | None
-  items: list[dict]
   reference_logps: np.ndarray | None = None
   answers: dict = dataclasses.field(default_factory=dict)
 
@@ -211,37 +203,35 @@ class Evaluator:
     return result
 
   def _held_out(self, params, policy_logps) -> dict:
-    cfg = self.config
-    if self.rows is None:
+    run = self.run
+    if run.eval_rows is None:
       return {}
+    batch_size = run.config.eval.batch_size
     if self.reference_logps is None:
       return {
-        "eval_loss": held_out_loss(
-          self.steps.eval, params, self.rows, cfg.eval.batch_size, self.mesh
-        )
+        "eval_loss": held_out_loss(run.steps.eval, params, run.eval_rows, batch_size, run.mesh)
       }
     if policy_logps is None:
       policy_logps = all_sequence_logps(
-        self.steps.logps, params, self.rows, cfg.eval.batch_size, self.mesh
+        run.steps.logps, params, run.eval_rows, batch_size, run.mesh
       )
+    dpo_cfg = run.config.dpo
     return preference_stats(
-      policy_logps, self.reference_logps, cfg.dpo.beta, cfg.dpo.label_smoothing
+      policy_logps, self.reference_logps, dpo_cfg.beta, dpo_cfg.label_smoothing
     )
 
   def _accuracy(self, tag: str, params) -> dict:
-    cfg = self.config.eval
-    if not cfg.accuracy or (cfg.benchmark == "held_out" and not self.items):
+    cfg, items, tokenizer = self.run.config.eval, self.run.eval_items, self.run.tokenizer
+    if not cfg.accuracy or (cfg.benchmark == "held_out" and not items):
       return {}
-    model = merge(self.graphdef, params, self.rest)
+    model = self.run.model.merged(params)
     options = dict(
       max_new_tokens=cfg.max_new_tokens,
       batch_size=cfg.generate_batch_size,
       samples_path=self.paths.eval_samples(tag),
     )
     if cfg.benchmark != "held_out":
-      return {
-        "accuracy": benchmark_accuracy(model, self.tokenizer, cfg.benchmark, self.items, **options)
-      }
-    records = answer_records(model, self.tokenizer, self.items[: cfg.size], **options)
+      return {"accuracy": benchmark_accuracy(model, tokenizer, cfg.benchmark, items, **options)}
+    records = answer_records(model, tokenizer, items[: cfg.size], **options)
     self.answers[tag] = records
     return answer_stats(records)

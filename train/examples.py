@@ -7,6 +7,7 @@ Hugging Face hub dataset, each record read as a chat conversation (`Example`), o
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import difflib
 import json
@@ -45,8 +46,6 @@ def canonical_problem(item: dict) -> str:
 
   "Calculate 3 + 45." and "Calculate 45 + 3." (or "a - b + c" and "c - b + a") get the same form.
   """
-  import ast
-
   text = " ".join(str((item.get("metadata") or {}).get("expression") or item["question"]).split())
 
   def form(node) -> str:
@@ -129,7 +128,7 @@ def reasoning_gym_examples(cfg: DataConfig) -> tuple[list[Example], list[Example
   """Train items from `train_seed`, held-out items from `eval_seed`; a held-out item whose
   problem is a training problem up to reordering (`canonical_problem`) is dropped, as is a
   repeat of an earlier held-out problem."""
-  import reasoning_gym
+  import reasoning_gym  # here: importing it takes seconds, and only this source needs it
 
   check_task_options(cfg)
 
@@ -225,7 +224,7 @@ def _jsonl_lines(path: Path) -> list[int]:
 
 def _file_examples(paths: tuple[str, ...], cfg: DataConfig, pairs: bool) -> list[Example]:
   """Each file is loaded on its own, so a bad record is named by file and line (or row)."""
-  import datasets
+  import datasets  # here: a heavy import that only file and hub sources need
 
   formats = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
   for name in paths:
@@ -327,7 +326,7 @@ def table_examples(
   cfg: DataConfig, pairs: bool = False
 ) -> tuple[list[Example], list[Example], dict]:
   """Local files or a hub dataset; held-out split from eval files/split or a tail of train."""
-  import datasets
+  import datasets  # here: a heavy import that only file and hub sources need
 
   if cfg.source == "files":
     train = _file_examples(cfg.train_files, cfg, pairs)

@@ -14,8 +14,10 @@ CLI::
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -45,31 +47,47 @@ def _sample(logits, key, temperature, top_p, *, greedy: bool, use_top_p: bool):
   return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 
-@functools.partial(
-  jax.jit, static_argnames=("graphdef", "max_new_tokens", "eos_ids", "greedy", "use_top_p")
-)
-def _generate(
-  graphdef,
-  state,
-  tokens,
-  segment_ids,
-  seed,
-  temperature,
-  top_p,
-  pad_id,
-  *,
-  max_new_tokens: int,
-  eos_ids: tuple[int, ...],
-  greedy: bool,
-  use_top_p: bool,
-):
+class _Prompts(NamedTuple):
+  """Left-padded prompt ids [B, P] and their segment ids (1 on prompt tokens, 0 on padding)."""
+
+  tokens: np.ndarray
+  segment_ids: np.ndarray
+
+
+class _Sampling(NamedTuple):
+  """The traced sampling values: a new seed or temperature reuses the compiled call."""
+
+  seed: np.uint32
+  temperature: np.float32
+  top_p: np.float32
+  pad_id: np.int32
+
+
+@dataclasses.dataclass(frozen=True)
+class _Decoding:
+  """The static choices (hashed into jit's cache key): each new value compiles anew."""
+
+  max_new_tokens: int
+  eos_ids: tuple[int, ...]
+  greedy: bool
+  use_top_p: bool
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "decoding"))
+def _generate(graphdef, state, prompts: _Prompts, sampling: _Sampling, *, decoding: _Decoding):
   model = nnx.merge(graphdef, state)
-  key = jax.random.key(seed)
+  key = jax.random.key(sampling.seed)
+  tokens, segment_ids = prompts
   batch, prompt_len = tokens.shape
   sample = functools.partial(
-    _sample, temperature=temperature, top_p=top_p, greedy=greedy, use_top_p=use_top_p
+    _sample,
+    temperature=sampling.temperature,
+    top_p=sampling.top_p,
+    greedy=decoding.greedy,
+    use_top_p=decoding.use_top_p,
   )
-  eos = jnp.asarray(eos_ids, jnp.int32)
+  max_new_tokens, pad_id = decoding.max_new_tokens, sampling.pad_id
+  eos = jnp.asarray(decoding.eos_ids, jnp.int32)
 
   cache = model.init_cache(batch, prompt_len + max_new_tokens)
   positions = jnp.maximum(jnp.cumsum(segment_ids, axis=1) - 1, 0)
@@ -110,6 +128,8 @@ def check_sampling(max_new_tokens: int, temperature: float, top_p: float) -> Non
     raise ValueError(f"top_p={top_p} must be in (0, 1] (1 = no nucleus cut)")
 
 
+# Eight parameters on purpose: the keyword-only ones are Hugging Face's `generate` arguments
+# (same names and meaning), so a call reads the same against either library.
 def generate(
   model,
   prompts: list[list[int]],
@@ -152,16 +172,11 @@ def generate(
   out = _generate(
     graphdef,
     state,
-    tokens,
-    segment_ids,
-    np.uint32(seed),
-    np.float32(max(temperature, 1e-6)),
-    np.float32(top_p),
-    np.int32(pad_token_id),
-    max_new_tokens=max_new_tokens,
-    eos_ids=eos_ids,
-    greedy=temperature == 0.0,
-    use_top_p=top_p < 1.0,
+    _Prompts(tokens, segment_ids),
+    _Sampling(
+      np.uint32(seed), np.float32(max(temperature, 1e-6)), np.float32(top_p), np.int32(pad_token_id)
+    ),
+    decoding=_Decoding(max_new_tokens, eos_ids, greedy=temperature == 0.0, use_top_p=top_p < 1.0),
   )
   results = []
   for row in to_host(out).tolist():

@@ -12,9 +12,9 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from train.config import MeshConfig
+from train.config import ConfigError, MeshConfig
 from train.model import BATCH as BATCH_AXES
-from train.model import fit_spec
+from train.model import SplitModel, fit_spec
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -70,6 +70,18 @@ def mesh_sizes(cfg: MeshConfig, count: int) -> dict[str, int]:
   return sizes
 
 
+def check_micro_batch(micro_batch_size: int, sizes: dict[str, int], devices: str) -> None:
+  """Raises `ConfigError` unless a micro-batch's rows split evenly over the batch axes
+  (data x fsdp) of a mesh of `sizes` (`mesh_sizes`, or a `Mesh`'s shape) over `devices`."""
+  shards = sizes["data"] * sizes["fsdp"]
+  if micro_batch_size % shards:
+    raise ConfigError(
+      f"train.micro_batch_size={micro_batch_size} does not divide over mesh data x fsdp = "
+      f"{shards} (mesh {dict(sizes)} over {devices}): make it a multiple of {shards}, or "
+      "move devices to mesh.tensor"
+    )
+
+
 def make_mesh(cfg: MeshConfig, devices=None) -> jax.sharding.Mesh:
   """A (data, fsdp, tensor) mesh over `devices` (default: all devices of all processes,
   or e.g. the chips of a TPU topology for ahead-of-time compilation); one axis may be -1 (fill)."""
@@ -115,8 +127,8 @@ def param_shardings(params: nnx.State, mesh) -> dict:
   )
 
 
-def shard_model(model: nnx.Module, mesh) -> tuple[nnx.GraphDef, dict, nnx.State, dict]:
-  """(graph, params placed by their metadata on `mesh`, rest, param shardings)."""
+def shard_model(model: nnx.Module, mesh) -> SplitModel:
+  """`model` split, its parameters placed on `mesh` by their sharding metadata."""
   graphdef, state, rest = nnx.split(model, nnx.Param, ...)
   shardings = param_shardings(state, mesh)
-  return graphdef, jax.device_put(nnx.to_pure_dict(state), shardings), rest, shardings
+  return SplitModel(graphdef, jax.device_put(nnx.to_pure_dict(state), shardings), rest, shardings)

@@ -134,7 +134,7 @@ class MetricWriter:
   def __init__(self, directory, enabled: bool):
     self._writer = None
     if enabled:
-      from tensorboardX import SummaryWriter
+      from tensorboardX import SummaryWriter  # here: only the process that writes loads it
 
       self._writer = SummaryWriter(str(directory))
 

@@ -387,6 +387,7 @@ def splash_attention(q, k, v, segment_ids, *, interpret: bool = False):
   batch axes, kv heads over ``tensor``. ``interpret`` runs it on any backend
   (tests).
   """
+  # Here: the Pallas TPU kernels load only when splash attention is chosen.
   from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
   from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as masks
 
@@ -754,6 +755,22 @@ def abstract_model(config: LlamaConfig, **options) -> tuple:
   """
   abstract = nnx.eval_shape(lambda: Llama(config, rngs=nnx.Rngs(0), **options))
   return nnx.split(abstract, nnx.Param, ...)
+
+
+@dataclasses.dataclass(frozen=True)
+class SplitModel:
+  """A model as the jitted steps take it: its graph, its parameters as a pure dict
+  (arrays, or ``ShapeDtypeStruct``s for an ahead-of-time plan), the rest of its state,
+  and the parameters' shardings."""
+
+  graphdef: nnx.GraphDef
+  params: dict
+  rest: nnx.State
+  shardings: dict
+
+  def merged(self, params: dict | None = None) -> Llama:
+    """The module with ``params`` (default: this model's own)."""
+    return nnx.merge(self.graphdef, nnx.State(self.params if params is None else params), self.rest)
 
 
 class OutputHead(NamedTuple):

@@ -40,14 +40,14 @@ import time
 import gguf
 import jax
 import jax.numpy as jnp
-from flax import nnx
 
 from train.config import Config, ConfigError, load_config
 from train.data import ROW_FIELDS
 from train.gguf_import import default_gguf_path, gguf_config
-from train.mesh import BATCH_AXES, make_mesh, param_shardings
+from train.mesh import BATCH_AXES, check_micro_batch, make_mesh
 from train.metrics import flops_per_token
-from train.model import REMAT_POLICIES, LlamaConfig, abstract_model, resolve_attention
+from train.model import REMAT_POLICIES, LlamaConfig
+from train.run_setup import abstract_arrays, abstract_split_model
 from train.step import build_steps
 
 GiB = 2**30
@@ -112,7 +112,7 @@ def model_config_of(config: Config) -> LlamaConfig:
 def topology_devices(name: str) -> list:
   """The chips of a TPU slice such as `v5p:4x4x4`, or `cuda:1x1x8` (slices x hosts x GPUs
   like the one attached, e.g. one 8-GPU host: needs a GPU here), compiled for from this host."""
-  from jax.experimental import topologies
+  from jax.experimental import topologies  # here: only --topology compiles for other chips
 
   if name.startswith("cuda:"):
     return list(topologies.get_topology_desc("plan", "cuda", topology=name[5:]).devices)
@@ -153,12 +153,6 @@ def _shard_bytes(tree) -> int:
   return sum(
     math.prod(x.sharding.shard_shape(x.shape)) * jnp.dtype(x.dtype).itemsize
     for x in jax.tree.leaves(tree)
-  )
-
-
-def _abstract(tree, shardings):
-  return jax.tree.map(
-    lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings
   )
 
 
@@ -265,61 +259,30 @@ def plan(
   """Compiles the train and (unless `eval_step` is false) eval steps of `config` for
   `devices`; returns the report dict (with the compiled train step's HLO text under "hlo" if
   `with_hlo`)."""
-  t, length = config.train, config.data.max_length
+  t = config.train
   mesh = make_mesh(config.mesh, devices)
-  shards = math.prod(mesh.shape[a] for a in BATCH_AXES)
-  if t.batch_size % t.micro_batch_size or t.micro_batch_size % shards:
-    raise ConfigError(
-      f"train.batch_size={t.batch_size} must be a multiple of train.micro_batch_size="
-      f"{t.micro_batch_size}, which must be a multiple of mesh data x fsdp = {shards} "
-      f"(mesh {dict(mesh.shape)} over {len(devices)} chips)"
-    )
+  check_micro_batch(t.micro_batch_size, mesh.shape, f"{len(devices)} chips")
   model_config = model_config_of(config)
-  dtype, param_dtype = jnp.dtype(config.model.dtype), jnp.dtype(config.model.param_dtype)
-  graphdef, abstract_params, rest = abstract_model(
-    model_config,
-    dtype=dtype,
-    param_dtype=param_dtype,
-    remat=config.model.remat,
-    attention=resolve_attention(config.model.attention, devices[0].platform),
-    logits_dot_in_fp32=config.model.logits_dot_in_fp32,
+  model = abstract_split_model(config, model_config, mesh)
+  steps = build_steps(model, config, mesh, max(t.steps, 1))
+  opt_state = abstract_arrays(
+    jax.eval_shape(steps.tx.init, model.params), steps.shardings["opt_state"]
   )
-  p_shardings = param_shardings(abstract_params, mesh)
-  params = _abstract(nnx.to_pure_dict(abstract_params), p_shardings)
-  dpo_cfg = config.dpo if t.objective == "dpo" else None
-  steps = build_steps(
-    graphdef,
-    rest,
-    params,
-    p_shardings,
-    config.optimizer,
-    max(t.steps, 1),
-    mesh,
-    config.model.loss_chunk_tokens,
-    dpo_cfg,
-  )
-  opt_state = _abstract(jax.eval_shape(steps.tx.init, params), steps.shardings["opt_state"])
-  accumulation = t.batch_size // t.micro_batch_size
-  rows_per_item = 1 if dpo_cfg is None else 2  # DPO: batch sizes count pairs
-  micro_rows = t.micro_batch_size * rows_per_item
-  batch = {  # token fields [A, M, L]; DPO's precomputed reference_logps [A, M]
-    name: jax.ShapeDtypeStruct(
-      (accumulation, micro_rows, length)[: 3 if name in ROW_FIELDS else 2],
-      jnp.int32 if name in ("inputs", "targets", "positions", "segment_ids") else jnp.float32,
-      sharding=sharding,
-    )
-    for name, sharding in steps.shardings["batch"].items()
-  }
+  batch = _abstract_batch(config, steps.shardings["batch"])
   # DPO with a live reference: the frozen copy in the compute dtype is an argument.
   reference = [
-    _abstract(jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, dtype), params), shardings)
+    abstract_arrays(
+      jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, jnp.dtype(config.model.dtype)), model.params
+      ),
+      shardings,
+    )
     for shardings in [steps.shardings.get("reference")]
     if shardings is not None
   ]
-
   start = time.perf_counter()
   compiled = steps.train.lower(
-    params, opt_state, batch, jax.ShapeDtypeStruct((), jnp.int32), *reference
+    model.params, opt_state, batch, jax.ShapeDtypeStruct((), jnp.int32), *reference
   ).compile()
   compile_s = time.perf_counter() - start
   eval_rows = {
@@ -330,9 +293,45 @@ def plan(
     )
     for name in ROW_FIELDS
   }
-  evaluate = steps.eval if dpo_cfg is None else steps.logps  # DPO scores held-out pairs
-  eval_memory = eval_step and evaluate.lower(params, eval_rows).compile().memory_analysis()
+  evaluate = steps.eval if t.objective == "sft" else steps.logps  # DPO scores held-out pairs
+  eval_memory = eval_step and evaluate.lower(model.params, eval_rows).compile().memory_analysis()
+  report = {
+    "fits": None,
+    "device_kind": devices[0].device_kind,
+    "devices": len(devices),
+    "mesh": dict(mesh.shape),
+    **_memory_report(compiled, hbm_bytes, model.params, opt_state, reference),
+    "eval_per_device_bytes": eval_memory
+    and (
+      eval_memory.argument_size_in_bytes
+      + eval_memory.output_size_in_bytes
+      + eval_memory.temp_size_in_bytes
+    ),
+    **_work_report(compiled, config, model_config, model.params, passes=4 / 3 if reference else 1),
+    "compile_s": compile_s,
+  }
+  report["fits"] = hbm_bytes is None or report["per_device_bytes"] <= hbm_bytes
+  return report | ({"hlo": compiled.as_text()} if with_hlo else {})
 
+
+def _abstract_batch(config: Config, shardings: dict) -> dict:
+  """The train step's batch as `ShapeDtypeStruct`s: token fields [A, M, L], DPO's
+  precomputed reference_logps [A, M] (M counts a pair's two rows)."""
+  t = config.train
+  rows_per_item = 2 if t.objective == "dpo" else 1
+  shape = (t.batch_size // t.micro_batch_size, t.micro_batch_size * rows_per_item)
+  return {
+    name: jax.ShapeDtypeStruct(
+      (*shape, config.data.max_length)[: 3 if name in ROW_FIELDS else 2],
+      jnp.int32 if name in ("inputs", "targets", "positions", "segment_ids") else jnp.float32,
+      sharding=sharding,
+    )
+    for name, sharding in shardings.items()
+  }
+
+
+def _memory_report(compiled, hbm_bytes: int | None, params, opt_state, reference: list) -> dict:
+  """Per-chip peak memory of the compiled train step and what it holds."""
   memory = compiled.memory_analysis()
   peak = (
     memory.argument_size_in_bytes
@@ -340,27 +339,8 @@ def plan(
     - memory.alias_size_in_bytes
     + memory.temp_size_in_bytes
   )
-  cost = compiled.cost_analysis()
-  cost = (cost[0] if isinstance(cost, (list, tuple)) else cost) or {}
-  num_params = sum(math.prod(x.shape) for x in jax.tree.leaves(params))
-  tokens = t.batch_size * rows_per_item * length
-  # A live reference adds a forward pass: a third of the policy's forward and backward.
-  passes = 4 / 3 if reference else 1
   param_bytes = _shard_bytes(params)
-  fits = hbm_bytes is None or peak <= hbm_bytes
   return {
-    "fits": fits,
-    "device_kind": devices[0].device_kind,
-    "devices": len(devices),
-    "mesh": dict(mesh.shape),
-    "num_params": num_params,
-    "objective": t.objective,
-    "batch": {
-      "rows": t.batch_size * rows_per_item,
-      "micro_batch_rows": micro_rows,
-      "accumulation": accumulation,
-      "length": length,
-    },
     "per_device_bytes": peak,
     "hbm_bytes": hbm_bytes,
     "hbm_fraction": None if hbm_bytes is None else peak / hbm_bytes,
@@ -374,20 +354,34 @@ def plan(
       "outputs_not_aliased": memory.output_size_in_bytes - memory.alias_size_in_bytes,
       "program": memory.generated_code_size_in_bytes,
     },
-    "eval_per_device_bytes": eval_memory
-    and (
-      eval_memory.argument_size_in_bytes
-      + eval_memory.output_size_in_bytes
-      + eval_memory.temp_size_in_bytes
-    ),
+  }
+
+
+def _work_report(compiled, config: Config, model_config: LlamaConfig, params, passes) -> dict:
+  """The batch, the compiler's FLOPs and bytes next to the model's FLOPs, and the
+  collectives of the compiled train step. `passes`: forward-and-backward passes per row (a
+  live DPO reference adds a forward: 4/3)."""
+  t, length = config.train, config.data.max_length
+  rows_per_item = 2 if t.objective == "dpo" else 1  # DPO: batch sizes count pairs
+  cost = compiled.cost_analysis()
+  cost = (cost[0] if isinstance(cost, (list, tuple)) else cost) or {}
+  num_params = sum(math.prod(x.shape) for x in jax.tree.leaves(params))
+  tokens = t.batch_size * rows_per_item * length
+  return {
+    "num_params": num_params,
+    "objective": t.objective,
+    "batch": {
+      "rows": t.batch_size * rows_per_item,
+      "micro_batch_rows": t.micro_batch_size * rows_per_item,
+      "accumulation": t.batch_size // t.micro_batch_size,
+      "length": length,
+    },
     "flops_per_step": cost.get("flops"),  # per device, loop bodies once (see the module doc)
     "bytes_accessed_per_step": cost.get("bytes accessed"),
     "model_flops_per_step": tokens
     * passes
     * flops_per_token(num_params, model_config.num_layers, length, model_config.hidden_size),
     "collectives": collectives(compiled.as_text()),
-    "compile_s": compile_s,
-    **({"hlo": compiled.as_text()} if with_hlo else {}),
   }
 
 

@@ -27,15 +27,11 @@ from jax.sharding import PartitionSpec as P
 
 import gmt_optax
 from train import dpo
-from train.config import DPOConfig, OptimizerConfig
+from train.config import Config, DPOConfig
 from train.data import ROW_FIELDS
 from train.mesh import BATCH_AXES, batch_sharding, replicated
-from train.model import OutputHead, constrain_head, project_to_vocab
+from train.model import OutputHead, SplitModel, constrain_head, project_to_vocab
 from train.optimizer import build_optimizer, opt_state_shardings
-
-
-def merge(graphdef, params: dict, rest) -> nnx.Module:
-  return nnx.merge(graphdef, nnx.State(params), rest)
 
 
 def _under_mesh(mesh):
@@ -149,9 +145,30 @@ def dpo_loss_sum(
   return jnp.sum(losses), {"pairs": jnp.float32(losses.shape[0]), **sums}
 
 
+def _accumulate(grad_fn, params, batch, reference_params, params_shardings):
+  """(sum of the micro-batches' gradients, sums of "loss" and the loss's statistics) over
+  the [A, ...] micro-batches of `batch`: a `lax.scan`, sharded like the parameters."""
+
+  def accumulate(carry, micro_batch):
+    grad_sum, sums = carry
+    (loss, micro_sums), grads = grad_fn(params, micro_batch, reference_params)
+    grad_sum = jax.tree.map(jnp.add, grad_sum, grads)
+    grad_sum = jax.lax.with_sharding_constraint(grad_sum, params_shardings)
+    return (grad_sum, jax.tree.map(jnp.add, sums, {"loss": loss, **micro_sums})), None
+
+  first = jax.tree.map(lambda x: x[0], batch)
+  if batch["inputs"].shape[0] == 1:  # no accumulation: a plain step compiles simpler
+    (loss, sums), grad_sum = grad_fn(params, first, reference_params)
+    return grad_sum, {"loss": loss, **sums}
+  zeros = jax.tree.map(jnp.zeros_like, params)
+  shapes = jax.eval_shape(grad_fn, params, first, reference_params)[0]
+  init_sums = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), {"loss": shapes[0], **shapes[1]})
+  (grad_sum, sums), _ = jax.lax.scan(accumulate, (zeros, init_sums), batch)
+  return grad_sum, sums
+
+
 def make_train_step(
-  graphdef,
-  rest,
+  model: SplitModel,
   tx,
   schedule,
   shardings: dict,
@@ -172,35 +189,18 @@ def make_train_step(
   count_name = "loss_tokens" if dpo_cfg is None else "pairs"
 
   def loss_sum(params, micro_batch, reference_params):
-    model = merge(graphdef, params, rest)
+    policy = model.merged(params)
     if dpo_cfg is None:
-      total, tokens = token_loss_sum(model, micro_batch, loss_chunk_tokens)
+      total, tokens = token_loss_sum(policy, micro_batch, loss_chunk_tokens)
       return total, {"loss_tokens": tokens}
-    reference = None if reference_params is None else merge(graphdef, reference_params, rest)
-    return dpo_loss_sum(model, micro_batch, reference, dpo_cfg, loss_chunk_tokens)
+    reference = None if reference_params is None else model.merged(reference_params)
+    return dpo_loss_sum(policy, micro_batch, reference, dpo_cfg, loss_chunk_tokens)
 
   grad_fn = jax.value_and_grad(loss_sum, has_aux=True)
 
   @_under_mesh(mesh)
   def step(params, opt_state, batch, step_number, reference_params=None):
-    def accumulate(carry, micro_batch):
-      grad_sum, sums = carry
-      (loss, micro_sums), grads = grad_fn(params, micro_batch, reference_params)
-      grad_sum = jax.tree.map(jnp.add, grad_sum, grads)
-      grad_sum = jax.lax.with_sharding_constraint(grad_sum, shardings["params"])
-      return (grad_sum, jax.tree.map(jnp.add, sums, {"loss": loss, **micro_sums})), None
-
-    first = jax.tree.map(lambda x: x[0], batch)
-    if batch["inputs"].shape[0] == 1:  # no accumulation: a plain step compiles simpler
-      (loss, sums), grad_sum = grad_fn(params, first, reference_params)
-      sums = {"loss": loss, **sums}
-    else:
-      zeros = jax.tree.map(jnp.zeros_like, params)
-      shapes = jax.eval_shape(grad_fn, params, first, reference_params)[0]
-      init_sums = jax.tree.map(
-        lambda x: jnp.zeros(x.shape, x.dtype), {"loss": shapes[0], **shapes[1]}
-      )
-      (grad_sum, sums), _ = jax.lax.scan(accumulate, (zeros, init_sums), batch)
+    grad_sum, sums = _accumulate(grad_fn, params, batch, reference_params, shardings["params"])
     denominator = jnp.maximum(sums[count_name], 1.0)
     grads = jax.tree.map(lambda g: g / denominator, grad_sum)
     updates, opt_state = tx.update(grads, opt_state, params)
@@ -231,18 +231,18 @@ def make_train_step(
   )
 
 
-def make_rows_step(graphdef, rest, params_shardings: dict, mesh, of_rows: Callable) -> Callable:
+def make_rows_step(model: SplitModel, mesh, of_rows: Callable) -> Callable:
   """jit(fn)(params, rows [M, L]) -> of_rows(model, rows), replicated: the eval steps.
 
   The parameters may be in any dtype, sharded like the policy's (the DPO reference)."""
 
   @_under_mesh(mesh)
   def on_rows(params, rows):
-    return of_rows(merge(graphdef, params, rest), rows)
+    return of_rows(model.merged(params), rows)
 
   rows_sharding = NamedSharding(mesh, P(BATCH_AXES, None))
   return jax.jit(
-    on_rows, in_shardings=(params_shardings, rows_sharding), out_shardings=replicated(mesh)
+    on_rows, in_shardings=(model.shardings, rows_sharding), out_shardings=replicated(mesh)
   )
 
 
@@ -266,51 +266,31 @@ class Steps:
   logps: Callable  # (params, rows) -> [M] sequence log-probs (DPO: reference, held-out pairs)
 
 
-def build_steps(
-  graphdef,
-  rest,
-  params,
-  params_shardings: dict,
-  cfg: OptimizerConfig,
-  total_steps: int,
-  mesh,
-  loss_chunk_tokens: int = 0,
-  dpo_cfg: DPOConfig | None = None,
-) -> Steps:
-  """optimizer -> state shardings -> jitted steps, for concrete or abstract params.
+def build_steps(model: SplitModel, config: Config, mesh, total_steps: int) -> Steps:
+  """optimizer -> state shardings -> jitted steps of `config`, for concrete or abstract params.
 
-  `dpo_cfg` selects the DPO objective (else SFT). Its batch has per-row
-  "reference_logps" [A, M] when the reference is precomputed; otherwise the train step
-  takes the reference parameters (`reference_copy`) as a fifth argument.
+  `config.train.objective` selects SFT or DPO. DPO's batch has per-row "reference_logps"
+  [A, M] when the reference is precomputed; otherwise the train step takes the reference
+  parameters (`reference_copy`) as a fifth argument.
   """
-  tx, schedule = build_optimizer(cfg, total_steps)
+  dpo_cfg = config.dpo if config.train.objective == "dpo" else None
+  chunk_tokens = config.model.loss_chunk_tokens
+  tx, schedule = build_optimizer(config.optimizer, total_steps)
   batch = {name: batch_sharding(mesh) for name in ROW_FIELDS}
   shardings = {
-    "params": params_shardings,
-    "opt_state": opt_state_shardings(tx, params, params_shardings, mesh),
+    "params": model.shardings,
+    "opt_state": opt_state_shardings(tx, model.params, model.shardings, mesh),
     "batch": batch,
   }
   if dpo_cfg is not None and dpo_cfg.precompute_reference:
     batch["reference_logps"] = NamedSharding(mesh, P(None, BATCH_AXES))
   elif dpo_cfg is not None:
-    shardings["reference"] = params_shardings
+    shardings["reference"] = model.shardings
   return Steps(
     tx,
     schedule,
     shardings,
-    make_train_step(graphdef, rest, tx, schedule, shardings, mesh, loss_chunk_tokens, dpo_cfg),
-    make_rows_step(
-      graphdef,
-      rest,
-      params_shardings,
-      mesh,
-      lambda model, rows: token_loss_sum(model, rows, loss_chunk_tokens),
-    ),
-    make_rows_step(
-      graphdef,
-      rest,
-      params_shardings,
-      mesh,
-      lambda model, rows: sequence_logps(model, rows, loss_chunk_tokens),
-    ),
+    make_train_step(model, tx, schedule, shardings, mesh, chunk_tokens, dpo_cfg),
+    make_rows_step(model, mesh, lambda m, rows: token_loss_sum(m, rows, chunk_tokens)),
+    make_rows_step(model, mesh, lambda m, rows: sequence_logps(m, rows, chunk_tokens)),
   )
