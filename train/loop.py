@@ -1,11 +1,11 @@
-"""The training job, top to bottom: config -> mesh -> model -> data -> steps -> outputs.
+"""The training job, top to bottom: set up -> evaluate -> train -> evaluate -> export -> summary.
 
-`run(config)` validates the config, starts multi-host JAX when asked, claims
-the output directory, loads (or randomly initialises) the model sharded over the
-mesh, prepares the data, evaluates, trains with periodic Orbax checkpoints and
-per-step JSONL logs, evaluates again and returns the final metrics. Everything it
-writes goes under `train.output_dir`. Asked to stop (SIGTERM, SIGINT), it
-finishes the current step, saves it and raises `Preempted`.
+`run(config)` validates the config, starts multi-host JAX when asked and claims the output
+directory; `train.run_setup.setup_run` builds the mesh, model, data and steps once (a `Run`);
+the `Evaluator` scores the held-out data before, every `eval.every` steps and after; the
+`Trainer` runs the updates with per-step JSONL and TensorBoard logs and Orbax checkpoints.
+Everything it writes goes under `train.output_dir` (`train.paths.RunPaths`). Asked to stop
+(SIGTERM, SIGINT), it finishes the current step, saves it and raises `Preempted`.
 """
 
 from __future__ import annotations
@@ -130,8 +130,7 @@ def _run(
   if config.train.resume:
     params, opt_state, first_step = _resume(run, checkpoints, params, opt_state, out)
 
-  num_params = sum(x.size for x in jax.tree.leaves(params))
-  summary: dict = {"output_dir": str(out), "num_params": num_params, "data": run.data_report}
+  summary: dict = {"output_dir": str(out), "num_params": run.num_params, "data": run.data_report}
   writer = MetricWriter(paths.tensorboard, jax.process_index() == 0)
   evaluate = Evaluator(run, paths, writer, eval_reference)
   if config.eval.before and first_step == 0:
@@ -158,11 +157,10 @@ def _run(
   if jax.process_index() == 0:
     paths.summary.write_text(json.dumps(summary, indent=1))
   _show(summary)
-  log(
-    f"outputs: {out}/ (config.yaml, train_log.jsonl, checkpoints/, eval_*.jsonl, summary.json"
-    + (f", {summary['export_dir']}" if "export_dir" in summary else "")
-    + ")"
-  )
+  written = [paths.config, paths.log, paths.checkpoints, paths.eval_samples("*"), paths.summary]
+  written = [p.name + ("/" if p == paths.checkpoints else "") for p in written]
+  written += [summary["export_dir"]] if "export_dir" in summary else []  # may be elsewhere
+  log(f"outputs: {out}/ ({', '.join(written)})")
   return summary
 
 
@@ -254,10 +252,9 @@ class Trainer:
     self.step_times: list[float] = []
     model_config, config = run.model_config, run.config
     peak = peak_flops_per_device(config.train.peak_flops_per_device)
-    num_params = sum(x.size for x in jax.tree.leaves(run.model.params))
     self.meter = Meter(
       flops_per_token(
-        num_params, model_config.num_layers, config.data.max_length, model_config.hidden_size
+        run.num_params, model_config.num_layers, config.data.max_length, model_config.hidden_size
       ),
       peak and peak * jax.device_count(),
       run.model.shardings,  # names the layers of mask telemetry

@@ -128,6 +128,10 @@ class Run:
   cache_key: tuple  # what the model and data depend on, for results shared through a cache
 
   @property
+  def num_params(self) -> int:
+    return sum(x.size for x in jax.tree.leaves(self.model.params))
+
+  @property
   def dpo(self) -> DPOConfig | None:
     """The DPO settings when the objective is DPO, else None (SFT)."""
     return self.config.dpo if self.config.train.objective == "dpo" else None
