@@ -73,7 +73,7 @@ def main():
   attention = model.attention
   split = shard_model(model, mesh)
   del model
-  num_params = sum(x.size for x in jax.tree.leaves(split.params))
+  num_params = split.num_params
   tokens = args.batch * args.length
   flops = tokens * flops_per_token(num_params, shape.num_layers, args.length, shape.hidden_size)
   print(

@@ -25,7 +25,7 @@ def test_runs_sharing_a_cache_share_model_and_data_but_own_their_parameters():
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   assert gmt.total_steps == TINY["train"]["steps"]
   assert gmt.batches.shape == (2, 4, TINY["data"]["max_length"])
-  assert gmt.num_params == sum(x.size for x in jax.tree.leaves(gmt.model.params))
+  assert gmt.model.num_params == sum(x.size for x in jax.tree.leaves(gmt.model.params))
   batch = gmt.batches.global_batch(0, gmt.steps.shardings["batch"])
   assert batch["inputs"].shape == gmt.batches.shape
   assert gmt.batches.tokens(0) == int((np.asarray(batch["segment_ids"]) > 0).sum())

@@ -337,12 +337,12 @@ def test_logged_tokens_cover_every_step(tmp_path):
 
 
 def test_accuracy_survives_ids_the_tokenizer_cannot_decode(monkeypatch):
-  from train import evaluator
+  from train import evaluator, generate
   from train.stats import answer_stats
 
   tokenizer = ByteTokenizer()
   answer = tokenizer.encode("7")
-  monkeypatch.setattr(evaluator, "generate", lambda *a, **k: [[300, 258] + answer])
+  monkeypatch.setattr(generate, "generate", lambda *a, **k: [[300, 258] + answer])
   items = [{"prompt_ids": [5], "reference": "7", "entry": None}]
   records = evaluator.answer_records(None, tokenizer, items, max_new_tokens=4, batch_size=1)
   assert answer_stats(records)["accuracy"] == 1.0

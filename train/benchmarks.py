@@ -23,7 +23,6 @@ import re
 from fractions import Fraction
 
 from train import sandbox
-from train.generate import generate
 
 # ----------------------------------------------------------------------------
 # Math answers
@@ -240,37 +239,7 @@ def read_completions(path: str) -> dict[str, str]:
 
 
 # ----------------------------------------------------------------------------
-# Generation and scoring
-
-
-def generate_texts(
-  model, tokenizer, instructions: list[str], *, max_new_tokens: int, batch_size: int
-) -> list[str]:
-  """Greedy answers to single-turn user instructions, through the tokenizer's template."""
-  texts = []
-  for start in range(0, len(instructions), batch_size):
-    prompts = [
-      tokenizer.encode(
-        tokenizer.apply_chat_template(
-          [{"role": "user", "content": text}], add_generation_prompt=True
-        ),
-        add_special_tokens=False,
-      )
-      for text in instructions[start : start + batch_size]
-    ]
-    outputs = generate(
-      model,
-      prompts,
-      max_new_tokens=max_new_tokens,
-      eos_token_id=tokenizer.eos_token_id,
-      pad_token_id=tokenizer.pad_token_id or 0,
-    )
-    # A model vocabulary larger than the tokenizer's can produce ids it cannot decode.
-    texts += [
-      tokenizer.decode([i for i in ids if i < tokenizer.vocab_size], skip_special_tokens=True)
-      for ids in outputs
-    ]
-  return texts
+# Scoring
 
 
 def score_benchmark(

@@ -336,6 +336,16 @@ class Config:
   mesh: MeshConfig = MeshConfig()
   checkpoint: CheckpointConfig = CheckpointConfig()
 
+  @property
+  def dpo_objective(self) -> DPOConfig | None:
+    """The `dpo` section when `train.objective` is dpo, else None (SFT)."""
+    return self.dpo if self.train.objective == "dpo" else None
+
+  @property
+  def rows_per_item(self) -> int:
+    """Token rows per batch item: a DPO pair's chosen and rejected rows, else one."""
+    return 2 if self.train.objective == "dpo" else 1
+
 
 # Enum keys that also accept a boolean, as the name it stands for (model.remat was a bool).
 _BOOLEAN_ALIASES = {"model.remat": {True: "full", False: "none"}}

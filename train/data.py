@@ -24,6 +24,9 @@ from train.config import DataConfig
 from train.examples import Example, load_examples
 from train.tokenizer import encode_with_offsets
 
+# ----------------------------------------------------------------------------
+# Examples -> tokens with a loss mask
+
 
 def tokenize(tokenizer, messages: list[dict]) -> tuple[list[int], list[int]]:
   """Token ids of the chat and a 0/1 mask that is 1 on assistant tokens only.
@@ -215,6 +218,7 @@ class Batches:
     self.micro_batch_size = micro_batch_size
     self.seed = seed
     self._orders: dict[int, np.ndarray] = {}
+    self._step_ids: tuple[int, np.ndarray] | None = None  # the last step's rows, [A, M]
 
   @property
   def shape(self) -> tuple[int, int, int]:
@@ -236,14 +240,19 @@ class Batches:
   def epoch(self, step: int) -> float:
     return step * self.batch_size / self.num_items
 
+  def _ids(self, step: int) -> np.ndarray:
+    """[A, M] row ids of step `step`, computed once for the step's fields and devices."""
+    if self._step_ids is None or self._step_ids[0] != step:
+      self._step_ids = (step, self.row_ids(step).reshape(self.shape[:2]))
+    return self._step_ids[1]
+
   def local(self, step: int, field: str, index: tuple[slice, ...]) -> np.ndarray:
     """The part `index` of the [A, M, L] (or, for a per-row field, [A, M]) global batch.
 
     Only the rows that this process's devices hold are gathered, so each
     host touches only its share of the batch.
     """
-    ids = self.row_ids(step).reshape(self.shape[:2])[index[0], index[1]]
-    return self.rows[field][ids][(..., *index[2:])]
+    return self.rows[field][self._ids(step)[index[0], index[1]]][(..., *index[2:])]
 
   def global_batch(self, step: int, shardings: dict) -> dict:
     """Step `step`'s global batch, one sharded array per field of `shardings` ([A, M, L]
@@ -259,7 +268,7 @@ class Batches:
 
   def tokens(self, step: int) -> int:
     """The number of non-padding tokens in step `step`'s batch (for tokens per second)."""
-    return int((self.rows["segment_ids"][self.row_ids(step)] > 0).sum())
+    return int((self.rows["segment_ids"][self._ids(step)] > 0).sum())
 
 
 def examples_for_generation(tokenizer, examples: list[Example]) -> list[dict[str, Any]]:

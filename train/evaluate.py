@@ -14,6 +14,7 @@ from pathlib import Path
 
 from train import benchmarks
 from train.evaluator import write_jsonl
+from train.generate import greedy_texts, instruction_prompts
 from train.gguf_import import default_gguf_path
 from train.pretrained import load_pretrained
 from train.tokenizer import AlpacaTemplate
@@ -81,10 +82,10 @@ def main(argv=None) -> None:
     )
     if args.template == "alpaca":
       tokenizer = AlpacaTemplate(tokenizer)
-    texts = benchmarks.generate_texts(
+    texts = greedy_texts(
       model,
       tokenizer,
-      [it["instruction"] for it in items],
+      instruction_prompts(tokenizer, [it["instruction"] for it in items]),
       max_new_tokens=args.max_new_tokens,
       batch_size=args.batch_size,
     )

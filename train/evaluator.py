@@ -15,14 +15,12 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 from tqdm.auto import tqdm
 
 from train import benchmarks, dpo
 from train.data import ROW_FIELDS
-from train.generate import generate
-from train.mesh import BATCH_AXES, to_host
+from train.generate import greedy_texts, instruction_prompts
+from train.mesh import rows_sharding, to_host
 from train.metrics import MetricWriter
 from train.paths import RunPaths
 from train.run_setup import Run
@@ -51,7 +49,7 @@ def _device_chunks(rows: dict, batch_size: int, mesh):
   time (rounded up to split evenly over devices), the last chunk padded with empty rows."""
   shards = mesh.shape["data"] * mesh.shape["fsdp"]
   batch_size = -(-batch_size // shards) * shards
-  sharding = NamedSharding(mesh, P(BATCH_AXES, None))
+  sharding = rows_sharding(mesh)
   for start in range(0, len(rows["inputs"]), batch_size):
     chunk = {}
     for name in ROW_FIELDS:
@@ -116,32 +114,26 @@ def answer_records(
   Each record: question, completion, prediction, reference, exact (0/1), score (the task's
   scorer, which may give partial credit).
   """
+  texts = greedy_texts(
+    model,
+    tokenizer,
+    [it["prompt_ids"] for it in items],
+    max_new_tokens=max_new_tokens,
+    batch_size=batch_size,
+  )
   records = []
-  for start in range(0, len(items), batch_size):
-    chunk = items[start : start + batch_size]
-    completions = generate(
-      model,
-      [it["prompt_ids"] for it in chunk],
-      max_new_tokens=max_new_tokens,
-      eos_token_id=tokenizer.eos_token_id,
-      pad_token_id=tokenizer.pad_token_id or 0,
+  for item, text in zip(items, texts):
+    prediction = parse_answer(text)
+    records.append(
+      {
+        "question": item.get("question", ""),
+        "completion": text,
+        "prediction": prediction,
+        "reference": item["reference"],
+        "exact": int(exact_match(prediction, item["reference"])),
+        "score": score(prediction, item),
+      }
     )
-    for item, ids in zip(chunk, completions):
-      # A model vocabulary larger than the tokenizer's can sample ids it cannot decode.
-      text = tokenizer.decode(
-        [i for i in ids if i < tokenizer.vocab_size], skip_special_tokens=True
-      )
-      prediction = parse_answer(text)
-      records.append(
-        {
-          "question": item.get("question", ""),
-          "completion": text,
-          "prediction": prediction,
-          "reference": item["reference"],
-          "exact": int(exact_match(prediction, item["reference"])),
-          "score": score(prediction, item),
-        }
-      )
   if samples_path is not None and jax.process_index() == 0:
     write_jsonl(samples_path, records)
   return records
@@ -158,10 +150,10 @@ def benchmark_accuracy(
   samples_path: Path | None = None,
 ) -> float:
   """Greedy completions of a benchmark's items scored by its harness; records saved as JSONL."""
-  texts = benchmarks.generate_texts(
+  texts = greedy_texts(
     model,
     tokenizer,
-    [it["instruction"] for it in items],
+    instruction_prompts(tokenizer, [it["instruction"] for it in items]),
     max_new_tokens=max_new_tokens,
     batch_size=batch_size,
   )

@@ -365,7 +365,3 @@ def load_examples(
       with_near_misses(held_out, cfg.eval_seed),
     )
   return train, held_out, report
-
-
-# ----------------------------------------------------------------------------
-# Examples -> tokens with a loss mask

@@ -47,13 +47,6 @@ def _sample(logits, key, temperature, top_p, *, greedy: bool, use_top_p: bool):
   return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 
-class _Prompts(NamedTuple):
-  """Left-padded prompt ids [B, P] and their segment ids (1 on prompt tokens, 0 on padding)."""
-
-  tokens: np.ndarray
-  segment_ids: np.ndarray
-
-
 class _Sampling(NamedTuple):
   """The traced sampling values: a new seed or temperature reuses the compiled call."""
 
@@ -74,10 +67,11 @@ class _Decoding:
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "decoding"))
-def _generate(graphdef, state, prompts: _Prompts, sampling: _Sampling, *, decoding: _Decoding):
+def _generate(graphdef, state, tokens, segment_ids, sampling: _Sampling, *, decoding: _Decoding):
+  """New tokens [B, max_new_tokens] after left-padded prompts `tokens` [B, P] (segment ids 1
+  on prompt tokens, 0 on padding)."""
   model = nnx.merge(graphdef, state)
   key = jax.random.key(sampling.seed)
-  tokens, segment_ids = prompts
   batch, prompt_len = tokens.shape
   sample = functools.partial(
     _sample,
@@ -172,7 +166,8 @@ def generate(
   out = _generate(
     graphdef,
     state,
-    _Prompts(tokens, segment_ids),
+    tokens,
+    segment_ids,
     _Sampling(
       np.uint32(seed), np.float32(max(temperature, 1e-6)), np.float32(top_p), np.int32(pad_token_id)
     ),
@@ -183,6 +178,42 @@ def generate(
     stops = [i for i, t in enumerate(row) if t in eos_ids]
     results.append(row[: stops[0]] if stops else row)
   return results
+
+
+def greedy_texts(
+  model, tokenizer, prompts: list[list[int]], *, max_new_tokens: int, batch_size: int
+) -> list[str]:
+  """Greedy completions of token-id prompts, `batch_size` prompts per call, decoded to text
+  (each stops at the tokenizer's EOS)."""
+  texts = []
+  for start in range(0, len(prompts), batch_size):
+    outputs = generate(
+      model,
+      prompts[start : start + batch_size],
+      max_new_tokens=max_new_tokens,
+      eos_token_id=tokenizer.eos_token_id,
+      pad_token_id=tokenizer.pad_token_id or 0,
+    )
+    # A model vocabulary larger than the tokenizer's can produce ids it cannot decode.
+    texts += [
+      tokenizer.decode([i for i in ids if i < tokenizer.vocab_size], skip_special_tokens=True)
+      for ids in outputs
+    ]
+  return texts
+
+
+def instruction_prompts(tokenizer, instructions: list[str]) -> list[list[int]]:
+  """Token ids of single-turn user instructions through the tokenizer's chat template, with
+  the generation prompt."""
+  return [
+    tokenizer.encode(
+      tokenizer.apply_chat_template(
+        [{"role": "user", "content": text}], add_generation_prompt=True
+      ),
+      add_special_tokens=False,
+    )
+    for text in instructions
+  ]
 
 
 def main(argv=None):

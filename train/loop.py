@@ -130,7 +130,11 @@ def _run(
   if config.train.resume:
     params, opt_state, first_step = _resume(run, checkpoints, params, opt_state, out)
 
-  summary: dict = {"output_dir": str(out), "num_params": run.num_params, "data": run.data_report}
+  summary: dict = {
+    "output_dir": str(out),
+    "num_params": run.model.num_params,
+    "data": run.data_report,
+  }
   writer = MetricWriter(paths.tensorboard, jax.process_index() == 0)
   evaluate = Evaluator(run, paths, writer, eval_reference)
   if config.eval.before and first_step == 0:
@@ -168,7 +172,7 @@ def _dpo_reference(run: Run) -> tuple[tuple, np.ndarray | None]:
   """DPO: (the train step's extra reference arguments, the reference's log-probs of the
   held-out rows); the training rows get theirs as "reference_logps" when precomputed.
   SFT: ((), None)."""
-  dpo_cfg, config = run.dpo, run.config
+  dpo_cfg, config = run.config.dpo_objective, run.config
   if dpo_cfg is None:
     return (), None
   start = time.time()
@@ -221,7 +225,7 @@ def _evaluate_before(run: Run, evaluate: Evaluator, params, cache: dict | None) 
   answers = evaluate.answers
   result, answers["before"] = shared(
     cache,
-    ("before", run.cache_key, data_key, config.eval, run.dpo),
+    ("before", run.cache_key, data_key, config.eval, config.dpo_objective),
     lambda: (
       # Before training the policy is the reference.
       evaluate("before", 0, params, policy_logps=evaluate.reference_logps),
@@ -254,7 +258,10 @@ class Trainer:
     peak = peak_flops_per_device(config.train.peak_flops_per_device)
     self.meter = Meter(
       flops_per_token(
-        run.num_params, model_config.num_layers, config.data.max_length, model_config.hidden_size
+        run.model.num_params,
+        model_config.num_layers,
+        config.data.max_length,
+        model_config.hidden_size,
       ),
       peak and peak * jax.device_count(),
       run.model.shardings,  # names the layers of mask telemetry

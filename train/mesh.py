@@ -106,6 +106,11 @@ def batch_sharding(mesh) -> NamedSharding:
   return NamedSharding(mesh, P(None, BATCH_AXES, None))
 
 
+def rows_sharding(mesh) -> NamedSharding:
+  """[rows, length] (the eval steps' input): rows split over data and fsdp."""
+  return NamedSharding(mesh, P(BATCH_AXES, None))
+
+
 def replicated(mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 

@@ -768,6 +768,10 @@ class SplitModel:
   rest: nnx.State
   shardings: dict
 
+  @property
+  def num_params(self) -> int:
+    return sum(x.size for x in jax.tree.leaves(self.params))
+
   def merged(self, params: dict | None = None) -> Llama:
     """The module with ``params`` (default: this model's own)."""
     return nnx.merge(self.graphdef, nnx.State(self.params if params is None else params), self.rest)

@@ -44,7 +44,7 @@ import jax.numpy as jnp
 from train.config import Config, ConfigError, load_config
 from train.data import ROW_FIELDS
 from train.gguf_import import default_gguf_path, gguf_config
-from train.mesh import BATCH_AXES, check_micro_batch, make_mesh
+from train.mesh import check_micro_batch, make_mesh, rows_sharding
 from train.metrics import flops_per_token
 from train.model import REMAT_POLICIES, LlamaConfig
 from train.run_setup import abstract_arrays, abstract_split_model
@@ -289,11 +289,12 @@ def plan(
     name: jax.ShapeDtypeStruct(
       batch[name].shape[1:],
       batch[name].dtype,
-      sharding=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(BATCH_AXES, None)),
+      sharding=rows_sharding(mesh),
     )
     for name in ROW_FIELDS
   }
-  evaluate = steps.eval if t.objective == "sft" else steps.logps  # DPO scores held-out pairs
+  # DPO scores held-out pairs.
+  evaluate = steps.eval if config.dpo_objective is None else steps.logps
   eval_memory = eval_step and evaluate.lower(model.params, eval_rows).compile().memory_analysis()
   report = {
     "fits": None,
@@ -307,7 +308,7 @@ def plan(
       + eval_memory.output_size_in_bytes
       + eval_memory.temp_size_in_bytes
     ),
-    **_work_report(compiled, config, model_config, model.params, passes=4 / 3 if reference else 1),
+    **_work_report(compiled, config, model_config, model.num_params, 4 / 3 if reference else 1),
     "compile_s": compile_s,
   }
   report["fits"] = hbm_bytes is None or report["per_device_bytes"] <= hbm_bytes
@@ -318,8 +319,7 @@ def _abstract_batch(config: Config, shardings: dict) -> dict:
   """The train step's batch as `ShapeDtypeStruct`s: token fields [A, M, L], DPO's
   precomputed reference_logps [A, M] (M counts a pair's two rows)."""
   t = config.train
-  rows_per_item = 2 if t.objective == "dpo" else 1
-  shape = (t.batch_size // t.micro_batch_size, t.micro_batch_size * rows_per_item)
+  shape = (t.batch_size // t.micro_batch_size, t.micro_batch_size * config.rows_per_item)
   return {
     name: jax.ShapeDtypeStruct(
       (*shape, config.data.max_length)[: 3 if name in ROW_FIELDS else 2],
@@ -357,15 +357,16 @@ def _memory_report(compiled, hbm_bytes: int | None, params, opt_state, reference
   }
 
 
-def _work_report(compiled, config: Config, model_config: LlamaConfig, params, passes) -> dict:
+def _work_report(
+  compiled, config: Config, model_config: LlamaConfig, num_params: int, passes: float
+) -> dict:
   """The batch, the compiler's FLOPs and bytes next to the model's FLOPs, and the
   collectives of the compiled train step. `passes`: forward-and-backward passes per row (a
   live DPO reference adds a forward: 4/3)."""
   t, length = config.train, config.data.max_length
-  rows_per_item = 2 if t.objective == "dpo" else 1  # DPO: batch sizes count pairs
+  rows_per_item = config.rows_per_item  # DPO: batch sizes count pairs
   cost = compiled.cost_analysis()
   cost = (cost[0] if isinstance(cost, (list, tuple)) else cost) or {}
-  num_params = sum(math.prod(x.shape) for x in jax.tree.leaves(params))
   tokens = t.batch_size * rows_per_item * length
   return {
     "num_params": num_params,

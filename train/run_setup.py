@@ -19,7 +19,7 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from train import benchmarks
-from train.config import Config, DPOConfig
+from train.config import Config
 from train.data import Batches, examples_for_generation, prepare
 from train.gguf_import import default_gguf_path
 from train.mesh import check_micro_batch, make_mesh, param_shardings
@@ -127,15 +127,6 @@ class Run:
   steps: Steps
   cache_key: tuple  # what the model and data depend on, for results shared through a cache
 
-  @property
-  def num_params(self) -> int:
-    return sum(x.size for x in jax.tree.leaves(self.model.params))
-
-  @property
-  def dpo(self) -> DPOConfig | None:
-    """The DPO settings when the objective is DPO, else None (SFT)."""
-    return self.config.dpo if self.config.train.objective == "dpo" else None
-
 
 def _eval_items(config: Config, tokenizer, held_out: list) -> list[dict]:
   """The held-out prompts with their references, or the configured benchmark's items."""
@@ -163,10 +154,9 @@ def setup_run(config: Config, cache: dict | None = None) -> Run:
   model, tokenizer = shared(cache, model_key, lambda: load_model(config, mesh))
   if cache is not None:  # the train step donates its params: keep the shared ones intact
     model = dataclasses.replace(model, params=jax.tree.map(jnp.copy, model.params))
-  num_params = sum(x.size for x in jax.tree.leaves(model.params))
-  log(f"model: {num_params / 1e6:.1f}M parameters ({time.time() - start:.1f} s)")
+  log(f"model: {model.num_params / 1e6:.1f}M parameters ({time.time() - start:.1f} s)")
 
-  dpo_cfg = config.dpo if t.objective == "dpo" else None
+  dpo_cfg = config.dpo_objective
   train_rows, eval_rows, held_out, report = shared(
     cache,
     ("data", model_key, config.data, dpo_cfg),
@@ -178,7 +168,7 @@ def setup_run(config: Config, cache: dict | None = None) -> Run:
     t.batch_size,
     t.micro_batch_size,
     config.data.shuffle_seed,
-    rows_per_item=1 if dpo_cfg is None else 2,  # a pair's two rows stay together
+    rows_per_item=config.rows_per_item,  # a pair's two rows stay together
   )
   total_steps = t.steps or math.ceil(t.epochs * batches.num_items / t.batch_size)
   steps = shared(

@@ -29,7 +29,7 @@ import gmt_optax
 from train import dpo
 from train.config import Config, DPOConfig
 from train.data import ROW_FIELDS
-from train.mesh import BATCH_AXES, batch_sharding, replicated
+from train.mesh import BATCH_AXES, batch_sharding, replicated, rows_sharding
 from train.model import OutputHead, SplitModel, constrain_head, project_to_vocab
 from train.optimizer import build_optimizer, opt_state_shardings
 
@@ -240,9 +240,8 @@ def make_rows_step(model: SplitModel, mesh, of_rows: Callable) -> Callable:
   def on_rows(params, rows):
     return of_rows(model.merged(params), rows)
 
-  rows_sharding = NamedSharding(mesh, P(BATCH_AXES, None))
   return jax.jit(
-    on_rows, in_shardings=(model.shardings, rows_sharding), out_shardings=replicated(mesh)
+    on_rows, in_shardings=(model.shardings, rows_sharding(mesh)), out_shardings=replicated(mesh)
   )
 
 
@@ -273,7 +272,7 @@ def build_steps(model: SplitModel, config: Config, mesh, total_steps: int) -> St
   [A, M] when the reference is precomputed; otherwise the train step takes the reference
   parameters (`reference_copy`) as a fifth argument.
   """
-  dpo_cfg = config.dpo if config.train.objective == "dpo" else None
+  dpo_cfg = config.dpo_objective
   chunk_tokens = config.model.loss_chunk_tokens
   tx, schedule = build_optimizer(config.optimizer, total_steps)
   batch = {name: batch_sharding(mesh) for name in ROW_FIELDS}

@@ -414,9 +414,10 @@ def _results_intro(bootstrap: dict) -> list[str]:
   ]
 
 
-def _task_section(task: str, results: list[dict], rows: list[dict]) -> list[str]:
-  """One task: its score before training, a table row per method, the sizing arithmetic."""
-  before = next((r for r in rows if r["task"] == task and r["accuracy_before"] != ""), None)
+def _task_section(task: str, results: list[dict], task_rows: list[dict]) -> list[str]:
+  """One task (its `task_rows`): its score before training, a table row per method, the
+  sizing arithmetic."""
+  before = next((r for r in task_rows if r["accuracy_before"] != ""), None)
   lines = [f"### `{task}`", ""]
   if before:
     lines += [
@@ -481,11 +482,9 @@ def write(study, sweep_rows: list[dict], rows: list[dict], lr: float) -> Path:
   report_dir.mkdir(parents=True, exist_ok=True)
   draws = _Draws(spec["bootstrap"]["samples"], spec["bootstrap"]["seed"])
   methods = list(study.methods)
-  tasks = {
-    task: task_results([r for r in rows if r["task"] == task], methods, draws)
-    for task in study.tasks
-    if any(r["task"] == task for r in rows)
-  }
+  by_task = {task: [r for r in rows if r["task"] == task] for task in study.tasks}
+  by_task = {task: task_rows for task, task_rows in by_task.items() if task_rows}
+  tasks = {task: task_results(task_rows, methods, draws) for task, task_rows in by_task.items()}
   _plot(report_dir / "results.png", tasks)
   planned = len(study.tasks) * len(study.methods) * len(spec["seeds"])
   lines = [
@@ -494,7 +493,7 @@ def write(study, sweep_rows: list[dict], rows: list[dict], lr: float) -> Path:
     *_budget(rows + sweep_rows, planned - len(rows)),
     *_lr_sweep(spec, sweep_rows, lr),
     *_results_intro(spec["bootstrap"]),
-    *(line for task, results in tasks.items() for line in _task_section(task, results, rows)),
+    *(line for task in tasks for line in _task_section(task, tasks[task], by_task[task])),
     *_notes(spec.get("notes")),
     *_telemetry_section(report_dir / "mask_telemetry.png", rows),
     *_conclusion_section(tasks, draws),
