@@ -20,12 +20,14 @@ def _how_to_continue(stopped, config, argv) -> str:
 
 def _last_words(message: str) -> None:
   """Prints `message` as the last line on stderr. Orbax's writer threads may still be unwinding
-  a failed save and logging to stderr; from here on their writes go to /dev/null, so the root
-  cause cannot be interleaved with them. For a process about to exit only."""
+  a failed save and printing tracebacks to stderr; from here on their writes go to /dev/null, so
+  the root cause cannot be interleaved with them. A thread may have stopped mid-line (a traceback
+  line and its newline are two writes), so the message starts on a line of its own. For a
+  process about to exit only."""
   sys.stderr.flush()
   stderr = os.dup(2)
   os.dup2(os.open(os.devnull, os.O_WRONLY), 2)
-  os.write(stderr, f"{message}\n".encode())
+  os.write(stderr, f"\n{message}\n".encode())
 
 
 def main(argv=None) -> int:
