@@ -344,7 +344,7 @@ class Config:
   @property
   def rows_per_item(self) -> int:
     """Token rows per batch item: a DPO pair's chosen and rejected rows, else one."""
-    return 2 if self.train.objective == "dpo" else 1
+    return 1 if self.dpo_objective is None else 2
 
 
 # Enum keys that also accept a boolean, as the name it stands for (model.remat was a bool).

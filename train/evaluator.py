@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from train import benchmarks, dpo
 from train.data import ROW_FIELDS
 from train.generate import greedy_texts, instruction_prompts
-from train.mesh import rows_sharding, to_host
+from train.mesh import batch_shards, rows_sharding, to_host
 from train.metrics import MetricWriter
 from train.paths import RunPaths
 from train.run_setup import Run
@@ -47,7 +47,7 @@ def write_jsonl(path, records: list[dict]) -> None:
 def _device_chunks(rows: dict, batch_size: int, mesh):
   """Yields (sharded chunk of the token fields, number of real rows), `batch_size` rows at a
   time (rounded up to split evenly over devices), the last chunk padded with empty rows."""
-  shards = mesh.shape["data"] * mesh.shape["fsdp"]
+  shards = batch_shards(mesh.shape)
   batch_size = -(-batch_size // shards) * shards
   sharding = rows_sharding(mesh)
   for start in range(0, len(rows["inputs"]), batch_size):

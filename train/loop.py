@@ -161,8 +161,8 @@ def _run(
   if jax.process_index() == 0:
     paths.summary.write_text(json.dumps(summary, indent=1))
   _show(summary)
-  written = [paths.config, paths.log, paths.checkpoints, paths.eval_samples("*"), paths.summary]
-  written = [p.name + ("/" if p == paths.checkpoints else "") for p in written]
+  written = [paths.config.name, paths.log.name, f"{paths.checkpoints.name}/"]
+  written += [paths.eval_samples("*").name, paths.summary.name]
   written += [summary["export_dir"]] if "export_dir" in summary else []  # may be elsewhere
   log(f"outputs: {out}/ ({', '.join(written)})")
   return summary
@@ -172,7 +172,8 @@ def _dpo_reference(run: Run) -> tuple[tuple, np.ndarray | None]:
   """DPO: (the train step's extra reference arguments, the reference's log-probs of the
   held-out rows); the training rows get theirs as "reference_logps" when precomputed.
   SFT: ((), None)."""
-  dpo_cfg, config = run.config.dpo_objective, run.config
+  config = run.config
+  dpo_cfg = config.dpo_objective
   if dpo_cfg is None:
     return (), None
   start = time.time()

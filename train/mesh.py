@@ -70,10 +70,16 @@ def mesh_sizes(cfg: MeshConfig, count: int) -> dict[str, int]:
   return sizes
 
 
+def batch_shards(sizes: dict[str, int]) -> int:
+  """How many parts a batch's rows split into: the product of the batch axes (data x fsdp)
+  of a mesh of `sizes` (`mesh_sizes`, or a `Mesh`'s shape)."""
+  return math.prod(sizes[axis] for axis in BATCH_AXES)
+
+
 def check_micro_batch(micro_batch_size: int, sizes: dict[str, int], devices: str) -> None:
   """Raises `ConfigError` unless a micro-batch's rows split evenly over the batch axes
   (data x fsdp) of a mesh of `sizes` (`mesh_sizes`, or a `Mesh`'s shape) over `devices`."""
-  shards = sizes["data"] * sizes["fsdp"]
+  shards = batch_shards(sizes)
   if micro_batch_size % shards:
     raise ConfigError(
       f"train.micro_batch_size={micro_batch_size} does not divide over mesh data x fsdp = "
