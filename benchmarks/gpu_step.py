@@ -30,7 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from train.config import load_config  # noqa: E402
 from train.mesh import make_mesh, shard_model  # noqa: E402
 from train.metrics import flops_per_token, peak_flops_per_device  # noqa: E402
-from train.model import ATTENTION_KINDS, REMAT_POLICIES, Llama, LlamaConfig  # noqa: E402
+from train.models.decoder import ATTENTION_KINDS, REMAT_POLICIES, Llama, LlamaConfig  # noqa: E402
 from train.step import build_steps  # noqa: E402
 
 LLAMA_1B = LlamaConfig(

@@ -63,7 +63,7 @@ def jax_train(steps, optimizer, remat=False, dtype="float32"):
   import optax
   from flax import nnx
 
-  from train.model import Llama, LlamaConfig
+  from train.models.decoder import Llama, LlamaConfig
 
   dtype = jnp.dtype(dtype)
   model = Llama(LlamaConfig(**SMOLLM2), rngs=nnx.Rngs(0), dtype=dtype, remat=remat)
@@ -99,8 +99,8 @@ def jax_train(steps, optimizer, remat=False, dtype="float32"):
 def jax_decode(steps, batch=1):
   from flax import nnx
 
-  from train.generate import generate
-  from train.model import Llama, LlamaConfig
+  from train.eval.generate import generate
+  from train.models.decoder import Llama, LlamaConfig
 
   model = Llama(LlamaConfig(**SMOLLM2), rngs=nnx.Rngs(0))
   prompts = [list(range(10, 10 + PROMPT))] * batch
@@ -170,9 +170,9 @@ def load_gguf(steps):
   import jax
   import jax.numpy as jnp
 
-  from train.gguf_import import default_gguf_path
-  from train.model import num_params
-  from train.pretrained import load_pretrained
+  from train.models.decoder import num_params
+  from train.models.gguf_import import default_gguf_path
+  from train.models.pretrained import load_pretrained
 
   jnp.zeros(1).block_until_ready()  # count the runtime itself in the baseline
   path = default_gguf_path()

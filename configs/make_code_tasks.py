@@ -2,7 +2,7 @@
 
 Generated from templates (random names and constants), none of them a
 HumanEval problem; each prompt asks to complete a stub in HumanEval's
-instruction format (train.benchmarks.HUMANEVAL_INSTRUCTION), each response is
+instruction format (train.eval.harness.HUMANEVAL_INSTRUCTION), each response is
 the whole function in a fenced block, as a chat model answers.
 
     PYTHONPATH=. python configs/make_code_tasks.py  # deterministic; from the repository root
@@ -12,7 +12,7 @@ import json
 import random
 from pathlib import Path
 
-from train.benchmarks import HUMANEVAL_INSTRUCTION
+from train.eval.harness import HUMANEVAL_INSTRUCTION
 
 TASKS = [  # (name, signature, docstring with {k}, body with {k})
   ("add_{k}", "(x: int) -> int", "Return x plus {k}.", "return x + {k}"),

@@ -17,7 +17,7 @@ collect_ignore_glob = ["fixtures/*"]
 @pytest.fixture(scope="session")
 def smollm2_path():
   """The real SmolLM2 GGUF (the offline default model), or a skip naming the fix."""
-  from train.gguf_import import default_gguf_path
+  from train.models.gguf_import import default_gguf_path
 
   try:
     return default_gguf_path()

@@ -9,7 +9,7 @@ import pytest
 
 from train import config as config_module
 from train.config import Config, ConfigError, load_config, save_config
-from train.model import LlamaConfig
+from train.models.decoder import LlamaConfig
 
 
 def test_defaults_and_overrides():
@@ -193,7 +193,7 @@ def test_hf_config_keys_are_the_ones_the_decoder_reads():
 
 
 def test_hf_config_keys_cover_every_key_from_hf_reads():
-  """The config's list of keys follows train/model.py's reader (hf["k"], hf.get("k"))."""
+  """The config's list of keys follows train/models/decoder.py's reader (hf["k"], hf.get("k"))."""
   source = inspect.getsource(LlamaConfig.from_hf)
   read = set(re.findall(r"""hf(?:\.get\(|\[)["'](\w+)["']""", source))
   assert read and read <= set(config_module._HF_CONFIG_KEYS), read - set(

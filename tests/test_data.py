@@ -9,7 +9,7 @@ import pytest
 from train.config import ConfigError, load_config
 from train.data import Batches, pack, prepare, tokenize, tokenize_all
 from train.examples import reasoning_gym_examples
-from train.tokenizer import ByteTokenizer
+from train.models.tokenizer import ByteTokenizer
 
 TOK = ByteTokenizer()
 
@@ -101,7 +101,7 @@ def test_alpaca_template_masks_the_response_and_ends_with_eos():
   class WithSpecials(ByteTokenizer):
     bos_token, eos_token = "", "</s>"
 
-  from train.tokenizer import AlpacaTemplate
+  from train.models.tokenizer import AlpacaTemplate
 
   tok = AlpacaTemplate(WithSpecials())
   ids, mask = tokenize(
@@ -180,7 +180,7 @@ def _sentencepiece_tokenizer(chat_template=None):
   """A tiny Llama-2/Mistral-style SentencePiece BPE (▁ word prefix, byte fallback), trained here."""
   from tokenizers import Tokenizer, decoders, models, normalizers, trainers
 
-  from train.tokenizer import Tokenizer as ChatTokenizer
+  from train.models.tokenizer import Tokenizer as ChatTokenizer
 
   tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
   tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
@@ -217,7 +217,7 @@ MISTRAL_TEMPLATE = (
 
 @pytest.mark.parametrize("template", ["chat", "alpaca"])
 def test_sentencepiece_targets_are_the_full_text_tokens_and_decode_to_the_answer(template):
-  from train.tokenizer import AlpacaTemplate
+  from train.models.tokenizer import AlpacaTemplate
 
   tok = _sentencepiece_tokenizer(MISTRAL_TEMPLATE)
   tok = tok if template == "chat" else AlpacaTemplate(tok)

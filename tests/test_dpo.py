@@ -16,9 +16,9 @@ from tests.test_train import TINY, _close, _launch_two_processes, _losses, _summ
 from train.config import ConfigError, load_config
 from train.data import Batches, prepare
 from train.mesh import make_mesh, shard_model
-from train.model import Llama
+from train.models.decoder import Llama
+from train.models.tokenizer import ByteTokenizer
 from train.step import build_steps, dpo_loss_sum, reference_copy, sequence_logps
-from train.tokenizer import ByteTokenizer
 
 TOK = ByteTokenizer()
 PAIRS, LENGTH = 3, 12

@@ -7,9 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from train import generate as generate_module
-from train.generate import generate
-from train.pretrained import load_pretrained
+from train.eval import generate as generate_module
+from train.eval.generate import generate
+from train.models.pretrained import load_pretrained
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
 

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from train.model import Llama, LlamaConfig, attention, rope_inv_freq, splash_attention
-from train.pretrained import load_pretrained
+from train.models.decoder import Llama, LlamaConfig, attention, rope_inv_freq, splash_attention
+from train.models.pretrained import load_pretrained
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
 NAMES = ("llama", "qwen2", "mistral")

@@ -17,11 +17,11 @@ import pytest
 import safetensors
 from flax import nnx
 
-from train import gguf_import, pretrained
-from train.gguf_import import default_gguf_path, permute_rope_rows, unpermute_rope_rows
-from train.model import fit_spec
-from train.pretrained import export_pretrained, load_pretrained
-from train.tokenizer import Tokenizer
+from train.models import gguf_import, pretrained
+from train.models.decoder import fit_spec
+from train.models.gguf_import import default_gguf_path, permute_rope_rows, unpermute_rope_rows
+from train.models.pretrained import export_pretrained, load_pretrained
+from train.models.tokenizer import Tokenizer
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
 
@@ -405,7 +405,7 @@ def test_a_tampered_installed_smollm2_is_refused(tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_smollm2_gguf_answers_paris():
-  from train.generate import generate
+  from train.eval.generate import generate
 
   model, tok = load_pretrained(default_gguf_path())
   prompt = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}])

@@ -11,7 +11,7 @@ from flax import nnx
 
 from train import config
 from train.config import ConfigError, load_config
-from train.model import (
+from train.models.decoder import (
   REMAT_POLICIES,
   Llama,
   LlamaConfig,
@@ -102,7 +102,7 @@ def test_cudnn_requested_without_a_gpu_is_a_clear_error():
 
 def test_auto_on_a_gpu_without_cudnn_falls_back_to_xla_with_one_warning(caplog):
   # This host is no GPU, so the probe fails as it would on a GPU without cuDNN.
-  with caplog.at_level(logging.INFO, logger="train.model"):
+  with caplog.at_level(logging.INFO, logger="train.models.decoder"):
     assert resolve_attention("auto", "gpu") == "xla"
   [record] = caplog.records
   assert record.levelno == logging.WARNING

@@ -10,7 +10,7 @@ from flax import nnx
 
 from train.config import load_config
 from train.mesh import make_mesh, shard_model
-from train.model import Llama, LlamaConfig
+from train.models.decoder import Llama, LlamaConfig
 from train.step import build_steps, token_loss_sum
 
 TINY = LlamaConfig(
@@ -181,7 +181,7 @@ def test_logits_gradients_come_out_in_the_compute_dtype():
   cast down (no float32 head-sized product); in float32 it is JAX's own. With a bfloat16
   head the product comes out in bfloat16 unless `model.logits_dot_in_fp32`, and the logits
   are float32 either way."""
-  from train.model import OutputHead, project_to_vocab
+  from train.models.decoder import OutputHead, project_to_vocab
 
   rng = np.random.default_rng(0)
   hidden = jnp.asarray(rng.normal(size=(2, 6, 16)), jnp.float32)

@@ -8,7 +8,7 @@ import pytest
 
 import train
 from tests.test_train import TINY
-from train.scoring import exact_match
+from train.eval.scoring import exact_match
 from train.stats import answer_stats, paired_gain, seeds_interval
 
 

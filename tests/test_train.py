@@ -22,10 +22,10 @@ import train
 from train.checkpoints import NonFiniteLossError
 from train.config import ConfigError, load_config
 from train.data import Batches, prepare
-from train.model import abstract_model
+from train.models.decoder import abstract_model
+from train.models.tokenizer import ByteTokenizer
 from train.optimizer import build_optimizer
 from train.plan import model_config_of
-from train.tokenizer import ByteTokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = {
@@ -337,7 +337,7 @@ def test_logged_tokens_cover_every_step(tmp_path):
 
 
 def test_accuracy_survives_ids_the_tokenizer_cannot_decode(monkeypatch):
-  from train import evaluator, generate
+  from train.eval import evaluator, generate
   from train.stats import answer_stats
 
   tokenizer = ByteTokenizer()

@@ -9,7 +9,7 @@ def run(config="configs/default.yaml", overrides=None) -> dict:
   """Runs training from a YAML path, a dict or a `train.config.Config`.
 
   `overrides` are dotted `key=value` strings (or a nested dict) applied on top.
-  Imported lazily so that `import train.model` stays light.
+  Imported lazily so that `import train.models.decoder` stays light.
   """
   from train.loop import run as run_training
 

@@ -74,7 +74,7 @@ def ranged(default: Any, interval: str, also: dict | None = None) -> Any:
 SEED_RANGE = f"[0, {2**32})"  # jax.random.PRNGKey keeps 32 bits of a larger seed
 _ALL_DEVICES_LEFT = {-1: "all devices the other axes leave"}
 
-# model.hf_config: the keys `train.model.LlamaConfig.from_hf` reads, with the range of the
+# model.hf_config: the keys `train.models.decoder.LlamaConfig.from_hf` reads, with the range of the
 # numeric ones, then keys of Hugging Face config.json files that change nothing here (HF
 # bookkeeping, token ids, inference options). Any other key is a typo or a feature this
 # decoder does not implement, so it is refused rather than ignored.
@@ -294,7 +294,7 @@ class EvalConfig:
   max_new_tokens: int = ranged(16, "[0, inf)")
   accuracy: bool = True
   # What accuracy scores: "held_out" (reasoning-gym's scorer, else the last number), or a
-  # benchmark scored as its harness does (train/benchmarks.py): "gsm8k"/"math" (the
+  # benchmark scored as its harness does (train/eval/harness.py): "gsm8k"/"math" (the
   # held-out reasoning-gym items with data.source=reasoning_gym, else the hub test set)
   # and "humaneval" (executed, pass@1).
   benchmark: Literal["held_out", "gsm8k", "math", "humaneval"] = "held_out"

@@ -22,7 +22,7 @@ import numpy as np
 
 from train.config import DataConfig
 from train.examples import Example, load_examples
-from train.tokenizer import encode_with_offsets
+from train.models.tokenizer import encode_with_offsets
 
 # ----------------------------------------------------------------------------
 # Examples -> tokens with a loss mask

@@ -33,16 +33,16 @@ from train.checkpoints import (
   state_fingerprint,
 )
 from train.config import Config, load_config
-from train.evaluator import Evaluator, all_sequence_logps
+from train.eval.evaluator import Evaluator, all_sequence_logps
 from train.examples import check_task_options
 from train.mesh import initialize_distributed
 from train.metrics import Meter, MetricWriter, flops_per_token, peak_flops_per_device
+from train.models.pretrained import export_pretrained
+from train.models.tokenizer import AlpacaTemplate, ByteTokenizer
 from train.paths import RunPaths
-from train.pretrained import export_pretrained
 from train.run_setup import Run, log, setup_run, shared
 from train.stats import paired_gain
 from train.step import reference_copy
-from train.tokenizer import AlpacaTemplate, ByteTokenizer
 
 
 def _show(summary: dict) -> None:

@@ -13,8 +13,8 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from train.config import ConfigError, MeshConfig
-from train.model import BATCH as BATCH_AXES
-from train.model import SplitModel, fit_spec
+from train.models.decoder import BATCH as BATCH_AXES
+from train.models.decoder import SplitModel, fit_spec
 
 MESH_AXES = ("data", "fsdp", "tensor")
 

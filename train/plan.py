@@ -43,10 +43,10 @@ import jax.numpy as jnp
 
 from train.config import Config, ConfigError, load_config
 from train.data import ROW_FIELDS
-from train.gguf_import import default_gguf_path, gguf_config
 from train.mesh import check_micro_batch, make_mesh, rows_sharding
 from train.metrics import flops_per_token
-from train.model import REMAT_POLICIES, LlamaConfig
+from train.models.decoder import REMAT_POLICIES, LlamaConfig
+from train.models.gguf_import import default_gguf_path, gguf_config
 from train.run_setup import abstract_arrays, abstract_split_model
 from train.step import build_steps
 

@@ -1,7 +1,7 @@
 """A run's set-up, done once: config -> mesh -> model -> data -> batches -> jitted steps.
 
 `setup_run(config)` returns a `Run`: what the training loop (`train.loop`), the evaluator
-(`train.evaluator`), the export and the summary share. `train.plan` builds the same steps
+(`train.eval.evaluator`), the export and the summary share. `train.plan` builds the same steps
 for abstract parameters (`abstract_split_model`), and `benchmarks/train_step.py` times
 those of a `Run`. A `cache` dict lets runs in one process (`train.study`, the benchmark)
 reuse what their configs agree on: the loaded model, the prepared data, the compiled steps.
@@ -18,15 +18,15 @@ import jax.numpy as jnp
 from flax import nnx
 from tqdm.auto import tqdm
 
-from train import benchmarks
 from train.config import Config
 from train.data import Batches, examples_for_generation, prepare
-from train.gguf_import import default_gguf_path
+from train.eval import harness
 from train.mesh import check_micro_batch, make_mesh, param_shardings
-from train.model import Llama, LlamaConfig, abstract_model, resolve_attention
-from train.pretrained import load_pretrained
+from train.models.decoder import Llama, LlamaConfig, abstract_model, resolve_attention
+from train.models.gguf_import import default_gguf_path
+from train.models.pretrained import load_pretrained
+from train.models.tokenizer import AlpacaTemplate, ByteTokenizer
 from train.step import SplitModel, Steps, build_steps
-from train.tokenizer import AlpacaTemplate, ByteTokenizer
 
 
 def log(message: str) -> None:
@@ -132,7 +132,7 @@ def _eval_items(config: Config, tokenizer, held_out: list) -> list[dict]:
   """The held-out prompts with their references, or the configured benchmark's items."""
   if config.eval.benchmark == "held_out":
     return examples_for_generation(tokenizer, held_out)
-  return benchmarks.load_items(
+  return harness.load_items(
     config.eval.benchmark,
     held_out if config.data.source == "reasoning_gym" else None,
     config.eval.size,

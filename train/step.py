@@ -30,7 +30,7 @@ from train import dpo
 from train.config import Config, DPOConfig
 from train.data import ROW_FIELDS
 from train.mesh import BATCH_AXES, batch_sharding, replicated, rows_sharding
-from train.model import OutputHead, SplitModel, constrain_head, project_to_vocab
+from train.models.decoder import OutputHead, SplitModel, constrain_head, project_to_vocab
 from train.optimizer import build_optimizer, opt_state_shardings
 
 

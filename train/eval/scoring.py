@@ -1,5 +1,5 @@
 """Held-out answers scored: the last number of a completion against the reference, or
-reasoning-gym's own scorer for its items (benchmark harnesses: `train.benchmarks`)."""
+reasoning-gym's own scorer for its items (benchmark harnesses: `train.eval.harness`)."""
 
 from __future__ import annotations
 

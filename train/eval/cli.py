@@ -1,10 +1,10 @@
-"""`python -m train.evaluate`: score a model (or a completions file) on a benchmark, as its
-harness does (train/benchmarks.py)::
+"""`python -m train.eval`: score a model (or a completions file) on a benchmark, as its
+harness does (train/eval/harness.py)::
 
-    python -m train.evaluate --model PATH|smollm2 --benchmark humaneval [--limit N] [--completions FILE]
+    python -m train.eval --model PATH|smollm2 --benchmark humaneval [--limit N] [--completions FILE]
 
 In-training evaluation (held-out loss, DPO preference metrics, answer accuracy) is
-`train.evaluator`.
+`train.eval.evaluator`.
 """
 
 from __future__ import annotations
@@ -12,12 +12,12 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from train import benchmarks
-from train.evaluator import write_jsonl
-from train.generate import greedy_texts, instruction_prompts
-from train.gguf_import import default_gguf_path
-from train.pretrained import load_pretrained
-from train.tokenizer import AlpacaTemplate
+from train.eval import harness
+from train.eval.evaluator import write_jsonl
+from train.eval.generate import greedy_texts, instruction_prompts
+from train.models.gguf_import import default_gguf_path
+from train.models.pretrained import load_pretrained
+from train.models.tokenizer import AlpacaTemplate
 
 
 def _argument_errors(args) -> list[str]:
@@ -72,9 +72,9 @@ def main(argv=None) -> None:
   if errors:
     parser.error("; ".join(errors))  # exit code 2, before any problem is loaded or scored
 
-  items = benchmarks.load_items(args.benchmark, limit=args.limit)
+  items = harness.load_items(args.benchmark, limit=args.limit)
   if args.completions:
-    completions = benchmarks.read_completions(args.completions)
+    completions = harness.read_completions(args.completions)
     texts = [completions.get(it["task_id"], "") for it in items]
   else:
     model, tokenizer = load_pretrained(
@@ -89,13 +89,9 @@ def main(argv=None) -> None:
       max_new_tokens=args.max_new_tokens,
       batch_size=args.batch_size,
     )
-  value, records = benchmarks.score_benchmark(args.benchmark, items, texts, args.timeout)
+  value, records = harness.score_benchmark(args.benchmark, items, texts, args.timeout)
   if args.output:
     write_jsonl(args.output, records)
   correct = sum(r.get("passed", r.get("score")) for r in records)
   name = "pass@1" if args.benchmark == "humaneval" else "accuracy"
   print(f"{args.benchmark} {name} {value:.4f} ({int(correct)}/{len(records)})")
-
-
-if __name__ == "__main__":
-  main()

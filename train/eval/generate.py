@@ -8,7 +8,7 @@ EOS) run in one jitted call.
 
 CLI::
 
-    python -m train.generate --model PATH --prompt "..." [--chat] [--max-new-tokens N]
+    python -m train.eval.generate --model PATH --prompt "..." [--chat] [--max-new-tokens N]
 """
 
 from __future__ import annotations
@@ -24,9 +24,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from train.gguf_import import default_gguf_path
 from train.mesh import to_host
-from train.pretrained import load_pretrained
+from train.models.gguf_import import default_gguf_path
+from train.models.pretrained import load_pretrained
 
 _PROMPT_BUCKET = 16
 
@@ -138,7 +138,7 @@ def generate(
   """Continues each prompt; returns only the new tokens, cut before EOS.
 
   Args:
-    model: a :class:`train.model.Llama`.
+    model: a :class:`train.models.decoder.Llama`.
     prompts: token ids per prompt (lengths may differ).
     eos_token_id: one id or several; generation of a row stops at the
       first of them (not included in the output).

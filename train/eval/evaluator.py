@@ -17,14 +17,15 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from train import benchmarks, dpo
+from train import dpo
 from train.data import ROW_FIELDS
-from train.generate import greedy_texts, instruction_prompts
+from train.eval import harness
+from train.eval.generate import greedy_texts, instruction_prompts
+from train.eval.scoring import exact_match, parse_answer, score
 from train.mesh import batch_shards, rows_sharding, to_host
 from train.metrics import MetricWriter
 from train.paths import RunPaths
 from train.run_setup import Run
-from train.scoring import exact_match, parse_answer, score
 from train.stats import answer_stats
 
 # Shown in the one-line log of an evaluation, when present.
@@ -157,7 +158,7 @@ def benchmark_accuracy(
     max_new_tokens=max_new_tokens,
     batch_size=batch_size,
   )
-  value, records = benchmarks.score_benchmark(benchmark, items, texts)
+  value, records = harness.score_benchmark(benchmark, items, texts)
   if samples_path is not None and jax.process_index() == 0:
     write_jsonl(samples_path, records)
   return value

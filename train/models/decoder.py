@@ -2,7 +2,7 @@
 
 One flat file: config, layers, model and KV cache. Parameter names mirror the
 Hugging Face module names so that checkpoint mapping stays a table of regexes
-(see :mod:`train.pretrained`).
+(see :mod:`train.models.pretrained`).
 
 Scale, as MaxText and Levanter do it:
 

@@ -4,7 +4,7 @@ Names are mapped by one table (:data:`NAME_TABLE`) used in both directions:
 Hugging Face ``model.layers.3.mlp.up_proj.weight`` <-> slice 3 of the stacked
 NNX ``layers.mlp.up_proj.kernel`` (``[num_layers, in, out]``). HF linear
 weights are ``[out, in]``, NNX kernels ``[in, out]``, hence the transpose flag.
-Checkpoint formats (`train.pretrained` for HF safetensors, `train.gguf_import`
+Checkpoint formats (`train.models.pretrained` for HF safetensors, `train.models.gguf_import`
 for llama.cpp GGUF) only produce ``(name, read)`` streams; :func:`build_model`
 turns a stream into a model whose every tensor sits in its ``NamedSharding``.
 """
@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from train.model import Llama, LlamaConfig, fit_spec
+from train.models.decoder import Llama, LlamaConfig, fit_spec
 
 # (Hugging Face name, NNX path, transpose). ``{i}`` is a layer index: slice
 # ``i`` of the stacked NNX parameter; ``{p}`` a projection name.
@@ -43,7 +43,7 @@ def _template_regex(template: str) -> re.Pattern:
 
 
 def translate_name(name: str, table, src: int, dst: int, **fields):
-  """Maps ``name`` through a name table (here or in `train.gguf_import`) from ``src`` to ``dst``:
+  """Maps ``name`` through a name table (here or in `train.models.gguf_import`) from ``src`` to ``dst``:
   ``(mapped name, row, fields matched in name)``; ``fields`` fill the
   placeholders that ``name`` does not have (the layer index)."""
   for row in table:

@@ -1,0 +1,3 @@
+from train.eval.cli import main
+
+main()
