@@ -1,0 +1,5 @@
+import sys
+
+from train.plan.recipe import main
+
+sys.exit(main())
