@@ -12,28 +12,25 @@ allocated: parameters, optimizer state and batches are `ShapeDtypeStruct`s
 carrying their `NamedSharding`s, as in MaxText's `train_compile.py`.
 
 Printed per chip: parameters, optimizer state, gradients and the compiler's
-temporaries against the chip's HBM; compiler FLOPs next to model FLOPs; the
-collectives by kind and bytes; compile time. Exits 0 when the step fits, 1
-(with the knobs that help) when it does not, 2 on a config error.
+temporaries against the chip's HBM; the step's FLOPs and HBM bytes next to the
+model's FLOPs; the collectives by kind and bytes; on a TPU slice, the modeled
+step time, tokens/s per chip and MFU (`train.plan.step_model`); compile time.
+FLOPs, bytes and times count each loop body (scanned layers, micro-steps, loss
+chunks) once per trip. Exits 0 when the step fits, 1 (with the knobs that help)
+when it does not, 2 on a config error.
 
 `--remat-sweep` compiles the train step once per remat policy (`model.remat`,
-MaxText's names) and prints one table of per-chip memory and compiler FLOPs,
-naming the policy with the fewest FLOPs among those that fit with headroom
-(`SWEEP_HEADROOM` of the chip's HBM left free); it exits 1 when none does.
-
-XLA's cost analysis and the HLO text count a while-loop body once: the scanned
-layers, micro-batches and loss chunks run many times per step, so compiler
-FLOPs and collective bytes are per loop trip for what sits inside those loops.
+MaxText's names) and prints one table of per-chip memory and modeled step time,
+naming the fastest policy among those that fit with headroom (`SWEEP_HEADROOM`
+of the chip's HBM left free); it exits 1 when none does.
 """
 
 from __future__ import annotations
 
 import argparse
-import collections
 import json
 import math
 import os
-import re
 import sys
 import time
 
@@ -47,43 +44,12 @@ from train.mesh import check_micro_batch, make_mesh, rows_sharding
 from train.metrics import flops_per_token
 from train.models.decoder import REMAT_POLICIES, LlamaConfig
 from train.models.gguf_import import default_gguf_path, gguf_config
+from train.plan.chips import CHIP_OF_KIND, HBM_BYTES, GiB
+from train.plan.hlo import Module, collectives
+from train.plan.roofline import step_model
 from train.run_setup import abstract_arrays, abstract_split_model
 from train.step import build_steps
 
-GiB = 2**30
-# HBM per chip by `device_kind` (TPU system architecture pages).
-HBM_BYTES = {
-  "TPU v4": 32 * GiB,
-  "TPU v5 lite": 16 * GiB,
-  "TPU v5": 95 * GiB,  # v5p
-  "TPU v6 lite": 32 * GiB,
-  "NVIDIA H100 80GB HBM3": 80 * 10**9,
-  "NVIDIA H200": 141 * 10**9,
-}
-COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute")
-_DTYPE_BYTES = {
-  "pred": 1,
-  "s8": 1,
-  "u8": 1,
-  "s16": 2,
-  "u16": 2,
-  "bf16": 2,
-  "f16": 2,
-  "s32": 4,
-  "u32": 4,
-  "f32": 4,
-  "s64": 8,
-  "u64": 8,
-  "f64": 8,
-}
-# `%name = bf16[8,128]{1,0:T(8,128)(2,1)} all-gather(...)`; a tuple result for combined
-# ops (several tensors in one all-reduce) and async `-start` ops.
-_OP = re.compile(
-  r"= (\(.*?\)|\S+) "
-  r"(all-gather|all-reduce|reduce-scatter|all-to-all|collective-permute|sort)"
-  r"(-start)?\("
-)
-_SHAPE = re.compile(r"([a-z0-9]+)\[([\d,]*)\]")
 _KNOBS = (
   "train.micro_batch_size (fewer rows per micro-step; accumulation keeps the batch)",
   "model.remat=true",
@@ -156,99 +122,6 @@ def _shard_bytes(tree) -> int:
   )
 
 
-_COMPUTATION = re.compile(r"^(?:ENTRY )?%(\S+) .*\{$")
-_CALLED = re.compile(r"\b(calls|to_apply|body|condition)=%([\w.\-]+)")
-_BRANCHES = re.compile(r"branch_computations=\{([^}]*)\}")
-_TRIP_BOUND = re.compile(r"constant\((\d+)\)")
-_KNOWN_TRIPS = re.compile(r'"known_trip_count":\{"n":"(\d+)"\}')
-
-
-def _computations(hlo_text: str) -> tuple[dict, str]:
-  """({name: instruction lines}, the entry computation's name) of an HLO module's text."""
-  bodies, entry, current = {}, None, None
-  for line in hlo_text.splitlines():
-    header = _COMPUTATION.match(line)
-    if header:
-      current = header.group(1)
-      bodies[current] = []
-      entry = current if line.startswith("ENTRY") else entry
-    elif line == "}":  # (a custom call's backend config may hold lines starting with "}")
-      current = None
-    elif current is not None:
-      bodies[current].append(line)
-  return bodies, entry
-
-
-def _trip_count(while_line: str, condition: list[str]) -> int:
-  """Iterations of a while loop: the compiler's `known_trip_count` when it wrote one, else
-  N of a condition `counter < N` (what `lax.scan` compiles to); 1 when neither is known."""
-  known = _KNOWN_TRIPS.search(while_line)
-  if known:
-    return int(known.group(1))
-  bounds = {int(n) for line in condition for n in _TRIP_BOUND.findall(line)}
-  return bounds.pop() if len(bounds) == 1 else 1
-
-
-def _runs_per_step(bodies: dict, entry: str) -> collections.Counter:
-  """{computation: times it runs per call of the entry}: while bodies times their trips."""
-  calls = {name: list(_callees(lines, bodies)) for name, lines in bodies.items()}
-  order, seen = [], set()
-
-  def visit(name):  # depth first: each computation lands after every one it calls
-    if name not in seen:
-      seen.add(name)
-      for callee, _ in calls.get(name, []):
-        visit(callee)
-      order.append(name)
-
-  visit(entry)
-  runs = collections.Counter({entry: 1})
-  for name in reversed(order):  # callers before callees
-    for callee, times in calls.get(name, []):
-      runs[callee] += runs[name] * times
-  return runs
-
-
-def _callees(lines: list[str], bodies: dict):
-  """(computation, runs per run of the caller) for each computation these lines call."""
-  for line in lines:
-    called = dict((role, name) for role, name in _CALLED.findall(line))
-    trips = _trip_count(line, bodies.get(called["condition"], [])) if "condition" in called else 1
-    for role, name in called.items():
-      yield name, trips if role in ("body", "condition") else 1
-    for branches in _BRANCHES.findall(line):
-      for name in branches.replace("%", "").split(","):
-        yield name.strip(), 1
-
-
-def collectives(hlo_text: str) -> dict:
-  """{kind: {"count", "bytes", "bytes_per_step"}} of the collectives (and sorts) in an HLO
-  module's text.
-
-  `count` and `bytes` count each op in the program once; `bytes_per_step` counts it as
-  many times as it runs in one call of the program: ops in a loop body (layers, micro-steps,
-  loss chunks) times the loop's trips. Bytes are those of each op's result: all tensors
-  of a combined op; the output alone of an async all-gather or collective-permute, whose
-  `-start` tuple also holds its input.
-  """
-  bodies, entry = _computations(hlo_text)
-  runs = _runs_per_step(bodies, entry) if entry else collections.Counter()
-  found = collections.defaultdict(lambda: {"count": 0, "bytes": 0, "bytes_per_step": 0})
-  for name, lines in bodies.items() or {None: hlo_text.splitlines()}.items():
-    for line in lines:
-      for result, kind, start in _OP.findall(line):
-        sizes = [
-          math.prod(int(d) for d in dims.split(",") if d) * _DTYPE_BYTES.get(dtype, 4)
-          for dtype, dims in _SHAPE.findall(result)
-        ]
-        output_only = start and kind in ("all-gather", "collective-permute")
-        size = max(sizes, default=0) if output_only else sum(sizes)
-        found[kind]["count"] += 1
-        found[kind]["bytes"] += size
-        found[kind]["bytes_per_step"] += size * runs.get(name, 1)
-  return dict(found)
-
-
 def plan(
   config: Config,
   devices: list,
@@ -308,7 +181,9 @@ def plan(
       + eval_memory.output_size_in_bytes
       + eval_memory.temp_size_in_bytes
     ),
-    **_work_report(compiled, config, model_config, model.num_params, 4 / 3 if reference else 1),
+    **_work_report(
+      compiled, config, model_config, model.num_params, 4 / 3 if reference else 1, devices
+    ),
     "compile_s": compile_s,
   }
   report["fits"] = hbm_bytes is None or report["per_device_bytes"] <= hbm_bytes
@@ -358,16 +233,23 @@ def _memory_report(compiled, hbm_bytes: int | None, params, opt_state, reference
 
 
 def _work_report(
-  compiled, config: Config, model_config: LlamaConfig, num_params: int, passes: float
+  compiled, config: Config, model_config: LlamaConfig, num_params: int, passes: float, devices: list
 ) -> dict:
-  """The batch, the compiler's FLOPs and bytes next to the model's FLOPs, and the
-  collectives of the compiled train step. `passes`: forward-and-backward passes per row (a
-  live DPO reference adds a forward: 4/3)."""
+  """The batch, the compiled step's FLOPs and HBM bytes per chip (each loop body times its
+  trips) next to the model's FLOPs, its collectives and, on a chip of `train.plan.CHIPS`, its
+  modeled step time. `passes`: forward-and-backward passes per row (a live DPO reference adds
+  a forward: 4/3)."""
   t, length = config.train, config.data.max_length
   rows_per_item = config.rows_per_item  # DPO: batch sizes count pairs
-  cost = compiled.cost_analysis()
-  cost = (cost[0] if isinstance(cost, (list, tuple)) else cost) or {}
   tokens = t.batch_size * rows_per_item * length
+  model_flops = (
+    tokens
+    * passes
+    * flops_per_token(num_params, model_config.num_layers, length, model_config.hidden_size)
+  )
+  text = compiled.as_text()
+  flops, hbm_bytes = Module.parse(text).work_per_step()
+  chip = CHIP_OF_KIND.get(devices[0].device_kind)
   return {
     "num_params": num_params,
     "objective": t.objective,
@@ -377,12 +259,12 @@ def _work_report(
       "accumulation": t.batch_size // t.micro_batch_size,
       "length": length,
     },
-    "flops_per_step": cost.get("flops"),  # per device, loop bodies once (see the module doc)
-    "bytes_accessed_per_step": cost.get("bytes accessed"),
-    "model_flops_per_step": tokens
-    * passes
-    * flops_per_token(num_params, model_config.num_layers, length, model_config.hidden_size),
-    "collectives": collectives(compiled.as_text()),
+    "flops_per_step": flops,
+    "hbm_bytes_per_step": hbm_bytes,
+    "model_flops_per_step": model_flops,
+    "collectives": collectives(text),
+    "step_model": chip
+    and step_model(text, chip, tokens / len(devices), model_flops / len(devices)),
   }
 
 
@@ -403,10 +285,17 @@ def _format(report: dict, title: str) -> str:
     f"per chip total {total}: {'fits' if report['fits'] else 'DOES NOT FIT'}; "
     f"eval step {report['eval_per_device_bytes'] / GiB:.2f} GiB",
   ]
-  if report["flops_per_step"]:
+  lines.append(
+    f"per chip per step: {report['flops_per_step']:.3e} FLOPs (model "
+    f"{report['model_flops_per_step'] / report['devices']:.3e}), "
+    f"{report['hbm_bytes_per_step'] / GiB:.1f} GiB of HBM traffic"
+  )
+  model = report["step_model"]
+  if model:
     lines.append(
-      f"FLOPs per chip per step: compiler {report['flops_per_step']:.3e} (loop bodies "
-      f"counted once), model {report['model_flops_per_step'] / report['devices']:.3e}"
+      f"modeled step {model['step_s']:.3f} s on {model['chip']}: "
+      f"{model['tokens_per_s_per_chip']:,.0f} tokens/s per chip, MFU {model['mfu']:.1%}; "
+      + ", ".join(f"{k} {v:.3f} s" for k, v in model["seconds_by_kind"].items() if v)
     )
   lines.append(
     "collectives: "
@@ -428,8 +317,9 @@ def remat_sweep(
   """The train step of `config` compiled under each remat policy of `policies`.
 
   Returns ``{"policies": {name: report or {"fits": False, "error": ...}}, "choice": name or
-  None}``: the choice has the fewest compiler FLOPs among the policies whose per-chip
-  bytes leave `SWEEP_HEADROOM` of `hbm_bytes` free (all, when the HBM is unknown).
+  None}``: the choice has the shortest modeled step (the fewest FLOPs per step where no model
+  exists for the chip) among the policies whose per-chip bytes leave `SWEEP_HEADROOM` of
+  `hbm_bytes` free (all, when the HBM is unknown).
   """
   reports = {}
   for policy in policies:
@@ -454,26 +344,34 @@ def remat_sweep(
     if "error" not in report
     and (hbm_bytes is None or report["per_device_bytes"] <= (1 - SWEEP_HEADROOM) * hbm_bytes)
   ]
-  choice = min(roomy, key=lambda policy: reports[policy]["flops_per_step"] or 0, default=None)
+  choice = min(roomy, key=lambda policy: _sweep_key(reports[policy]), default=None)
   return {"policies": reports, "choice": choice}
+
+
+def _sweep_key(report: dict) -> float:
+  model = report["step_model"]
+  return model["step_s"] if model else report["flops_per_step"]
 
 
 def _format_sweep(sweep: dict, title: str) -> str:
   lines = [
-    f"{title}: remat policies (loop bodies counted once in FLOPs)",
-    "| model.remat | per chip GiB | of HBM | temporaries GiB | compiler FLOPs | compile s |",
-    "| --- | --- | --- | --- | --- | --- |",
+    f"{title}: remat policies",
+    "| model.remat | per chip GiB | of HBM | temporaries GiB | FLOPs per step | modeled step s "
+    "| compile s |",
+    "| --- | --- | --- | --- | --- | --- | --- |",
   ]
   for policy, report in sweep["policies"].items():
     if "error" in report:
-      lines.append(f"| {policy} | does not fit: {report['error']} | | | | |")
+      lines.append(f"| {policy} | does not fit: {report['error']} | | | | | |")
       continue
     fraction = report["hbm_fraction"]
     lines.append(
       f"| {policy} | {report['per_device_bytes'] / GiB:.2f} | "
       f"{'-' if fraction is None else f'{fraction:.0%}'} | "
       f"{report['breakdown_bytes']['temporaries'] / GiB:.2f} | "
-      f"{report['flops_per_step'] or 0:.3e} | {report['compile_s']:.1f} |"
+      f"{report['flops_per_step']:.3e} | "
+      f"{report['step_model']['step_s'] if report['step_model'] else '-':.4} | "
+      f"{report['compile_s']:.1f} |"
     )
   choice = sweep["choice"]
   lines.append(
