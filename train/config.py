@@ -305,6 +305,11 @@ class MeshConfig:
   data: int = ranged(-1, "[1, inf)", _ALL_DEVICES_LEFT)  # -1 on one axis at most
   fsdp: int = ranged(1, "[1, inf)", _ALL_DEVICES_LEFT)
   tensor: int = ranged(1, "[1, inf)", _ALL_DEVICES_LEFT)
+  # Slices joined by the data-center network (MaxText's `dcn_data_parallelism`): the data
+  # axis spans them, so only the gradient's reduction crosses DCN; data, fsdp and tensor above
+  # lay out the chips of one slice. A slice is a TPU slice (`device.slice_index`), or a
+  # process where devices have none (CPU or GPU hosts).
+  slices: int = ranged(1, "[1, inf)")
   # "auto": initialise jax.distributed when the launcher set the standard env
   # vars (TPU pod, SLURM, JAX_COORDINATOR_ADDRESS); true: always; false: never.
   distributed: Literal["auto", "true", "false"] = "auto"

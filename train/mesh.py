@@ -8,7 +8,7 @@ import os
 import jax
 import numpy as np
 from flax import nnx
-from jax.experimental import multihost_utils
+from jax.experimental import mesh_utils, multihost_utils
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -52,7 +52,16 @@ def initialize_distributed(cfg: MeshConfig) -> bool:
 
 
 def mesh_sizes(cfg: MeshConfig, count: int) -> dict[str, int]:
-  """``{"data", "fsdp", "tensor"}`` sizes of `cfg` over `count` devices, a -1 axis filled."""
+  """``{"data", "fsdp", "tensor"}`` sizes of `cfg` over `count` devices, a -1 axis filled; the
+  data axis counts every slice's (`cfg.slices`)."""
+  if count % cfg.slices:
+    raise ValueError(f"mesh.slices={cfg.slices} does not divide the {count} devices")
+  sizes = _slice_sizes(cfg, count // cfg.slices)
+  return sizes | {"data": sizes["data"] * cfg.slices}
+
+
+def _slice_sizes(cfg: MeshConfig, count: int) -> dict[str, int]:
+  """The axes' sizes inside one slice of `count` devices."""
   sizes = {"data": cfg.data, "fsdp": cfg.fsdp, "tensor": cfg.tensor}
   fill = [name for name, size in sizes.items() if size == -1]
   known = math.prod(size for size in sizes.values() if size != -1)
@@ -90,13 +99,34 @@ def check_micro_batch(micro_batch_size: int, sizes: dict[str, int], devices: str
 
 def make_mesh(cfg: MeshConfig, devices=None) -> jax.sharding.Mesh:
   """A (data, fsdp, tensor) mesh over `devices` (default: all devices of all processes,
-  or e.g. the chips of a TPU topology for ahead-of-time compilation); one axis may be -1 (fill)."""
+  or e.g. the chips of a TPU topology for ahead-of-time compilation); one axis may be -1 (fill).
+
+  With `cfg.slices` > 1 the data axis runs over the slices first (its outer factor crosses
+  the data-center network), as MaxText's hybrid mesh does; each slice keeps its own layout.
+  """
   devices = jax.devices() if devices is None else list(devices)
   sizes = mesh_sizes(cfg, len(devices))
   # Auto axes: shardings are given to jit explicitly and XLA propagates the rest.
-  return jax.make_mesh(
-    tuple(sizes.values()), MESH_AXES, devices=devices, axis_types=(jax.sharding.AxisType.Auto,) * 3
+  auto = (jax.sharding.AxisType.Auto,) * 3
+  if cfg.slices == 1:
+    return jax.make_mesh(tuple(sizes.values()), MESH_AXES, devices=devices, axis_types=auto)
+  in_slice = _slice_sizes(cfg, len(devices) // cfg.slices)
+  found = {getattr(d, "slice_index", None) for d in devices}
+  by_process = None in found  # CPU and GPU devices: a process is a slice
+  granules = {d.process_index for d in devices} if by_process else found
+  if len(granules) != cfg.slices:
+    raise ValueError(
+      f"mesh.slices={cfg.slices}, but the {len(devices)} devices come from {len(granules)} "
+      + ("processes" if by_process else "slices")
+    )
+  grid = mesh_utils.create_hybrid_device_mesh(
+    tuple(in_slice.values()),
+    (cfg.slices, 1, 1),
+    devices,
+    process_is_granule=by_process,
+    allow_split_physical_axes=True,
   )
+  return jax.sharding.Mesh(grid, MESH_AXES, axis_types=auto)
 
 
 def to_host(value: jax.Array) -> np.ndarray:

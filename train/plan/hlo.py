@@ -72,6 +72,19 @@ FREE = {
   "send-done",
   "recv-done",
 }
+# [length, length] x [length, head_dim] products per attention kernel, by the name in its op
+# name: the forward (QK^T, PV), the backward's dK/dV (QK^T again, dP, dV, dK) and dQ (QK^T,
+# dP, dQ) kernels, or one fused backward.
+ATTENTION_PRODUCTS = {
+  "dkv": 4,
+  "bwd_dq": 3,
+  "_dq_": 3,
+  "fused_bwd": 5,
+  "bwd": 5,
+  "fwd": 2,
+  "flash_attention": 2,
+}
+CAUSAL_FRACTION = 0.5
 _HEADER = re.compile(r"^(ENTRY )?%(\S+) .*\{$")
 _NAME = re.compile(r"^\s*(?:ROOT )?%(\S+) = ")
 _OPCODE = re.compile(r"\s*([\w\-]+)\(")
@@ -83,7 +96,8 @@ _BRANCHES = re.compile(r"branch_computations=\{([^}]*)\}")
 _TRIP_BOUND = re.compile(r"constant\((\d+)\)")
 _KNOWN_TRIPS = re.compile(r'"known_trip_count":\{"n":"(\d+)"\}')
 _CONTRACTING = re.compile(r"lhs_contracting_dims=\{([\d,]*)\}")
-_DIM_LABELS = re.compile(r"dim_labels=[^_]+_([^-]+)->")
+_DIM_LABELS = re.compile(r"dim_labels=([^_]+)_([^-]+)->(\w+)")
+_WINDOW = re.compile(r"window=\{([^}]*)\}")
 _KERNEL_FLOPS = re.compile(r'"cost_estimate":\{[^}]*"flops":"?(\d+)')
 _OP_NAME = re.compile(r'op_name="([^"]*)"')
 _GROUPS_MESH = re.compile(r"replica_groups=mesh\[([^\]]*)\]\s*\{([^}]*)\}")
@@ -172,19 +186,22 @@ class Module:
 
   @classmethod
   def parse(cls, hlo_text: str) -> Module:
-    computations, entry, current = {}, None, None
+    computations, entry, current, lines = {}, None, None, []
     for line in hlo_text.splitlines():
       header = _HEADER.match(line)
       if header:
         current = header.group(2)
-        computations[current] = []
+        computations[current] = lines = []
         entry = current if header.group(1) else entry
       elif line == "}":  # (a custom call's backend config may hold lines starting with "}")
         current = None
       elif current is not None:
-        instruction = parse_instruction(line)
-        if instruction is not None:
-          computations[current].append(instruction)
+        if _NAME.match(line) or not lines:
+          lines.append(line)
+        else:  # a kernel's metadata may span lines: they belong to the instruction above
+          lines[-1] += "\n" + line
+    for name, body in computations.items():
+      computations[name] = [i for i in map(parse_instruction, body) if i is not None]
     by_name = {i.name: i for body in computations.values() for i in body}
     return cls(computations, entry, by_name)
 
@@ -265,19 +282,59 @@ class Module:
       axes = [int(a) for a in contracting.group(1).split(",") if a] if contracting else []
       return 2 * math.prod(_dims(instruction.result)) * math.prod(lhs[a] for a in axes)
     if opcode == "convolution":
-      kernel = _dims(self.by_name[instruction.operands[1]].result)
-      labels = _DIM_LABELS.search(instruction.attributes)
-      labels = labels.group(1) if labels else ""
-      contracted = math.prod(
-        size for size, label in zip(kernel, labels) if label == "i" or label.isdigit()
-      )
-      return 2 * math.prod(_dims(instruction.result)) * contracted
+      return 2 * math.prod(_dims(instruction.result)) * self._window_macs(instruction)
     if opcode == "fusion":
       return self._computation_flops(instruction.called["calls"])
-    if opcode == "custom-call":  # a Pallas kernel's declared cost
-      declared = _KERNEL_FLOPS.search(instruction.attributes)
-      return float(declared.group(1)) if declared else 0.0
+    if opcode == "custom-call":
+      declared = _KERNEL_FLOPS.search(instruction.attributes)  # a Pallas kernel's own estimate
+      return float(declared.group(1)) if declared else self._attention_kernel_flops(instruction)
     return 0.0
+
+  def _attention_kernel_flops(self, kernel: Instruction) -> float:
+    """FLOPs of a flash/splash attention kernel that declares none, from its query's shape
+    [..., heads, length, head_dim]: 2 per multiply-add of each [length, length] product it
+    computes (`ATTENTION_PRODUCTS`), half of them under a causal mask (assumed: LM training)."""
+    name = kernel.op_name
+    pass_ = next((p for p in ATTENTION_PRODUCTS if p in name), None)
+    if pass_ is None:
+      return 0.0
+    floats = [
+      _dims(self.by_name[o].result)
+      for o in kernel.operands
+      if o in self.by_name and re.match(r"\(?(bf16|f16|f32)\[", self.by_name[o].result)
+    ]
+    query = max(floats, key=math.prod, default=[])
+    if len(query) < 3:
+      return 0.0
+    return 2 * ATTENTION_PRODUCTS[pass_] * math.prod(query) * query[-2] * CAUSAL_FRACTION
+
+  def _window_macs(self, convolution: Instruction) -> float:
+    """Multiply-adds per output element of a convolution: its input features times the
+    kernel positions that land on the input, not on padding (the TPU compiler writes some
+    matmuls as a window over a padded size-1 input: one real position per output)."""
+    lhs = _dims(self.by_name[convolution.operands[0]].result)
+    kernel = _dims(self.by_name[convolution.operands[1]].result)
+    labels = _DIM_LABELS.search(convolution.attributes)
+    if not labels:
+      return 0.0
+    lhs_labels, kernel_labels, out_labels = labels.groups()
+    out = _dims(convolution.result)
+    window = _WINDOW.search(convolution.attributes)
+    settings = dict(
+      item.split("=", 1) for item in (window.group(1).split() if window else []) if "=" in item
+    )
+    pads = [p.split("_") for p in settings.get("pad", "").split("x") if p]
+    strides = [int(n) for n in settings.get("stride", "").split("x") if n]
+    macs = float(kernel[kernel_labels.index("i")])
+    for d, label in enumerate(sorted(c for c in kernel_labels if c.isdigit())):
+      size = kernel[kernel_labels.index(label)]
+      if d < len(pads) and (not strides or strides[d] == 1):
+        macs *= _valid_positions(
+          lhs[lhs_labels.index(label)], size, out[out_labels.index(label)], int(pads[d][0])
+        )
+      else:
+        macs *= size
+    return macs
 
   def _computation_flops(self, computation: str) -> float:
     cache = self.__dict__.setdefault("_flops_cache", {})
@@ -357,6 +414,16 @@ class Module:
     output_only = opcode.endswith("-start") and kind in ("all-gather", "collective-permute")
     size = max(sizes, default=0) if output_only else sum(sizes)
     return kind, size, _group_size(instruction.attributes)
+
+
+def _valid_positions(size: int, window: int, outputs: int, pad_low: int) -> float:
+  """Mean number of a stride-1 window's positions per output that fall inside an input of
+  `size` (not in the padding): output o, window position k read input o + k - pad_low."""
+  pairs = sum(
+    max(0, min(outputs - 1, x + pad_low) - max(0, x + pad_low - window + 1) + 1)
+    for x in range(size)
+  )
+  return pairs / outputs
 
 
 def _sliced_read(name: str, users: dict) -> float | None:

@@ -75,9 +75,10 @@ def model_config_of(config: Config) -> LlamaConfig:
   return gguf_config(gguf.GGUFReader(path), path)
 
 
-def topology_devices(name: str) -> list:
-  """The chips of a TPU slice such as `v5p:4x4x4`, or `cuda:1x1x8` (slices x hosts x GPUs
-  like the one attached, e.g. one 8-GPU host: needs a GPU here), compiled for from this host."""
+def topology_devices(name: str, slices: int = 1) -> list:
+  """The chips of `slices` TPU slices such as `v5p:4x4x4` (each device knows its
+  `slice_index`), or `cuda:1x1x8` (slices x hosts x GPUs like the one attached, e.g. one
+  8-GPU host: needs a GPU here), compiled for from this host."""
   from jax.experimental import topologies  # here: only --topology compiles for other chips
 
   if name.startswith("cuda:"):
@@ -88,7 +89,7 @@ def topology_devices(name: str) -> list:
   os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # compile-only: processes may share it
   return list(
     topologies.get_topology_desc(
-      platform="tpu", topology_name=name, **slice_links(name), num_slices=1
+      platform="tpu", topology_name=name, **slice_links(name), num_slices=slices
     ).devices
   )
 
@@ -392,6 +393,13 @@ def main(argv=None) -> int:
     "cuda:1x1x8 (8 GPUs like the attached one)",
   )
   target.add_argument("--local", action="store_true", help="this machine's devices (the default)")
+  parser.add_argument(
+    "--slices",
+    type=int,
+    default=1,
+    help="that many --topology slices joined by the data-center network, data-parallel "
+    "over them (mesh.slices, MaxText's dcn_data_parallelism)",
+  )
   parser.add_argument("--json", action="store_true", help="print one JSON object")
   parser.add_argument(
     "--remat-sweep",
@@ -404,11 +412,12 @@ def main(argv=None) -> int:
   parser.add_argument("overrides", nargs="*", help="key=value config overrides")
   args = parser.parse_args(argv)
   try:
-    config = load_config(args.config, args.overrides)
+    overrides = args.overrides + ([f"mesh.slices={args.slices}"] if args.slices != 1 else [])
+    config = load_config(args.config, overrides)
     if args.topology:
       if not args.topology.startswith("cuda:"):
         jax.config.update("jax_platforms", "cpu")  # compile for the slice; run nothing on it
-      devices = topology_devices(args.topology)
+      devices = topology_devices(args.topology, args.slices)
       hbm = HBM_BYTES.get(devices[0].device_kind)
     else:
       devices = jax.devices()
