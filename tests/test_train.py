@@ -266,6 +266,36 @@ def _close(a: float, b: float) -> bool:
   return abs(a - b) <= 1e-5 * max(abs(a), abs(b), 1e-12)
 
 
+def test_two_processes_as_two_slices_match_one(tmp_path):
+  """mesh.slices=2 on 2 processes x 4 devices (each process stands for a slice joined by DCN):
+  the data axis spans both, and the losses are those of 1 process x 8 devices."""
+  config = {
+    **TINY,
+    "optimizer": {**TINY["optimizer"], "schedule": "constant", "selection": "bisect"},
+    "train": {**TINY["train"], "steps": 3},
+    "mesh": {"data": 2, "fsdp": 1, "tensor": 2},  # in each slice; data is 2 x 2 overall
+  }
+  two = tmp_path / "slices"
+  procs = _launch_two_processes(
+    {**config, "train": {**config["train"], "output_dir": str(two)}},
+    tmp_path / "slices.json",
+    "mesh.slices=2",
+  )
+  one = tmp_path / "one"
+  train.run(
+    {
+      **config,
+      "mesh": {"data": 4, "fsdp": 1, "tensor": 2},
+      "train": {**config["train"], "output_dir": str(one)},
+    }
+  )
+  summaries = _summaries(procs)
+  assert summaries[0] == summaries[1]
+  losses_one, losses_two = _losses(one), _losses(two)
+  assert losses_one.keys() == losses_two.keys() == {1, 2, 3}
+  assert all(_close(losses_one[s], losses_two[s]) for s in losses_one), (losses_one, losses_two)
+
+
 def test_two_processes_match_one(tmp_path):
   """Eval (loss and accuracy), checkpoints, export and resume on 2 processes x 4 devices
   give what 1 process x 8 devices gives running straight through."""

@@ -111,9 +111,9 @@ def make_mesh(cfg: MeshConfig, devices=None) -> jax.sharding.Mesh:
   if cfg.slices == 1:
     return jax.make_mesh(tuple(sizes.values()), MESH_AXES, devices=devices, axis_types=auto)
   in_slice = _slice_sizes(cfg, len(devices) // cfg.slices)
-  found = {getattr(d, "slice_index", None) for d in devices}
-  by_process = None in found  # CPU and GPU devices: a process is a slice
-  granules = {d.process_index for d in devices} if by_process else found
+  tpu_slices = {getattr(d, "slice_index", None) for d in devices} - {None}
+  by_process = len(tpu_slices) != cfg.slices  # CPU and GPU devices: a process is a slice
+  granules = {d.process_index for d in devices} if by_process else tpu_slices
   if len(granules) != cfg.slices:
     raise ValueError(
       f"mesh.slices={cfg.slices}, but the {len(devices)} devices come from {len(granules)} "

@@ -71,6 +71,7 @@ FREE = {
   "collective-permute-done",
   "send-done",
   "recv-done",
+  "recv",
 }
 # [length, length] x [length, head_dim] products per attention kernel, by the name in its op
 # name: the forward (QK^T, PV), the backward's dK/dV (QK^T again, dP, dV, dK) and dQ (QK^T,
@@ -100,6 +101,7 @@ _DIM_LABELS = re.compile(r"dim_labels=([^_]+)_([^-]+)->(\w+)")
 _WINDOW = re.compile(r"window=\{([^}]*)\}")
 _KERNEL_FLOPS = re.compile(r'"cost_estimate":\{[^}]*"flops":"?(\d+)')
 _OP_NAME = re.compile(r'op_name="([^"]*)"')
+_DCN_TRANSFER = re.compile(r'_xla_megascale_transfer_type="(\w+)"')
 _GROUPS_MESH = re.compile(r"replica_groups=mesh\[([^\]]*)\]\s*\{([^}]*)\}")
 _GROUPS_IOTA = re.compile(r"replica_groups=\[(\d+),(\d+)\]<=")
 _GROUPS_LIST = re.compile(r"replica_groups=\{\{([\d,]*)\}")
@@ -398,8 +400,16 @@ class Module:
   def collective(self, instruction: Instruction) -> tuple[str, float, int] | None:
     """(kind, bytes, participants) when `instruction` is a collective (sync, `-start`, or an
     `async-start` wrapping one); bytes are the result's (an async all-gather's or permute's
-    output alone). Participants: the replica group's size (0 when it names none)."""
+    output alone). Participants: the replica group's size (0 when it names none). A transfer
+    between slices is `dcn-<kind>` with the bytes this chip sends."""
     opcode = instruction.opcode
+    if opcode == "send":  # between slices, the runtime's DCN transfers are sends and receives
+      transfer = _DCN_TRANSFER.search(instruction.attributes)
+      payload = _SHAPE.search(instruction.result)
+      if not (transfer and payload):
+        return None
+      kind = "dcn-" + transfer.group(1).lower().replace("_", "-")
+      return kind, shape_bytes(payload.group(0), on_chip_too=True), 0
     if opcode == "async-start":
       inner = [
         i
@@ -472,7 +482,7 @@ def collectives(hlo_text: str) -> dict:
     for instruction in body:
       if instruction.opcode == "sort":
         kind, size = "sort", shape_bytes(instruction.result, on_chip_too=True)
-      elif instruction.opcode != "async-start" and module.collective(instruction):
+      elif instruction.opcode != "async-start" and module.collective(instruction):  # not twice
         kind, size, _ = module.collective(instruction)
       else:
         continue

@@ -3,6 +3,8 @@ its interconnect, overlapped as the compiler scheduled them.
 
 - An instruction takes `max(FLOPs / (peak FLOP/s x matmul efficiency), HBM bytes / HBM
   bandwidth)`: the slower of its matmul units and its memory (`train.plan.hlo` counts both).
+- Between slices, a chip's transfers over the data-center network take their bytes over its
+  share of the hosts' DCN bandwidth.
 - A collective takes its bytes over the chip's ICI bandwidth, times the ring algorithm's
   factor for its group of n chips: all-gather and all-to-all (n-1)/n of the result, all-reduce
   2(n-1)/n, reduce-scatter (n-1) times its (scattered) result, a permute its bytes once.
@@ -28,7 +30,9 @@ from train.plan.hlo import Instruction, Module
 # A fusion, dot or kernel is put in the attention row when its op name says it is attention.
 _ATTENTION = re.compile(r"attention|attn|splash|flash|dot_product|mha|softmax", re.I)
 _STARTS = {f"{kind}-start" for kind in ("all-gather", "all-reduce", "collective-permute", "async")}
+_STARTS.add("send")
 _DONES = {f"{kind}-done" for kind in ("all-gather", "all-reduce", "collective-permute", "async")}
+_DONES.add("send-done")
 KINDS = ("matmul", "attention", "update", "other")
 
 
@@ -41,6 +45,7 @@ class _Totals:
   hbm_bytes: float = 0.0
   collective_s: float = 0.0
   exposed_collective_s: float = 0.0
+  dcn_bytes: float = 0.0
   seconds: collections.Counter = dataclasses.field(default_factory=collections.Counter)
   kind_flops: collections.Counter = dataclasses.field(default_factory=collections.Counter)
   kind_bytes: collections.Counter = dataclasses.field(default_factory=collections.Counter)
@@ -51,6 +56,7 @@ class _Totals:
     self.hbm_bytes += times * other.hbm_bytes
     self.collective_s += times * other.collective_s
     self.exposed_collective_s += times * other.exposed_collective_s
+    self.dcn_bytes += times * other.dcn_bytes
     for mine, theirs in (
       (self.seconds, other.seconds),
       (self.kind_flops, other.kind_flops),
@@ -124,7 +130,11 @@ class _Simulation:
       collective = self.module.collective(instruction)
       if collective:
         kind, size, participants = collective
-        seconds = collective_seconds(kind, size, participants, self.chip.ici_bytes_per_s)
+        if kind.startswith("dcn-"):  # what this chip sends to other slices, once
+          seconds = size / self.chip.dcn_bytes_per_s
+          totals.dcn_bytes += size
+        else:
+          seconds = collective_seconds(kind, size, participants, self.chip.ici_bytes_per_s)
         totals.collective_s += seconds
         if opcode in _STARTS:
           in_flight[instruction.name] = seconds
@@ -187,7 +197,7 @@ def step_model(
 
   Returns:
     ``{"step_s", "tokens_per_s_per_chip", "mfu", "flops_per_step", "hbm_bytes_per_step",
-    "collective_s", "exposed_collective_s", "seconds_by_kind", "flops_by_kind",
+    "collective_s", "exposed_collective_s", "dcn_bytes_per_step", "seconds_by_kind", "flops_by_kind",
     "hbm_bytes_by_kind", "chip"}``: seconds, FLOPs and bytes per chip per step, each loop's body
     counted once per trip.
   """
@@ -206,6 +216,7 @@ def step_model(
     "hbm_bytes_per_step": totals.hbm_bytes,
     "collective_s": totals.collective_s,
     "exposed_collective_s": totals.exposed_collective_s,
+    "dcn_bytes_per_step": totals.dcn_bytes,
     "seconds_by_kind": {k: totals.seconds[k] for k in KINDS}
     | {"exposed collectives": totals.exposed_collective_s},
     "flops_by_kind": {k: totals.kind_flops[k] for k in KINDS},
