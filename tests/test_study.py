@@ -87,6 +87,18 @@ def test_study_reports_resumes_and_reproduces(tmp_path, monkeypatch):
   assert np.array_equal(exact_matrix([first]), exact_matrix([again]))
 
 
+def test_without_matplotlib_the_study_names_the_extra_before_any_run(
+  tmp_path, monkeypatch, capsys
+):
+  from train import loop
+
+  monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if not installed
+  monkeypatch.setattr(loop, "run", lambda *a, **k: pytest.fail("a run started"))
+  assert study.main(["--config", _write_study(tmp_path)]) == 2
+  assert 'pip install "gmt-optax[study]"' in capsys.readouterr().err
+  assert not (tmp_path / "study").exists()
+
+
 def test_report_only_never_trains(tmp_path, monkeypatch):
   from train import loop
 

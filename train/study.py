@@ -33,6 +33,7 @@ from pathlib import Path
 
 import yaml
 
+from train import study_report
 from train.config import ConfigError, load_config
 from train.examples import canonical_problem, reasoning_gym_examples
 from train.paths import RunPaths
@@ -246,7 +247,11 @@ def main(argv=None) -> int:
   except ConfigError as e:
     print(f"config error: {e}", file=sys.stderr)
     return 2
-  from train import study_report  # matplotlib: loaded only once the config is valid
+  try:  # before any run: a missing plotting package must not cost a finished study
+    study_report.pyplot()
+  except ImportError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
 
   study.out.mkdir(parents=True, exist_ok=True)
   cache: dict = {}

@@ -89,9 +89,15 @@ def task_results(rows: list[dict], methods: list[str], draws: _Draws) -> list[di
   return results
 
 
-def _pyplot():
-  """matplotlib's pyplot, drawing to files (no display)."""
-  import matplotlib  # here: an optional package (the study extra), loaded only to draw
+def pyplot():
+  """matplotlib's pyplot, drawing to files (no display); an ImportError naming the `study`
+  extra when matplotlib is not installed."""
+  try:
+    import matplotlib  # here: an optional package (the study extra), loaded only to draw
+  except ImportError as e:
+    raise ImportError(
+      'the study draws its plot with matplotlib: pip install "gmt-optax[study]"'
+    ) from e
 
   matplotlib.use("Agg")  # before pyplot is imported
   import matplotlib.pyplot as plt
@@ -102,7 +108,7 @@ def _pyplot():
 def _plot(path: Path, tasks: dict[str, list[dict]]) -> None:
   """Accuracy against mask ratio, one panel per task: GMT with its intervals, the SFT band,
   random masking and HFT at 0.5."""
-  plt = _pyplot()
+  plt = pyplot()
   fig, axes = plt.subplots(1, len(tasks), figsize=(5.5 * len(tasks), 4), squeeze=False)
   for ax, (task, results) in zip(axes[0], tasks.items()):
     by = {r["method"]: r for r in results}
@@ -200,7 +206,7 @@ def plot_telemetry(path: Path, rows: list[dict]) -> bool:
   curves = telemetry_curves(rows)
   if not curves:
     return False
-  plt = _pyplot()
+  plt = pyplot()
   fig, axes = plt.subplots(1, len(TELEMETRY_PANELS), figsize=(5 * len(TELEMETRY_PANELS), 3.6))
   for ax, (name, label) in zip(axes, TELEMETRY_PANELS):
     for ratio, statistics in curves.items():
