@@ -170,7 +170,6 @@ def load_gguf(steps):
   import jax
   import jax.numpy as jnp
 
-  from train.models.decoder import num_params
   from train.models.gguf_import import default_gguf_path
   from train.models.pretrained import load_pretrained
 
@@ -181,7 +180,7 @@ def load_gguf(steps):
   start = time.perf_counter()
   model, _ = load_pretrained(path)
   seconds = time.perf_counter() - start
-  model_mb = num_params(model) * 4 / 2**20
+  model_mb = model.num_params * 4 / 2**20
   growth = _peak_rss_mb() - base
   return {
     "s_per_step": seconds,

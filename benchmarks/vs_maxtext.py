@@ -88,7 +88,7 @@ def maxtext_argv(config, topology: str, model: str, layers: int | None, out_dir:
     f"ici_fsdp_parallelism={mesh['fsdp']}",
     f"ici_tensor_parallelism={mesh['tensor']}",
     f"max_target_length={config.data.max_length}",
-    f"gradient_accumulation_steps={t.batch_size // t.micro_batch_size}",
+    f"gradient_accumulation_steps={t.accumulation_steps}",
     f"remat_policy={maxtext_remat(config.model.remat)}",
     f"dtype={config.model.dtype}",
     f"weight_dtype={config.model.param_dtype}",

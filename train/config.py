@@ -269,6 +269,11 @@ class TrainConfig:
   # [start, stop): a jax.profiler trace in output_dir/profile.
   profile_steps: tuple[int, ...] = ranged((), "[0, inf)")
 
+  @property
+  def accumulation_steps(self) -> int:
+    """Micro-steps per optimizer update: `batch_size / micro_batch_size`."""
+    return self.batch_size // self.micro_batch_size
+
 
 @dataclasses.dataclass(frozen=True)
 class DPOConfig:
@@ -350,6 +355,12 @@ class Config:
   def rows_per_item(self) -> int:
     """Token rows per batch item: a DPO pair's chosen and rejected rows, else one."""
     return 1 if self.dpo_objective is None else 2
+
+  @property
+  def step_batch_shape(self) -> tuple[int, int, int]:
+    """[accumulation steps, micro-batch rows, length] of a train step's token fields."""
+    t = self.train
+    return (t.accumulation_steps, t.micro_batch_size * self.rows_per_item, self.data.max_length)
 
 
 # Enum keys that also accept a boolean, as the name it stands for (model.remat was a bool).

@@ -15,6 +15,7 @@ import json
 import os
 import time
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -40,7 +41,8 @@ from train.metrics import Meter, MetricWriter, flops_per_token, peak_flops_per_d
 from train.models.pretrained import export_pretrained
 from train.models.tokenizer import AlpacaTemplate, ByteTokenizer
 from train.paths import RunPaths
-from train.run_setup import Run, log, setup_run, shared
+from train.records import log
+from train.run_setup import Run, setup_run, shared
 from train.stats import paired_gain
 from train.step import reference_copy
 
@@ -104,7 +106,7 @@ def run(config_source="configs/default.yaml", overrides=None, cache: dict | None
   out = Path(config.train.output_dir)
   # Refuses a directory that another run holds or used, probes that it is writable, and
   # locks it until this run ends, however it ends.
-  lock = run_dir.prepare(out, config)
+  lock = run_dir.claim(out, config)
   try:
     with Preemption() as preemption:  # SIGTERM/SIGINT: stop after a step, saved
       return _run(config, out, cache, started, preemption)
@@ -136,18 +138,20 @@ def _run(
     "data": run.data_report,
   }
   writer = MetricWriter(paths.tensorboard, jax.process_index() == 0)
-  evaluate = Evaluator(run, paths, writer, eval_reference)
+  evaluator = Evaluator(run, paths, writer, eval_reference)
   if config.eval.before and first_step == 0:
-    summary["before"] = _evaluate_before(run, evaluate, params, cache)
+    summary["before"] = _evaluate_before(run, evaluator, params, cache)
 
   trainer = Trainer(run, paths, checkpoints, writer, preemption)
-  params = trainer.train(params, opt_state, first_step, reference_args, evaluate, summary)
+  trained = trainer.train(params, opt_state, first_step, reference_args, evaluator)
+  params = trained.params
+  summary.update((f"step_{step}", metrics) for step, metrics in trained.evaluations.items())
   if config.eval.after:
-    summary["after"] = evaluate("after", run.total_steps, params)
+    summary["after"] = evaluator("after", run.total_steps, params)
   writer.close()
-  summary.update(_comparison(evaluate.answers))
-  if trainer.step_times:
-    times = trainer.step_times
+  summary.update(_comparison(evaluator.answers))
+  if trained.step_times:
+    times = trained.step_times
     median = np.float32(np.median(times[1:] or times))
     # Timings differ per process: every process returns process 0's, so summaries match.
     summary["median_step_time_s"] = float(multihost_utils.broadcast_one_to_all(median))
@@ -217,25 +221,34 @@ def _resume(run: Run, checkpoints: Checkpoints, params, opt_state, out: Path) ->
   return params, opt_state, meta["step"]
 
 
-def _evaluate_before(run: Run, evaluate: Evaluator, params, cache: dict | None) -> dict:
+def _evaluate_before(run: Run, evaluator: Evaluator, params, cache: dict | None) -> dict:
   """The evaluation before training, shared through `cache` by runs that agree on it."""
   config = run.config
   # Generated held-out items do not depend on the shuffle: every seed scores the same before.
   reordered_only = config.data.source == "reasoning_gym"
   data_key = dataclasses.replace(config.data, shuffle_seed=0) if reordered_only else config.data
-  answers = evaluate.answers
+  answers = evaluator.answers
   result, answers["before"] = shared(
     cache,
     ("before", run.cache_key, data_key, config.eval, config.dpo_objective),
     lambda: (
       # Before training the policy is the reference.
-      evaluate("before", 0, params, policy_logps=evaluate.reference_logps),
+      evaluator("before", 0, params, policy_logps=evaluator.reference_logps),
       answers.get("before"),
     ),
   )
   if answers["before"] is None:
     del answers["before"]
   return result
+
+
+class Trained(NamedTuple):
+  """What `Trainer.train` measured: the final parameters, the evaluations during training
+  by step, and each logged step's seconds."""
+
+  params: Any
+  evaluations: dict[int, dict]
+  step_times: list[float]
 
 
 class Trainer:
@@ -314,10 +327,11 @@ class Trainer:
     return Preempted(step, self.checkpoints.directory, signal_name, saved)
 
   def train(
-    self, params, opt_state, first_step: int, reference_args: tuple, evaluate, summary: dict
-  ):
-    """Trains from `first_step`, evaluating every `eval.every` steps into `summary`;
-    returns the final parameters (saved when `checkpoint.save_final`)."""
+    self, params, opt_state, first_step: int, reference_args: tuple, evaluator: Evaluator
+  ) -> Trained:
+    """Trains from `first_step`, evaluating every `eval.every` steps; returns the final
+    parameters (saved when `checkpoint.save_final`), those evaluations and the step times."""
+    evaluations: dict[int, dict] = {}
     run, checkpoints, meter = self.run, self.checkpoints, self.meter
     t, total_steps = run.config.train, run.total_steps
     self.progress = tqdm(
@@ -355,7 +369,7 @@ class Trainer:
         checkpoints.save(step + 1, params, opt_state, self.meta(step + 1))
       if eval_now:
         self.report(meter.flush())
-        summary[f"step_{step + 1}"] = evaluate(f"step{step + 1}", step + 1, params)
+        evaluations[step + 1] = evaluator(f"step{step + 1}", step + 1, params)
         meter.restart()  # evaluating is not step time
     self.report(meter.flush())
     self._close()
@@ -366,7 +380,7 @@ class Trainer:
       if checkpoints.latest_step() != total_steps:  # checkpoint.save_final=false
         checkpoints.save_final(total_steps, params, opt_state, self.meta(total_steps))
       raise self._stopped(total_steps)
-    return params
+    return Trained(params, evaluations, self.step_times)
 
 
 class _Profile:

@@ -124,7 +124,7 @@ class RunLock:
     self._fd = -1
 
 
-def _claim(out: Path, config: Config) -> RunLock:
+def _lock_and_check(out: Path, config: Config) -> RunLock:
   """Process 0: locks `out`, checks that it holds no other run (or moves it aside), and
   writes the config."""
   t = config.train
@@ -178,7 +178,7 @@ def resume_source(config: Config) -> Path | None:
   return path
 
 
-def prepare(out: Path, config: Config) -> RunLock | None:
+def claim(out: Path, config: Config) -> RunLock | None:
   """Checks and claims the run directory before any work; returns process 0's lock, to be
   released when the run ends (other processes: None).
 
@@ -190,7 +190,7 @@ def prepare(out: Path, config: Config) -> RunLock | None:
   lock, error = None, None
   if jax.process_index() == 0:
     try:
-      lock = _claim(out, config)
+      lock = _lock_and_check(out, config)
     except (ConfigError, OSError) as e:
       error = e
   if jax.process_count() > 1:  # the others stop too, rather than wait in a collective

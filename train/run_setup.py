@@ -16,23 +16,17 @@ import time
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from tqdm.auto import tqdm
 
 from train.config import Config
 from train.data import Batches, examples_for_generation, prepare
 from train.eval import harness
 from train.mesh import check_micro_batch, make_mesh, param_shardings
 from train.models.decoder import Llama, LlamaConfig, abstract_model, resolve_attention
-from train.models.gguf_import import default_gguf_path
+from train.models.gguf_import import resolve_model_path
 from train.models.pretrained import load_pretrained
 from train.models.tokenizer import AlpacaTemplate, ByteTokenizer
+from train.records import log
 from train.step import SplitModel, Steps, build_steps
-
-
-def log(message: str) -> None:
-  """Prints `message` once, from process 0, above the progress bar."""
-  if jax.process_index() == 0:
-    tqdm.write(message)
 
 
 def shared(cache: dict | None, key: tuple, make):
@@ -95,8 +89,7 @@ def load_model(config: Config, mesh) -> tuple[SplitModel, object]:
   cfg = config.model
   param_dtype = jnp.dtype(cfg.param_dtype)
   if cfg.path is not None:
-    path = default_gguf_path() if cfg.path == "smollm2" else cfg.path
-    model, tokenizer = load_pretrained(path, mesh=mesh, dtype=param_dtype)
+    model, tokenizer = load_pretrained(resolve_model_path(cfg.path), mesh=mesh, dtype=param_dtype)
   else:
     model = Llama(
       LlamaConfig.from_hf(cfg.hf_config), rngs=nnx.Rngs(cfg.seed), param_dtype=param_dtype

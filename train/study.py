@@ -37,6 +37,7 @@ from train import study_report
 from train.config import ConfigError, load_config
 from train.examples import canonical_problem, reasoning_gym_examples
 from train.paths import RunPaths
+from train.records import read_jsonl
 
 # The columns of results.csv, one row per run.
 COLUMNS = (
@@ -210,11 +211,7 @@ def validation_accuracy(study: Study, row: dict, config) -> dict:
   """The sweep run's accuracy on its validation items that are not test items."""
   _, validation, _ = reasoning_gym_examples(config.data)
   test_forms = _test_forms(study, row["task"])
-  records = [
-    json.loads(line)
-    for line in RunPaths(row["run_dir"]).eval_samples("after").read_text().split("\n")
-    if line
-  ]
+  records = read_jsonl(RunPaths(row["run_dir"]).eval_samples("after"))
   kept = [
     r
     for r, example in zip(records, validation)

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from train.paths import RunPaths
+from train.records import read_jsonl
 from train.stats import (
   Resampler,
   items_needed,
@@ -28,8 +29,8 @@ def exact_matrix(rows: list[dict]) -> np.ndarray:
   """[seeds, items] exact match (0/1) of one method's runs, in the rows' seed order."""
   matrix = []
   for row in rows:
-    lines = RunPaths(row["run_dir"]).eval_samples("after").read_text().splitlines()
-    matrix.append([json.loads(line)["exact"] for line in lines if line])
+    records = read_jsonl(RunPaths(row["run_dir"]).eval_samples("after"))
+    matrix.append([record["exact"] for record in records])
   return np.array(matrix, np.float64)
 
 
@@ -170,8 +171,7 @@ def telemetry_curves(rows: list[dict]) -> dict[float, dict[str, tuple[np.ndarray
   first update's Jaccard, left out). Runs logged without telemetry are skipped."""
   by_ratio: dict[float, list[dict]] = {}
   for row in rows:
-    log = RunPaths(row["run_dir"]).log
-    records = [json.loads(line) for line in log.read_text().splitlines() if line]
+    records = read_jsonl(RunPaths(row["run_dir"]).log)
     per_step = {}
     for record in records:
       if "mask" not in record:

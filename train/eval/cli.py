@@ -13,11 +13,11 @@ import argparse
 from pathlib import Path
 
 from train.eval import harness
-from train.eval.evaluator import write_jsonl
 from train.eval.generate import greedy_texts, instruction_prompts
-from train.models.gguf_import import default_gguf_path
+from train.models.gguf_import import resolve_model_path
 from train.models.pretrained import load_pretrained
 from train.models.tokenizer import AlpacaTemplate
+from train.records import write_jsonl
 
 
 def _argument_errors(args) -> list[str]:
@@ -77,9 +77,7 @@ def main(argv=None) -> None:
     completions = harness.read_completions(args.completions)
     texts = [completions.get(it["task_id"], "") for it in items]
   else:
-    model, tokenizer = load_pretrained(
-      default_gguf_path() if args.model == "smollm2" else args.model
-    )
+    model, tokenizer = load_pretrained(resolve_model_path(args.model))
     if args.template == "alpaca":
       tokenizer = AlpacaTemplate(tokenizer)
     texts = greedy_texts(

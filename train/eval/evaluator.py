@@ -8,14 +8,12 @@ held-out pairs (DPO), exact-match answers by greedy decoding or a benchmark's sc
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from tqdm.auto import tqdm
 
 from train import dpo
 from train.data import ROW_FIELDS
@@ -25,6 +23,7 @@ from train.eval.scoring import exact_match, parse_answer, score
 from train.mesh import batch_shards, rows_sharding, to_host
 from train.metrics import MetricWriter
 from train.paths import RunPaths
+from train.records import log, write_jsonl
 from train.run_setup import Run
 from train.stats import answer_stats
 
@@ -37,12 +36,6 @@ _SHOWN = (
   "score",
   "top_answer_share",
 )
-
-
-def write_jsonl(path, records: list[dict]) -> None:
-  """One JSON object per line (completions and their scores)."""
-  with open(path, "w") as f:
-    f.writelines(json.dumps(r) + "\n" for r in records)
 
 
 def _device_chunks(rows: dict, batch_size: int, mesh):
@@ -191,8 +184,7 @@ class Evaluator:
       step, {k: v for k, v in result.items() if isinstance(v, (int, float))}, "eval/"
     )
     shown = ", ".join(f"{k} {v:.4f}" for k, v in result.items() if k in _SHOWN)
-    if jax.process_index() == 0:
-      tqdm.write(f"[eval {tag}] {shown} ({time.time() - start:.1f} s)")
+    log(f"[eval {tag}] {shown} ({time.time() - start:.1f} s)")
     return result
 
   def _held_out(self, params, policy_logps) -> dict:

@@ -661,6 +661,11 @@ class Llama(nnx.Module):
       "layers": {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)},
     }
 
+  @property
+  def num_params(self) -> int:
+    """Number of parameter entries."""
+    return sum(x.size for x in jax.tree.leaves(nnx.state(self, nnx.Param)))
+
   def __call__(self, input_ids, *, positions=None, segment_ids=None, cache=None):
     """Logits [B, S, V] float32, or ``(logits, new_cache)`` when ``cache`` is given.
 
@@ -835,8 +840,3 @@ def project_to_vocab(hidden: jax.Array, head: OutputHead) -> jax.Array:
   logits = logits.reshape(*hidden.shape[:-1], logits.shape[-1])
   spec = (BATCH,) + (None,) * (hidden.ndim - 2) + ("tensor",)
   return constrain(logits, *spec).astype(jnp.float32)
-
-
-def num_params(model: nnx.Module) -> int:
-  """Number of parameter entries."""
-  return sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))

