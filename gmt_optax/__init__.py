@@ -8,14 +8,12 @@ from gmt_optax._accumulation import AccumulationState, MaskedUpdateState, accumu
 from gmt_optax._hft import HFTState, hft
 from gmt_optax._masking import (
   GradientMaskState,
-  GradientMaskTelemetryState,
-  MaskTelemetry,
   RandomMaskState,
   gradient_mask,
   kept_fraction,
-  mask_telemetry,
   random_mask,
 )
+from gmt_optax._telemetry import GradientMaskTelemetryState, MaskTelemetry, mask_telemetry
 
 __version__ = "0.1.0"
 

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import optax
 from jax import lax
 
-from gmt_optax import _masking
+from gmt_optax import _masking, _telemetry
 
 
 class AccumulationState(NamedTuple):
@@ -120,7 +120,7 @@ def _mask_then_inner(inner, mask_ratio, seed, mask_options):
   mask_options = dict(mask_options)
   telemetry = mask_options.pop("telemetry", False)
   keep_masks = _masking.keep_mask_fn(
-    mask_ratio, telemetry_size=_masking.telemetry_sample_size(telemetry), **mask_options
+    mask_ratio, telemetry_size=_telemetry.telemetry_sample_size(telemetry), **mask_options
   )
   inner = optax.with_extra_args_support(inner)
 
@@ -138,7 +138,7 @@ def _mask_then_inner(inner, mask_ratio, seed, mask_options):
     new_updates, inner_state = inner.update(
       _masking.apply_keep_masks(updates, keep), state.inner_state, params, **extra_args
     )
-    mask_state = _masking.next_mask_state(mask_state, kept, statistics)
+    mask_state = _telemetry.next_mask_state(mask_state, kept, statistics)
     return (
       _masking.apply_keep_masks(new_updates, keep),
       MaskedUpdateState(mask_state, inner_state),

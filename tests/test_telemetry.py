@@ -11,7 +11,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import gmt_optax
-from gmt_optax import _masking, _selection
+from gmt_optax import _masking, _selection, _telemetry
 from tests.test_sharding import collectives_and_sorts
 
 AUTO = jax.sharding.AxisType.Auto
@@ -46,7 +46,7 @@ def sampled_positions(grads, rng_key, stacked=STACKED):
     for _, r in rows_of(grads, stacked)
   ]
   drawn = _selection.sample_entries(
-    blocks, _masking.TELEMETRY_SAMPLE_SIZE, jax.random.split(rng_key)[1]
+    blocks, _telemetry.TELEMETRY_SAMPLE_SIZE, jax.random.split(rng_key)[1]
   )
   return [np.asarray(d[0]) for d in drawn]
 
@@ -112,7 +112,7 @@ def test_a_repeated_gradient_has_jaccard_one_and_by_tensor_names_rows():
   assert set(named) == {"embed", "layers/norm", "layers/w"}
   assert named["embed"]["jaccard"] == 1.0  # an unstacked leaf: plain floats
   assert named["layers/w"]["jaccard"] == [1.0, 1.0, 1.0]  # one value per layer
-  assert set(named["layers/w"]) == set(_masking.TELEMETRY_STATISTICS)
+  assert set(named["layers/w"]) == set(_telemetry.TELEMETRY_STATISTICS)
 
 
 def test_sample_estimates_are_close_to_the_full_tensor_values():
@@ -306,7 +306,8 @@ def test_the_trainer_logs_per_layer_telemetry_to_jsonl_and_tensorboard(telemetry
   ]
   assert [r["step"] for r in records] == [1, 2, 3]
   down = [r["mask"]["layers/mlp/down_proj/kernel"] for r in records]
-  assert all(len(d[name]) == 2 for d in down for name in _masking.TELEMETRY_STATISTICS)  # 2 layers
+  # 2 layers
+  assert all(len(d[name]) == 2 for d in down for name in _telemetry.TELEMETRY_STATISTICS)
   assert np.isnan(down[0]["jaccard"]).all() and np.isfinite(down[2]["jaccard"]).all()
   head = records[-1]["mask"]["lm_head/kernel"]  # an unstacked tensor: one value each
   assert isinstance(head["kept_energy"], float)
