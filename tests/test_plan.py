@@ -75,12 +75,10 @@ def test_llama3_8b_recipe_fits_v5p_and_gmt_costs_what_sft_costs():
     )
     assert extra < 2**20, (kind, gmt["collectives"], sft["collectives"])
   assert abs(gmt["flops_per_step"] / sft["flops_per_step"] - 1) < 0.05
-  # Compiled for the megacore torus the slice is (train.plan.slice_links), the mask's passes
-  # over the gradients measured +10.8% of SFT's bytes accessed with full remat on jax 0.12
-  # and +12.5% for this recipe (remat none) on jax 0.10 (docs/benchmarks.md), where the
-  # default target gave +3.1%; this bounds it against growing further.
-  ratio = gmt["bytes_accessed_per_step"] / sft["bytes_accessed_per_step"]
-  assert 1 <= ratio < 1.15, ratio
+  # GMT as shipped (telemetry on) costs what SFT costs: its modeled step (train.plan's
+  # roofline, loop trips counted) measured 1.0012x SFT's on jax 0.10 (docs/benchmarks.md).
+  ratio = gmt["step_model"]["step_s"] / sft["step_model"]["step_s"]
+  assert 1 <= ratio <= 1.02, ratio
   assert gmt["per_device_bytes"] <= 1.05 * sft["per_device_bytes"]
 
 
@@ -107,6 +105,18 @@ def test_cli_json_and_exit_codes(tmp_path):
   assert report["fits"] and report["mesh"]["data"] == 4  # data=-1 filled the 4 chips
   for key in ("per_device_bytes", "hbm_bytes", "flops_per_step", "collectives"):
     assert key in report
+  model = report["step_model"]
+  assert {
+    "step_s",
+    "tokens_per_s_per_chip",
+    "mfu",
+    "flops_per_step",
+    "hbm_bytes_per_step",
+    "collective_s",
+    "exposed_collective_s",
+  } <= set(model)
+  assert model["chip"] == "v5e" and model["step_s"] > 0
+  assert model["tokens_per_s_per_chip"] == pytest.approx(8 * 256 / 4 / model["step_s"])
   assert set(report["collectives"]) <= set(plan.COLLECTIVES) | {"sort"}
   assert all(set(v) == {"count", "bytes", "bytes_per_step"} for v in report["collectives"].values())
 
@@ -255,3 +265,30 @@ def test_slices_compile_as_provisioned():
   }
   with pytest.raises(ValueError, match="v5p:4xx4"):
     plan.slice_links("v5p:4xx4")
+
+
+def test_two_slices_add_a_dcn_gradient_reduction_and_keep_memory():
+  """mesh.slices=2 (train.plan --slices): the data axis crosses the data-center network; only
+  the gradient's reduction goes over it, and a chip holds at most one more gradient shard
+  (the DCN all-reduce's buffer) than on one slice with the same rows per chip."""
+  per_slice = ["mesh.data=1", "mesh.fsdp=-1"]
+  one = _plan(SMALL, per_slice + ["train.micro_batch_size=4", "train.batch_size=4"], "v5p:2x2x1")
+  devices = plan.topology_devices("v5p:2x2x1", slices=2)
+  two = plan.plan(
+    load_config(
+      SMALL, per_slice + ["mesh.slices=2", "train.micro_batch_size=8", "train.batch_size=8"]
+    ),
+    devices,
+    plan.HBM_BYTES[devices[0].device_kind],
+    eval_step=False,
+  )
+  assert one["mesh"] == {"data": 1, "fsdp": 4, "tensor": 1}
+  assert two["mesh"] == {"data": 2, "fsdp": 4, "tensor": 1}
+  gradient_shard = two["breakdown_bytes"]["gradients"]
+  assert two["per_device_bytes"] <= one["per_device_bytes"] + 1.1 * gradient_shard
+  assert one["step_model"]["dcn_bytes_per_step"] == 0
+  dcn = two["step_model"]["dcn_bytes_per_step"]
+  # What crosses is of the gradient shard's size (libtpu 0.0.42 sends 7.9 MB of a 14.7 MB
+  # float32 shard), not of the weights' gathers or the activations.
+  assert 0.4 * gradient_shard <= dcn <= 1.2 * gradient_shard, (dcn, gradient_shard)
+  assert two["step_model"]["step_s"] > one["step_model"]["step_s"]
