@@ -9,10 +9,9 @@ MaxText (its ahead-of-time entry point `maxtext.trainers.pre_train.train_compile
 same batch: rows per chip, sequence length, accumulation steps, remat policy (`--remat`, else
 the recipe's) and the compute and parameter dtypes all come from `--config`. Prints one
 Markdown table per chip: HBM (arguments + temporaries), collectives by kind (count, bytes),
-collective bytes per step, compiler FLOPs and bytes accessed, compile seconds. XLA's analyses
-count a while-loop body once (the scanned layers and micro-steps, on both sides alike), so
-FLOPs and the per-kind bytes are per loop trip; the per-step bytes multiply each collective
-by the trips of the loops around it (`train.plan.collectives`).
+collective bytes per step, FLOPs and HBM bytes per step and the modeled step time
+(`train.plan.step_model`: each loop body counted once per trip, on both sides alike), compile
+seconds.
 
 Each compile runs in its own subprocess (an 8B compile holds several GiB of host memory) and
 the sides take turns, `--repeats` times, so that load from other processes hits them alike;
@@ -102,13 +101,19 @@ def maxtext_argv(config, topology: str, model: str, layers: int | None, out_dir:
   return argv
 
 
-def _summary(compiled, compile_s: float) -> dict:
+def tokens_per_chip(config, topology: str) -> float:
+  """Tokens one chip processes per step of `config` on `topology`."""
+  chips = math.prod(int(n) for n in topology.partition(":")[2].split("x"))
+  return config.train.batch_size * config.rows_per_item * config.data.max_length / chips
+
+
+def _summary(compiled, compile_s: float, topology: str, tokens: float) -> dict:
   """The figures both sides report, from a compiled step (and its HLO text, "hlo")."""
-  from train.plan import collectives
+  from train.plan import collectives, step_model
 
   memory = compiled.memory_analysis()
-  cost = compiled.cost_analysis()
-  cost = (cost[0] if isinstance(cost, (list, tuple)) else cost) or {}
+  text = compiled.as_text()
+  model = step_model(text, topology, tokens)
   return {
     "per_device_bytes": memory.argument_size_in_bytes
     + memory.output_size_in_bytes
@@ -116,11 +121,12 @@ def _summary(compiled, compile_s: float) -> dict:
     + memory.temp_size_in_bytes,
     "arguments": memory.argument_size_in_bytes,
     "temporaries": memory.temp_size_in_bytes,
-    "flops": cost.get("flops"),
-    "bytes_accessed": cost.get("bytes accessed"),
-    "collectives": collectives(compiled.as_text()),
+    "flops": model["flops_per_step"],
+    "hbm_bytes": model["hbm_bytes_per_step"],
+    "step_model": model,
+    "collectives": collectives(text),
     "compile_s": compile_s,
-    "hlo": compiled.as_text(),
+    "hlo": text,
   }
 
 
@@ -140,7 +146,9 @@ def run_maxtext(config, topology: str, model: str, layers: int | None) -> dict:
   train_compile.jit_and_compile = timed
   with tempfile.TemporaryDirectory() as out_dir:
     train_compile.main(maxtext_argv(config, topology, model, layers, out_dir))
-  return _summary(compiled["step"], compiled["seconds"])
+  return _summary(
+    compiled["step"], compiled["seconds"], topology, tokens_per_chip(config, topology)
+  )
 
 
 def maxtext_remat(policy: str) -> str:
@@ -170,7 +178,8 @@ def run_ours(config_path: str, topology: str, method: str, overrides: list[str])
     "arguments": b["arguments"],
     "temporaries": b["temporaries"],
     "flops": report["flops_per_step"],
-    "bytes_accessed": report["bytes_accessed_per_step"],
+    "hbm_bytes": report["hbm_bytes_per_step"],
+    "step_model": report["step_model"],
     "collectives": report["collectives"],
     "compile_s": report["compile_s"],
     "hlo": report["hlo"],
@@ -265,8 +274,20 @@ def table(results: dict) -> str:
       "collective bytes per step, GB (loop bodies times their trips)",
       lambda s: _gb(total_bytes(first[s], "bytes_per_step")),
     ),
-    ("compiler FLOPs", lambda s: f"{first[s]['flops']:.3e}"),
-    ("compiler bytes accessed, GB", lambda s: _gb(first[s]["bytes_accessed"])),
+    ("FLOPs per step (loop trips counted)", lambda s: f"{first[s]['flops']:.3e}"),
+    ("HBM bytes per step, GB", lambda s: _gb(first[s]["hbm_bytes"])),
+    (
+      "modeled step, s (train.plan.step_model)",
+      lambda s: f"{first[s]['step_model']['step_s']:.3f}",
+    ),
+    (
+      "modeled tokens/s per chip",
+      lambda s: f"{first[s]['step_model']['tokens_per_s_per_chip']:,.0f}",
+    ),
+    (
+      "modeled exposed collectives, s",
+      lambda s: f"{first[s]['step_model']['exposed_collective_s']:.3f}",
+    ),
     (
       "compile s" + (" (min / median / max)" if len(results[sides[0]]) > 1 else ""),
       lambda s: seconds(results[s]),

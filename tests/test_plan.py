@@ -187,7 +187,8 @@ def test_vs_maxtext_names_the_slice_as_maxtext_does_and_prints_one_table():
     "arguments": 1.5e9,
     "temporaries": 3.5e9,
     "flops": 1e12,
-    "bytes_accessed": 2e10,
+    "hbm_bytes": 2e10,
+    "step_model": {"step_s": 0.5, "tokens_per_s_per_chip": 4096.0, "exposed_collective_s": 0.01},
     "collectives": {
       "all-gather": {"count": 16, "bytes": 2e9, "bytes_per_step": 6e9},
       "sort": {"count": 1, "bytes": 8, "bytes_per_step": 8},
@@ -202,6 +203,8 @@ def test_vs_maxtext_names_the_slice_as_maxtext_does_and_prints_one_table():
   )  # sorts are not collectives
   assert "| collective bytes per step, GB (loop bodies times their trips) | 6.00 | 6.00 |" in table
   assert "70.0 / 75.0 / 80.0" in table
+  assert "| modeled step, s (train.plan.step_model) | 0.500 | 0.500 |" in table
+  assert "| modeled tokens/s per chip | 4,096 | 4,096 |" in table
 
 
 def test_vs_maxtext_gives_maxtext_our_mesh_and_rows_per_chip(monkeypatch, tmp_path):
