@@ -43,6 +43,28 @@ def test_keeps_k_confirmed_and_drops_those_a_nan_was_computed_on(tmp_path):
   assert _steps(tmp_path) == [2, 3]
 
 
+def test_a_checkpoint_is_deleted_only_once_a_newer_one_is_complete(tmp_path, monkeypatch):
+  """keep=1: the save of step 2 in flight (Orbax already lists it) must not cost step 1; a
+  final save that fails (a full disk) leaves the last complete checkpoint in place."""
+  checkpoints = Checkpoints(tmp_path, keep=1)
+  checkpoints.save(1, PARAMS, OPT_STATE, {"step": 1})
+  checkpoints.check(1, 0.5)
+  checkpoints.wait()
+  checkpoints.save(2, PARAMS, OPT_STATE, {"step": 2})
+  checkpoints.check(2, 0.5)  # confirmed, but possibly still being written
+  assert 1 in _steps(tmp_path)
+  checkpoints.wait()  # step 2 is complete: now step 1 goes
+  assert _steps(tmp_path) == [2]
+
+  def disk_full():
+    raise OSError(28, "No space left on device")
+
+  monkeypatch.setattr(checkpoints.manager, "wait_until_finished", disk_full)
+  with pytest.raises(OSError, match="no space left on device at"):
+    checkpoints.save_final(3, PARAMS, OPT_STATE, {"step": 3})
+  assert 2 in _steps(tmp_path)
+
+
 def test_final_checkpoint_needs_finite_parameters(tmp_path):
   checkpoints = Checkpoints(tmp_path, keep=1)
   with pytest.raises(

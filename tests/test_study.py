@@ -87,9 +87,7 @@ def test_study_reports_resumes_and_reproduces(tmp_path, monkeypatch):
   assert np.array_equal(exact_matrix([first]), exact_matrix([again]))
 
 
-def test_without_matplotlib_the_study_names_the_extra_before_any_run(
-  tmp_path, monkeypatch, capsys
-):
+def test_without_matplotlib_the_study_names_the_extra_before_any_run(tmp_path, monkeypatch, capsys):
   from train import loop
 
   monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if not installed

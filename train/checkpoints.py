@@ -5,7 +5,9 @@ A checkpoint at step s holds the weights after s updates. The loss of those
 weights is only known once step s + 1 has run on them, so a checkpoint stays
 unconfirmed until `check(s, loss)` sees that loss finite; a non-finite loss
 removes every checkpoint from s on, and only confirmed checkpoints count
-towards the `keep` most recent ones. The final checkpoint, and one saved
+towards the `keep` most recent ones. A checkpoint being written counts only once it is
+complete: nothing is deleted for a save that a full disk or a kill can still stop, so
+`keep=K` always leaves K complete checkpoints. The final checkpoint, and one saved
 because the job is stopped, on which no step runs, are confirmed by checking
 that all their parameters are finite.
 
@@ -229,6 +231,9 @@ class Checkpoints:
     self.directory = directory.absolute()
     self.keep, self.every = keep, every
     self.unconfirmed: set[int] = set()
+    # The step of the save in flight: Orbax finishes a save before it starts the next one,
+    # and `wait` finishes it, so this is the same on every process.
+    self._writing: int | None = None
     if read_only and not self.directory.is_dir():
       raise FileNotFoundError(errno.ENOENT, f"no such checkpoint directory: {self.directory}")
     if not read_only and jax.process_index() == 0 and self.directory.is_dir():
@@ -286,6 +291,7 @@ class Checkpoints:
         force=True,
       )
     self.unconfirmed.add(step)
+    self._writing = step  # (`manager.save` finished the previous one first)
     self._last_save = datetime.datetime.now(datetime.timezone.utc)
 
   def save_final(self, step: int, params, opt_state, meta: dict) -> None:
@@ -294,8 +300,8 @@ class Checkpoints:
     if not _all_finite(params):
       self.check(step, math.nan, what=f"a parameter is not finite after step {step}")
     self.save(step, params, opt_state, meta)
-    self._confirm(step)
     self.wait()
+    self._confirm(step)
 
   def check(self, step: int, loss: float, what: str | None = None) -> None:
     """`loss` was computed on the weights after `step` updates.
@@ -323,7 +329,15 @@ class Checkpoints:
 
   def _confirm(self, step: int) -> None:
     self.unconfirmed = {s for s in self.unconfirmed if s > step}
-    good = [s for s in self.manager.all_steps() if s <= step and s not in self.unconfirmed]
+    self._prune()
+
+  def _prune(self) -> None:
+    """Deletes the oldest confirmed checkpoints beyond `keep`, counting complete ones only."""
+    good = [
+      s
+      for s in self.manager.all_steps()
+      if s not in self.unconfirmed and s != self._writing  # (Orbax lists a save in flight)
+    ]
     for old in sorted(good)[: -self.keep]:
       self.manager.delete(old)
 
@@ -384,8 +398,11 @@ class Checkpoints:
     return restored["state"]["params"], restored["state"]["opt_state"], restored["meta"]
 
   def wait(self) -> None:
+    """Finishes the save in flight; then the checkpoints it replaces can go."""
     with _disk_errors(self.directory):
       self.manager.wait_until_finished()
+    self._writing = None
+    self._prune()
 
 
 def _leaf_shapes(tree) -> dict[str, tuple]:
