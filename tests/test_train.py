@@ -214,10 +214,15 @@ def _free_port() -> int:
 
 
 def _launch_two_processes(
-  config: dict, config_path: Path, *overrides: str, cli: bool = False
+  config: dict,
+  config_path: Path,
+  *overrides: str,
+  cli: bool = False,
+  per_process: tuple = ((), ()),
 ) -> list:
   """Starts `train.run` in 2 processes x 4 CPU devices (gloo on localhost); `cli`: through
-  `python -m train` (its exit code and messages) instead of printing the summary."""
+  `python -m train` (its exit code and messages) instead of printing the summary;
+  `per_process`: overrides for process 0 and process 1 alone."""
   config_path.write_text(json.dumps(config))
   port = _free_port()
   env = {
@@ -240,6 +245,7 @@ def _launch_two_processes(
         *command,
         str(config_path),
         *overrides,
+        *per_process[i],
         "mesh.distributed=true",
         f"mesh.coordinator_address=127.0.0.1:{port}",
         "mesh.num_processes=2",
@@ -264,6 +270,22 @@ def _summaries(procs: list) -> list[dict]:
 
 def _close(a: float, b: float) -> bool:
   return abs(a - b) <= 1e-5 * max(abs(a), abs(b), 1e-12)
+
+
+def test_processes_given_different_configs_stop_with_the_keys_named(tmp_path):
+  """A difference between the processes' configs would hang them in mismatched collectives:
+  every process stops at start-up with a config error naming the keys and the values."""
+  procs = _launch_two_processes(
+    {**TINY, "train": {**TINY["train"], "output_dir": str(tmp_path / "run")}},
+    tmp_path / "run.json",
+    cli=True,
+    per_process=(("train.steps=10",), ("train.steps=30",)),
+  )
+  outputs = [p.communicate(timeout=240)[0] for p in procs]
+  for p, out in zip(procs, outputs):
+    assert p.returncode == 2, out
+    assert "train.steps: process 0 10, process 1 30" in out, out
+  assert not (tmp_path / "run" / "train_log.jsonl").exists()
 
 
 def test_two_processes_as_two_slices_match_one(tmp_path):

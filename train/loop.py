@@ -36,7 +36,7 @@ from train.checkpoints import (
 from train.config import Config, load_config
 from train.eval.evaluator import Evaluator, all_sequence_logps
 from train.examples import check_task_options
-from train.mesh import initialize_distributed
+from train.mesh import check_same_config, initialize_distributed
 from train.metrics import Meter, MetricWriter, flops_per_token, peak_flops_per_device
 from train.models.pretrained import export_pretrained
 from train.models.tokenizer import AlpacaTemplate, ByteTokenizer
@@ -103,6 +103,7 @@ def run(config_source="configs/default.yaml", overrides=None, cache: dict | None
   if config.data.source == "reasoning_gym":
     check_task_options(config.data)  # needs reasoning-gym imported: not in load_config
   initialize_distributed(config.mesh)
+  check_same_config(config)
   out = Path(config.train.output_dir)
   # Refuses a directory that another run holds or used, probes that it is writable, and
   # locks it until this run ends, however it ends.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
 
@@ -12,7 +13,7 @@ from jax.experimental import mesh_utils, multihost_utils
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from train.config import ConfigError, MeshConfig
+from train.config import Config, ConfigError, MeshConfig, to_dict
 from train.models.decoder import BATCH as BATCH_AXES
 from train.models.decoder import SplitModel, fit_spec
 
@@ -49,6 +50,48 @@ def initialize_distributed(cfg: MeshConfig) -> bool:
     process_id=cfg.process_id,
   )
   return True
+
+
+# Config keys that differ between the processes of one run by design.
+PER_PROCESS_KEYS = ("mesh.process_id",)
+
+
+def check_same_config(config: Config) -> None:
+  """Raises `ConfigError` on every process, naming the keys and the processes, unless all
+  processes of the run were given the same config (a difference would hang them later, in
+  collectives that no longer match). A collective: every process calls it at start-up."""
+  if jax.process_count() == 1:
+    return
+  mine = {k: v for k, v in _flat(to_dict(config)).items() if k not in PER_PROCESS_KEYS}
+  blob = np.frombuffer(json.dumps(mine, sort_keys=True, default=str).encode(), np.uint8)
+  sizes = multihost_utils.process_allgather(np.int32(blob.size))
+  padded = np.zeros(int(sizes.max()), np.uint8)
+  padded[: blob.size] = blob
+  gathered = multihost_utils.process_allgather(padded)
+  configs = [json.loads(bytes(row[:size])) for row, size in zip(gathered, sizes)]
+  keys = {k for c in configs for k in c}
+  differing = sorted(k for k in keys if any(c.get(k) != configs[0].get(k) for c in configs))
+  if not differing:
+    return
+  shown = "; ".join(
+    f"{key}: " + ", ".join(f"process {i} {c.get(key)!r}" for i, c in enumerate(configs))
+    for key in differing
+  )
+  raise ConfigError(
+    f"the {len(configs)} processes of this run were given different configs ({shown}); "
+    "give every process the same config and overrides (only mesh.process_id differs)"
+  )
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+  """{"section.key": value} of a nested dict."""
+  flat = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      flat |= _flat(value, f"{prefix}{key}.")
+    else:
+      flat[f"{prefix}{key}"] = value
+  return flat
 
 
 def mesh_sizes(cfg: MeshConfig, count: int) -> dict[str, int]:
