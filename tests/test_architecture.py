@@ -2,6 +2,7 @@
 
 import ast
 import pathlib
+import re
 import sys
 
 import pytest
@@ -95,6 +96,20 @@ def test_no_import_cycle():
     direct = {n for n in imports(path) if n.startswith("train.") and n != module}
     reached = set().union(*(module_imports(n) for n in direct)) if direct else set()
     assert module not in reached, f"{module} imports itself through {sorted(direct)}"
+
+
+def test_the_module_map_names_every_module_and_no_other():
+  """docs/architecture.md is the one module map: each module file has a row, each row a file."""
+  text = (ROOT / "docs" / "architecture.md").read_text()
+  named = set(re.findall(r"`((?:gmt_optax|train)/[\w/]+\.py)`", text))
+  package_inits = {f"train/{p}/__init__.py" for p in ("models", "eval", "plan")}
+  files = {
+    str(p.relative_to(ROOT))
+    for folder in ("gmt_optax", "train")
+    for p in (ROOT / folder).rglob("*.py")
+  }
+  assert files - package_inits - named == set(), "modules missing from docs/architecture.md"
+  assert named - files == set(), "docs/architecture.md names files that do not exist"
 
 
 def test_the_sandbox_launcher_imports_the_standard_library_only():
