@@ -1,13 +1,15 @@
 """train.plan's costs per step (loop trips counted) and its step-time model, on programs whose
 answer is known by hand."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import pytest
 
 from train.plan import Chip, collectives, step_model
 from train.plan.hlo import Module
-from train.plan.roofline import collective_seconds
+from train.plan.roofline import collective_seconds, fit_matmul_efficiency
 
 # Round numbers, so that every modeled second below can be checked by hand.
 CHIP = Chip(
@@ -177,3 +179,17 @@ def test_a_scan_of_matmuls_counts_every_trip():
   )
   assert step_model(compiled, CHIP, m)["flops_per_step"] == layers * 2 * m * k * k
   assert Module.parse(compiled.as_text()).work_per_step()[0] == layers * 2 * m * k * k
+
+
+def test_fitting_the_efficiency_reproduces_a_measured_throughput():
+  """A compute-bound program: the fitted efficiency gives back the throughput it was fitted
+  on, and is the ratio of that throughput to the model's at efficiency 1."""
+  n = 4096
+  x = jax.ShapeDtypeStruct((n, n), jnp.float32)
+  text = jax.jit(lambda a, b: a @ b).lower(x, x).compile().as_text()
+  fast = dataclasses.replace(CHIP, hbm_bytes_per_s=1e15, matmul_efficiency=1.0)
+  at_peak = step_model(text, fast, tokens_per_chip=n)["tokens_per_s_per_chip"]
+  efficiency = fit_matmul_efficiency(text, fast, n, 0.4 * at_peak)
+  assert efficiency == pytest.approx(0.4, rel=1e-6)
+  fitted = dataclasses.replace(fast, matmul_efficiency=efficiency)
+  assert step_model(text, fitted, n)["tokens_per_s_per_chip"] == pytest.approx(0.4 * at_peak)

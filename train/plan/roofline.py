@@ -183,6 +183,24 @@ class _Simulation:
     return seconds
 
 
+def fit_matmul_efficiency(
+  compiled, topology: str | Chip, tokens_per_chip: float, tokens_per_s_per_chip: float
+) -> float:
+  """The `matmul_efficiency` at which `step_model` gives `tokens_per_s_per_chip` (a measured
+  throughput): the one constant a generation's table entry is fitted with. Bisection in
+  (0, 1]; 1.0 when even the chip's peak is too slow to reach it."""
+  text = compiled if isinstance(compiled, str) else compiled.as_text()
+  chip = chip_of(topology)
+  low, high = 1e-3, 1.0
+  for _ in range(40):  # step time falls as the efficiency rises
+    middle = (low + high) / 2
+    model = step_model(text, dataclasses.replace(chip, matmul_efficiency=middle), tokens_per_chip)
+    low, high = (
+      (middle, high) if model["tokens_per_s_per_chip"] < tokens_per_s_per_chip else (low, middle)
+    )
+  return high
+
+
 def step_model(
   compiled, topology: str | Chip, tokens_per_chip: float, model_flops_per_chip: float | None = None
 ) -> dict:
