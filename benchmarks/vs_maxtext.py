@@ -130,9 +130,10 @@ def _summary(compiled, compile_s: float, topology: str, tokens: float) -> dict:
   }
 
 
-def run_maxtext(config, topology: str, model: str, layers: int | None) -> dict:
-  """Compiles MaxText's train step with its own `train_compile.main`, unchanged."""
-  from maxtext.trainers.pre_train import train_compile  # the MaxText venv only
+def maxtext_compile(argv: list[str]):
+  """(compiled train step, compile seconds) of MaxText's own `train_compile.main(argv)`,
+  unchanged (the MaxText venv only; `argv[0]` is ignored, as in a command line)."""
+  from maxtext.trainers.pre_train import train_compile
 
   compiled = {}
   compile_step = train_compile.jit_and_compile
@@ -144,11 +145,18 @@ def run_maxtext(config, topology: str, model: str, layers: int | None) -> dict:
     return compiled["step"]
 
   train_compile.jit_and_compile = timed
+  try:
+    train_compile.main(argv)
+  finally:
+    train_compile.jit_and_compile = compile_step
+  return compiled["step"], compiled["seconds"]
+
+
+def run_maxtext(config, topology: str, model: str, layers: int | None) -> dict:
+  """Compiles MaxText's train step for the step `config` describes."""
   with tempfile.TemporaryDirectory() as out_dir:
-    train_compile.main(maxtext_argv(config, topology, model, layers, out_dir))
-  return _summary(
-    compiled["step"], compiled["seconds"], topology, tokens_per_chip(config, topology)
-  )
+    compiled, seconds = maxtext_compile(maxtext_argv(config, topology, model, layers, out_dir))
+  return _summary(compiled, seconds, topology, tokens_per_chip(config, topology))
 
 
 def maxtext_remat(policy: str) -> str:

@@ -20,7 +20,7 @@ from train.plan.recipe import (
   slice_links,
   topology_devices,
 )
-from train.plan.roofline import step_model
+from train.plan.roofline import fit_matmul_efficiency, step_model
 
 __all__ = [
   "CHIPS",
@@ -30,6 +30,7 @@ __all__ = [
   "Chip",
   "chip_of",
   "collectives",
+  "fit_matmul_efficiency",
   "main",
   "model_config_of",
   "plan",
