@@ -8,7 +8,7 @@ import pytest
 
 from train.config import ConfigError, load_config
 from train.data import Batches, pack, prepare, tokenize, tokenize_all
-from train.examples import reasoning_gym_examples
+from train.examples import reasoning_gym_examples, table_examples
 from train.models.tokenizer import ByteTokenizer
 
 TOK = ByteTokenizer()
@@ -95,6 +95,28 @@ def test_bad_inputs(tmp_path):
     prepare(_cfg(source="files", train_files=[str(wrong)]), TOK)
   with pytest.raises(ValueError, match="no example fits"):
     prepare(_cfg(train_size=4, eval_size=2, max_length=4), TOK)
+
+
+def test_jsonl_records_are_read_as_written_and_odd_rows_are_named(tmp_path):
+  """No type is inferred across rows: "007", "1.50" and "true" stay the strings they are; a
+  row that is not an object, or an answer that is an object, is an error at file:line."""
+  answers = ["007", "1.50", "true", 42]
+  path = tmp_path / "typed.jsonl"
+  path.write_text(
+    "".join(json.dumps({"question": f"q{i}", "answer": a}) + "\n" for i, a in enumerate(answers))
+  )
+  examples = table_examples(_cfg(source="files", train_files=[str(path)], eval_size=1))[0]
+  written = [m["content"] for e in examples for m in e.messages if m["role"] == "assistant"]
+  assert len(written) >= 3 and set(written) <= {"007", "1.50", "true", "42"}  # (shuffled)
+  for row, message in (
+    ('{"question": "q", "answer": {"v": 1}}', r"odd.jsonl:2: field 'answer' is an object"),
+    ('["q", "a"]', r"odd.jsonl:2: a record must be an object, got an array"),
+    ('"just text"', r"odd.jsonl:2: a record must be an object, got a string"),
+  ):
+    odd = tmp_path / "odd.jsonl"
+    odd.write_text('{"question": "q", "answer": "a"}\n' + row + "\n")
+    with pytest.raises(ValueError, match=message):
+      table_examples(_cfg(source="files", train_files=[str(odd)]))
 
 
 def test_alpaca_template_masks_the_response_and_ends_with_eos():

@@ -209,17 +209,34 @@ def _utf8_lines(path: Path):
       yield number, line
 
 
-def _jsonl_lines(path: Path) -> list[int]:
-  """The line number of each record; HF datasets reports malformed JSON without one."""
-  lines = []
+_JSON_TYPES = {list: "an array", str: "a string", int: "a number", float: "a number"}
+
+
+class _Records(list):
+  """JSON-lines records as written (no type inferred across rows, as HF datasets would:
+  "007" stays a string), with the column names `_rows_to_examples` reads."""
+
+  @property
+  def column_names(self) -> list[str]:
+    return list(dict.fromkeys(key for record in self for key in record))
+
+
+def _jsonl_records(path: Path) -> tuple[_Records, list[int]]:
+  """The records of a JSON-lines file and the line number of each; a line that is not JSON
+  or not an object is named by file and line."""
+  records, lines = _Records(), []
   for line_number, line in _utf8_lines(path):
     if line.strip():
       try:
-        json.loads(line)
+        record = json.loads(line)
       except json.JSONDecodeError as e:
         raise ValueError(f"{path}:{line_number}: malformed JSON line: {e.msg}") from None
+      if not isinstance(record, dict):
+        kind = _JSON_TYPES.get(type(record), "null" if record is None else "a boolean")
+        raise ValueError(f"{path}:{line_number}: a record must be an object, got {kind}")
+      records.append(record)
       lines.append(line_number)
-  return lines
+  return records, lines
 
 
 def _file_examples(paths: tuple[str, ...], cfg: DataConfig, pairs: bool) -> list[Example]:
@@ -241,16 +258,17 @@ def _file_examples(paths: tuple[str, ...], cfg: DataConfig, pairs: bool) -> list
   examples = []
   for name in paths:
     path = Path(name)
-    lines = _jsonl_lines(path) if path.suffix == ".jsonl" else None
+    rows, lines = _jsonl_records(path) if path.suffix == ".jsonl" else (None, None)
     if path.suffix in (".json", ".csv"):  # text read by datasets: checked line by line first
       for _ in _utf8_lines(path):
         pass
     if lines == [] or path.stat().st_size == 0:
       raise ValueError(f"empty dataset: {path} holds no records")
-    try:
-      rows = datasets.load_dataset(formats[path.suffix], data_files=[str(path)], split="train")
-    except ValueError as e:  # e.g. a CSV with only a header: "corresponds to no data"
-      raise ValueError(f"empty dataset or unreadable file {path}: {e}") from e
+    if rows is None:
+      try:
+        rows = datasets.load_dataset(formats[path.suffix], data_files=[str(path)], split="train")
+      except ValueError as e:  # e.g. a CSV with only a header: "corresponds to no data"
+        raise ValueError(f"empty dataset or unreadable file {path}: {e}") from e
     if lines is not None:
       where = lambda i, path=path, lines=lines: f"{path}:{lines[i]}"
     elif path.suffix == ".csv":
@@ -261,9 +279,21 @@ def _file_examples(paths: tuple[str, ...], cfg: DataConfig, pairs: bool) -> list
   return examples
 
 
-def _check_present(record: dict, field: str, where: str) -> None:
-  """Raises for a null or empty value (str(None) would train on the text "None")."""
+def _text(record: dict, field: str, where: str) -> str:
+  """A prompt or response as text: a string as written, a number as it prints; an object,
+  array or boolean is refused (its Python repr would be trained on)."""
   value = record[field]
+  if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+    kind = {dict: "an object", list: "an array", bool: "a boolean"}.get(
+      type(value), type(value).__name__
+    )
+    raise ValueError(f"{where}: field '{field}' is {kind}, expected a string")
+  return str(value)
+
+
+def _check_present(record: dict, field: str, where: str) -> None:
+  """Raises for a null, absent or empty value (str(None) would train on the text "None")."""
+  value = record.get(field)
   if value is None or (isinstance(value, str) and not value.strip()) or value == []:
     state = "missing or null" if value is None else "empty"
     raise ValueError(f"{where}: field '{field}' is {state}")
@@ -316,9 +346,8 @@ def _rows_to_examples(rows, cfg: DataConfig, source: str, where, pairs: bool) ->
     elif cfg.messages_field:
       examples.append(Example(head + list(r[cfg.messages_field])))
     else:
-      examples.append(
-        Example(_messages(str(r[cfg.prompt_field]), str(r[cfg.response_field]), cfg.system_prompt))
-      )
+      prompt, response = (_text(r, f, where(i)) for f in (cfg.prompt_field, cfg.response_field))
+      examples.append(Example(_messages(prompt, response, cfg.system_prompt)))
   return examples
 
 
