@@ -39,6 +39,11 @@ class Chip:
   source: str
 
 
+# Fitted on MaxText's published runs (benchmarks/step_model_calibration.py --fit): v5p on
+# Llama-2-70B, v5p-512, sequence 4096 (692 tokens/s per chip); v6e on Llama-3.1-8B, v6e-256,
+# sequence 8192 (7,207 tokens/s per chip). docs/benchmarks.md, "Step-time model".
+V5P_MATMUL_EFFICIENCY = 0.877
+V6E_MATMUL_EFFICIENCY = 0.553
 _CLOUD_TPU = "Cloud TPU system architecture pages (docs.cloud.google.com/tpu/docs/{})"
 CHIPS = {
   chip.name: chip
@@ -51,7 +56,7 @@ CHIPS = {
       1228e9,
       2400e9 / 8,
       100e9 / 8 / 4,  # 100 Gbps NIC per 4-chip host
-      0.70,  # not fitted (no published v4 result checked): v5p's value
+      V5P_MATMUL_EFFICIENCY,  # not fitted (no published v4 run checked): v5p's
       _CLOUD_TPU.format("v4"),
     ),
     Chip(
@@ -62,7 +67,7 @@ CHIPS = {
       819e9,
       1600e9 / 8,
       2 * 100e9 / 8 / 8,  # 2 x 100 Gbps NICs per 8-chip host
-      0.70,  # not fitted (no published v5e result checked): v5p's value
+      V6E_MATMUL_EFFICIENCY,  # not fitted (no published v5e run checked): v6e's, its successor
       _CLOUD_TPU.format("v5e"),
     ),
     Chip(
@@ -73,7 +78,7 @@ CHIPS = {
       2765e9,
       4800e9 / 8,
       200e9 / 8 / 4,  # 200 Gbps per 4-chip host
-      0.70,
+      V5P_MATMUL_EFFICIENCY,
       _CLOUD_TPU.format("v5p"),
     ),
     Chip(
@@ -83,8 +88,8 @@ CHIPS = {
       918e12,
       1640e9,
       3584e9 / 8,
-      4 * 100e9 / 8 / 4,  # 25.6 Tbps of data-center network per 256-chip pod: 100 Gbps a chip
-      0.70,
+      25.6e12 / 8 / 256,  # 25.6 Tbps of data-center network per 256-chip pod
+      V6E_MATMUL_EFFICIENCY,
       _CLOUD_TPU.format("v6e"),
     ),
   )
