@@ -369,10 +369,105 @@ def executable_sections():
   return [s for s, blocks in doc_blocks().items() if any(b[2] is None for b in blocks)]
 
 
+def check_plain_optax_and_flax_nnx(namespace, printed):
+  """The regressor learns, with half of each tensor's entries kept; the injected schedule's
+  ratios and the kept fractions they give; accumulation in gmt is a numpy mask of the mean
+  gradient followed by ``optax.adamw``, as ``optax.MultiSteps`` is."""
+  losses = namespace["losses"]
+  assert len(losses) == 30 and np.isfinite(losses).all() and losses[-1] < 0.5 * losses[0], losses
+  # Each tensor keeps n - floor(n / 2) of its n entries (no ties at the threshold here).
+  sizes = [x.size for x in jax.tree_util.tree_leaves(nnx.state(namespace["model"], nnx.Param))]
+  half = sum(n - n // 2 for n in sizes) / sum(sizes)
+  kept = float(gmt_optax.kept_fraction(namespace["optimizer"].opt_state))
+  assert kept == pytest.approx(half, abs=1e-6) and 0.5 <= kept < 0.51
+  assert float(printed[0]) == kept  # "about 0.5 (ties are kept)"
+
+  # inject_hyperparams: the scheduled ratio per update, and what it keeps of the fixed gradient.
+  ratios, grads = namespace["ratios"], jax.tree_util.tree_leaves(namespace["grads"])
+  np.testing.assert_allclose(ratios, [0.2, 0.4, 0.6, 0.8], rtol=1e-6)
+  expected = [
+    sum(numpy_keep(g, r).sum() for g in grads) / sum(g.size for g in grads) for r in ratios
+  ]
+  np.testing.assert_allclose(namespace["kept"], expected, rtol=1e-6)
+
+  # MultiSteps: two updates of two micro-batches each, against numpy and optax.adamw.
+  micro = [np.asarray(g["w"]) for g in namespace["micro_grads"]]
+  adamw = optax.adamw(1e-2)
+  params = {"w": np.zeros((32, 32), np.float32)}
+  state = adamw.init(params)
+  for pair in (micro[:2], micro[2:]):
+    mean = sum(g / np.float32(2) for g in pair)
+    masked = {"w": np.where(numpy_keep(mean, 0.5), mean, 0.0).astype(np.float32)}
+    updates, state = adamw.update(masked, state, params)
+    params = optax.apply_updates(params, updates)
+  for got in (namespace["ours"]["w"], namespace["multi"]["w"]):
+    np.testing.assert_allclose(got, params["w"], rtol=1e-5, atol=1e-7)
+  assert np.mean(np.asarray(namespace["ours"]["w"]) != 0) >= 0.5  # kept entries moved
+
+
+def check_tunix(namespace, printed, initial_params):
+  """The documented hook logs one kept fraction per Tunix step: 1 before the first update,
+  changing only on update steps (every ``accumulation``-th), the last one the final state's;
+  the model trained (the loss fell, the parameters moved); the DPO trainer is configured."""
+  trainer, accumulation = namespace["trainer"], namespace["accumulation"]
+  logged = trainer.metrics_logger.get_metric_history("", "kept_fraction", "train")
+  assert len(logged) == trainer.train_steps == 3 * accumulation, logged
+  assert logged[0] == 1.0  # gmt's initial state: no update yet
+  for step in range(2, len(logged) + 1):  # Tunix's steps count from 1
+    if step % accumulation:  # a micro-step: the previous update's fraction
+      assert logged[step - 1] == logged[step - 2], (step, logged)
+    else:
+      assert 0.5 <= logged[step - 1] < 1.0, (step, logged)
+  assert logged[-1] == float(gmt_optax.kept_fraction(trainer.optimizer.opt_state))
+  shown = " ".join(printed)  # the page prints the logged history, a numpy array
+  shown = shown[shown.rindex("[") + 1 : shown.rindex("]")]
+  np.testing.assert_allclose(np.array(shown.split(), float), logged, rtol=1e-6)
+  loss = trainer.metrics_logger.get_metric_history("", "loss", "train")
+  assert len(loss) == len(logged) and loss[-1] < loss[0], loss
+  trained = jax.tree_util.tree_leaves(jax.device_get(nnx.state(namespace["model"], nnx.Param)))
+  assert any(
+    not np.array_equal(a, b) for a, b in zip(jax.tree_util.tree_leaves(initial_params), trained)
+  )
+
+  dpo = namespace["dpo"]
+  assert type(dpo).__name__ == "DPOTrainer" and dpo.config.max_steps == 3 * accumulation
+  assert type(dpo.training_hooks).__name__ == "KeptFractionLogger"
+  assert float(gmt_optax.kept_fraction(dpo.optimizer.opt_state)) == 1.0  # found, not yet run
+
+
+def check_levanter(namespace, printed):
+  """After 3 updates the warm-up is done (learning rate 6e-4) and half of the 64 entries are
+  kept; the parameters are Levanter's AdamW (plain optax) applied to a numpy mask of the
+  gradient."""
+  assert float(namespace["state"][1].hyperparams["learning_rate"]) == pytest.approx(6e-4)
+  assert float(gmt_optax.kept_fraction(namespace["state"])) == 0.5
+  assert [float(line) for line in printed] == pytest.approx([6e-4, 0.5])
+  grads = np.asarray(namespace["grads"]["w"])
+  masked = {"w": np.where(numpy_keep(grads, MASK_RATIO), grads, 0.0).astype(np.float32)}
+  reference = optax.inject_hyperparams(namespace["levanter_adam"])(
+    learning_rate=namespace["schedule"]
+  )
+  params = {"w": np.ones((8, 8), np.float32)}
+  state = reference.init(params)
+  for _ in range(3):
+    updates, state = reference.update(masked, state, params)
+    params = optax.apply_updates(params, updates)
+  np.testing.assert_allclose(namespace["params"]["w"], params["w"], rtol=1e-6, atol=1e-8)
+
+
+DOC_CHECKS = {
+  "Plain optax and Flax NNX": check_plain_optax_and_flax_nnx,
+  "Tunix": check_tunix,
+  "Levanter": check_levanter,
+}
+
+
 @pytest.mark.parametrize("section", executable_sections())
-def test_docs_examples_run(section, request):
-  """Each section's examples run as written (Tunix's with a tiny Llama 3 and counting data)."""
-  namespace = {}
+def test_docs_examples_run(section, request, capsys):
+  """Each section's examples run as written (Tunix's with a tiny Llama 3 and counting data),
+  and the values they compute and print are the ones the page describes."""
+  assert section in DOC_CHECKS, f"add a check of what the {section!r} examples compute"
+  namespace, extra = {}, ()
   if section == "Tunix":
     tunix = request.getfixturevalue("tunix")
     namespace.update(
@@ -380,7 +475,11 @@ def test_docs_examples_run(section, request):
       train_ds=sft_batches(6),
       gen_model_input_fn=gen_model_input_fn_for(tunix),
     )
+    extra = (jax.device_get(nnx.state(namespace["model"], nnx.Param)),)
+  capsys.readouterr()
   run_blocks(doc_blocks()[section], namespace)
+  printed = capsys.readouterr().out.splitlines()
+  DOC_CHECKS[section](namespace, printed, *extra)
 
 
 def test_docs_name_every_block_that_does_not_run():

@@ -10,20 +10,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from tests.conftest import FIXTURES, assert_attention_matches_xla, load_fixture, tiny_llama_config
 from train.models.decoder import Llama, LlamaConfig, attention, rope_inv_freq, splash_attention
 from train.models.pretrained import load_pretrained
 
-FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
 NAMES = ("llama", "qwen2", "mistral")
-
-
-def fixture(name):
-  path = os.path.join(FIXTURES, name)
-  return (
-    path,
-    np.load(os.path.join(path, "input_ids.npy")),
-    np.load(os.path.join(path, "logits.npy")),
-  )
 
 
 def hf_config(name):
@@ -43,7 +34,7 @@ def llama():
 
 @pytest.mark.parametrize("name", NAMES)
 def test_logits_match_transformers(name):
-  path, ids, expected = fixture(name)
+  path, ids, expected = load_fixture(name)
   model, _ = load_pretrained(path)
   logits = forward(model, jnp.asarray(ids))
   assert logits.dtype == jnp.float32 and logits.shape == expected.shape
@@ -123,7 +114,7 @@ def test_packing_equals_separate_sequences(llama):
 
 
 def test_kv_cache_matches_full_forward(llama):
-  _, ids, _ = fixture("llama")
+  _, ids, _ = load_fixture("llama")
   full = forward(llama, jnp.asarray(ids))
   cache = llama.init_cache(ids.shape[0], 16)
   step = jax.jit(lambda m, x, c: m(x, cache=c))  # nnx modules are pytrees
@@ -146,32 +137,13 @@ def test_splash_kernel_equals_xla_attention_with_packed_segments():
   segment_ids = np.ones((b, s), np.int32)
   segment_ids[0, 100:] = 2
   segment_ids[1, 200:] = 0
-  segment_ids = jnp.asarray(segment_ids)
-  causal = jnp.arange(s)[:, None] >= jnp.arange(s)[None, :]
-  mask = (
-    (segment_ids[:, :, None] == segment_ids[:, None, :])
-    & (segment_ids[:, None, :] != 0)
-    & causal[None]
-  )
-  valid = (segment_ids != 0)[:, :, None, None, None]
-
-  def loss(fn):
-    return lambda q, k, v: jnp.sum(jnp.where(valid, fn(q, k, v), 0.0) ** 2)
-
-  xla = lambda q, k, v: attention(q, k, v, mask)
-  splash = lambda q, k, v: splash_attention(q, k, v, segment_ids, interpret=True)
-  np.testing.assert_allclose(
-    jnp.where(valid, splash(q, k, v), 0), jnp.where(valid, xla(q, k, v), 0), atol=1e-5
-  )
-  for expected, got in zip(
-    jax.grad(loss(xla), (0, 1, 2))(q, k, v), jax.grad(loss(splash), (0, 1, 2))(q, k, v)
-  ):
-    np.testing.assert_allclose(got, expected, atol=1e-4)
+  splash = lambda q, k, v: splash_attention(q, k, v, jnp.asarray(segment_ids), interpret=True)
+  assert_attention_matches_xla(splash, q, k, v, segment_ids)
 
 
 def test_remat_same_values_and_gradients():
   config = LlamaConfig.from_hf(hf_config("qwen2"))
-  ids = jnp.asarray(fixture("qwen2")[1])
+  ids = jnp.asarray(load_fixture("qwen2")[1])
 
   def loss_and_grads(remat):
     model = Llama(config, rngs=nnx.Rngs(0), remat=remat)
@@ -185,7 +157,7 @@ def test_remat_same_values_and_gradients():
 
 
 def test_bfloat16_compute_is_close():
-  path, ids, expected = fixture("mistral")
+  path, ids, expected = load_fixture("mistral")
   model, _ = load_pretrained(path, dtype=jnp.bfloat16)
   assert model.layers.mlp.up_proj.kernel.dtype == jnp.bfloat16
   logits = forward(model, jnp.asarray(ids))
@@ -194,16 +166,7 @@ def test_bfloat16_compute_is_close():
 
 
 def test_random_init_without_mesh():
-  config = LlamaConfig(
-    vocab_size=64,
-    hidden_size=16,
-    intermediate_size=32,
-    num_layers=1,
-    num_heads=2,
-    num_kv_heads=1,
-    head_dim=8,
-  )
-  model = Llama(config, rngs=nnx.Rngs(0))
+  model = Llama(tiny_llama_config(), rngs=nnx.Rngs(0))
   assert forward(model, jnp.zeros((1, 3), jnp.int32)).shape == (1, 3, 64)
 
 

@@ -5,6 +5,7 @@ import importlib.metadata
 import json
 import os
 import pathlib
+import re
 import shutil
 import subprocess
 import zipfile
@@ -17,22 +18,12 @@ import pytest
 import safetensors
 from flax import nnx
 
+from tests.conftest import FIXTURES, load_fixture
 from train.models import gguf_import, pretrained
 from train.models.decoder import fit_spec
 from train.models.gguf_import import default_gguf_path, permute_rope_rows, unpermute_rope_rows
 from train.models.pretrained import export_pretrained, load_pretrained
 from train.models.tokenizer import Tokenizer
-
-FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
-
-
-def fixture(name):
-  path = os.path.join(FIXTURES, name)
-  return (
-    path,
-    np.load(os.path.join(path, "input_ids.npy")),
-    np.load(os.path.join(path, "logits.npy")),
-  )
 
 
 def flat_params(model):
@@ -98,7 +89,7 @@ def test_export_loads_in_transformers(tmp_path):
     "transformers", reason="the compare extra (transformers) is not installed"
   )
   for name in ("llama", "qwen2", "mistral"):
-    path, ids, expected = fixture(name)
+    path, ids, expected = load_fixture(name)
     model, tok = load_pretrained(path)
     out = export_pretrained(model, tok, str(tmp_path / name))
     hf = transformers.AutoModelForCausalLM.from_pretrained(out)
@@ -114,7 +105,7 @@ def test_sharded_load_matches_unsharded():
   mesh = jax.make_mesh(
     (1, 4, 2), ("data", "fsdp", "tensor"), axis_types=(jax.sharding.AxisType.Auto,) * 3
   )
-  path, ids, expected = fixture("qwen2")
+  path, ids, expected = load_fixture("qwen2")
   model, _ = load_pretrained(path, mesh=mesh)
   P = jax.sharding.PartitionSpec
   attn = model.layers.self_attn  # stacked layers: a leading unsharded layer axis
@@ -191,7 +182,7 @@ def test_wrong_tensor_shape_names_tensor(tmp_path):
 
 
 def test_sharded_index(tmp_path):
-  path, ids, expected = fixture("mistral")
+  path, ids, expected = load_fixture("mistral")
   out = tmp_path / "sharded"
   shutil.copytree(path, out)
   names = pretrained.safetensors_keys(str(out / "model.safetensors"))
@@ -266,7 +257,7 @@ def test_rope_permutation_inverse():
 
 
 def test_gguf_matches_hf_logits(tmp_path):
-  path, ids, expected = fixture("mistral")
+  path, ids, expected = load_fixture("mistral")
   model, tok = load_pretrained(write_gguf(path, tmp_path / "tiny.gguf"))
   np.testing.assert_allclose(np.asarray(model(jnp.asarray(ids))), expected, atol=1e-4)
   hf_tok = Tokenizer.from_dir(path)
@@ -278,7 +269,7 @@ def test_gguf_matches_hf_logits(tmp_path):
 
 
 def test_gguf_quantized_tensors(tmp_path):
-  path, ids, expected = fixture("mistral")
+  path, ids, expected = load_fixture("mistral")
   quantized = ("ffn_gate", "ffn_up", "attn_q")
   model, _ = load_pretrained(write_gguf(path, tmp_path / "q8.gguf", quantize=quantized))
   np.testing.assert_allclose(np.asarray(model(jnp.asarray(ids))), expected, atol=0.05)
@@ -314,12 +305,12 @@ def test_default_gguf_path(smollm2_path):
     assert hashlib.file_digest(f, "sha256").hexdigest() == gguf_import.DEFAULT_GGUF_SHA256
 
 
-def test_smollm2_gguf_matches_transformers(smollm2_path):
+def test_smollm2_gguf_matches_transformers(smollm2):
   """The real llama.cpp file against transformers' reading of it
   (tests/fixtures/make_smollm2_reference.py): both dequantize Q4_1 with gguf-py,
   so only float32 summation order differs (observed: 7e-5 on logits up to 28)."""
   ref = np.load(os.path.join(FIXTURES, "smollm2", "reference.npz"))
-  model, tok = load_pretrained(smollm2_path)
+  model, tok = smollm2
   assert (
     tok.encode("The capital of France is Paris. Two plus two is") == ref["input_ids"][0].tolist()
   )
@@ -403,17 +394,62 @@ def test_a_tampered_installed_smollm2_is_refused(tmp_path, monkeypatch):
     default_gguf_path(str(tmp_path / "cache"))
 
 
+# Chat questions the 135M model answers right under greedy decoding, and a word its answer
+# must contain (observed: "The capital of Japan is Tokyo.", "A week is approximately 7 days.").
+SMOLLM2_ANSWERS = {
+  "What is the capital of Japan?": "Tokyo",
+  "What is the capital of Germany?": "Berlin",
+  "What is 2 + 2?": "4",
+  "How many days are in a week?": "7",
+  "What is the chemical symbol for water?": "H2O",
+  "What is the opposite of hot?": "cold",
+}
+
+
 @pytest.mark.slow
-def test_smollm2_gguf_answers_paris():
+def test_smollm2_gguf_answers_paris(smollm2):
+  """Greedy answers of the real model: the capital of France exactly, several other questions
+  with known answers in one left-padded batch (each row as it comes alone), and the
+  continuation of the reference prompt, whose first token is transformers' argmax
+  (tests/fixtures/smollm2/reference.npz) and whose every token is the argmax of a full,
+  uncached forward pass over the tokens before it."""
   from train.eval.generate import generate
 
-  model, tok = load_pretrained(default_gguf_path())
+  model, tok = smollm2
+
+  def greedy(prompts, max_new_tokens=16):
+    return generate(
+      model,
+      prompts,
+      max_new_tokens=max_new_tokens,
+      eos_token_id=tok.eos_token_id,
+      pad_token_id=tok.pad_token_id,
+    )
+
+  def chat(question):
+    return tok.encode(tok.apply_chat_template([{"role": "user", "content": question}]))
+
   prompt = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}])
-  out = generate(
-    model,
-    [tok.encode(prompt)],
-    max_new_tokens=16,
-    eos_token_id=tok.eos_token_id,
-    pad_token_id=tok.pad_token_id,
-  )[0]
+  out = greedy([tok.encode(prompt)])[0]
   assert "Paris" in tok.decode(out)
+  # The whole answer, ended by the model's own EOS (not cut at max_new_tokens).
+  assert tok.decode(out) == "The capital of France is Paris." and len(out) < 16
+
+  questions = list(SMOLLM2_ANSWERS)
+  answers = greedy([tok.encode(prompt)] + [chat(q) for q in questions])
+  assert answers[0] == out  # France again, beside other rows: the same tokens
+  for question, answer in zip(questions, answers[1:]):
+    text = tok.decode(answer)
+    assert re.search(rf"\b{SMOLLM2_ANSWERS[question]}\b", text), (question, text)
+  assert answers[1] == greedy([chat(questions[0])])[0]  # alone: the same tokens
+
+  ref = np.load(os.path.join(FIXTURES, "smollm2", "reference.npz"))
+  ids = ref["input_ids"][0].tolist()  # "The capital of France is Paris. Two plus two is"
+  continuation = greedy([ids], 8)[0]
+  assert continuation[0] == ref["top_ids"][-1, 0]  # transformers' next token
+  assert tok.decode(continuation).startswith(" 4") and len(continuation) < 8, continuation
+  # Each generated token, then EOS, is the argmax of the full forward pass at its position.
+  logits = np.asarray(model(jnp.asarray([ids + continuation])))[0]
+  np.testing.assert_array_equal(
+    logits[len(ids) - 1 :].argmax(-1), continuation + [tok.eos_token_id]
+  )

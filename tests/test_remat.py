@@ -9,13 +9,12 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from tests.conftest import assert_attention_matches_xla, tiny_llama_config
 from train import config
 from train.config import ConfigError, load_config
 from train.models.decoder import (
   REMAT_POLICIES,
   Llama,
-  LlamaConfig,
-  attention,
   cudnn_attention,
   cudnn_unavailable,
   packing_mask,
@@ -23,15 +22,7 @@ from train.models.decoder import (
   resolve_attention,
 )
 
-TINY = LlamaConfig(
-  vocab_size=97,
-  hidden_size=32,
-  intermediate_size=64,
-  num_layers=2,
-  num_heads=4,
-  num_kv_heads=2,
-  head_dim=8,
-)
+TINY = tiny_llama_config(vocab_size=97)
 IDS = jax.random.randint(jax.random.key(1), (2, 12), 0, TINY.vocab_size)
 SEGMENTS = jnp.asarray([[1] * 5 + [2] * 4 + [0] * 3, [1] * 12])
 
@@ -124,24 +115,11 @@ def test_cudnn_call_equals_xla_attention_with_packed_segments():
   """cudnn_attention's call (mask, grouping, scale), run by jax's XLA implementation of the
   same API on this CPU, against the model's XLA path: values and gradients at real tokens."""
   s = SEGMENTS.shape[1]
-  slots = jnp.arange(s)
   keys = jax.random.split(jax.random.key(0), 3)
   q = jax.random.normal(keys[0], (2, s, 2, 3, 8))
   k, v = jax.random.normal(keys[1], (2, s, 2, 8)), jax.random.normal(keys[2], (2, s, 2, 8))
-  valid = (SEGMENTS != 0)[:, :, None, None, None]
-
-  def loss(fn):
-    return lambda q, k, v: jnp.sum(jnp.where(valid, fn(q, k, v), 0.0) ** 2)
-
-  xla = lambda q, k, v: attention(q, k, v, packing_mask(SEGMENTS, SEGMENTS, slots, slots))
   fused = lambda q, k, v: cudnn_attention(q, k, v, SEGMENTS, implementation="xla")
-  np.testing.assert_allclose(
-    jnp.where(valid, fused(q, k, v), 0), jnp.where(valid, xla(q, k, v), 0), atol=1e-5
-  )
-  for expected, got in zip(
-    jax.grad(loss(xla), (0, 1, 2))(q, k, v), jax.grad(loss(fused), (0, 1, 2))(q, k, v)
-  ):
-    np.testing.assert_allclose(got, expected, atol=1e-4)
+  assert_attention_matches_xla(fused, q, k, v, SEGMENTS)
 
 
 def test_plan_remat_sweep_trades_memory_for_flops():

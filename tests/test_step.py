@@ -8,21 +8,13 @@ import numpy as np
 import optax
 from flax import nnx
 
+from tests.conftest import tiny_llama_config
 from train.config import load_config
 from train.mesh import make_mesh, shard_model
-from train.models.decoder import Llama, LlamaConfig
+from train.models.decoder import Llama
 from train.step import build_steps, token_loss_sum
 
-TINY = LlamaConfig(
-  vocab_size=64,
-  hidden_size=32,
-  intermediate_size=64,
-  num_layers=2,
-  num_heads=4,
-  num_kv_heads=2,
-  head_dim=8,
-  tie_word_embeddings=False,
-)
+TINY = tiny_llama_config()  # tests/test_dpo.py trains it too
 
 
 def _batch(accumulation, micro, length=12, seed=0):
