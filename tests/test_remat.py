@@ -124,7 +124,9 @@ def test_cudnn_call_equals_xla_attention_with_packed_segments():
 
 def test_plan_remat_sweep_trades_memory_for_flops():
   """`train.plan --remat-sweep` on the real TPU compiler (libtpu, no TPU): keeping every
-  activation costs the most memory and the fewest FLOPs, and fits here, so it is chosen."""
+  activation costs the most memory and the fewest FLOPs; all fit here, so the policy with
+  the shortest modeled step is chosen (on this small, memory-bound model, the fewest FLOPs
+  need not be the fastest)."""
   pytest.importorskip("libtpu", reason="libtpu (in the test extra) compiles for TPU topologies")
   from train import plan
 
@@ -153,4 +155,5 @@ def test_plan_remat_sweep_trades_memory_for_flops():
   flops = [r["flops_per_step"] for r in (none, minimal, full)]
   assert temporaries[0] > temporaries[1] > temporaries[2], temporaries
   assert flops[0] < flops[1] < flops[2], flops
-  assert sweep["choice"] == "none"
+  steps = {p: r["step_model"]["step_s"] for p, r in sweep["policies"].items()}
+  assert sweep["choice"] == min(steps, key=steps.get), steps
