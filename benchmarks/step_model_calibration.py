@@ -91,7 +91,7 @@ PUBLISHED = {
     "argv": [
       "compile_topology=v6e-256",
       "model_name=llama3.1-70b",
-      "per_device_batch_size=2",
+      "per_device_batch_size=5",
       "max_target_length=8192",
       "ici_fsdp_parallelism=-1",
       "remat_policy=custom",
