@@ -61,6 +61,8 @@ _SPLASH_2048 = [
 ]
 PUBLISHED = {
   "llama3.1-8b_v6e-256_sl8192": {
+    # MaxText tag tpu-recipes-v0.1.4, benchmarks/maxtext_trillium_model_configs.py
+    # (llama3_1_8b_8192); tpu-recipes training/trillium/Llama3.1-8B-MaxText/v6e-256/README.md.
     "chip": "v6e",
     "tokens_per_s_per_chip": 7207,
     "mfu": 0.455,
@@ -84,6 +86,8 @@ PUBLISHED = {
     ],
   },
   "llama3.1-70b_v6e-256_sl8192": {
+    # MaxText benchmarks/maxtext_trillium_model_configs.py (llama3_1_70b_8192), linked from
+    # docs/reference/models/tiering.md.
     "chip": "v6e",
     "tokens_per_s_per_chip": 960,
     "mfu": 0.503,
@@ -106,6 +110,8 @@ PUBLISHED = {
     ],
   },
   "llama2-70b_v5p-512_sl4096": {
+    # MaxText benchmarks/maxtext_v5p_model_configs.py (llama2_70b_4096), linked from
+    # docs/reference/models/tiering.md; v5p-512 counts TensorCores: 256 chips.
     "chip": "v5p",
     "tokens_per_s_per_chip": 692,
     "mfu": 0.654,
