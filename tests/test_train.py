@@ -288,39 +288,11 @@ def test_processes_given_different_configs_stop_with_the_keys_named(tmp_path):
   assert not (tmp_path / "run" / "train_log.jsonl").exists()
 
 
-def test_two_processes_as_two_slices_match_one(tmp_path):
-  """mesh.slices=2 on 2 processes x 4 devices (each process stands for a slice joined by DCN):
-  the data axis spans both, and the losses are those of 1 process x 8 devices."""
-  config = {
-    **TINY,
-    "optimizer": {**TINY["optimizer"], "schedule": "constant", "selection": "bisect"},
-    "train": {**TINY["train"], "steps": 3},
-    "mesh": {"data": 2, "fsdp": 1, "tensor": 2},  # in each slice; data is 2 x 2 overall
-  }
-  two = tmp_path / "slices"
-  procs = _launch_two_processes(
-    {**config, "train": {**config["train"], "output_dir": str(two)}},
-    tmp_path / "slices.json",
-    "mesh.slices=2",
-  )
-  one = tmp_path / "one"
-  train.run(
-    {
-      **config,
-      "mesh": {"data": 4, "fsdp": 1, "tensor": 2},
-      "train": {**config["train"], "output_dir": str(one)},
-    }
-  )
-  summaries = _summaries(procs)
-  assert summaries[0] == summaries[1]
-  losses_one, losses_two = _losses(one), _losses(two)
-  assert losses_one.keys() == losses_two.keys() == {1, 2, 3}
-  assert all(_close(losses_one[s], losses_two[s]) for s in losses_one), (losses_one, losses_two)
-
-
 def test_two_processes_match_one(tmp_path):
   """Eval (loss and accuracy), checkpoints, export and resume on 2 processes x 4 devices
-  give what 1 process x 8 devices gives running straight through."""
+  give what 1 process x 8 devices gives running straight through. The 2 processes run as 2
+  slices (mesh.slices=2: each process stands for a slice joined by DCN, the data axis spans
+  both); plain multi-process meshes are covered by test_dpo's and test_preemption's."""
   # Exact thresholds: gloo sums gradients in another order than one process does, and a
   # sampled threshold can then keep a different entry, which no tolerance can absorb.
   config = {
@@ -331,15 +303,22 @@ def test_two_processes_match_one(tmp_path):
   }
   multi = tmp_path / "multi"
   config_path = tmp_path / "multi.json"
+  slices = {"data": 2, "fsdp": 1, "tensor": 2}  # in each slice: data is 2 x 2 overall
   procs = _launch_two_processes(
-    {**config, "train": {**TINY["train"], "steps": 4, "output_dir": str(multi)}}, config_path
+    {**config, "mesh": slices, "train": {**TINY["train"], "steps": 4, "output_dir": str(multi)}},
+    config_path,
+    "mesh.slices=2",
   )
   # The reference run, while the 2 processes start.
   single = train.run({**config, "train": {**TINY["train"], "output_dir": str(tmp_path / "single")}})
   first = _summaries(procs)
   resumed = _summaries(
     _launch_two_processes(
-      json.loads(config_path.read_text()), config_path, "train.steps=6", "train.resume=true"
+      json.loads(config_path.read_text()),
+      config_path,
+      "mesh.slices=2",
+      "train.steps=6",
+      "train.resume=true",
     )
   )
   assert first[0] == first[1] and resumed[0] == resumed[1]  # every process returns the same
