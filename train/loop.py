@@ -166,7 +166,7 @@ def _run(
   if jax.process_index() == 0:
     paths.summary.write_text(json.dumps(summary, indent=1))
   _show(summary)
-  written = [paths.config.name, paths.log.name, f"{paths.checkpoints.name}/"]
+  written = [paths.config.name, paths.train_log.name, f"{paths.checkpoints.name}/"]
   written += [paths.eval_samples("*").name, paths.summary.name]
   written += [summary["export_dir"]] if "export_dir" in summary else []  # may be elsewhere
   log(f"outputs: {out}/ ({', '.join(written)})")
@@ -281,7 +281,7 @@ class Trainer:
       peak and peak * jax.device_count(),
       run.model.shardings,  # names the layers of mask telemetry
     )
-    self.log_file = open(paths.log, "a") if jax.process_index() == 0 else None
+    self.log_file = open(paths.train_log, "a") if jax.process_index() == 0 else None
     self.progress = None
 
   def meta(self, step: int) -> dict:

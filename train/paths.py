@@ -36,7 +36,7 @@ class RunPaths:
     return self.root / "run.lock"
 
   @property
-  def log(self) -> Path:
+  def train_log(self) -> Path:
     return self.root / "train_log.jsonl"
 
   @property

@@ -135,7 +135,7 @@ def _lock_and_check(out: Path, config: Config) -> RunLock:
     # run that failed before its first step) is simply replaced.
     previous = [
       p.name
-      for p in (RunPaths(out).log, RunPaths(out).checkpoints)
+      for p in (RunPaths(out).train_log, RunPaths(out).checkpoints)
       if p.is_file() and p.stat().st_size or p.is_dir() and any(p.iterdir())
     ]
     if previous and t.resume is not True:
@@ -210,7 +210,7 @@ def resumed(out: Path, config: Config, step: int) -> None:
   if jax.process_index() != 0 or config.train.resume is not True:
     return
   save_config(config, RunPaths(out).resumed_config(step))
-  log = RunPaths(out).log
+  log = RunPaths(out).train_log
   if log.is_file():
     kept = []
     for line in log.read_text().splitlines():

@@ -171,7 +171,7 @@ def telemetry_curves(rows: list[dict]) -> dict[float, dict[str, tuple[np.ndarray
   first update's Jaccard, left out). Runs logged without telemetry are skipped."""
   by_ratio: dict[float, list[dict]] = {}
   for row in rows:
-    records = read_jsonl(RunPaths(row["run_dir"]).log)
+    records = read_jsonl(RunPaths(row["run_dir"]).train_log)
     per_step = {}
     for record in records:
       if "mask" not in record:
