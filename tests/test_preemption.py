@@ -99,7 +99,9 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_one_saved_step(tmp_path):
   both stop after the same step, save it and exit 75; resumed on 2 processes, the losses
   equal those of a 2-process run never stopped. Meanwhile `checkpoint.every_seconds` saves
   by process 0's clock, at steps both processes agree on (a disagreement would hang)."""
-  steps = 40
+  # Enough steps that the stop notice reaches both processes before the run ends: on a quiet
+  # machine 40 tiny steps could finish first.
+  steps = 200
   config = {**_config(tmp_path / "stopped", steps), "checkpoint": {"keep": 100}}
   stopped = _launch_two_processes(
     config, tmp_path / "stopped.json", "checkpoint.every_seconds=1", cli=True
