@@ -59,6 +59,13 @@ _SPLASH_2048 = [
     "block_kv_dq",
   )
 ]
+# The v6e recipes' attention: the splash kernel, 2048-blocks, one fused backward kernel.
+_V6E_FLASH = [
+  "attention=flash",
+  "use_iota_embed=true",
+  "sa_use_fused_bwd_kernel=true",
+  *_SPLASH_2048,
+]
 PUBLISHED = {
   "llama3.1-8b_v6e-256_sl8192": {
     # MaxText tag tpu-recipes-v0.1.4, benchmarks/maxtext_trillium_model_configs.py
@@ -79,10 +86,7 @@ PUBLISHED = {
       "query_proj=offload",
       "key_proj=offload",
       "value_proj=offload",
-      "attention=flash",
-      "use_iota_embed=true",
-      "sa_use_fused_bwd_kernel=true",
-      *_SPLASH_2048,
+      *_V6E_FLASH,
     ],
   },
   "llama3.1-70b_v6e-256_sl8192": {
@@ -103,10 +107,7 @@ PUBLISHED = {
       "query_proj=offload",
       "key_proj=offload",
       "value_proj=offload",
-      "attention=flash",
-      "use_iota_embed=true",
-      "sa_use_fused_bwd_kernel=true",
-      *_SPLASH_2048,
+      *_V6E_FLASH,
     ],
   },
   "llama2-70b_v5p-512_sl4096": {
