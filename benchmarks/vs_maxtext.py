@@ -1,17 +1,19 @@
 """Our train step against MaxText's, compiled for the same TPU slice by the same compiler.
 
     python benchmarks/vs_maxtext.py --topology v5p:4x4x4 \\
-      --config configs/llama3_8b_metamath_v5p-128.yaml [--remat full] [--layers 2] [--json]
+      --config configs/llama3_8b_metamath_v5p-128.yaml [--remat full[,minimal,...]] [--json]
 
 Compiles, without a TPU (the XLA TPU compiler of libtpu runs on this CPU), the train step of
 MaxText (its ahead-of-time entry point `maxtext.trainers.pre_train.train_compile`, model
 `--maxtext-model`) and ours (`train.plan`, with `optimizer.method=sft` and `gmt`) for the
 same batch: rows per chip, sequence length, accumulation steps, remat policy (`--remat`, else
-the recipe's) and the compute and parameter dtypes all come from `--config`. Prints one
-Markdown table per chip: HBM (arguments + temporaries), collectives by kind (count, bytes),
-collective bytes per step, FLOPs and HBM bytes per step and the modeled step time
-(`train.plan.step_model`: each loop body counted once per trip, on both sides alike), compile
-seconds.
+the recipe's) and the compute and parameter dtypes all come from `--config`. Prints, for each
+remat policy, one Markdown table per chip: HBM (arguments + temporaries), collectives by kind
+(count, bytes), collective bytes per step, FLOPs and HBM bytes per step and the modeled step
+time (`train.plan.step_model`: each loop body counted once per trip, on both sides alike),
+compile seconds. Given several policies (`--remat full,minimal,save_dot_except_mlp`), it also
+names each side's fastest policy that fits: the shortest modeled step among those leaving
+`train.plan`'s sweep headroom of HBM free, as `python -m train.plan --remat-sweep` chooses.
 
 Each compile runs in its own subprocess (an 8B compile holds several GiB of host memory) and
 the sides take turns, `--repeats` times, so that load from other processes hits them alike;
@@ -41,6 +43,7 @@ import time
 from importlib import metadata
 
 SIDES = ("maxtext", "sft", "gmt")
+_NAMES = {"maxtext": "MaxText", "sft": "ours, sft", "gmt": "ours, gmt"}
 _RESULT = "VS_MAXTEXT_RESULT "
 # TensorCores per chip: MaxText names a slice by cores (v5p-128 = 64 chips), jax by chips.
 _CORES_PER_CHIP = {"v4": 2, "v5p": 2, "v5e": 1, "v6e": 1}
@@ -213,12 +216,14 @@ def _child(args) -> None:
   print(_RESULT + json.dumps(result), flush=True)
 
 
-def _run_side(args, side: str) -> dict:
+def _run_side(args, side: str, policy: str | None) -> dict:
+  """One side's compiled step under remat `policy` (None: the recipe's), or
+  ``{"error": ...}`` with the compiler's first line where the step does not fit."""
   command = [sys.executable, os.path.abspath(__file__), "--side", side]
   command += ["--topology", args.topology, "--config", args.config]
   command += ["--maxtext-model", args.maxtext_model]
   command += [] if args.layers is None else ["--layers", str(args.layers)]
-  command += [] if args.remat is None else ["--remat", args.remat]
+  command += [] if policy is None else ["--remat", policy]
   done = subprocess.run(command, capture_output=True, text=True)
   for line in done.stdout.splitlines():
     if line.startswith(_RESULT):
@@ -226,10 +231,15 @@ def _run_side(args, side: str) -> dict:
       hlo = result.pop("hlo")
       if args.hlo_dir:
         os.makedirs(args.hlo_dir, exist_ok=True)
-        with open(os.path.join(args.hlo_dir, f"{side}.hlo.txt"), "w") as f:
+        name = side if policy is None else f"{side}.{policy}"
+        with open(os.path.join(args.hlo_dir, f"{name}.hlo.txt"), "w") as f:
           f.write(hlo)
       return result
-  tail = "\n".join((done.stdout + done.stderr).splitlines()[-30:])
+  output = (done.stdout + done.stderr).splitlines()
+  verdict = [line for line in output if "RESOURCE_EXHAUSTED" in line]
+  if verdict:  # the compiler's verdict on a program that does not fit
+    return {"error": verdict[0].strip()}
+  tail = "\n".join(output[-30:])
   raise RuntimeError(f"the {side} compile failed (exit {done.returncode}):\n{tail}")
 
 
@@ -248,7 +258,10 @@ def _gb(n) -> str:
 
 
 def table(results: dict) -> str:
-  """Markdown: one column per side, one row per figure (compile time over the repeats)."""
+  """Markdown: one column per side, one row per figure (compile time over the repeats); a
+  side whose step does not fit gets a line under the table instead of a column."""
+  misfits = {side: runs[0]["error"] for side, runs in results.items() if "error" in runs[0]}
+  results = {side: runs for side, runs in results.items() if side not in misfits}
   sides = list(results)
   first = {side: runs[0] for side, runs in results.items()}
   kinds = sorted({k for r in first.values() for k in r["collectives"] if k != "sort"})
@@ -301,12 +314,54 @@ def table(results: dict) -> str:
       lambda s: seconds(results[s]),
     ),
   ]
-  names = {"maxtext": "MaxText", "sft": "ours, sft", "gmt": "ours, gmt"}
   lines = [
-    "| per chip | " + " | ".join(names[s] for s in sides) + " |",
+    "| per chip | " + " | ".join(_NAMES[s] for s in sides) + " |",
     "| --- |" + " --- |" * len(sides),
   ]
   lines += [f"| {label} | " + " | ".join(cell(s) for s in sides) + " |" for label, cell in rows]
+  lines += [f"{_NAMES[side]}: does not fit: {error}" for side, error in misfits.items()]
+  return "\n".join(lines)
+
+
+def fastest(by_policy: dict, hbm_bytes: int) -> dict:
+  """Each side's fastest policy that fits: ``{side: policy or None}`` over ``{policy: {side:
+  [runs]}}``, the shortest modeled step among the steps leaving `SWEEP_HEADROOM` of
+  `hbm_bytes` free (the rule of `python -m train.plan --remat-sweep`)."""
+  from train.plan.recipe import SWEEP_HEADROOM
+
+  choice = {}
+  for side in {side for sides in by_policy.values() for side in sides}:
+    roomy = {
+      policy: sides[side][0]["step_model"]["step_s"]
+      for policy, sides in by_policy.items()
+      if side in sides
+      and "error" not in sides[side][0]
+      and sides[side][0]["per_device_bytes"] <= (1 - SWEEP_HEADROOM) * hbm_bytes
+    }
+    choice[side] = min(roomy, key=roomy.get, default=None)
+  return choice
+
+
+def fastest_table(by_policy: dict, choice: dict) -> str:
+  """Markdown: each side at its fastest policy that fits (`fastest`)."""
+  lines = [
+    "| side | fastest remat that fits | HBM per chip, GB | modeled step, s | tokens/s per chip "
+    "| MFU |",
+    "| --- | --- | --- | --- | --- | --- |",
+  ]
+  for side in SIDES:
+    if side not in choice:
+      continue
+    policy = choice[side]
+    if policy is None:
+      lines.append(f"| {_NAMES[side]} | none fits | | | | |")
+      continue
+    run = by_policy[policy][side][0]
+    model = run["step_model"]
+    lines.append(
+      f"| {_NAMES[side]} | {policy} | {_gb(run['per_device_bytes'])} | {model['step_s']:.3f} | "
+      f"{model['tokens_per_s_per_chip']:,.0f} | {model['mfu']:.1%} |"
+    )
   return "\n".join(lines)
 
 
@@ -317,7 +372,9 @@ def main(argv=None) -> int:
   parser.add_argument("--maxtext-model", default="llama3-8b", help="MaxText's model_name")
   parser.add_argument("--layers", type=int, help="both models cut to this many layers (quick)")
   parser.add_argument(
-    "--remat", help="the remat policy of both sides (default: the recipe's model.remat)"
+    "--remat",
+    help="the remat policy of both sides (default: the recipe's model.remat); several, "
+    "comma-separated, compile each and name each side's fastest that fits",
   )
   parser.add_argument("--sides", default=",".join(SIDES), help=f"a subset of {SIDES}")
   parser.add_argument("--repeats", type=int, default=1)
@@ -333,14 +390,26 @@ def main(argv=None) -> int:
   if unknown:
     parser.error(f"--sides: unknown {unknown}; expected a subset of {SIDES}")
   maxtext_topology(args.topology)  # clear errors before any compile
+  policies = args.remat.split(",") if args.remat else [None]
+  sides_of = {policy: list(sides) for policy in policies}
   if "maxtext" in sides:
     from train.config import load_config
 
-    maxtext_remat(load_config(args.config, _our_overrides(args.layers, args.remat)).model.remat)
-  results = {side: [] for side in sides}
-  for _ in range(args.repeats):
-    for side in sides:  # interleaved: each repeat visits every side once
-      results[side].append(_run_side(args, side))
+    for policy in policies:
+      try:
+        maxtext_remat(load_config(args.config, _our_overrides(args.layers, policy)).model.remat)
+      except ValueError:
+        if len(policies) == 1:
+          raise
+        sides_of[policy].remove("maxtext")  # in a sweep: ours alone at `none`
+  by_policy = {policy: {side: [] for side in sides_of[policy]} for policy in policies}
+  for policy in policies:
+    for _ in range(args.repeats):
+      for side in sides_of[policy]:  # interleaved: each repeat visits every side once
+        by_policy[policy][side].append(_run_side(args, side, policy))
+  from train.plan.chips import chip_of
+
+  choice = fastest(by_policy, chip_of(args.topology).hbm_bytes) if len(policies) > 1 else None
   header = {
     "topology": args.topology,
     "config": args.config,
@@ -350,15 +419,18 @@ def main(argv=None) -> int:
     "date": datetime.date.today().isoformat(),
   }
   if args.json:
-    print(json.dumps({**header, "results": results}, indent=1))
-  else:
-    v = header["versions"]
-    print(
-      f"{args.topology}: MaxText {args.maxtext_model} vs {args.config}"
-      + (f", {args.layers} layers" if args.layers else "")
-      + f"; jax {v['jax']}, libtpu {v['libtpu']}, maxtext {v['maxtext']}; {header['date']}\n"
-    )
-    print(table(results))
+    print(json.dumps({**header, "remat": by_policy, "fastest": choice}, indent=1))
+    return 0
+  v = header["versions"]
+  print(
+    f"{args.topology}: MaxText {args.maxtext_model} vs {args.config}"
+    + (f", {args.layers} layers" if args.layers else "")
+    + f"; jax {v['jax']}, libtpu {v['libtpu']}, maxtext {v['maxtext']}; {header['date']}"
+  )
+  for policy, results in by_policy.items():
+    print(f"\nremat: {policy or 'as the recipe'}\n" + table(results))
+  if choice:
+    print("\n" + fastest_table(by_policy, choice))
   return 0
 
 

@@ -205,6 +205,38 @@ def test_vs_maxtext_names_the_slice_as_maxtext_does_and_prints_one_table():
   assert "70.0 / 75.0 / 80.0" in table
   assert "| modeled step, s (train.plan.step_model) | 0.500 | 0.500 |" in table
   assert "| modeled tokens/s per chip | 4,096 | 4,096 |" in table
+  misfit = vs.table({"maxtext": [{"error": "RESOURCE_EXHAUSTED: 9 GiB over"}], "sft": [side]})
+  assert "| per chip | ours, sft |" in misfit
+  assert misfit.endswith("MaxText: does not fit: RESOURCE_EXHAUSTED: 9 GiB over")
+
+
+def test_vs_maxtext_names_each_sides_fastest_policy_that_fits():
+  """Over several remat policies: the shortest modeled step among the steps that leave the
+  sweep's headroom of HBM free; a step that does not compile is a line, not a column."""
+  vs = _vs_maxtext()
+
+  def run(gb, step_s):
+    return [
+      {
+        "per_device_bytes": gb * 1e9,
+        "step_model": {"step_s": step_s, "tokens_per_s_per_chip": 2048 / step_s, "mfu": 0.4},
+      }
+    ]
+
+  by_policy = {
+    "full": {"maxtext": run(20, 1.2), "sft": run(19, 1.2)},
+    "save_dot_except_mlp": {"maxtext": run(60, 1.0), "sft": run(90, 0.9)},  # 90 GB: no room
+    "minimal": {
+      "maxtext": [{"error": "RESOURCE_EXHAUSTED: Ran out of memory"}],
+      "sft": run(50, 1.1),
+    },
+  }
+  choice = vs.fastest(by_policy, hbm_bytes=100e9)
+  assert choice == {"maxtext": "save_dot_except_mlp", "sft": "minimal"}
+  table = vs.fastest_table(by_policy, choice)
+  assert "| MaxText | save_dot_except_mlp | 60.00 | 1.000 | 2,048 | 40.0% |" in table
+  assert "| ours, sft | minimal | 50.00 | 1.100 | 1,862 | 40.0% |" in table
+  assert vs.fastest({"full": {"sft": [{"error": "RESOURCE_EXHAUSTED"}]}}, 100e9) == {"sft": None}
 
 
 def test_vs_maxtext_gives_maxtext_our_mesh_and_rows_per_chip(monkeypatch, tmp_path):
