@@ -297,6 +297,17 @@ def test_not_a_gguf(tmp_path):
     load_pretrained(str(bad))
 
 
+def test_truncated_gguf_is_named(tmp_path):
+  whole = pathlib.Path(
+    write_gguf(os.path.join(FIXTURES, "mistral"), tmp_path / "w.gguf")
+  ).read_bytes()
+  cut = tmp_path / "cut.gguf"
+  for size, part in ((100, "header"), (len(whole) - 1, "tensor data")):
+    cut.write_bytes(whole[:size])
+    with pytest.raises(ValueError, match=rf"cut\.gguf: not a GGUF file \(truncated {part}: "):
+      load_pretrained(str(cut))
+
+
 def test_default_gguf_path(smollm2_path):
   assert smollm2_path.endswith("SmolLM2-135M-Instruct.Q4_1.gguf")
   assert os.path.getsize(smollm2_path) > 50e6

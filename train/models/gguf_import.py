@@ -244,14 +244,48 @@ def _gguf_tensors(infos, path: str, config: LlamaConfig):
     yield name, read
 
 
+class _Truncated(Exception):
+  """A read past the end of a GGUF file; its argument names the part being read."""
+
+
+class _BoundedReader(gguf.GGUFReader):
+  """gguf's reader, but a read past the end of the file raises `_Truncated`. gguf's own slices
+  its memory map silently short, then fails far from the cause (an IndexError, or a ValueError
+  about dtypes or shapes)."""
+
+  part = "header"
+
+  def _build_tensors(self, *args, **kwargs):
+    self.part = "tensor data"  # the header is read; what follows is the tensors'
+    return super()._build_tensors(*args, **kwargs)
+
+  def _get(self, offset, dtype, count=1, override_order=None):
+    if offset + np.dtype(dtype).itemsize * int(count) > len(self.data):
+      raise _Truncated(self.part)
+    return super()._get(offset, dtype, count, override_order)
+
+
+def read_gguf(path: str) -> gguf.GGUFReader:
+  """The parsed GGUF at `path`; a ValueError naming it when it is empty, cut short or not GGUF."""
+  size = os.path.getsize(path)
+  if size == 0:  # np.memmap's own error: "cannot mmap an empty file"
+    raise ValueError(f"{path}: not a GGUF file (empty)")
+  try:
+    return _BoundedReader(path)
+  except _Truncated as e:
+    raise ValueError(
+      f"{path}: not a GGUF file (truncated {e}: it ends at byte {size}; a copy or "
+      "download cut short?)"
+    ) from None
+  except (ValueError, IndexError, OSError) as e:
+    raise ValueError(f"{path}: not a readable GGUF file: {e}") from None
+
+
 def load_gguf(path: str, *, mesh=None, dtype=None):
   """``(model, tokenizer)`` from a llama.cpp GGUF file (dequantized)."""
   if not os.path.exists(path):
     raise FileNotFoundError(f"{path}: GGUF file not found")
-  try:
-    reader = gguf.GGUFReader(path)
-  except (ValueError, OSError) as e:
-    raise ValueError(f"{path}: not a readable GGUF file: {e}") from None
+  reader = read_gguf(path)
   config = gguf_config(reader, path)
   tokenizer = gguf_tokenizer(reader, path)
   infos = [
