@@ -81,6 +81,8 @@ def test_files_source_with_field_mapping(tmp_path):
 def test_bad_inputs(tmp_path):
   with pytest.raises(FileNotFoundError, match="missing.jsonl"):
     prepare(_cfg(source="files", train_files=[str(tmp_path / "missing.jsonl")]), TOK)
+  with pytest.raises(IsADirectoryError, match=f"^{tmp_path} is a directory, not a data file"):
+    prepare(_cfg(source="files", train_files=[str(tmp_path)]), TOK)
   bad = tmp_path / "bad.jsonl"
   bad.write_text('{"question": "a", "answer": "b"}\n{"question": oops}\n')
   with pytest.raises(ValueError, match=r"bad.jsonl:2: malformed JSON"):

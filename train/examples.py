@@ -246,6 +246,11 @@ def _file_examples(paths: tuple[str, ...], cfg: DataConfig, pairs: bool) -> list
   formats = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
   for name in paths:
     path = Path(name)
+    if path.is_dir():
+      raise IsADirectoryError(
+        f"{path} is a directory, not a data file: list the files in it (of types "
+        f"{sorted(formats)}) in data.train_files/data.eval_files"
+      )
     if not path.is_file():
       raise FileNotFoundError(f"data file not found: {path}")
     if path.suffix not in formats:
