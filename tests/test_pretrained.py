@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import safetensors
+import safetensors.numpy
 from flax import nnx
 
 from tests.conftest import FIXTURES, load_fixture
@@ -159,6 +160,21 @@ def test_corrupt_safetensors_header(tmp_path, header):
   data = (broken / "model.safetensors").read_bytes()
   (broken / "model.safetensors").write_bytes(header + data[len(header) :])
   with pytest.raises(ValueError, match="model.safetensors.*corrupt safetensors header"):
+    load_pretrained(str(broken))
+
+
+@pytest.mark.parametrize("dtype", [np.int32, np.uint8, np.bool_])
+def test_an_integer_tensor_is_refused_naming_it(tmp_path, dtype):
+  broken = tmp_path / "broken"
+  shutil.copytree(os.path.join(FIXTURES, "llama"), broken)
+  file = broken / "model.safetensors"
+  tensors = safetensors.numpy.load_file(file)
+  name = "model.layers.0.mlp.up_proj.weight"
+  tensors[name] = tensors[name].astype(dtype)
+  safetensors.numpy.save_file(tensors, file)
+  stored = {np.int32: "I32", np.uint8: "U8", np.bool_: "BOOL"}[dtype]
+  message = f"{file}: tensor '{name}' is stored as {stored}, not a floating-point type"
+  with pytest.raises(ValueError, match=re.escape(message)):
     load_pretrained(str(broken))
 
 

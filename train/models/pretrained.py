@@ -61,14 +61,23 @@ def safetensors_keys(path: str) -> list[str]:
 
 
 def read_safetensor(path: str, name: str) -> np.ndarray:
-  """One tensor of a safetensors file (bf16 as ``ml_dtypes.bfloat16``).
+  """One floating-point tensor of a safetensors file (bf16 as ``ml_dtypes.bfloat16``).
 
   ``safe_open`` memory-maps the whole file and the pages it copies from stay
   resident while the map is open, so the file is opened per tensor (SmolLM2
   f32 load, 513 MB file: peak RSS 995 MiB opened per tensor, 1576 MiB held
   open).
+
+  :raises ValueError: naming ``path``, the tensor and its dtype for an integer or
+    boolean tensor, whose values cast to weights would be meaningless.
   """
   with safetensors.safe_open(path, framework="numpy") as f:
+    dtype = f.get_slice(name).get_dtype()  # from the header: nothing read yet
+    if not dtype.startswith(("F", "BF")):  # F64, F32, F16, BF16, F8_*
+      raise ValueError(
+        f"{path}: tensor {name!r} is stored as {dtype}, not a floating-point type: refused "
+        "rather than cast to weights (a quantized or damaged checkpoint?)"
+      )
     return f.get_tensor(name)
 
 
