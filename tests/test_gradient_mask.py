@@ -235,8 +235,15 @@ def test_a_concrete_array_or_numpy_ratio_is_checked_like_a_float(bad):
   for factory in (gmt_optax.gradient_mask, gmt_optax.random_mask):
     with pytest.raises(ValueError, match=r"mask_ratio must be a number in \[0, 1\)"):
       factory(bad)
-  assert gmt_optax.gradient_mask(np.float32(0.5)) is not None  # in range: accepted
-  assert gmt_optax.random_mask(jnp.array(0.25)) is not None
+  # In range: accepted, and masks that fraction as a Python float would.
+  grads = {"w": jnp.arange(1.0, 11.0)}
+  mask = gmt_optax.gradient_mask(np.float32(0.5))
+  kept, _ = mask.update(grads, mask.init(grads))
+  np.testing.assert_array_equal(kept["w"], [0.0] * 5 + [6.0, 7.0, 8.0, 9.0, 10.0])
+  grads = {"w": jnp.ones(4000)}
+  mask = gmt_optax.random_mask(jnp.array(0.25))
+  kept, _ = mask.update(grads, mask.init(grads))
+  assert float(jnp.mean(kept["w"] == 0)) == pytest.approx(0.25, abs=0.03)
   for fraction in (np.float32(1.5), jnp.array(jnp.nan)):
     with pytest.raises(ValueError, match="freeze_fraction must be in"):
       gmt_optax.hft(optax.sgd(1.0), freeze_fraction=fraction)

@@ -164,8 +164,18 @@ def test_cli_json_and_exit_codes(tmp_path):
 def test_local_plan_on_cpu_devices():
   import jax
 
+  devices = jax.device_count()
   report = plan.plan(load_config(SMALL, ["mesh.fsdp=-1", "mesh.data=1"]), jax.devices(), None)
-  assert report["fits"] and report["mesh"]["fsdp"] == jax.device_count()
+  assert report["fits"] and report["mesh"]["fsdp"] == devices
+  # float32 weights and two AdamW moments, each 1/8 per chip (up to uneven shards' padding).
+  breakdown = report["breakdown_bytes"]
+  assert breakdown["parameters"] == pytest.approx(report["num_params"] * 4 / devices, rel=0.01)
+  assert breakdown["optimizer_state"] == pytest.approx(2 * breakdown["parameters"], rel=0.01)
+  # Every layer's trip counted: the chips' FLOPs come to the model's 6N-per-token count (less
+  # the embedding lookup, which is not a product), which the scanned layers' body counted once
+  # would miss.
+  ratio = report["flops_per_step"] * devices / report["model_flops_per_step"]
+  assert 0.75 < ratio < 1.05, ratio
 
 
 def _vs_maxtext():

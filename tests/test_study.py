@@ -115,8 +115,14 @@ def test_paired_bootstrap_is_fixed_and_paired():
   assert (zero.mean, zero.low, zero.high, zero.p_value) == (0.0, 0.0, 0.0, 1.0)
   shifted = same.estimate(np.ones_like(a) * 0.2)
   assert shifted.p_value < 0.001
-  item, seed = variance_components(a - np.roll(a, 1, axis=1))
-  assert item > 0 and seed >= 0
+  # By hand: item variances 2 and 2; seed means 2 and 6, variance 8, less their item noise 2/2.
+  assert variance_components(np.array([[1.0, 3.0], [5.0, 7.0]])) == (2.0, 7.0)
+  # Seed means that agree better than their item noise allows: no seed component, not < 0.
+  assert variance_components(np.array([[0.0, 4.0], [1.0, 3.0]])) == (5.0, 0.0)
+  # Drawn with item variance 1 and seed variance 0.09: recovered.
+  drawn = rng.normal(0, 0.3, (400, 1)) + rng.normal(0, 1.0, (400, 400))
+  item, seed = variance_components(drawn)
+  assert item == pytest.approx(1.0, rel=0.02) and seed == pytest.approx(0.09, rel=0.2)
   half = resolvable_difference(item, seed, 3, 200)
   assert items_needed(item, seed, 3, half) == pytest.approx(200, rel=1e-6)
 
