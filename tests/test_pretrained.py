@@ -1,5 +1,6 @@
 """Checkpoint I/O: HF directories, GGUF files, export, sharded loading, bad input."""
 
+import errno
 import hashlib
 import importlib.metadata
 import json
@@ -82,6 +83,28 @@ def test_export_replaces_directory_atomically(tmp_path, monkeypatch):
     export_pretrained(model, tok, str(out))
   assert (out / "model.safetensors").read_bytes() == before
   assert sorted(os.listdir(tmp_path)) == ["export"]  # no temp dirs left behind
+
+
+def test_a_full_disk_during_export_names_the_path_and_the_space_needed(tmp_path, monkeypatch):
+  """The OS's ENOSPC, raised part-way through the weights as a full disk raises it (no path),
+  becomes an error that names the export and its bytes against those free."""
+  model, tok = load_pretrained(os.path.join(FIXTURES, "mistral"))
+  weights = sum(np.asarray(v).nbytes for v in flat_params(model).values())
+
+  def disk_fills(path, *args, **kwargs):
+    pathlib.Path(path).write_bytes(b"\0" * 1000)
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+  monkeypatch.setattr(pretrained, "write_safetensors", disk_fills)
+  out = tmp_path / "export"
+  with pytest.raises(OSError) as error:
+    export_pretrained(model, tok, str(out))
+  assert re.fullmatch(
+    rf"\[Errno 28\] no space left on device at {out}: it needs {weights / 1e3:.3g} kB, "
+    r"[\d.]+ [kMGT]?B are free on that file system",
+    str(error.value),
+  )
+  assert os.listdir(tmp_path) == []  # the partial export is gone
 
 
 def test_export_loads_in_transformers(tmp_path):

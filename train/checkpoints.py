@@ -18,7 +18,6 @@ saves that step, and the command line exits with `PREEMPTED_EXIT_CODE`.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import datetime
 import errno
@@ -38,6 +37,7 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
 from train.config import Config, ConfigError, to_dict
+from train.disk import disk_errors
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -120,25 +120,6 @@ def check_state(meta: dict, model_config, config: Config, source) -> str | None:
       f"optimizer state are cast to {dtype}"
     )
   return None
-
-
-def _no_space(error: BaseException) -> bool:
-  """Whether ENOSPC is anywhere in the chain (Orbax and TensorStore re-wrap it as text)."""
-  while error is not None:
-    if getattr(error, "errno", None) == errno.ENOSPC or "No space left on device" in str(error):
-      return True
-    error = error.__cause__ or error.__context__
-  return False
-
-
-@contextlib.contextmanager
-def _disk_errors(directory: Path):
-  try:
-    yield
-  except Exception as e:
-    if _no_space(e):
-      raise OSError(errno.ENOSPC, f"no space left on device at {directory}") from e
-    raise
 
 
 @dataclasses.dataclass
@@ -281,7 +262,7 @@ class Checkpoints:
 
   def save(self, step: int, params, opt_state, meta: dict) -> None:
     """Starts an async save; it is kept once `check(step, loss)` sees a finite loss."""
-    with _disk_errors(self.directory):
+    with disk_errors(self.directory):
       self.manager.save(
         step,
         args=ocp.args.Composite(
@@ -399,7 +380,7 @@ class Checkpoints:
 
   def wait(self) -> None:
     """Finishes the save in flight; then the checkpoints it replaces can go."""
-    with _disk_errors(self.directory):
+    with disk_errors(self.directory):
       self.manager.wait_until_finished()
     self._writing = None
     self._prune()

@@ -23,6 +23,7 @@ import safetensors
 from flax import nnx
 from jax.experimental import multihost_utils
 
+from train.disk import disk_errors
 from train.mesh import to_host
 from train.models.decoder import Llama, LlamaConfig
 from train.models.gguf_import import load_gguf
@@ -208,6 +209,13 @@ def export_pretrained(model: Llama, tokenizer: Tokenizer | None, out_dir: str):
 
 
 def _write_hf_dir(model: Llama, tokenizer: Tokenizer | None, tensors, shapes, out_dir: str):
+  # A full disk is reported with the weights' bytes against those free once `tmp` is gone.
+  needed = sum(math.prod(shape) * dtype.itemsize for shape, dtype in shapes.values())
+  with disk_errors(out_dir, needed):
+    _write_hf_files(model, tokenizer, tensors, shapes, out_dir)
+
+
+def _write_hf_files(model: Llama, tokenizer: Tokenizer | None, tensors, shapes, out_dir: str):
   parent = os.path.dirname(out_dir)
   os.makedirs(parent, exist_ok=True)
   tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=parent)
