@@ -167,7 +167,16 @@ def test_bfloat16_compute_is_close():
 
 def test_random_init_without_mesh():
   model = Llama(tiny_llama_config(), rngs=nnx.Rngs(0))
-  assert forward(model, jnp.zeros((1, 3), jnp.int32)).shape == (1, 3, 64)
+  # By hand: embedding and head 2 x 64 x 32; per layer q, o 32 x 32, k, v 32 x 16, the MLP
+  # 3 x 32 x 64 and two norms of 32; the final norm 32.
+  assert model.num_params == 2 * 64 * 32 + 2 * (2 * 1024 + 2 * 512 + 3 * 2048 + 64) + 32
+  params = jax.tree.leaves(nnx.state(model, nnx.Param))
+  assert all(len(p.sharding.device_set) == 1 for p in params)  # unsharded, on one device
+  ids = jnp.array([[1, 2, 3]])
+  logits = forward(model, ids)
+  assert logits.shape == (1, 3, 64) and bool(jnp.isfinite(logits).all())
+  np.testing.assert_array_equal(logits, forward(Llama(tiny_llama_config(), rngs=nnx.Rngs(0)), ids))
+  assert not np.allclose(logits, forward(Llama(tiny_llama_config(), rngs=nnx.Rngs(1)), ids))
 
 
 def test_attention_custom_gradient_matches_autodiff():
