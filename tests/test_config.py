@@ -201,6 +201,43 @@ def test_hf_config_keys_cover_every_key_from_hf_reads():
   )
 
 
+LLAMA3_ROPE = {
+  "rope_type": "llama3",
+  "factor": 8.0,
+  "low_freq_factor": 1.0,
+  "high_freq_factor": 4.0,
+  "original_max_position_embeddings": 8192,
+}
+
+
+@pytest.mark.parametrize(
+  "rope, message",
+  [
+    (
+      {**LLAMA3_ROPE, "low_freq_facter": 1.0},
+      r"unknown key model.hf_config.rope_scaling.low_freq_facter; did you mean "
+      r"'low_freq_factor'.*\? rope_type 'llama3' takes: \[",
+    ),
+    ({"factor": 2.0}, r"unknown key model.hf_config.rope_scaling.factor.*'default' takes"),
+    ({"rope_type": "yarn", "factor": 4.0}, r"rope_type='yarn' is not implemented.*'llama3'"),
+    ({"rope_type": "llama3", "factor": 8.0}, r"rope_scaling lacks \['low_freq_factor', "),
+    ({**LLAMA3_ROPE, "factor": -1}, r"rope_scaling.factor=-1 must be > 0"),
+  ],
+)
+def test_rope_scaling_keys_are_the_ones_its_rope_type_takes(rope, message):
+  with pytest.raises(ConfigError, match=message):
+    load_config({"model": {"path": None, "hf_config": {**TINY_HF, "rope_scaling": rope}}})
+
+
+def test_rope_scaling_as_hugging_face_writes_it_is_accepted():
+  for rope in ({"rope_type": "default", "rope_theta": 1e6}, {"type": "default"}, LLAMA3_ROPE):
+    for key in ("rope_scaling", "rope_parameters"):
+      hf = {**TINY_HF, key: rope}
+      assert load_config({"model": {"path": None, "hf_config": hf}}).model.hf_config == hf
+  llama3 = set(re.findall(r"""rope\[["'](\w+)["']\]""", inspect.getsource(LlamaConfig.from_hf)))
+  assert llama3 == set(config_module._ROPE_TYPE_KEYS["llama3"])  # the keys from_hf reads
+
+
 def test_an_override_that_sets_a_mapping_replaces_it(tmp_path):
   default = load_config("configs/default.yaml")
   assert default.data.task_options["min_terms"] == 2

@@ -125,6 +125,50 @@ _HF_CONFIG_REQUIRED = (
   "num_attention_heads",
 )
 
+# model.hf_config.rope_scaling (transformers 5: rope_parameters): the keys each rope_type
+# takes in `LlamaConfig.from_hf`, all required, beside these common ones.
+_ROPE_TYPE_KEYS = {
+  "default": {},
+  "llama3": {
+    "factor": Interval("(0, inf)"),
+    "low_freq_factor": Interval("(0, inf)"),
+    "high_freq_factor": Interval("(0, inf)"),
+    "original_max_position_embeddings": Interval("[1, inf)"),
+  },
+}
+_ROPE_COMMON_KEYS = {"rope_type": None, "type": None, "rope_theta": Interval("(0, inf)")}
+
+
+def _did_you_mean(name: str, known) -> str:
+  close = difflib.get_close_matches(str(name), known, n=3)
+  return f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+
+
+def _check_rope(key: str, rope: Any) -> None:
+  """Refuses a rope_type the decoder does not implement, and an unknown, missing or
+  out-of-range key of that type."""
+  if rope is None:
+    return
+  if not isinstance(rope, dict):
+    raise ConfigError(f"{key}={rope!r}: expected a mapping")
+  rope_type = rope.get("rope_type", rope.get("type", "default"))
+  if not isinstance(rope_type, str) or rope_type not in _ROPE_TYPE_KEYS:
+    raise ConfigError(
+      f"{key}.rope_type={rope_type!r} is not implemented by the decoder"
+      f"{_did_you_mean(rope_type, _ROPE_TYPE_KEYS)} It implements: {list(_ROPE_TYPE_KEYS)}"
+    )
+  takes = _ROPE_TYPE_KEYS[rope_type] | _ROPE_COMMON_KEYS
+  for name, value in rope.items():
+    if name not in takes:
+      raise ConfigError(
+        f"unknown key {key}.{name}{_did_you_mean(name, takes)} rope_type {rope_type!r} "
+        f"takes: {sorted(takes)}"
+      )
+    _check_range(f"{key}.{name}", value, takes[name])
+  missing = [name for name in _ROPE_TYPE_KEYS[rope_type] if name not in rope]
+  if missing:
+    raise ConfigError(f"{key} lacks {missing}: rope_type {rope_type!r} needs them")
+
 
 def _check_hf_config(key: str, hf: dict | None) -> None:
   """Refuses an unknown, missing or out-of-range key of `model.hf_config` (a random init)."""
@@ -133,12 +177,12 @@ def _check_hf_config(key: str, hf: dict | None) -> None:
   known = [*_HF_CONFIG_KEYS, *_HF_CONFIG_HARMLESS_KEYS]
   for name, value in hf.items():
     if name not in known:
-      close = difflib.get_close_matches(str(name), known, n=3)
-      hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
       raise ConfigError(
-        f"unknown key {key}.{name}{hint} The decoder reads: {sorted(_HF_CONFIG_KEYS)}; "
-        f"also accepted (no effect): {sorted(_HF_CONFIG_HARMLESS_KEYS)}"
+        f"unknown key {key}.{name}{_did_you_mean(name, known)} The decoder reads: "
+        f"{sorted(_HF_CONFIG_KEYS)}; also accepted (no effect): {sorted(_HF_CONFIG_HARMLESS_KEYS)}"
       )
+    if name in ("rope_scaling", "rope_parameters"):
+      _check_rope(f"{key}.{name}", value)
     _check_range(f"{key}.{name}", value, _HF_CONFIG_KEYS.get(name))
   missing = [name for name in _HF_CONFIG_REQUIRED if name not in hf]
   if missing:
