@@ -103,6 +103,23 @@ def test_yaml_merge_keys_may_still_be_overridden(tmp_path):
     load_config(path)
 
 
+def test_nested_yaml_aliases_are_bounded(tmp_path):
+  """A "billion laughs": 600 bytes whose aliases of aliases would expand to 10^9 values."""
+  path = tmp_path / "laughs.yaml"
+  lines = ["data:", "  task_options:", f"    a: &a [{', '.join(['lol'] * 9)}]"]
+  for name, previous in zip("bcdefghi", "abcdefgh"):
+    lines.append(f"    {name}: &{name} [{', '.join([f'*{previous}'] * 9)}]")
+  path.write_text("\n".join(lines) + "\n")
+  assert path.stat().st_size < 600
+  with pytest.raises(ConfigError, match=r"laughs.yaml:7: YAML aliases expand this file by more"):
+    load_config(path)
+  path.write_text("data:\n  task_options: &a {x: [*a]}\n")
+  with pytest.raises(ConfigError, match=r"laughs.yaml:2: alias \*a refers to a value that cont"):
+    load_config(path)
+  path.write_text("eval: &e {size: 10}\ndata:\n  task_options: {options: *e, again: *e}\n")
+  assert load_config(path).data.task_options == {"options": {"size": 10}, "again": {"size": 10}}
+
+
 @pytest.mark.parametrize(
   "override, message",
   [

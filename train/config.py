@@ -549,8 +549,45 @@ def to_dict(config: Config) -> dict:
   return dataclasses.asdict(config)
 
 
+# Values that YAML aliases may add to a config, all aliases of a file together: plenty to share
+# blocks, while nested aliases (`&b [*a, *a, ...]`, a "billion laughs") grow exponentially.
+MAX_ALIASED_VALUES = 10_000
+
+
 class _UniqueKeyLoader(yaml.SafeLoader):
-  """PyYAML's SafeLoader, but a key given twice in one mapping is an error, not last-wins."""
+  """PyYAML's SafeLoader, but a key given twice in one mapping is an error, not last-wins, and
+  aliases are bounded: they may add `MAX_ALIASED_VALUES` values to the document at most, and
+  none may refer to a value that contains it."""
+
+  def __init__(self, stream):
+    super().__init__(stream)
+    self._aliased_values = 0
+    self._expanded_sizes = {}  # id(node) -> its values counted with its aliases expanded
+
+  def compose_node(self, parent, index):
+    if not self.check_event(yaml.AliasEvent):
+      return super().compose_node(parent, index)
+    event = self.peek_event()
+    node = super().compose_node(parent, index)
+    where = f"{event.start_mark.name}:{event.start_mark.line + 1}"
+    if isinstance(node, yaml.CollectionNode) and node.end_mark is None:  # still being composed
+      raise ConfigError(f"{where}: alias *{event.anchor} refers to a value that contains it")
+    self._aliased_values += self._expanded_size(node)
+    if self._aliased_values > MAX_ALIASED_VALUES:
+      raise ConfigError(
+        f"{where}: YAML aliases expand this file by more than {MAX_ALIASED_VALUES} values "
+        f"(aliases of aliases, as *{event.anchor} here?): write the values out"
+      )
+    return node
+
+  def _expanded_size(self, node) -> int:
+    if id(node) not in self._expanded_sizes:
+      if isinstance(node, yaml.MappingNode):
+        children = [child for pair in node.value for child in pair]
+      else:
+        children = node.value if isinstance(node, yaml.SequenceNode) else []
+      self._expanded_sizes[id(node)] = 1 + sum(map(self._expanded_size, children))
+    return self._expanded_sizes[id(node)]
 
   def construct_mapping(self, node, deep=False):
     first_lines = {}
