@@ -8,7 +8,10 @@ import os
 import pathlib
 import re
 import shutil
+import signal
 import subprocess
+import sys
+import time
 import zipfile
 
 import gguf
@@ -21,6 +24,8 @@ import safetensors.numpy
 from flax import nnx
 
 from tests.conftest import FIXTURES, load_fixture
+from train import run_dir
+from train.config import load_config
 from train.models import gguf_import, pretrained
 from train.models.decoder import fit_spec
 from train.models.gguf_import import default_gguf_path, permute_rope_rows, unpermute_rope_rows
@@ -105,6 +110,62 @@ def test_a_full_disk_during_export_names_the_path_and_the_space_needed(tmp_path,
     str(error.value),
   )
   assert os.listdir(tmp_path) == []  # the partial export is gone
+
+
+def test_the_next_run_removes_an_export_that_sigkill_stopped(tmp_path):
+  """A run SIGKILLed while it writes its export leaves `.hf.tmp-*` in its output_dir; the run
+  that continues it removes that folder once it holds the run lock, and nothing elsewhere."""
+  out, ready = tmp_path / "run", tmp_path / "writing"
+  child = subprocess.Popen(
+    [
+      sys.executable,
+      "-c",
+      f"""
+import pathlib, time
+from train.models import pretrained
+model, tokenizer = pretrained.load_pretrained({os.path.join(FIXTURES, "llama")!r})
+to_host = pretrained.to_host
+
+def slow_to_host(value):  # the first tensor is written, then the export is stopped on the next
+  if pathlib.Path({str(ready)!r}).exists():
+    time.sleep(600)
+  pathlib.Path({str(ready)!r}).touch()
+  return to_host(value)
+
+pretrained.to_host = slow_to_host
+pretrained.export_pretrained(model, tokenizer, {str(out / "hf")!r})
+""",
+    ],
+    cwd=pathlib.Path(__file__).parents[1],
+  )
+  try:
+    for _ in range(600):
+      if ready.exists() or child.poll() is not None:
+        break
+      time.sleep(0.1)
+    assert ready.exists(), f"the export did not start (exit code {child.poll()})"
+  finally:
+    child.kill()  # SIGKILL
+    child.wait()
+  assert child.returncode == -signal.SIGKILL
+  (left,) = out.glob(".hf.tmp-*")
+  assert (left / "model.safetensors").stat().st_size > 0
+  other_run = tmp_path / "other_run" / ".hf.tmp-abc"  # another output_dir's: not this run's
+  other_run.mkdir(parents=True)
+
+  lock = run_dir.claim(out, load_config({}, [f"train.output_dir={out}", "train.resume=true"]))
+  lock.release()
+  assert not left.exists() and other_run.exists()
+
+
+def test_an_export_killed_between_its_renames_puts_the_previous_one_back(tmp_path):
+  previous = tmp_path / ".hf.old-abc" / "d"
+  previous.mkdir(parents=True)
+  (previous / "config.json").write_text("{}")
+  (tmp_path / ".hf.tmp-def").mkdir()  # the complete new export, never renamed into place
+  done = pretrained.remove_unfinished_exports(tmp_path / "hf")
+  assert os.listdir(tmp_path) == ["hf"] and os.listdir(tmp_path / "hf") == ["config.json"]
+  assert done[0].startswith(f"put back {tmp_path}/hf from {tmp_path}/.hf.old-abc: ")
 
 
 def test_export_loads_in_transformers(tmp_path):

@@ -11,8 +11,9 @@ into the same directory is refused before any work, naming the first. The lock i
 an exclusive `flock` on that file, which the kernel releases however the process
 ends (SIGKILL included); the file names the holder (pid, host, start time) for
 that message and is emptied when the run ends. A file that still names a run
-whose lock is free (it was killed) is taken over, saying so. With several
-processes only process 0 locks, and all of them stop if it cannot. On a shared
+whose lock is free (it was killed) is taken over, saying so. Holding the lock, a
+run removes the temporary folders that a killed run's Hugging Face export left.
+With several processes only process 0 locks, and all of them stop if it cannot. On a shared
 file system (NFS), `flock` excludes runs on other hosts too; a file system
 without cross-host locks (some FUSE mounts) cannot tell two hosts' runs apart.
 """
@@ -33,6 +34,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from train.config import Config, ConfigError, save_config
+from train.models.pretrained import remove_unfinished_exports
 from train.paths import RunPaths
 
 
@@ -153,12 +155,23 @@ def _lock_and_check(out: Path, config: Config) -> RunLock:
       _writable(out)
       lock = RunLock(out)
     _writable(RunPaths(out).checkpoints)
+    _remove_unfinished_exports(out, config)
     if t.resume is not True:
       save_config(config, RunPaths(out).config)
   except BaseException:
     lock.release()
     raise
   return lock
+
+
+def _remove_unfinished_exports(out: Path, config: Config) -> None:
+  """The temporary folders of exports into `out` that a kill stopped (up to a whole model
+  each). The lock says that no other run writes there, and this one has not begun to; an
+  export directory outside `out` is not covered by it, and is left alone."""
+  export = Path(config.checkpoint.export_dir or RunPaths(out).export).resolve()
+  if export.is_relative_to(out.resolve()):
+    for line in remove_unfinished_exports(export):
+      print(line, flush=True)
 
 
 def resume_source(config: Config) -> Path | None:

@@ -208,6 +208,37 @@ def export_pretrained(model: Llama, tokenizer: Tokenizer | None, out_dir: str):
   return out_dir
 
 
+def _unfinished_prefix(out_dir: str, kind: str) -> str:
+  """The name, beside `out_dir`, of an export being written ("tmp") or of the one it replaces
+  while the new one is renamed into place ("old", holding it as `d`)."""
+  return f".{os.path.basename(out_dir)}.{kind}-"
+
+
+def remove_unfinished_exports(out_dir) -> list[str]:
+  """Cleans up after exports into `out_dir` that were killed part-way: each left a temporary
+  folder (up to a whole model). A previous export caught between the two renames is put back.
+
+  Only for a directory that no live process is exporting into. Returns what it did, a line each.
+  """
+  out_dir = os.path.abspath(out_dir)
+  parent = os.path.dirname(out_dir)
+  if not os.path.isdir(parent):
+    return []
+  done = []
+  for kind in ("old", "tmp"):  # "old" first: the previous export is the one to put back
+    for name in sorted(os.listdir(parent)):
+      path = os.path.join(parent, name)
+      if not name.startswith(_unfinished_prefix(out_dir, kind)) or not os.path.isdir(path):
+        continue
+      previous = os.path.join(path, "d")
+      if kind == "old" and os.path.isdir(previous) and not os.path.exists(out_dir):
+        os.rename(previous, out_dir)
+        done.append(f"put back {out_dir} from {path}: the export replacing it did not finish")
+      shutil.rmtree(path)
+      done.append(f"removed {path}, left by an export into {out_dir} that did not finish")
+  return done
+
+
 def _write_hf_dir(model: Llama, tokenizer: Tokenizer | None, tensors, shapes, out_dir: str):
   # A full disk is reported with the weights' bytes against those free once `tmp` is gone.
   needed = sum(math.prod(shape) * dtype.itemsize for shape, dtype in shapes.values())
@@ -218,7 +249,7 @@ def _write_hf_dir(model: Llama, tokenizer: Tokenizer | None, tensors, shapes, ou
 def _write_hf_files(model: Llama, tokenizer: Tokenizer | None, tensors, shapes, out_dir: str):
   parent = os.path.dirname(out_dir)
   os.makedirs(parent, exist_ok=True)
-  tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=parent)
+  tmp = tempfile.mkdtemp(prefix=_unfinished_prefix(out_dir, "tmp"), dir=parent)
   umask = os.umask(0)
   os.umask(umask)
   os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would be surprising on an export
@@ -238,7 +269,7 @@ def _write_hf_files(model: Llama, tokenizer: Tokenizer | None, tensors, shapes, 
     if tokenizer is not None:
       tokenizer.save(tmp)
     if os.path.exists(out_dir):
-      old = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.old-", dir=parent)
+      old = tempfile.mkdtemp(prefix=_unfinished_prefix(out_dir, "old"), dir=parent)
       os.rename(out_dir, os.path.join(old, "d"))
       os.rename(tmp, out_dir)
       shutil.rmtree(old)
