@@ -52,5 +52,8 @@ def test_scalars_go_to_tensorboard_and_the_profile_window_writes_a_trace(tmp_pat
     for name in ("loss", "lr", "grad_norm", "kept_fraction"):
       assert tags[f"train/{name}"][record["step"]] == pytest.approx(record[name], rel=1e-6), name
   assert tags["eval/eval_loss"][4] == pytest.approx(summary["after"]["eval_loss"], rel=1e-6)
-  assert 0.0 <= summary["after"]["accuracy"] <= 1.0
-  assert list((out / "profile").rglob("*.xplane.pb"))
+  for when, step in (("before", 0), ("after", 4)):
+    accuracy = summary[when]["accuracy"]
+    assert accuracy in (0.0, 0.5, 1.0)  # 2 items
+    assert tags["eval/accuracy"][step] == pytest.approx(accuracy, rel=1e-6)
+  assert len(list((out / "profile").rglob("*.xplane.pb"))) == 1  # one window, one trace
