@@ -40,3 +40,12 @@ def test_a_micro_batch_that_does_not_split_over_the_mesh_is_refused_before_loadi
   with pytest.raises(ConfigError, match=r"train.micro_batch_size=6 does not divide over mesh"):
     setup_run(config, cache)
   assert not cache  # nothing was loaded
+
+
+def test_a_training_set_smaller_than_a_batch_is_named(capsys):
+  run = setup_run(_config(data={**TINY["data"], "train_size": 3, "pack": False}))
+  assert run.batches.num_items == 3
+  assert (
+    "warning: the training set is 3 rows (3 examples, data.train_size=3), fewer than "
+    "train.batch_size=8: each step repeats rows, each about 2.7 times"
+  ) in capsys.readouterr().out

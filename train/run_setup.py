@@ -163,6 +163,18 @@ def setup_run(config: Config, cache: dict | None = None) -> Run:
     config.data.shuffle_seed,
     rows_per_item=config.rows_per_item,  # a pair's two rows stay together
   )
+  if batches.num_items < t.batch_size:
+    # A warning, not an error: the batches come from an endless stream of epochs (MaxText's
+    # repeat-then-batch), so a set smaller than one batch repeats rows inside each step,
+    # and TRL too trains a set smaller than a batch; but the sizes are a surprise worth naming.
+    unit = "pairs" if dpo_cfg else "rows"
+    examples = report["train_pairs" if dpo_cfg else "train_examples"]
+    log(
+      f"warning: the training set is {batches.num_items} {unit} ({examples} examples, "
+      f"data.train_size={config.data.train_size}), fewer than train.batch_size={t.batch_size}: "
+      f"each step repeats {unit}, each about {t.batch_size / batches.num_items:.1f} times; "
+      "give more data or a smaller train.batch_size"
+    )
   total_steps = t.steps or math.ceil(t.epochs * batches.num_items / t.batch_size)
   steps = shared(
     cache,
