@@ -7,6 +7,8 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
+import tracemalloc
 import uuid
 
 import pytest
@@ -302,6 +304,109 @@ def test_humaneval_a_fork_bomb_is_contained(problem, isolated):
   assert result.startswith("failed: RuntimeError: forks refused: ")
   assert int(result.rpartition(" ")[2]) >= 200 - sandbox.Limits().processes
   assert _processes_with(tag) == []
+
+
+def test_humaneval_an_exit_code_of_124_is_not_a_timeout(problem):
+  # 124 is the launcher's code for a timeout: the harness's clock decides, not the code.
+  completion = (
+    RETURN + "import os, sys\nprint('it failed', file=sys.stderr, flush=True)\nos._exit(124)\n"
+  )
+  assert run_tests(problem, completion) == "failed: it failed"
+
+
+def test_humaneval_keeps_a_bounded_tail_of_100_mb_of_stderr(problem):
+  flood = RETURN + (
+    "import sys\nfor _ in range(100):\n  sys.stderr.write('x' * (1 << 20))\n"
+    "raise RuntimeError('the last line')\n"
+  )
+  tracemalloc.start()
+  try:
+    result = run_tests(problem, flood)
+    peak = tracemalloc.get_traced_memory()[1]
+  finally:
+    tracemalloc.stop()
+  assert result == "failed: RuntimeError: the last line"
+  assert peak < 1 << 20  # read as it comes: never the whole output in memory
+
+
+def test_a_venv_in_a_project_shows_the_sandbox_its_interpreter_and_libraries_only(
+  isolated, tmp_path
+):
+  # A venv made in a project's root (`python -m venv .`): its prefix also holds the project's
+  # .env and the Unix socket of a service it runs.
+  project = tmp_path / "project"
+  subprocess.run([sys.executable, "-m", "venv", "--without-pip", project], check=True)
+  (project / ".env").write_text("HF_TOKEN=hf_secret\n")
+  program = (
+    "import os, socket, sys\n"
+    f"project = {os.path.realpath(project)!r}\n"
+    "print(sys.prefix == project, sorted(os.listdir(project)))\n"
+    "for attack in (lambda: open(project + '/.env'),\n"
+    "    lambda: socket.socket(socket.AF_UNIX).connect(project + '/service.sock')):\n"
+    "  try:\n"
+    "    print('reached', attack())\n"
+    "  except OSError as e:\n"
+    "    print(e.strerror)\n"
+  )
+  runner = (
+    "import sys\nfrom train.eval import sandbox\n"
+    "outcome = sandbox.run_python(sys.stdin.read(), timeout=20)\n"
+    "print(outcome.stdout + outcome.stderr, end='')\n"
+  )
+  with socket.socket(socket.AF_UNIX) as service:
+    service.bind(str(project / "service.sock"))
+    service.listen()
+    done = subprocess.run(
+      [project / "bin" / "python", "-c", runner],
+      input=program,
+      capture_output=True,
+      text=True,
+      check=True,
+      cwd=ROOT,
+    )
+  assert done.stdout.splitlines() == [
+    "True ['bin', 'lib', 'pyvenv.cfg']",  # the venv's interpreter, with its site-packages
+    "No such file or directory",
+    "No such file or directory",
+  ]
+
+
+# Runs the program on its stdin in the sandbox, as an evaluator does.
+EVALUATOR = "import sys\nfrom train.eval import sandbox\nsandbox.run_python(sys.stdin.read(), 60)\n"
+
+
+def _wait_until(condition, seconds: float) -> bool:
+  deadline = time.monotonic() + seconds
+  while not condition() and time.monotonic() < deadline:
+    time.sleep(0.05)
+  return condition()
+
+
+def test_a_killed_evaluators_sandbox_dies_with_it_and_the_next_run_removes_its_folder(
+  isolated, tmp_path
+):
+  tag = f"sandbox-orphan-{uuid.uuid4().hex}"
+  sleepers = (  # the program and a child of it
+    "import os, sys\nos.fork()\n"
+    f"os.execv(sys.executable, [sys.executable, '-c', 'import time; time.sleep(60)', {tag!r}])\n"
+  )
+  env = {**os.environ, "TMPDIR": str(tmp_path)}
+  evaluator = subprocess.Popen(
+    [sys.executable, "-c", EVALUATOR], stdin=subprocess.PIPE, text=True, env=env, cwd=ROOT
+  )
+  evaluator.stdin.write(sleepers)
+  evaluator.stdin.close()
+  assert _wait_until(lambda: len(_processes_with(tag)) == 2, 20)
+  live = tmp_path / f"sandbox-{os.getpid()}-live"  # a running evaluator's (this one's)
+  live.mkdir()
+  evaluator.kill()
+  evaluator.wait()
+  assert _wait_until(lambda: _processes_with(tag) == [], 2)
+  assert list(tmp_path.glob(f"sandbox-{evaluator.pid}-*"))  # left behind by the SIGKILL
+  subprocess.run(
+    [sys.executable, "-c", EVALUATOR], input="", text=True, env=env, cwd=ROOT, check=True
+  )
+  assert [p.name for p in tmp_path.iterdir()] == [live.name]
 
 
 def test_gsm_symbolic_held_out_items_take_the_gsm8k_path():

@@ -8,8 +8,9 @@ unsafe to fork from a multithreaded process such as JAX's). The process tree::
 
 On Linux, as root or where unprivileged user namespaces are allowed, the launcher unshares new
 mount, network, PID, IPC and UTS namespaces (plus a user namespace when not root); init builds a
-new root on a tmpfs that holds only read-only binds of the system directories and the Python
-installation, a private size-limited ``/tmp`` (the only writable place), four ``/dev`` nodes and
+new root on a tmpfs that holds only read-only binds of the system directories and of what the
+interpreter needs (`python_paths`: not the prefix folders, which may hold a project or other
+environments), a private size-limited ``/tmp`` (the only writable place), four ``/dev`` nodes and
 a fresh ``/proc`` that shows only the sandbox's processes; then it ``pivot_root``\\ s into it.
 The candidate drops its privileges (as root: a uid of its own, so the process limit counts only
 its processes; otherwise: a nested user namespace, so no capability survives ``execve``), sets
@@ -37,12 +38,19 @@ from __future__ import annotations
 import dataclasses
 import marshal
 import os
+import re
 import secrets
+import select
+import selectors
+import shutil
 import signal
+import site
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import threading
+import time
 
 from train.eval import sandbox_launcher
 
@@ -53,8 +61,8 @@ class Limits:
 
   Attributes:
     memory_bytes: address space of each process (``RLIMIT_AS``).
-    file_bytes: the largest file a process may write, stdout and stderr included
-      (``RLIMIT_FSIZE``).
+    file_bytes: the largest file a process may write (``RLIMIT_FSIZE``; stdout and stderr are
+      pipes, of which the caller keeps the last `OUTPUT_TAIL_BYTES`).
     processes: processes and threads (``RLIMIT_NPROC``; per run when isolated as root or in a
       user namespace, otherwise counted over all of the user's processes).
     open_files: open file descriptors per process (``RLIMIT_NOFILE``).
@@ -74,11 +82,12 @@ class Outcome:
 
   Attributes:
     finished: the program ran to its last statement (its marker was written).
-    timed_out: it was killed at the time limit.
+    timed_out: it did not finish within the time limit, by the caller's clock (so it was
+      killed), whatever its exit code.
     returncode: the launcher's exit code: ``sandbox_launcher.SETUP_FAILED`` or ``TIMED_OUT``,
       the program's code, or 128 + the signal that killed it.
-    stdout: its standard output, the marker removed.
-    stderr: its standard error.
+    stdout: the last `OUTPUT_TAIL_BYTES` of its standard output, the marker removed.
+    stderr: the last `OUTPUT_TAIL_BYTES` of its standard error.
   """
 
   finished: bool
@@ -88,6 +97,10 @@ class Outcome:
   stderr: str
 
 
+OUTPUT_TAIL_BYTES = 4096  # of stdout and of stderr kept per run: a program may write gigabytes
+_WORK_DIR_PREFIX = "sandbox-"  # then the owner's pid: sandbox-<pid>-<random>
+_sweep_lock = threading.Lock()
+_swept = False  # the work folders of dead callers were removed (once per process)
 _isolation_lock = threading.Lock()
 _isolation: list[str | None] = []  # [None] isolated, [reason] when it cannot be; [] not probed
 
@@ -136,59 +149,141 @@ def run_python(source: str, timeout: float, limits: Limits = Limits()) -> Outcom
 
 
 def _launch(source: str, timeout: float, limits: Limits, *, isolate: bool) -> Outcome:
+  _remove_work_dirs_of_dead_callers()
   marker = secrets.token_hex(16)
-  with tempfile.TemporaryDirectory(prefix="sandbox-", ignore_cleanup_errors=True) as work:
+  end = ("\n" + marker + "\n").encode()
+  owned = f"{_WORK_DIR_PREFIX}{os.getpid()}-"  # removed by a later caller if this one is killed
+  with tempfile.TemporaryDirectory(prefix=owned, ignore_cleanup_errors=True) as work:
     home, root = os.path.join(work, "home"), os.path.join(work, "root")
     os.mkdir(home)
     os.mkdir(root)
+    python, python_paths = _python_paths()
     config = {
       "isolate": isolate,
       "timeout": timeout,
       "limits": dataclasses.asdict(limits),
       "home": home,
       "root": root,
-      "python": sys.executable,
-      "python_prefixes": sorted(
-        {
-          os.path.realpath(p)
-          for p in (sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix)
-        }
-        | {os.path.dirname(os.path.dirname(os.path.realpath(sys.executable)))}
-      ),
+      "parent": os.getpid(),
+      "python": python,
+      "python_paths": python_paths,
     }
-    with (
-      open(os.path.join(work, "stdout"), "w+b") as out,
-      open(os.path.join(work, "stderr"), "w+b") as err,
-    ):
-      launcher = subprocess.Popen(
-        [
-          sys.executable,
-          "-I",
-          "-S",
-          os.path.abspath(sandbox_launcher.__file__),
-          marshal.dumps(config).hex(),
-        ],
-        stdin=subprocess.PIPE,
-        stdout=out,
-        stderr=err,
-        cwd=home,
-        env=sandbox_launcher.environment(home),
-        start_new_session=True,
+    started = time.monotonic()
+    with subprocess.Popen(
+      [
+        sys.executable,
+        "-I",
+        "-S",
+        os.path.abspath(sandbox_launcher.__file__),
+        marshal.dumps(config).hex(),
+      ],
+      stdin=subprocess.PIPE,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+      cwd=home,
+      env=sandbox_launcher.environment(home),
+      start_new_session=True,
+    ) as launcher:
+      # The launcher kills at `timeout`; the deadline is the backstop if it cannot.
+      stdout, stderr, finished = _exchange(
+        launcher, (marker + "\n" + source).encode(), end, started + timeout + 10
       )
-      try:  # the launcher kills at `timeout`; this is the backstop if it cannot
-        launcher.communicate((marker + "\n" + source).encode(), timeout=timeout + 10)
-      except subprocess.TimeoutExpired:
-        os.killpg(launcher.pid, signal.SIGKILL)
-        launcher.wait()
-      out.seek(0)
-      err.seek(0)
-      stdout, stderr = out.read(), err.read()
-  # Anywhere, not only last: a child of the program may still write before it is killed.
-  end = ("\n" + marker + "\n").encode()
+    elapsed = time.monotonic() - started
   return Outcome(
-    finished=end in stdout,
-    timed_out=launcher.returncode in (sandbox_launcher.TIMED_OUT, -signal.SIGKILL),
+    finished=finished,
+    # By this clock: a program can exit with the launcher's TIMED_OUT code itself.
+    timed_out=not finished and elapsed >= timeout,
     returncode=launcher.returncode,
     stdout=stdout.replace(end, b"", 1).decode(errors="replace"),
     stderr=stderr.decode(errors="replace"),
   )
+
+
+def _exchange(
+  launcher: subprocess.Popen, program: bytes, end: bytes, deadline: float
+) -> tuple[bytes, bytes, bool]:
+  """Writes `program` to the launcher's stdin and reads its stdout and stderr as they come,
+  keeping the last `OUTPUT_TAIL_BYTES` of each, until both close or `deadline` (then the
+  launcher's group is killed). Returns the two tails and whether `end` appeared on stdout
+  (anywhere, not only last: a child of the program may still write before it is killed)."""
+  tails = {launcher.stdout: bytearray(), launcher.stderr: bytearray()}
+  finished = False
+  unsent = memoryview(program)
+  with selectors.DefaultSelector() as selector:
+    selector.register(launcher.stdin, selectors.EVENT_WRITE)
+    for stream in tails:
+      selector.register(stream, selectors.EVENT_READ)
+    while selector.get_map():
+      left = deadline - time.monotonic()
+      if left <= 0:
+        os.killpg(launcher.pid, signal.SIGKILL)
+        break
+      for key, _ in selector.select(left):
+        if key.fileobj is launcher.stdin:
+          try:  # no more than PIPE_BUF: a writable pipe takes that much without blocking
+            unsent = unsent[os.write(key.fd, unsent[: select.PIPE_BUF]) :]
+          except BrokenPipeError:  # the launcher failed before it read the program
+            unsent = unsent[:0]
+          if not unsent:
+            selector.unregister(launcher.stdin)
+            launcher.stdin.close()
+          continue
+        chunk = os.read(key.fd, 1 << 16)
+        if not chunk:
+          selector.unregister(key.fileobj)
+          continue
+        tail = tails[key.fileobj]
+        if key.fileobj is launcher.stdout:
+          finished = finished or end in bytes(tail[-len(end) :]) + chunk
+        tail += chunk
+        del tail[:-OUTPUT_TAIL_BYTES]
+  launcher.wait()
+  return bytes(tails[launcher.stdout]), bytes(tails[launcher.stderr]), finished
+
+
+def _python_paths() -> tuple[str, list[str]]:
+  """(the interpreter as the sandbox runs it, the paths to bind read-only for it). It is run by
+  its own name in its real folder: a venv's ``bin/python`` is a link beside which Python looks
+  for ``pyvenv.cfg``. The paths are each link from there to the binary and the binary, a venv's
+  ``pyvenv.cfg``, the standard library, the site-packages, and the folder of libpython (in a
+  conda environment also of the shared libraries its extension modules load). Not the prefix
+  folders themselves: a venv made in a project's root, or a conda installation, holds much else
+  (a ``.env``, sockets, other environments)."""
+  folder, name = os.path.split(sys.executable)
+  links = [os.path.join(os.path.realpath(folder), name)]
+  while os.path.islink(links[-1]):
+    folder, name = os.path.split(os.path.join(os.path.dirname(links[-1]), os.readlink(links[-1])))
+    links.append(os.path.join(os.path.realpath(folder), name))
+  installed = sysconfig.get_paths()
+  libraries = {installed[key] for key in ("stdlib", "platstdlib", "purelib", "platlib")}
+  libraries |= {*site.getsitepackages(), sysconfig.get_config_var("LIBDIR")}
+  if sys.prefix != sys.base_prefix:
+    libraries.add(os.path.join(sys.prefix, "pyvenv.cfg"))
+  real = {os.path.realpath(p) for p in libraries if p and os.path.exists(p)}
+  return links[0], sorted(real | set(links))
+
+
+def _remove_work_dirs_of_dead_callers() -> None:
+  """Removes the work folders that callers killed before their clean-up (``SIGKILL``, out of
+  memory) left in the temporary folder: those whose owner, the pid in their name, is gone. A
+  live caller's are left alone (a reused pid keeps a dead one's until that pid ends too)."""
+  global _swept
+  with _sweep_lock:  # once per process; concurrent first runs wait for it
+    if _swept:
+      return
+    _swept = True
+    temporary = tempfile.gettempdir()
+    for name in os.listdir(temporary):
+      owner = re.fullmatch(re.escape(_WORK_DIR_PREFIX) + r"(\d+)-\w+", name)
+      if owner and not _running(int(owner[1])):
+        shutil.rmtree(os.path.join(temporary, name), ignore_errors=True)
+
+
+def _running(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:  # another user's
+    return True
+  return True

@@ -67,6 +67,7 @@ def environment(home: str) -> dict[str, str]:
 
 def _main(config: dict) -> None:
   """Unshares the namespaces, forks init, and exits with init's exit code."""
+  _die_with_parent(_libc(), config["parent"])  # the caller killed: so is all of the run
   sandbox_uid = _SANDBOX_UID_BASE + os.getpid()
   user_namespace = False
   if config["isolate"]:
@@ -74,9 +75,12 @@ def _main(config: dict) -> None:
       user_namespace = _unshare_namespaces()
     except OSError as e:
       _setup_failed(e)
+  launcher = os.getpid()
   init = os.fork()
   if init == 0:
     try:
+      # As init sees it, its parent is outside its PID namespace: pid 0.
+      _die_with_parent(_libc(), 0 if config["isolate"] else launcher)
       _init(config, sandbox_uid, user_namespace)
     except BaseException as e:  # noqa: BLE001 -- any failure here is a setup failure
       _setup_failed(e)
@@ -87,7 +91,6 @@ def _main(config: dict) -> None:
 def _init(config: dict, sandbox_uid: int, user_namespace: bool) -> None:
   """Pid 1 of the sandbox (or a subreaper): runs the candidate, kills what is left, exits."""
   libc = _libc()
-  _prctl(libc, PR_SET_PDEATHSIG, signal.SIGKILL)  # the launcher killed: so is all of the run
   if config["isolate"]:
     _build_root(libc, config)
     home = "/tmp"
@@ -99,10 +102,11 @@ def _init(config: dict, sandbox_uid: int, user_namespace: bool) -> None:
     raise TimeoutError
 
   signal.signal(signal.SIGALRM, time_is_up)
+  init = os.getpid()
   candidate = os.fork()
   if candidate == 0:
     try:
-      _exec_candidate(libc, config, home, sandbox_uid, user_namespace)
+      _exec_candidate(libc, config, home, sandbox_uid, user_namespace, init)
     except BaseException as e:  # noqa: BLE001 -- any failure before exec is a setup failure
       _setup_failed(e)
   signal.setitimer(signal.ITIMER_REAL, config["timeout"])
@@ -152,7 +156,7 @@ def _build_root(libc, config: dict) -> None:
   tmp_options = f"size={config['limits']['tmp_bytes']},mode=1777"
   _mount(libc, "tmpfs", f"{root}/tmp", "tmpfs", MS_NOSUID | MS_NODEV, tmp_options)
   bound = []
-  for path in (*_SYSTEM_PATHS, *config["python_prefixes"]):
+  for path in (*_SYSTEM_PATHS, *config["python_paths"]):
     if path != "/" and not any(path == b or path.startswith(b + "/") for b in bound):
       _bind_read_only(libc, path, root + path)
       bound.append(path)
@@ -176,18 +180,25 @@ def _build_root(libc, config: dict) -> None:
 
 
 def _bind_read_only(libc, source: str, target: str) -> None:
-  """Binds a directory read-only (a symlink is copied as a symlink); a missing one is skipped."""
+  """Binds a directory or a file read-only (a symlink is copied as a symlink); a missing one is
+  skipped."""
   if os.path.islink(source):
     os.makedirs(os.path.dirname(target), exist_ok=True)
     os.symlink(os.readlink(source), target)
-  elif os.path.isdir(source):
-    os.makedirs(target)
+  elif os.path.exists(source):
+    if os.path.isdir(source):
+      os.makedirs(target)
+    else:  # a mount point for a file is a file
+      os.makedirs(os.path.dirname(target), exist_ok=True)
+      open(target, "w").close()
     _mount(libc, source, target, None, MS_BIND)  # not MS_REC: no writable mounts below it
     kept = os.statvfs(target).f_flag & _KEPT_MOUNT_FLAGS
     _mount(libc, None, target, None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | kept)
 
 
-def _exec_candidate(libc, config: dict, home: str, sandbox_uid: int, user_namespace: bool) -> None:
+def _exec_candidate(
+  libc, config: dict, home: str, sandbox_uid: int, user_namespace: bool, init: int
+) -> None:
   """Drops privileges, sets the limits and becomes `python -I -c _WRAPPER`."""
   os.setpgid(0, 0)  # its own group: killed as one where there is no PID namespace
   if config["isolate"]:
@@ -201,6 +212,8 @@ def _exec_candidate(libc, config: dict, home: str, sandbox_uid: int, user_namesp
       uid, gid = os.geteuid(), os.getegid()
       _call(libc.unshare(CLONE_NEWUSER), "unshare (nested user namespace)")
       _map_ids(inside=1000, outside_uid=uid, outside_gid=gid)
+  # After the uid change, which clears it; without a PID namespace nothing else would kill it.
+  _die_with_parent(libc, init)
   _prctl(libc, PR_SET_NO_NEW_PRIVS, 1)  # no setuid binary gives privileges back
   limits = config["limits"]
   seconds = int(config["timeout"]) + 1
@@ -246,6 +259,14 @@ def _children(parent: int) -> list[int]:
       if int(fields[1]) == parent:
         children.append(int(name))
   return children
+
+
+def _die_with_parent(libc, parent: int) -> None:
+  """SIGKILL when the parent dies (``PR_SET_PDEATHSIG``); exits at once if it died already, before
+  the prctl, as `parent` (its pid as this process sees it) is then no longer the parent."""
+  _prctl(libc, PR_SET_PDEATHSIG, signal.SIGKILL)
+  if os.getppid() != parent:
+    os._exit(SETUP_FAILED)
 
 
 def _libc():
