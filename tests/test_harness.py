@@ -449,6 +449,40 @@ def test_cli_scores_a_completions_file(tmp_path):
 
 
 @pytest.mark.parametrize(
+  "row, message",
+  [
+    ('{"completion": "x"}', "c.jsonl:2: no 'task_id' in this record (keys ['completion'])"),
+    ('{"task_id": "HumanEval/1", "completion": 7}', "c.jsonl:2: 'completion' is a number"),
+    ('["HumanEval/1", "x"]', "c.jsonl:2: a record must be an object, got an array"),
+    ("HumanEval/1: x", "c.jsonl:2: malformed JSON line: Expecting value"),
+    (
+      '{"task_id": "HumanEval/0", "completion": "y"}',
+      "c.jsonl:2: task_id 'HumanEval/0' is given twice, on lines 1 and 2: keep one",
+    ),
+    (
+      '{"task_id": "HumanEval_1", "completion": "x"}',
+      "c.jsonl:2: task_id 'HumanEval_1' is not one of the benchmark's: did you mean 'HumanEval/1'?",
+    ),
+  ],
+)
+def test_cli_names_the_line_of_a_bad_completions_record(
+  row, message, tmp_path, monkeypatch, capsys
+):
+  from train.eval import cli, harness
+
+  def no_scoring(*args, **kwargs):
+    raise AssertionError("scored a completions file with a bad record")
+
+  monkeypatch.setattr(harness, "score_benchmark", no_scoring)
+  completions = tmp_path / "c.jsonl"
+  completions.write_text('{"task_id": "HumanEval/0", "completion": "x"}\n' + row + "\n")
+  with pytest.raises(SystemExit) as exit_info:
+    cli.main(["--benchmark", "humaneval", "--limit", "1", "--completions", str(completions)])
+  assert exit_info.value.code == 2
+  assert f"{tmp_path}/{message}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
   "arguments, message",
   [
     (["--limit", "0"], "--limit=0 must be >= 1"),

@@ -10,12 +10,12 @@ from __future__ import annotations
 import ast
 import dataclasses
 import difflib
-import json
 from pathlib import Path
 
 import numpy as np
 
 from train.config import ConfigError, DataConfig
+from train.records import json_kind, jsonl_records, utf8_lines
 
 
 @dataclasses.dataclass
@@ -179,39 +179,6 @@ def with_near_misses(examples: list[Example], seed: int) -> list[Example]:
   return pairs
 
 
-_BOM = "\ufeff"
-
-
-def _utf8_lines(path: Path):
-  """Yields (line number, line) of a text data file decoded strictly as UTF-8, without the
-  byte-order mark that may open the file. A byte that is not UTF-8, or a byte-order mark at the
-  start of a later line (files that each had one, concatenated), is an error naming
-  file:line:column: HF datasets reports neither with a place, or reads the mark into a value."""
-  with path.open("rb") as f:
-    for number, raw in enumerate(f, 1):
-      try:
-        line = raw.decode("utf-8")
-      except UnicodeDecodeError as e:
-        column = len(raw[: e.start].decode("utf-8")) + 1  # in characters, as editors count
-        raise ValueError(
-          f"{path}:{number}:{column}: byte 0x{raw[e.start]:02x} is not UTF-8 ({e.reason}): "
-          "the file is in another encoding (e.g. Latin-1 or Windows-1252); convert it, e.g. "
-          f"`iconv -f WINDOWS-1252 -t UTF-8 {path} > fixed{path.suffix}`"
-        ) from None
-      if line.startswith(_BOM):
-        if number > 1:
-          raise ValueError(
-            f"{path}:{number}:1: a byte-order mark (U+FEFF) starts this line: files that each "
-            "begin with one were concatenated; remove the marks, e.g. "
-            f"`sed -i 's/^\\xEF\\xBB\\xBF//' {path}`"
-          )
-        line = line[1:]
-      yield number, line
-
-
-_JSON_TYPES = {list: "an array", str: "a string", int: "a number", float: "a number"}
-
-
 class _Records(list):
   """JSON-lines records as written (no type inferred across rows, as HF datasets would:
   "007" stays a string), with the column names `_rows_to_examples` reads."""
@@ -222,20 +189,12 @@ class _Records(list):
 
 
 def _jsonl_records(path: Path) -> tuple[_Records, list[int]]:
-  """The records of a JSON-lines file and the line number of each; a line that is not JSON
-  or not an object is named by file and line."""
+  """The records of a JSON-lines file and the line number of each (errors as
+  `records.jsonl_records`)."""
   records, lines = _Records(), []
-  for line_number, line in _utf8_lines(path):
-    if line.strip():
-      try:
-        record = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise ValueError(f"{path}:{line_number}: malformed JSON line: {e.msg}") from None
-      if not isinstance(record, dict):
-        kind = _JSON_TYPES.get(type(record), "null" if record is None else "a boolean")
-        raise ValueError(f"{path}:{line_number}: a record must be an object, got {kind}")
-      records.append(record)
-      lines.append(line_number)
+  for line_number, record in jsonl_records(path):
+    records.append(record)
+    lines.append(line_number)
   return records, lines
 
 
@@ -265,7 +224,7 @@ def _file_examples(paths: tuple[str, ...], cfg: DataConfig, pairs: bool) -> list
     path = Path(name)
     rows, lines = _jsonl_records(path) if path.suffix == ".jsonl" else (None, None)
     if path.suffix in (".json", ".csv"):  # text read by datasets: checked line by line first
-      for _ in _utf8_lines(path):
+      for _ in utf8_lines(path):
         pass
     if lines == [] or path.stat().st_size == 0:
       raise ValueError(f"empty dataset: {path} holds no records")
@@ -289,10 +248,7 @@ def _text(record: dict, field: str, where: str) -> str:
   array or boolean is refused (its Python repr would be trained on)."""
   value = record[field]
   if isinstance(value, bool) or not isinstance(value, (str, int, float)):
-    kind = {dict: "an object", list: "an array", bool: "a boolean"}.get(
-      type(value), type(value).__name__
-    )
-    raise ValueError(f"{where}: field '{field}' is {kind}, expected a string")
+    raise ValueError(f"{where}: field '{field}' is {json_kind(value)}, expected a string")
   return str(value)
 
 

@@ -72,9 +72,15 @@ def main(argv=None) -> None:
   if errors:
     parser.error("; ".join(errors))  # exit code 2, before any problem is loaded or scored
 
-  items = harness.load_items(args.benchmark, limit=args.limit)
+  benchmark_items = harness.load_items(args.benchmark)
+  items = benchmark_items[: args.limit]
   if args.completions:
-    completions = harness.read_completions(args.completions)
+    try:  # against every task id of the benchmark: one beyond --limit is no error
+      completions = harness.read_completions(
+        args.completions, [it["task_id"] for it in benchmark_items]
+      )
+    except ValueError as e:
+      parser.error(str(e))  # exit code 2, before any problem is scored
     texts = [completions.get(it["task_id"], "") for it in items]
   else:
     model, tokenizer = load_pretrained(resolve_model_path(args.model))

@@ -17,12 +17,13 @@ share of the greedy completions.
 from __future__ import annotations
 
 import concurrent.futures
-import json
+import difflib
 import os
 import re
 from fractions import Fraction
 
 from train.eval import sandbox
+from train.records import json_kind, jsonl_records
 
 # ----------------------------------------------------------------------------
 # Math answers
@@ -231,11 +232,34 @@ def humaneval_results(
   ]
 
 
-def read_completions(path: str) -> dict[str, str]:
-  """{task_id: completion} from a JSONL file of {"task_id", "completion"} records."""
-  with open(path) as f:
-    records = [json.loads(line) for line in f if line.strip()]
-  return {r["task_id"]: r["completion"] for r in records}
+def read_completions(path: str, task_ids: list[str]) -> dict[str, str]:
+  """{task_id: completion} from a JSONL file of {"task_id", "completion"} records (other keys
+  are ignored). A record without either as a string, a task_id given twice or not in
+  `task_ids` (the benchmark's) is an error naming file:line."""
+  known = set(task_ids)
+  completions, lines = {}, {}
+  for line_number, record in jsonl_records(path):
+    where = f"{path}:{line_number}"
+    for key in ("task_id", "completion"):
+      if key not in record:
+        raise ValueError(
+          f"{where}: no {key!r} in this record (keys {sorted(record)}): each line must be "
+          '{"task_id": ..., "completion": ...}'
+        )
+      if not isinstance(record[key], str):
+        raise ValueError(f"{where}: {key!r} is {json_kind(record[key])}, expected a string")
+    task_id = record["task_id"]
+    if task_id in lines:
+      raise ValueError(
+        f"{where}: task_id {task_id!r} is given twice, on lines {lines[task_id]} and "
+        f"{line_number}: keep one"
+      )
+    if task_id not in known:
+      close = difflib.get_close_matches(task_id, task_ids, n=1)
+      hint = f"did you mean {close[0]!r}?" if close else f"they look like {task_ids[0]!r}"
+      raise ValueError(f"{where}: task_id {task_id!r} is not one of the benchmark's: {hint}")
+    completions[task_id], lines[task_id] = record["completion"], line_number
+  return completions
 
 
 # ----------------------------------------------------------------------------
