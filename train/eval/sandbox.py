@@ -9,7 +9,7 @@ unsafe to fork from a multithreaded process such as JAX's). The process tree::
 On Linux, as root or where unprivileged user namespaces are allowed, the launcher unshares new
 mount, network, PID, IPC and UTS namespaces (plus a user namespace when not root); init builds a
 new root on a tmpfs that holds only read-only binds of the system directories and of what the
-interpreter needs (`python_paths`: not the prefix folders, which may hold a project or other
+interpreter needs (`_python_paths`: not the prefix folders, which may hold a project or other
 environments), a private size-limited ``/tmp`` (the only writable place), four ``/dev`` nodes and
 a fresh ``/proc`` that shows only the sandbox's processes; then it ``pivot_root``\\ s into it.
 The candidate drops its privileges (as root: a uid of its own, so the process limit counts only
@@ -17,7 +17,12 @@ its processes; otherwise: a nested user namespace, so no capability survives ``e
 ``PR_SET_NO_NEW_PRIVS`` and resource limits, and ``execve``\\ s ``python -I`` with an environment
 of ``PATH``, ``LANG``, ``HOME`` and ``TMPDIR`` only. When the candidate exits or its time is up,
 init exits, and the kernel kills every process left in the namespace before init's parent sees
-it gone: nothing survives the call.
+it gone: nothing survives the call. Nor the caller: the launcher, init and the candidate each
+die with their parent (``PR_SET_PDEATHSIG``; the launcher's is the calling thread, which waits
+for it), and the work folder a killed caller leaves (``sandbox-<pid>-*`` in the temporary
+folder) is removed by the next process that runs a program, once its owner is gone. Whether the
+time was up is known by the caller's clock; the program's stdout and stderr are pipes read as
+they come, of which the last `OUTPUT_TAIL_BYTES` are kept.
 
 Where this isolation cannot be set up (not Linux, no privileges, a container's seccomp policy),
 ``run_python`` prints one warning naming the reason and runs the program with the rest: the
