@@ -110,13 +110,30 @@ def tokens_per_chip(config, topology: str) -> float:
   return config.train.batch_size * config.rows_per_item * config.data.max_length / chips
 
 
-def _summary(compiled, compile_s: float, topology: str, tokens: float) -> dict:
+def model_flops_per_chip(config, topology: str) -> float:
+  """The model's FLOPs per chip per step of `config` (6N per token plus attention), what
+  `train.plan` divides for MFU: MaxText's MFU here divides the same work as ours."""
+  import jax
+
+  from train.metrics import flops_per_token
+  from train.models.decoder import abstract_model
+  from train.plan.recipe import model_config_of
+
+  model_config = model_config_of(config)
+  num_params = sum(x.size for x in jax.tree.leaves(abstract_model(model_config)[1]))
+  per_token = flops_per_token(
+    num_params, model_config.num_layers, config.data.max_length, model_config.hidden_size
+  )
+  return tokens_per_chip(config, topology) * per_token
+
+
+def _summary(compiled, compile_s: float, topology: str, tokens: float, model_flops: float) -> dict:
   """The figures both sides report, from a compiled step (and its HLO text, "hlo")."""
   from train.plan import collectives, step_model
 
   memory = compiled.memory_analysis()
   text = compiled.as_text()
-  model = step_model(text, topology, tokens)
+  model = step_model(text, topology, tokens, model_flops)
   return {
     "per_device_bytes": memory.argument_size_in_bytes
     + memory.output_size_in_bytes
@@ -159,7 +176,13 @@ def run_maxtext(config, topology: str, model: str, layers: int | None) -> dict:
   """Compiles MaxText's train step for the step `config` describes."""
   with tempfile.TemporaryDirectory() as out_dir:
     compiled, seconds = maxtext_compile(maxtext_argv(config, topology, model, layers, out_dir))
-  return _summary(compiled, seconds, topology, tokens_per_chip(config, topology))
+  return _summary(
+    compiled,
+    seconds,
+    topology,
+    tokens_per_chip(config, topology),
+    model_flops_per_chip(config, topology),
+  )
 
 
 def maxtext_remat(policy: str) -> str:

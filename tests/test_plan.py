@@ -220,6 +220,16 @@ def test_vs_maxtext_names_the_slice_as_maxtext_does_and_prints_one_table():
   assert misfit.endswith("MaxText: does not fit: RESOURCE_EXHAUSTED: 9 GiB over")
 
 
+def test_vs_maxtext_divides_maxtexts_mfu_by_our_model_flops():
+  """Both sides' MFU divide the same work: Llama-3-8B's 8,030,261,248 parameters, 6N per
+  token plus causal attention, over the chip's 2048 tokens (v5e-256, 1 row per chip)."""
+  from train.config import load_config
+
+  config = load_config(str(ROOT / "configs" / "llama3_8b_metamath_v5e-256.yaml"))
+  expected = 2048 * (6 * 8_030_261_248 + 6 * 32 * 2048 * 4096)
+  assert _vs_maxtext().model_flops_per_chip(config, "v5e:16x16") == expected
+
+
 def test_vs_maxtext_names_each_sides_fastest_policy_that_fits():
   """Over several remat policies: the shortest modeled step among the steps that leave the
   sweep's headroom of HBM free; a step that does not compile is a line, not a column."""
