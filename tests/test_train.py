@@ -22,6 +22,7 @@ import train
 from train.checkpoints import NonFiniteLossError
 from train.config import ConfigError, load_config
 from train.data import Batches, prepare
+from train.mesh import _StartupWatch
 from train.models.decoder import abstract_model
 from train.models.tokenizer import ByteTokenizer
 from train.optimizer import build_optimizer
@@ -219,10 +220,12 @@ def _launch_two_processes(
   *overrides: str,
   cli: bool = False,
   per_process: tuple = ((), ()),
+  started: tuple = (0, 1),
 ) -> list:
   """Starts `train.run` in 2 processes x 4 CPU devices (gloo on localhost); `cli`: through
   `python -m train` (its exit code and messages) instead of printing the summary;
-  `per_process`: overrides for process 0 and process 1 alone."""
+  `per_process`: overrides for process 0 and process 1 alone; `started`: the processes
+  started (the others never start)."""
   config_path.write_text(json.dumps(config))
   port = _free_port()
   env = {
@@ -257,7 +260,7 @@ def _launch_two_processes(
       stderr=subprocess.STDOUT,
       text=True,
     )
-    for i in range(2)
+    for i in started
   ]
 
 
@@ -286,6 +289,65 @@ def test_processes_given_different_configs_stop_with_the_keys_named(tmp_path):
     assert p.returncode == 2, out
     assert "train.steps: process 0 10, process 1 30" in out, out
   assert not (tmp_path / "run" / "train_log.jsonl").exists()
+
+
+def test_a_process_that_never_starts_is_named_within_the_timeout(tmp_path):
+  """Instead of jax's SIGABRT and C++ stack after 5 minutes: before
+  mesh.initialization_timeout, each waiting process names the coordinator and who is missing."""
+  config = {
+    **TINY,
+    # A data file, never read (the run stops before), spares importing reasoning-gym.
+    "data": {**TINY["data"], "source": "files", "train_files": ["never_read.jsonl"]},
+    "train": {**TINY["train"], "output_dir": str(tmp_path / "run")},
+  }
+  alone = {
+    i: _launch_two_processes(
+      config, tmp_path / f"{i}.json", "mesh.initialization_timeout=3", cli=True, started=(i,)
+    )[0]
+    for i in (0, 1)
+  }
+  for i, proc in alone.items():
+    out = proc.communicate(timeout=120)[0]
+    port = re.search(r"mesh.coordinator_address=127.0.0.1:(\d+)", " ".join(proc.args))[1]
+    last = out.strip().splitlines()[-1]
+    assert proc.returncode == 1, out
+    assert last.startswith(
+      "error: the processes of this run did not all start within "
+      f"mesh.initialization_timeout=3 s (process {i} of 2): "
+    ), out
+    missing = (
+      f"processes [1] did not report to the coordinator at 127.0.0.1:{port}",
+      f"process 0 (the coordinator at 127.0.0.1:{port}) did not answer",
+    )[i]
+    assert missing in last and "raise mesh.initialization_timeout" in last, out
+
+
+def test_the_start_up_roll_call_names_who_is_missing(monkeypatch, capfd):
+  """3 processes, 2 started: process 0 names process 2; process 1, whose report process 0's
+  roll call took, points to process 0's line."""
+  address = f"127.0.0.1:{_free_port()}"
+  watches = [
+    _StartupWatch(
+      load_config(
+        {},
+        [f"mesh.coordinator_address={address}", "mesh.num_processes=3", f"mesh.process_id={i}"],
+      ).mesh
+    )
+    for i in (0, 1)
+  ]
+  monkeypatch.setattr(os, "_exit", sys.exit)  # what the timer would do, as an exception
+  lines = []
+  with watches[0], watches[1]:
+    deadline = time.time() + 30
+    while not (watches[0].reported and watches[1].reached) and time.time() < deadline:
+      time.sleep(0.05)
+    for watch in watches:
+      with pytest.raises(SystemExit, match="1"):
+        watch._give_up()
+      lines.append(capfd.readouterr().err)
+  coordinator = f"the coordinator at {address}"
+  assert f"(process 0 of 3): processes [2] did not report to {coordinator};" in lines[0]
+  assert f"(process 1 of 3): process 0 ({coordinator}) is up, but" in lines[1]
 
 
 def test_two_processes_match_one(tmp_path):

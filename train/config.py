@@ -365,6 +365,9 @@ class MeshConfig:
   coordinator_address: str | None = None
   num_processes: int | None = ranged(None, "[1, inf)")
   process_id: int | None = ranged(None, "[0, inf)")
+  # Seconds every process waits at start-up for all the others to connect (jax.distributed's
+  # initialization_timeout); then each stops, naming the processes that did not report.
+  initialization_timeout: int = ranged(300, "[1, inf)")
 
 
 @dataclasses.dataclass(frozen=True)

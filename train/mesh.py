@@ -5,6 +5,9 @@ from __future__ import annotations
 import json
 import math
 import os
+import socket
+import sys
+import threading
 
 import jax
 import numpy as np
@@ -44,12 +47,129 @@ def initialize_distributed(cfg: MeshConfig) -> bool:
     return False
   # CPU processes exchange collectives over gloo (tests, CPU clusters); GPU/TPU ignore it.
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
-  jax.distributed.initialize(
-    coordinator_address=cfg.coordinator_address,
-    num_processes=cfg.num_processes,
-    process_id=cfg.process_id,
-  )
+  with _StartupWatch(cfg):
+    jax.distributed.initialize(
+      coordinator_address=cfg.coordinator_address,
+      num_processes=cfg.num_processes,
+      process_id=cfg.process_id,
+      initialization_timeout=cfg.initialization_timeout,
+    )
   return True
+
+
+# The start-up watch reports this long (at most a fifth of the timeout) before jax's own
+# deadline, which aborts the process with a C++ stack.
+_REPORT_BEFORE_S = 5.0
+
+
+class _StartupWatch:
+  """Stops the process with a line naming the coordinator, the missing processes and
+  `mesh.initialization_timeout` when `jax.distributed.initialize` has not returned shortly
+  before that timeout: after it, jax aborts the process (SIGABRT) with only a C++ stack.
+
+  The missing processes are found by a roll call beside jax's: while they wait, process 0
+  listens on the coordinator's port + 1 and every other process reports its id there. Where
+  that cannot happen (the port is taken; the address or the ids come from the launcher's
+  environment) the line says what is known.
+  """
+
+  def __init__(self, cfg: MeshConfig):
+    self.cfg = cfg
+    self.finished = threading.Event()
+    self.reported: set[int] = set()  # process 0: the ids that answered the roll call
+    self.reached = False  # another process: whether process 0's roll call took its report
+    self.roll_call_error: str | None = None
+    timeout = cfg.initialization_timeout
+    self.timer = threading.Timer(timeout - min(_REPORT_BEFORE_S, timeout / 5), self._give_up)
+    self.timer.daemon = True
+
+  def __enter__(self):
+    cfg = self.cfg
+    host, _, port = (cfg.coordinator_address or "").rpartition(":")
+    if port.isdigit() and None not in (cfg.num_processes, cfg.process_id):
+      address = (host.strip("[]"), int(port) + 1)
+      roll_call = self._listen if cfg.process_id == 0 else self._report
+      threading.Thread(target=roll_call, args=(address,), daemon=True).start()
+    self.timer.start()
+    return self
+
+  def __exit__(self, *exc_info):
+    self.timer.cancel()
+    self.finished.set()
+
+  def _listen(self, address: tuple[str, int]) -> None:
+    try:
+      if socket.has_dualstack_ipv6():  # as jax's service, on every interface
+        server = socket.create_server(
+          ("::", address[1]), family=socket.AF_INET6, dualstack_ipv6=True
+        )
+      else:
+        server = socket.create_server(("", address[1]))
+    except OSError as e:
+      self.roll_call_error = f"port {address[1]}: {e.strerror}"
+      return
+    with server:
+      server.settimeout(0.2)  # to see `finished`
+      while not self.finished.is_set():
+        try:
+          connection, _ = server.accept()
+          with connection:
+            connection.settimeout(1)
+            self.reported.add(int(connection.recv(32)))
+        except (OSError, ValueError):  # nothing yet, or not a report
+          continue
+
+  def _report(self, address: tuple[str, int]) -> None:
+    while not self.finished.is_set():
+      try:
+        with socket.create_connection(address, timeout=1) as connection:
+          connection.sendall(f"{self.cfg.process_id}\n".encode())
+        self.reached = True
+        return
+      except OSError:  # process 0 is not listening (yet)
+        self.finished.wait(0.2)
+
+  def _give_up(self) -> None:
+    cfg = self.cfg
+    coordinator = (
+      f"the coordinator at {cfg.coordinator_address}"
+      if cfg.coordinator_address
+      else "the coordinator (from the launcher's environment)"
+    )
+    if cfg.num_processes is None or cfg.process_id is None:
+      missing = f"not every process connected to {coordinator}"
+    elif cfg.process_id == 0 and self.roll_call_error:
+      missing = (
+        f"not every process connected to {coordinator}, and which did not is unknown: "
+        f"no roll call ({self.roll_call_error})"
+      )
+    elif cfg.process_id == 0:
+      absent = sorted(set(range(1, cfg.num_processes)) - self.reported)
+      missing = (
+        f"processes {absent} did not report to {coordinator}"
+        if absent
+        else f"every process reported, but not all connected to {coordinator}: "
+        "can every host reach its port?"
+      )
+    elif self.reached:
+      missing = (
+        f"process 0 ({coordinator}) is up, but other processes did not report: its line names them"
+      )
+    else:
+      missing = (
+        f"process 0 ({coordinator}) did not answer: it has not started, or the address is wrong"
+      )
+    whom = "" if cfg.process_id is None else f" (process {cfg.process_id} of {cfg.num_processes})"
+    message = (
+      f"error: the processes of this run did not all start within "
+      f"mesh.initialization_timeout={cfg.initialization_timeout} s{whom}: {missing}; start "
+      "every process (the same command, each with its own mesh.process_id), or raise "
+      "mesh.initialization_timeout"
+    )
+    # The main thread is blocked in jax's C++ start-up: nothing but an exit ends it.
+    sys.stdout.flush()
+    os.write(2, f"\n{message}\n".encode())
+    os._exit(1)
 
 
 # Config keys that differ between the processes of one run by design.
