@@ -247,12 +247,19 @@ def test_rope_scaling_keys_are_the_ones_its_rope_type_takes(rope, message):
 
 
 def test_rope_scaling_as_hugging_face_writes_it_is_accepted():
-  for rope in ({"rope_type": "default", "rope_theta": 1e6}, {"type": "default"}, LLAMA3_ROPE):
+  default = {"rope_type": "default", "rope_theta": 1e6}
+  by_layer_type = {"full_attention": LLAMA3_ROPE, "sliding_attention": default}
+  for rope in (default, {"type": "default"}, LLAMA3_ROPE, {"type": "linear", "factor": 2.0}):
     for key in ("rope_scaling", "rope_parameters"):
       hf = {**TINY_HF, key: rope}
       assert load_config({"model": {"path": None, "hf_config": hf}}).model.hf_config == hf
-  llama3 = set(re.findall(r"""rope\[["'](\w+)["']\]""", inspect.getsource(LlamaConfig.from_hf)))
-  assert llama3 == set(config_module._ROPE_TYPE_KEYS["llama3"])  # the keys from_hf reads
+      if rope.get("rope_type", rope.get("type")) != "linear":  # the decoder reads it too
+        LlamaConfig.from_hf(hf)
+  hf = {**TINY_HF, "rope_parameters": by_layer_type}
+  assert load_config({"model": {"path": None, "hf_config": hf}}).model.hf_config == hf
+  with pytest.raises(ConfigError, match=r"rope_parameters.full_attention.factor=0 must be > 0"):
+    hf = {**TINY_HF, "rope_parameters": {"full_attention": {**LLAMA3_ROPE, "factor": 0}}}
+    load_config({"model": {"path": None, "hf_config": hf}})
 
 
 def test_an_override_that_sets_a_mapping_replaces_it(tmp_path):

@@ -129,6 +129,7 @@ _HF_CONFIG_REQUIRED = (
 # takes in `LlamaConfig.from_hf`, all required, beside these common ones.
 _ROPE_TYPE_KEYS = {
   "default": {},
+  "linear": {"factor": Interval("(0, inf)")},
   "llama3": {
     "factor": Interval("(0, inf)"),
     "low_freq_factor": Interval("(0, inf)"),
@@ -137,6 +138,8 @@ _ROPE_TYPE_KEYS = {
   },
 }
 _ROPE_COMMON_KEYS = {"rope_type": None, "type": None, "rope_theta": Interval("(0, inf)")}
+# transformers 5's rope_parameters of a model with sliding layers (Gemma 3): one per layer type.
+_ROPE_LAYER_TYPES = ("full_attention", "sliding_attention")
 
 
 def _did_you_mean(name: str, known) -> str:
@@ -151,6 +154,15 @@ def _check_rope(key: str, rope: Any) -> None:
     return
   if not isinstance(rope, dict):
     raise ConfigError(f"{key}={rope!r}: expected a mapping")
+  if any(layer_type in rope for layer_type in _ROPE_LAYER_TYPES):
+    for layer_type, per_type in rope.items():
+      if layer_type not in _ROPE_LAYER_TYPES:
+        raise ConfigError(
+          f"unknown key {key}.{layer_type}{_did_you_mean(layer_type, _ROPE_LAYER_TYPES)} "
+          f"A mapping per layer type takes: {list(_ROPE_LAYER_TYPES)}"
+        )
+      _check_rope(f"{key}.{layer_type}", per_type)
+    return
   rope_type = rope.get("rope_type", rope.get("type", "default"))
   if not isinstance(rope_type, str) or rope_type not in _ROPE_TYPE_KEYS:
     raise ConfigError(
