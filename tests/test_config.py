@@ -232,11 +232,11 @@ LLAMA3_ROPE = {
   [
     (
       {**LLAMA3_ROPE, "low_freq_facter": 1.0},
-      r"unknown key model.hf_config.rope_scaling.low_freq_facter; did you mean "
-      r"'low_freq_factor'.*\? rope_type 'llama3' takes: \[",
+      r"unknown key model.hf_config.rope_scaling.low_freq_facter: rope_type 'llama3' takes "
+      r"\[.*\]; did you mean 'low_freq_factor'",
     ),
     ({"factor": 2.0}, r"unknown key model.hf_config.rope_scaling.factor.*'default' takes"),
-    ({"rope_type": "yarn", "factor": 4.0}, r"rope_type='yarn' is not implemented.*'llama3'"),
+    ({"rope_type": "yarn", "factor": 4.0}, r"rope_type='yarn' is not implemented.*'llama3'\]$"),
     ({"rope_type": "llama3", "factor": 8.0}, r"rope_scaling lacks \['low_freq_factor', "),
     ({**LLAMA3_ROPE, "factor": -1}, r"rope_scaling.factor=-1 must be > 0"),
   ],

@@ -158,23 +158,23 @@ def _check_rope(key: str, rope: Any) -> None:
     for layer_type, per_type in rope.items():
       if layer_type not in _ROPE_LAYER_TYPES:
         raise ConfigError(
-          f"unknown key {key}.{layer_type}{_did_you_mean(layer_type, _ROPE_LAYER_TYPES)} "
-          f"A mapping per layer type takes: {list(_ROPE_LAYER_TYPES)}"
+          f"unknown key {key}.{layer_type}: a mapping per layer type takes "
+          f"{list(_ROPE_LAYER_TYPES)}{_did_you_mean(layer_type, _ROPE_LAYER_TYPES)}"
         )
       _check_rope(f"{key}.{layer_type}", per_type)
     return
   rope_type = rope.get("rope_type", rope.get("type", "default"))
   if not isinstance(rope_type, str) or rope_type not in _ROPE_TYPE_KEYS:
     raise ConfigError(
-      f"{key}.rope_type={rope_type!r} is not implemented by the decoder"
-      f"{_did_you_mean(rope_type, _ROPE_TYPE_KEYS)} It implements: {list(_ROPE_TYPE_KEYS)}"
+      f"{key}.rope_type={rope_type!r} is not implemented by the decoder, which implements "
+      f"{list(_ROPE_TYPE_KEYS)}{_did_you_mean(rope_type, _ROPE_TYPE_KEYS)}"
     )
   takes = _ROPE_TYPE_KEYS[rope_type] | _ROPE_COMMON_KEYS
   for name, value in rope.items():
     if name not in takes:
       raise ConfigError(
-        f"unknown key {key}.{name}{_did_you_mean(name, takes)} rope_type {rope_type!r} "
-        f"takes: {sorted(takes)}"
+        f"unknown key {key}.{name}: rope_type {rope_type!r} takes {sorted(takes)}"
+        f"{_did_you_mean(name, takes)}"
       )
     _check_range(f"{key}.{name}", value, takes[name])
   missing = [name for name in _ROPE_TYPE_KEYS[rope_type] if name not in rope]
