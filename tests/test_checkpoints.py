@@ -2,12 +2,14 @@
 dirs, corrupt files, the data fingerprint a resume checks."""
 
 import datetime
+import re
 from pathlib import Path
 
 import jax.numpy as jnp
 import pytest
 
 from train.checkpoints import (
+  CHECKSUMS,
   Checkpoints,
   CorruptCheckpointError,
   NonFiniteLossError,
@@ -87,11 +89,13 @@ def test_stale_tmp_dirs_are_removed_before_a_save_or_resume(tmp_path):
 
 @pytest.mark.parametrize("kind", ["array data", "json metadata"])
 def test_a_truncated_file_is_named_as_corrupt(tmp_path, kind):
+  """By its checksum; in a checkpoint saved without checksums, by Orbax's failing read."""
   Checkpoints(tmp_path, keep=1).save_final(2, PARAMS, OPT_STATE, {"step": 2})
   files = [
     p
     for p in (tmp_path / "2").rglob("*")
     if p.is_file() and (p.parent.name == "d") == (kind == "array data") and p.suffix != ".txt"
+    if p.name != CHECKSUMS
   ]
   if kind == "json metadata":
     files = [max(files, key=lambda p: p.stat().st_size)]
@@ -99,11 +103,76 @@ def test_a_truncated_file_is_named_as_corrupt(tmp_path, kind):
     path.write_bytes(path.read_bytes()[:10])
   names = "|".join(p.name for p in files)
   with pytest.raises(
+    CorruptCheckpointError, match=rf"{tmp_path}/2 is corrupt: .*({names}): its sha256 is"
+  ):
+    Checkpoints(tmp_path, keep=1).restore(PARAMS, OPT_STATE)
+  (tmp_path / "2" / CHECKSUMS).unlink()
+  with pytest.raises(
     CorruptCheckpointError,
     match=rf"{tmp_path}/2 is corrupt or truncated: "
     rf".*({names})",
   ):
     Checkpoints(tmp_path, keep=1).restore(PARAMS, OPT_STATE)
+
+
+LARGER = {"w": jnp.linspace(0, 1, 64 * 64).reshape(64, 64)}  # its data outweighs the indexes
+LARGER_OPT_STATE = {"mu": jnp.zeros((64, 64))}
+
+
+def _save_two_steps(directory: Path) -> Path:
+  """Steps 1 and 2 (2 with other weights), one bit flipped in the middle of step 2's array
+  data (its largest file); returns that file."""
+  checkpoints = Checkpoints(directory, keep=2)
+  checkpoints.save_final(1, LARGER, LARGER_OPT_STATE, {"step": 1})
+  checkpoints.save_final(2, {"w": LARGER["w"] + 1}, LARGER_OPT_STATE, {"step": 2})
+  path = max((directory / "2").rglob("*"), key=lambda p: p.stat().st_size)
+  data = bytearray(path.read_bytes())
+  data[len(data) // 2] ^= 0x10
+  path.write_bytes(bytes(data))
+  return path
+
+
+def test_a_flipped_bit_is_a_corruption_error_naming_the_step_and_the_file(tmp_path):
+  """A bit flipped in an array file loads silently without checksums; with them the restore
+  names the step and the file, and the checkpoint stays."""
+  flipped = _save_two_steps(tmp_path)
+  with pytest.raises(CorruptCheckpointError) as error:
+    Checkpoints(tmp_path, keep=2).restore(LARGER, LARGER_OPT_STATE)
+  assert re.fullmatch(
+    rf"checkpoint {tmp_path}/2 is corrupt: {flipped}: its sha256 is [0-9a-f]{{64}}, not "
+    rf"[0-9a-f]{{64}} as saved; it is left as it is\. To resume from step 1, the checkpoint "
+    r"before it, set checkpoint\.fall_back_on_corruption=true \(which moves it aside\), or "
+    rf"move it out of {tmp_path}",
+    str(error.value),
+  )
+  assert _steps(tmp_path) == [1, 2]
+
+
+def test_fall_back_on_corruption_restores_the_step_before_and_keeps_the_corrupt_one(tmp_path):
+  flipped = _save_two_steps(tmp_path)
+  checkpoints = Checkpoints(tmp_path, keep=2, fall_back_on_corruption=True)
+  assert checkpoints.read_meta() == {"step": 1}
+  params, _, meta = checkpoints.restore(LARGER, LARGER_OPT_STATE)
+  assert meta == {"step": 1} and (params["w"] == LARGER["w"]).all()
+  (aside,) = tmp_path.glob("2.corrupt-*")
+  assert (aside / flipped.relative_to(tmp_path / "2")).is_file()
+  checkpoints.save_final(2, LARGER, LARGER_OPT_STATE, {"step": 2})  # the resumed run saves 2
+  assert _steps(tmp_path) == [1, 2] and aside.is_dir()
+
+
+def test_a_nan_loss_on_restored_weights_does_not_delete_their_checkpoint(tmp_path):
+  """This run did not write the checkpoint it resumed from: a non-finite loss on it does not
+  prove it bad, so it stays, and the message says how to continue from an earlier one."""
+  Checkpoints(tmp_path, keep=2).save_final(2, PARAMS, OPT_STATE, {"step": 2})
+  checkpoints = Checkpoints(tmp_path, keep=2)
+  checkpoints.restore(PARAMS, OPT_STATE)
+  with pytest.raises(
+    NonFiniteLossError,
+    match=rf"loss is nan at step 3, .*: stopping; checkpoint 2, which this run resumed from, "
+    rf"is left in {tmp_path} .* move {tmp_path}/2 out of {tmp_path}",
+  ):
+    checkpoints.check(2, float("nan"))
+  assert _steps(tmp_path) == [2]
 
 
 def test_fingerprint_names_the_data_keys_that_change_the_rows():

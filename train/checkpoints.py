@@ -11,6 +11,13 @@ complete: nothing is deleted for a save that a full disk or a kill can still sto
 because the job is stopped, on which no step runs, are confirmed by checking
 that all their parameters are finite.
 
+Each step is published with `checksums.json`, the sha256 of every file of its items (Orbax
+has no checksums of its own for array data: a flipped bit loads silently). A restore checks
+them first: a file that differs is a `CorruptCheckpointError` naming the step and the file,
+and the checkpoint stays where it is; the one before it is restored only when asked
+(`checkpoint.fall_back_on_corruption`). A checkpoint is deleted only by pruning or because
+this run's own weights in it gave a non-finite loss, never because it failed its checksums.
+
 `Preemption` turns SIGTERM (what preemptible TPU VMs, spot VMs, Kubernetes and
 SLURM send before they kill) and SIGINT into "stop after this step": the loop
 saves that step, and the command line exits with `PREEMPTED_EXIT_CODE`.
@@ -18,9 +25,11 @@ saves that step, and the command line exits with `PREEMPTED_EXIT_CODE`.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import datetime
 import errno
+import hashlib
 import json
 import math
 import os
@@ -34,10 +43,13 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 from train.config import Config, ConfigError, to_dict
 from train.disk import disk_errors
+from train.records import log
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -45,7 +57,11 @@ class NonFiniteLossError(FloatingPointError):
 
 
 class CorruptCheckpointError(RuntimeError):
-  """A checkpoint's files cannot be read back."""
+  """A checkpoint's files cannot be read back, or differ from what was written."""
+
+
+# In each step directory: the sha256 of every file of its items, by path relative to it.
+CHECKSUMS = "checksums.json"
 
 
 # EX_TEMPFAIL of sysexits.h, "a temporary failure: retrying may succeed": the run saved its
@@ -199,6 +215,9 @@ class Checkpoints:
     every_seconds: save at least this often by wall time (0: never by time).
     read_only: another run's checkpoints (`train.resume=<path>`): restored from, never
       written, pruned or cleaned.
+    fall_back_on_corruption: a restore whose checkpoint's files fail their checksums
+      restores the latest one before it that passes (moving the corrupt ones aside,
+      unless `read_only`), rather than stop.
   """
 
   def __init__(
@@ -208,10 +227,15 @@ class Checkpoints:
     every: int = 0,
     every_seconds: float = 0,
     read_only: bool = False,
+    fall_back_on_corruption: bool = False,
   ):
     self.directory = directory.absolute()
     self.keep, self.every = keep, every
+    self.read_only, self.fall_back_on_corruption = read_only, fall_back_on_corruption
     self.unconfirmed: set[int] = set()
+    # The steps this object saved: a non-finite loss deletes only these (never one restored).
+    self._saved: set[int] = set()
+    self._restore_from: int | None = None  # the step restored, once its checksums passed
     # The step of the save in flight: Orbax finishes a save before it starts the next one,
     # and `wait` finishes it, so this is the same on every process.
     self._writing: int | None = None
@@ -226,7 +250,10 @@ class Checkpoints:
     # a save interrupted mid-way is never listed. Pruning is ours (`check`):
     # Orbax's max_to_keep would drop a good checkpoint for a diverged one.
     options = ocp.CheckpointManagerOptions(
-      max_to_keep=None, create=not read_only, read_only=read_only
+      max_to_keep=None,
+      create=not read_only,
+      read_only=read_only,
+      async_options=ocp.AsyncOptions(post_finalization_callback=self._write_checksums),
     )
     handlers = {"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
     self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
@@ -263,6 +290,10 @@ class Checkpoints:
   def save(self, step: int, params, opt_state, meta: dict) -> None:
     """Starts an async save; it is kept once `check(step, loss)` sees a finite loss."""
     with disk_errors(self.directory):
+      # The previous save finishes first (`manager.save` would wait for it too), so that
+      # `_writing` names this step when its checksums are written.
+      self.manager.wait_until_finished()
+      self._writing = step
       self.manager.save(
         step,
         args=ocp.args.Composite(
@@ -272,8 +303,21 @@ class Checkpoints:
         force=True,
       )
     self.unconfirmed.add(step)
-    self._writing = step  # (`manager.save` finished the previous one first)
+    self._saved.add(step)
     self._last_save = datetime.datetime.now(datetime.timezone.utc)
+
+  def _write_checksums(self) -> None:
+    """Orbax's post-finalization callback: on the primary process, once every process has
+    written its files, before the rename that publishes the step. So a step is listed only
+    with its checksums. Orbax's own step files at the top (`_CHECKPOINT_METADATA`, rewritten
+    at the rename) are not covered."""
+    tmp = self.directory / f"{self._writing}{ocp.path.atomicity.TMP_DIR_SUFFIX}"
+    names = sorted(
+      str(path.relative_to(tmp)) for path in tmp.rglob("*") if path.is_file() and path.parent != tmp
+    )
+    with concurrent.futures.ThreadPoolExecutor(_HASH_THREADS) as pool:
+      digests = pool.map(lambda name: _sha256(tmp / name), names)
+      (tmp / CHECKSUMS).write_text(json.dumps({"sha256": dict(zip(names, digests))}, indent=1))
 
   def save_final(self, step: int, params, opt_state, meta: dict) -> None:
     """No step runs on the last weights (of the run, or before it stops): they are kept if
@@ -288,23 +332,33 @@ class Checkpoints:
     """`loss` was computed on the weights after `step` updates.
 
     Finite: the checkpoints up to `step` are good; the oldest beyond `keep`
-    are deleted. Otherwise the checkpoints from `step` on are deleted and
-    NonFiniteLossError names the one a resume starts from.
+    are deleted. Otherwise the checkpoints from `step` on that this run saved
+    are deleted (their weights gave that loss) and NonFiniteLossError names the
+    one a resume starts from. A restored checkpoint is never deleted: a loss on
+    it alone does not prove its weights bad (a changed setting can cause it).
     """
     if math.isfinite(loss):
       self._confirm(step)
       return
     self.wait()  # let in-flight saves land before deleting them
-    for bad in [s for s in self.manager.all_steps() if s >= step]:
+    for bad in [s for s in self.manager.all_steps() if s >= step and s in self._saved]:
       self.manager.delete(bad)
     self.unconfirmed.clear()
     kept = self.latest_step()
-    resume = (
-      f"the last good checkpoint, step {kept}, is kept in {self.directory}: continue "
-      "with train.resume=true (and a smaller optimizer.lr)"
-      if kept is not None
-      else f"no checkpoint with finite weights is left in {self.directory}"
-    )
+    if kept is None:
+      resume = f"no checkpoint with finite weights is left in {self.directory}"
+    elif kept >= step:
+      resume = (
+        f"checkpoint {kept}, which this run resumed from, is left in {self.directory} (this "
+        "run did not write it, so it cannot tell whether its weights gave that loss); to "
+        f"continue from an earlier one, move {self.directory / str(kept)} out of "
+        f"{self.directory} and resume with train.resume=true (and a smaller optimizer.lr)"
+      )
+    else:
+      resume = (
+        f"the last good checkpoint, step {kept}, is kept in {self.directory}: continue "
+        "with train.resume=true (and a smaller optimizer.lr)"
+      )
     what = what or f"loss is {loss} at step {step + 1}, computed on the weights after step {step}"
     raise NonFiniteLossError(f"{what}: stopping; {resume}.")
 
@@ -323,14 +377,76 @@ class Checkpoints:
       self.manager.delete(old)
 
   def read_meta(self) -> dict:
-    """The latest checkpoint's meta (step, data position, fingerprints), without its arrays,
-    to check a resume before anything is restored."""
-    step = self.latest_step()
+    """The meta (step, data position, fingerprints) of the checkpoint to restore, without its
+    arrays, to check a resume before anything is restored."""
+    step = self._restorable_step()
     try:
       restored = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
     except Exception as e:
       raise self._corrupt(step, e) from e
     return restored["meta"]
+
+  def _restorable_step(self) -> int:
+    """The latest step, once its files match their checksums. One that does not is a
+    CorruptCheckpointError, left as it is; with `fall_back_on_corruption`, it is moved aside
+    (never deleted; left in place, a later save of its step would overwrite it and pruning
+    would count it as good) and the one before it is checked."""
+    if self._restore_from is not None:
+      return self._restore_from
+    for step in sorted(self.manager.all_steps(), reverse=True):
+      damage = self._damaged_file(step)
+      if damage is None:
+        self._restore_from = step
+        return step
+      corrupt = f"checkpoint {self.directory / str(step)} is corrupt: {damage}"
+      if not self.fall_back_on_corruption:
+        earlier = [s for s in self.manager.all_steps() if s < step]
+        raise CorruptCheckpointError(
+          f"{corrupt}; it is left as it is. "
+          + (
+            f"To resume from step {max(earlier)}, the checkpoint before it, set "
+            "checkpoint.fall_back_on_corruption=true (which moves it aside), or move it out "
+            f"of {self.directory}"
+            if earlier
+            else f"No earlier checkpoint is in {self.directory}"
+          )
+        )
+      log(f"{corrupt}; {self._set_aside(step)} (checkpoint.fall_back_on_corruption=true)")
+    raise CorruptCheckpointError(f"no checkpoint in {self.directory} matches its checksums")
+
+  def _damaged_file(self, step: int) -> str | None:
+    """The first file of checkpoint `step` that differs from what was written, and how; None
+    when all match, or when the step has no checksums (saved before they were written).
+    Each process hashes a share of the files; all return the same verdict."""
+    step_dir = self.directory / str(step)
+    damage = None
+    if (step_dir / CHECKSUMS).exists():
+      try:
+        written = json.loads((step_dir / CHECKSUMS).read_text())["sha256"]
+        names = sorted(written)[jax.process_index() :: jax.process_count()]
+      except (ValueError, KeyError, TypeError) as e:
+        damage = f"{step_dir / CHECKSUMS}: not the checksums written with it ({e!r})"
+      else:
+        with concurrent.futures.ThreadPoolExecutor(_HASH_THREADS) as pool:
+          found = pool.map(lambda name: _file_damage(step_dir / name, written[name]), names)
+          damage = next((d for d in found if d is not None), None)
+    if jax.process_count() > 1:
+      flags = multihost_utils.process_allgather(np.int32(damage is not None))
+      if damage is None and flags.any():
+        damage = f"a file that process {int(np.argmax(flags))} names in its output"
+    return damage
+
+  def _set_aside(self, step: int) -> str:
+    """Moves the corrupt checkpoint `step` out of the list of steps; says where it went."""
+    if self.read_only:
+      return "restoring the one before it; it is left in place (another run's checkpoints)"
+    aside = self.directory / f"{step}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}"
+    if jax.process_index() == 0:
+      (self.directory / str(step)).rename(aside)
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices(f"checkpoint {step} set aside")
+    self.manager.reload()
+    return f"moved it to {aside} and restoring the one before it"
 
   def _corrupt(self, step: int, error: Exception) -> CorruptCheckpointError:
     # The restore's other reads still report into Orbax's closed event loop from
@@ -349,7 +465,7 @@ class Checkpoints:
 
     Its weights count as unconfirmed until the first step's loss is seen.
     """
-    step = self.latest_step()
+    step = self._restorable_step()
     abstract = jax.tree.map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
       {"params": params, "opt_state": opt_state},
@@ -407,6 +523,29 @@ def _shape_differences(saved, abstract, shown: int = 4) -> list[str]:
   ]
   more = len(differences) - shown
   return differences[:shown] + ([f"{more} more"] if more > 0 else [])
+
+
+# Files are hashed in parallel threads: hashlib releases the GIL while it hashes a large chunk.
+_HASH_THREADS = min(32, os.cpu_count() or 1)
+
+
+def _sha256(path: Path) -> str:
+  digest = hashlib.sha256()
+  with open(path, "rb") as f:
+    while chunk := f.read(1 << 22):
+      digest.update(chunk)
+  return digest.hexdigest()
+
+
+def _file_damage(path: Path, written: str) -> str | None:
+  """How the file at `path` differs from the one whose sha256 was `written`; None if not."""
+  try:
+    actual = _sha256(path)
+  except FileNotFoundError:
+    return f"{path}: missing"
+  except OSError as e:
+    return f"{path}: unreadable ({e.strerror})"
+  return None if actual == written else f"{path}: its sha256 is {actual}, not {written} as saved"
 
 
 def _bad_file(error: BaseException, step_dir: Path) -> str:

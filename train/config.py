@@ -1,6 +1,6 @@
 """Training configuration: nested frozen dataclasses loaded from YAML.
 
-A run is described by one `Config` with eight sections. `load_config` reads a
+A run is described by one `Config` with nine sections. `load_config` reads a
 YAML file, applies dotted command-line overrides (`optimizer.mask_ratio=0.3`)
 and validates every key and value BEFORE anything heavy starts: an unknown key
 names the nearest valid one, an enum value lists the allowed ones, a number outside
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib.util
 import math
 import re
 import types
@@ -199,6 +200,27 @@ def _check_hf_config(key: str, hf: dict | None) -> None:
   missing = [name for name in _HF_CONFIG_REQUIRED if name not in hf]
   if missing:
     raise ConfigError(f"{key} lacks {missing}: a random init needs {list(_HF_CONFIG_REQUIRED)}")
+
+
+def missing_extra(module: str, extra: str) -> str | None:
+  """What to install when `module`, which the optional extra `extra` of pyproject.toml
+  brings, cannot be imported; None when it can. Looked up without importing it."""
+  if importlib.util.find_spec(module) is not None:
+    return None
+  return f'{module} is not installed: pip install "gmt-optax[{extra}]"'
+
+
+# metrics.loggers that need an optional extra: the module each imports and that extra.
+_LOGGER_EXTRAS = {"wandb": ("wandb", "wandb")}
+
+
+def _check_loggers(key: str, loggers: tuple[str, ...]) -> None:
+  twice = sorted({name for name in loggers if loggers.count(name) > 1})
+  if twice:
+    raise ConfigError(f"{key}={list(loggers)}: {', '.join(twice)} given twice")
+  for name in loggers:
+    if name in _LOGGER_EXTRAS and (missing := missing_extra(*_LOGGER_EXTRAS[name])):
+      raise ConfigError(f"{key} asks for {name}, but {missing}")
 
 
 def _check_range(key: str, value: Any, interval: Interval | None) -> None:
@@ -395,6 +417,24 @@ class CheckpointConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class MetricsConfig:
+  """Where the scalars of each logged step and evaluation go (`train.metrics.MetricWriter`):
+  every logger gets the same ones, mask telemetry included."""
+
+  # jsonl: train_log.jsonl and eval_log.jsonl; tensorboard: output_dir/tensorboard; wandb:
+  # Weights & Biases (pip install "gmt-optax[wandb]"; WANDB_MODE=offline keeps the run in
+  # output_dir/wandb for `wandb sync`), the run's config as its config, continued on resume.
+  loggers: tuple[Literal["jsonl", "tensorboard", "wandb"], ...] = dataclasses.field(
+    default=("jsonl", "tensorboard"), metadata={"check": _check_loggers}
+  )
+  # W&B's project and entity (user or team); null: WANDB_PROJECT (else "gmt-optax") and
+  # WANDB_ENTITY (else your default entity), as in TRL.
+  wandb_project: str | None = None
+  wandb_entity: str | None = None
+  run_name: str | None = None  # the tracker's run name (TRL's run_name); null: output_dir's name
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
   model: ModelConfig = ModelConfig()
   data: DataConfig = DataConfig()
@@ -404,6 +444,7 @@ class Config:
   eval: EvalConfig = EvalConfig()
   mesh: MeshConfig = MeshConfig()
   checkpoint: CheckpointConfig = CheckpointConfig()
+  metrics: MetricsConfig = MetricsConfig()
 
   @property
   def dpo_objective(self) -> DPOConfig | None:

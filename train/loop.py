@@ -3,7 +3,7 @@
 `run(config)` validates the config, starts multi-host JAX when asked and claims the output
 directory; `train.run_setup.setup_run` builds the mesh, model, data and steps once (a `Run`);
 the `Evaluator` scores the held-out data before, every `eval.every` steps and after; the
-`Trainer` runs the updates with per-step JSONL and TensorBoard logs and Orbax checkpoints.
+`Trainer` runs the updates with per-step logs (`metrics.loggers`) and Orbax checkpoints.
 Everything it writes goes under `train.output_dir` (`train.paths.RunPaths`). Asked to stop
 (SIGTERM, SIGINT), it finishes the current step, saves it and raises `Preempted`.
 """
@@ -138,7 +138,7 @@ def _run(
     "num_params": run.model.num_params,
     "data": run.data_report,
   }
-  writer = MetricWriter(paths.tensorboard, jax.process_index() == 0)
+  writer = MetricWriter(paths, config, jax.process_index() == 0)
   evaluator = Evaluator(run, paths, writer, eval_reference)
   if config.eval.before and first_step == 0:
     summary["before"] = _evaluate_before(run, evaluator, params, cache)
@@ -254,7 +254,7 @@ class Trained(NamedTuple):
 
 class Trainer:
   """The updates of a run from a first step to `total_steps`: each step's record goes to
-  train_log.jsonl, TensorBoard and the progress bar; checkpoints are saved when due and
+  the loggers of `metrics.loggers` and the progress bar; checkpoints are saved when due and
   kept once a later loss confirms them; asked to stop, it saves after the current step and
   raises `Preempted`."""
 
@@ -281,7 +281,6 @@ class Trainer:
       peak and peak * jax.device_count(),
       run.model.shardings,  # names the layers of mask telemetry
     )
-    self.log_file = open(paths.train_log, "a") if jax.process_index() == 0 else None
     self.progress = None
 
   def meta(self, step: int) -> dict:
@@ -304,9 +303,6 @@ class Trainer:
       return
     record["epoch"] = self.run.batches.epoch(record["step"])
     self.step_times.append(record["step_time_s"])
-    if self.log_file:
-      self.log_file.write(json.dumps(record) + "\n")
-      self.log_file.flush()
     self.writer.write(record["step"], record, "train/")
     self.checkpoints.check(record["step"] - 1, record["loss"])
     self.progress.set_postfix(
@@ -317,8 +313,6 @@ class Trainer:
 
   def _close(self) -> None:
     self.progress.close()
-    if self.log_file:
-      self.log_file.close()
 
   def _stopped(self, step: int, saved: bool = True) -> Preempted:
     """Closes the outputs; the error that ends the run after `step`."""

@@ -34,7 +34,6 @@ import os
 import sys
 import time
 
-import gguf
 import jax
 import jax.numpy as jnp
 
@@ -43,7 +42,7 @@ from train.data import ROW_FIELDS
 from train.mesh import check_micro_batch, make_mesh, rows_sharding
 from train.metrics import flops_per_token
 from train.models.decoder import REMAT_POLICIES, LlamaConfig
-from train.models.gguf_import import gguf_config, resolve_model_path
+from train.models.gguf_import import gguf_config, read_gguf, resolve_model_path
 from train.plan.chips import CHIP_OF_KIND, HBM_BYTES, GiB
 from train.plan.hlo import Module, collectives
 from train.plan.roofline import step_model
@@ -72,7 +71,7 @@ def model_config_of(config: Config) -> LlamaConfig:
     with open(os.path.join(cfg.path, "config.json")) as f:
       return LlamaConfig.from_hf(json.load(f))
   path = resolve_model_path(cfg.path)
-  return gguf_config(gguf.GGUFReader(path), path)
+  return gguf_config(read_gguf(path), path)
 
 
 def topology_devices(name: str, slices: int = 1) -> list:
