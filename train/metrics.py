@@ -1,5 +1,5 @@
-"""Step metrics that never stall the device: throughput, step time and MFU per log line;
-TensorBoard scalars beside the JSONL log.
+"""Step metrics that never stall the device: throughput, step time and MFU per log line; each
+log and eval record to the loggers of `metrics.loggers` (JSONL, TensorBoard, W&B).
 
 Reading a metric (`float(v)`) waits for its step. `Meter` keeps the metrics of
 a log step and reads them only after the next step is dispatched (as nanodo
@@ -11,6 +11,7 @@ list}}}`, named by the parameters' paths.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import platform
@@ -19,6 +20,8 @@ import time
 import jax
 
 import gmt_optax
+from train.config import Config, to_dict
+from train.paths import RunPaths
 
 # Peak dense bf16 FLOP/s per chip, by `jax.devices()[0].device_kind` (first match wins).
 PEAK_FLOPS = (
@@ -122,34 +125,107 @@ def mask_scalars(tensors: dict) -> dict[str, float]:
   return {tag: v for tag, v in scalars.items() if not math.isnan(v)}
 
 
-class MetricWriter:
-  """Numeric values of log and eval records as TensorBoard scalars under `directory`.
+def scalars(values: dict, prefix: str) -> dict[str, float]:
+  """The scalars of a log or eval record, as every logger names them: numeric `values` as
+  `<prefix><name>` (the step and booleans left out), then its mask telemetry (`mask_scalars`)."""
+  tags = {
+    prefix + name: value
+    for name, value in values.items()
+    if name != "step" and isinstance(value, (int, float)) and not isinstance(value, bool)
+  }
+  return {**tags, **mask_scalars(values.get("mask", {}))}
 
-  tensorboardX writes the event files with only numpy and protobuf (no
-  TensorFlow or torch, which flax's and clu's writers import) and is kept in
-  step with TensorBoard's format. Only process 0 writes; elsewhere this is a
-  no-op, so every process can call it.
-  """
 
-  def __init__(self, directory, enabled: bool):
-    self._writer = None
-    if enabled:
-      from tensorboardX import SummaryWriter  # here: only the process that writes loads it
+class _JsonLines:
+  """Train records to train_log.jsonl (whole: the mask telemetry stays nested), eval records
+  to eval_log.jsonl, one JSON object per line, flushed at once."""
 
-      self._writer = SummaryWriter(str(directory))
+  def __init__(self, paths: RunPaths, config: Config):
+    self._paths = {"train/": paths.train_log, "eval/": paths.eval_log}
+    self._files = {}
 
-  def write(self, step: int, values: dict, prefix: str) -> None:
-    """Numeric `values` as `<prefix><name>`; a `"mask"` entry (mask telemetry) as
-    `mask/<statistic>/<tensor>[/layer_<i>]`, one scalar per layer (see `mask_scalars`)."""
-    if self._writer is None:
-      return
-    for name, value in values.items():
-      if name != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
-        self._writer.add_scalar(prefix + name, value, step)
-    for tag, value in mask_scalars(values.get("mask", {})).items():
+  def write(self, step: int, record: dict, prefix: str, tags: dict[str, float]) -> None:
+    if prefix not in self._files:
+      self._files[prefix] = open(self._paths[prefix], "a")
+    self._files[prefix].write(json.dumps({"step": step, **record}) + "\n")
+    self._files[prefix].flush()
+
+  def close(self) -> None:
+    for file in self._files.values():
+      file.close()
+
+
+class _TensorBoard:
+  """Scalars as TensorBoard event files in output_dir/tensorboard. tensorboardX writes them
+  with only numpy and protobuf (no TensorFlow or torch, which flax's and clu's writers
+  import) and is kept in step with TensorBoard's format."""
+
+  def __init__(self, paths: RunPaths, config: Config):
+    from tensorboardX import SummaryWriter  # here: only the process that writes loads it
+
+    self._writer = SummaryWriter(str(paths.tensorboard))
+
+  def write(self, step: int, record: dict, prefix: str, tags: dict[str, float]) -> None:
+    for tag, value in tags.items():
       self._writer.add_scalar(tag, value, step)
     self._writer.flush()  # a crash or a preemption keeps what was logged
 
   def close(self) -> None:
-    if self._writer is not None:
-      self._writer.close()
+    self._writer.close()
+
+
+class _WandB:
+  """Scalars to a Weights & Biases run whose config is the run's. Its id is kept in
+  output_dir/wandb/run_id, so `train.resume=true` continues that run. As in TRL, the step is
+  the metric `train/global_step`, not W&B's own step: a resume logs again the steps after its
+  checkpoint, which W&B would drop as earlier than its last step."""
+
+  def __init__(self, paths: RunPaths, config: Config):
+    import wandb  # here: an optional extra, loaded only when asked for
+
+    m = config.metrics
+    resumed = config.train.resume is True and paths.wandb_run_id.is_file()
+    paths.wandb.mkdir(parents=True, exist_ok=True)
+    self._run = wandb.init(
+      project=m.wandb_project or os.environ.get("WANDB_PROJECT") or "gmt-optax",
+      entity=m.wandb_entity,
+      name=m.run_name or paths.root.resolve().name,
+      id=paths.wandb_run_id.read_text().strip() if resumed else None,
+      resume="allow" if resumed else None,
+      dir=str(paths.root),
+      config=to_dict(config),
+    )
+    paths.wandb_run_id.write_text(self._run.id)
+    self._run.define_metric("train/global_step")
+    self._run.define_metric("*", step_metric="train/global_step", step_sync=True)
+
+  def write(self, step: int, record: dict, prefix: str, tags: dict[str, float]) -> None:
+    self._run.log({**tags, "train/global_step": step})
+
+  def close(self) -> None:
+    self._run.finish()
+
+
+_LOGGERS = {"jsonl": _JsonLines, "tensorboard": _TensorBoard, "wandb": _WandB}
+
+
+class MetricWriter:
+  """Log and eval records to every logger of `metrics.loggers`: each gets the same scalars
+  (`scalars`), the JSONL logs the whole records. Only process 0 writes; elsewhere this is a
+  no-op, so every process can call it."""
+
+  def __init__(self, paths: RunPaths, config: Config, enabled: bool):
+    names = config.metrics.loggers if enabled else ()
+    self._loggers = [_LOGGERS[name](paths, config) for name in names]
+
+  def write(self, step: int, values: dict, prefix: str) -> None:
+    """A record at `step`: its numeric `values` as `<prefix><name>`, a `"mask"` entry (mask
+    telemetry) as `mask/<statistic>/<tensor>[/layer_<i>]`, one scalar per layer."""
+    tags = scalars(values, prefix)
+    for logger in self._loggers:
+      logger.write(step, values, prefix, tags)
+
+  def close(self) -> None:
+    for logger in self._loggers:
+      logger.close()
+    self._loggers = []

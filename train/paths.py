@@ -3,8 +3,10 @@
 config.yaml          the resolved config (a resume keeps it and adds config.resumed-<step>.yaml)
 run.lock             held by the live run (`train.run_dir.RunLock`)
 train_log.jsonl      one JSON record per logged step
+eval_log.jsonl       one JSON record per evaluation (before, every eval.every steps, after)
 checkpoints/<step>/  Orbax training state
 tensorboard/         TensorBoard event files
+wandb/               Weights & Biases' files of the run, and its run id (`metrics.loggers`)
 profile/             jax.profiler traces of `train.profile_steps`
 eval_<tag>.jsonl     completions and scores of one evaluation (before, step<N>, after)
 summary.json         the final metrics
@@ -40,12 +42,26 @@ class RunPaths:
     return self.root / "train_log.jsonl"
 
   @property
+  def eval_log(self) -> Path:
+    return self.root / "eval_log.jsonl"
+
+  @property
   def checkpoints(self) -> Path:
     return self.root / "checkpoints"
 
   @property
   def tensorboard(self) -> Path:
     return self.root / "tensorboard"
+
+  @property
+  def wandb(self) -> Path:
+    """The folder `wandb.init(dir=root)` writes (its name is W&B's)."""
+    return self.root / "wandb"
+
+  @property
+  def wandb_run_id(self) -> Path:
+    """The id of the run's W&B run: a resume continues that run."""
+    return self.wandb / "run_id"
 
   @property
   def profile(self) -> Path:

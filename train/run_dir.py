@@ -219,17 +219,18 @@ def claim(out: Path, config: Config) -> RunLock | None:
 
 
 def resumed(out: Path, config: Config, step: int) -> None:
-  """Continuing the run in `out` at `step`: its config beside the original, the log cut at `step`."""
+  """Continuing the run in `out` at `step`: its config beside the original, the train and eval
+  logs cut at `step`."""
   if jax.process_index() != 0 or config.train.resume is not True:
     return
   save_config(config, RunPaths(out).resumed_config(step))
-  log = RunPaths(out).train_log
-  if log.is_file():
-    kept = []
-    for line in log.read_text().splitlines():
-      try:
-        if json.loads(line)["step"] <= step:
-          kept.append(line + "\n")
-      except (json.JSONDecodeError, KeyError):  # a line torn by a kill
-        pass
-    log.write_text("".join(kept))
+  for log in (RunPaths(out).train_log, RunPaths(out).eval_log):
+    if log.is_file():
+      kept = []
+      for line in log.read_text().splitlines():
+        try:
+          if json.loads(line)["step"] <= step:
+            kept.append(line + "\n")
+        except (json.JSONDecodeError, KeyError):  # a line torn by a kill
+          pass
+      log.write_text("".join(kept))
