@@ -412,6 +412,10 @@ class CheckpointConfig:
   every_seconds: float = ranged(0.0, "[0, inf)")
   keep: int = ranged(2, "[1, inf)")
   save_final: bool = True
+  # A resume whose checkpoint's files fail their checksums: false stops, naming the file;
+  # true moves that checkpoint aside (<step>.corrupt-<time>, never deleted) and resumes from
+  # the one before it.
+  fall_back_on_corruption: bool = False
   export: bool = False  # write a Hugging Face directory at the end
   export_dir: str | None = None  # default: <output_dir>/hf
 

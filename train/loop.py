@@ -128,7 +128,13 @@ def _run(
   # DPO's reference is the initial weights, so it is taken before any checkpoint is restored.
   reference_args, eval_reference = _dpo_reference(run)
   c = config.checkpoint
-  checkpoints = Checkpoints(paths.checkpoints, c.keep, c.every, c.every_seconds)
+  checkpoints = Checkpoints(
+    paths.checkpoints,
+    c.keep,
+    c.every,
+    c.every_seconds,
+    fall_back_on_corruption=c.fall_back_on_corruption,
+  )
   first_step = 0
   if config.train.resume:
     params, opt_state, first_step = _resume(run, checkpoints, params, opt_state, out)
@@ -207,7 +213,12 @@ def _resume(run: Run, checkpoints: Checkpoints, params, opt_state, out: Path) ->
   source = (
     checkpoints
     if config.train.resume is True
-    else Checkpoints(run_dir.resume_source(config), c.keep, read_only=True)
+    else Checkpoints(
+      run_dir.resume_source(config),
+      c.keep,
+      read_only=True,
+      fall_back_on_corruption=c.fall_back_on_corruption,
+    )
   )
   if source.latest_step() is None:
     raise FileNotFoundError(f"train.resume: no checkpoint in {source.directory}")
