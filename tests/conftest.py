@@ -1,7 +1,9 @@
 """Test-wide set-up: 8 simulated CPU devices so the sharding tests run anywhere; the helpers and
 fixtures that several test files share (imported as ``from tests.conftest import ...``)."""
 
+import json
 import os
+import shutil
 import subprocess
 
 import numpy as np
@@ -29,6 +31,33 @@ def load_fixture(name):
   )
 
 
+def fixture_with_config(tmp_path, name, **changes):
+  """A copy of fixture ``name`` with ``changes`` written into its config.json."""
+  changed = tmp_path / name
+  shutil.copytree(os.path.join(FIXTURES, name), changed)
+  config = json.loads((changed / "config.json").read_text())
+  (changed / "config.json").write_text(json.dumps(config | changes))
+  return str(changed)
+
+
+def fixture_variants(name) -> dict:
+  """``{variant: config changes}`` of fixture ``name`` (its ``variants.json``), whose
+  transformers logits are ``logits_<variant>.npy``."""
+  file = os.path.join(FIXTURES, name, "variants.json")
+  if not os.path.exists(file):
+    return {}
+  with open(file) as f:
+    return json.load(f)
+
+
+def load_variant(tmp_path, name, variant):
+  """(directory, input_ids, logits) of fixture ``name`` under the config changes of
+  ``variant``: a copy in ``tmp_path``, and transformers' logits of it."""
+  path = fixture_with_config(tmp_path, name, **fixture_variants(name)[variant])
+  _, ids, _ = load_fixture(name)
+  return path, ids, np.load(os.path.join(FIXTURES, name, f"logits_{variant}.npy"))
+
+
 def tiny_llama_config(**changes):
   """A randomly initialised Llama small enough to compile in seconds: 2 layers of width 32,
   4 query heads sharing 2 key/value heads of 8, a vocabulary of 64, untied embeddings."""
@@ -47,11 +76,14 @@ def tiny_llama_config(**changes):
   return LlamaConfig(**{**fields, **changes})
 
 
-def assert_attention_matches_xla(kernel, q, k, v, segment_ids, atol=1e-5, grad_atol=1e-4):
+def assert_attention_matches_xla(
+  kernel, q, k, v, segment_ids, window=None, atol=1e-5, grad_atol=1e-4
+):
   """``kernel(q, k, v)`` against the model's XLA attention path with packed segments: the
   outputs, and the gradients of the summed squared outputs, at the real (nonzero-segment)
   tokens; padding rows are left out. The mask is the model's (``packing_mask``), checked
-  against its definition written out: same nonzero segment, not in the future.
+  against its definition written out: same nonzero segment, not in the future, and with a
+  sliding ``window`` fewer than ``window`` tokens back.
 
   q is [batch, seq, kv_heads, groups, head_dim], k and v [batch, seq, kv_heads, head_dim],
   segment_ids [batch, seq] (0: padding)."""
@@ -62,12 +94,13 @@ def assert_attention_matches_xla(kernel, q, k, v, segment_ids, atol=1e-5, grad_a
 
   segment_ids = jnp.asarray(segment_ids)
   slots = jnp.arange(segment_ids.shape[1])
-  mask = packing_mask(segment_ids, segment_ids, slots, slots)
+  mask = packing_mask(segment_ids, segment_ids, slots, slots, window)
+  back = slots[:, None] - slots[None, :]
   np.testing.assert_array_equal(
     mask,
     (segment_ids[:, :, None] == segment_ids[:, None, :])
     & (segment_ids[:, None, :] != 0)
-    & (slots[:, None] >= slots[None, :])[None],
+    & ((back >= 0) & (back < (window or len(slots))))[None],
   )
   valid = (segment_ids != 0)[:, :, None, None, None]
 

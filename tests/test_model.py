@@ -10,11 +10,21 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from tests.conftest import FIXTURES, assert_attention_matches_xla, load_fixture, tiny_llama_config
+from tests.conftest import (
+  FIXTURES,
+  assert_attention_matches_xla,
+  fixture_variants,
+  load_fixture,
+  load_variant,
+  tiny_llama_config,
+)
 from train.models.decoder import Llama, LlamaConfig, attention, rope_inv_freq, splash_attention
 from train.models.pretrained import load_pretrained
 
-NAMES = ("llama", "qwen2", "mistral")
+NAMES = ("llama", "qwen2", "mistral", "qwen3", "gemma3")
+# (fixture, variant): the same weights under another config (tests/fixtures/*/variants.json):
+# sliding windows of 4 over the 12 input tokens (Mistral, Qwen2/3), none (Gemma 3).
+VARIANTS = [(name, variant) for name in NAMES for variant in fixture_variants(name)]
 
 
 def hf_config(name):
@@ -41,12 +51,60 @@ def test_logits_match_transformers(name):
   np.testing.assert_allclose(np.asarray(logits), expected, atol=1e-4, rtol=0)
 
 
+@pytest.mark.parametrize("name, variant", VARIANTS)
+def test_sliding_window_logits_match_transformers(name, variant, tmp_path):
+  path, ids, expected = load_variant(tmp_path, name, variant)
+  model, _ = load_pretrained(path)
+  np.testing.assert_allclose(np.asarray(forward(model, jnp.asarray(ids))), expected, atol=1e-4)
+  # The variant changes the logits: without the window (or with it) they would differ.
+  assert np.abs(expected - load_fixture(name)[2]).max() > 1e-2
+
+
 def test_fixture_configs_cover_the_family():
   configs = {n: LlamaConfig.from_hf(hf_config(n)) for n in NAMES}
   assert configs["llama"].rope_scaling["rope_type"] == "llama3"
   assert configs["llama"].tie_word_embeddings
   assert configs["qwen2"].attention_bias
   assert configs["mistral"].num_kv_heads < configs["mistral"].num_heads
+  qwen3, gemma3 = configs["qwen3"], configs["gemma3"]
+  assert qwen3.qk_norm and not qwen3.attention_bias and qwen3.sliding_window is None
+  assert qwen3.head_dim * qwen3.num_heads != qwen3.hidden_size  # head_dim read, not derived
+  assert gemma3.qk_norm and gemma3.norm_unit_offset and gemma3.sandwich_norms
+  assert gemma3.scale_embeddings and gemma3.tie_word_embeddings
+  assert gemma3.hidden_act == "gelu_pytorch_tanh" and gemma3.query_pre_attn_scalar == 12
+  assert gemma3.sliding_window == 4 and list(gemma3.sliding_layers) == [True, False, True]
+  assert gemma3.rope_scaling == {"rope_type": "linear", "factor": 8.0}
+  assert (gemma3.rope_theta, gemma3.rope_local_theta) == (1e6, 1e4)
+
+
+def test_gemma3_config_forms_read_alike():
+  """A transformers 4 config.json (rope_theta, rope_local_base_freq, rope_scaling,
+  sliding_window_pattern) and a multimodal gemma3 one (a text_config listing only what
+  differs from Gemma3TextConfig's defaults) read as transformers reads them."""
+  new = hf_config("gemma3")
+  old = {k: v for k, v in new.items() if k not in ("rope_parameters", "layer_types")}
+  old |= dict(
+    rope_theta=1e6,
+    rope_local_base_freq=1e4,
+    rope_scaling={"rope_type": "linear", "factor": 8.0},
+    sliding_window_pattern=2,
+  )
+  assert LlamaConfig.from_hf(old) == LlamaConfig.from_hf(new)
+  text = {"hidden_size": 2560, "num_hidden_layers": 34, "sliding_window": 1024}
+  multimodal = LlamaConfig.from_hf({"model_type": "gemma3", "text_config": text})
+  assert multimodal.model_type == "gemma3_text" and multimodal.vocab_size == 262_208
+  assert (multimodal.head_dim, multimodal.num_heads, multimodal.num_kv_heads) == (256, 8, 4)
+  assert multimodal.sliding_layers.sum() == 34 - 34 // 6  # every sixth layer is global
+  assert not multimodal.sliding_layers[5] and multimodal.sliding_layers[6]
+  assert (multimodal.rope_theta, multimodal.rope_local_theta) == (1e6, 1e4)
+
+
+def test_qwen_sliding_layers_from_max_window_layers():
+  hf = {**hf_config("qwen3"), "use_sliding_window": True, "sliding_window": 4}
+  hf |= {"max_window_layers": 1, "layer_types": None}
+  assert list(LlamaConfig.from_hf(hf).sliding_layers) == [False, True]
+  # As transformers: without use_sliding_window, no layer slides whatever sliding_window says.
+  assert LlamaConfig.from_hf({**hf, "use_sliding_window": False}).sliding_window is None
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -70,7 +128,7 @@ def test_llama3_rope_scaling_divides_low_frequencies():
   "field, value, message",
   [
     ("model_type", "gpt2", "model_type 'gpt2'"),
-    ("sliding_window", 16, "sliding_window"),
+    ("sliding_window", 0, "sliding_window=0"),
     ("hidden_act", "gelu", "hidden_act"),
     ("mlp_bias", True, "mlp_bias"),
     ("rope_scaling", {"rope_type": "yarn", "factor": 4.0}, "yarn"),
@@ -82,9 +140,20 @@ def test_unsupported_config_names_the_field(field, value, message):
     LlamaConfig.from_hf(config)
 
 
-def test_qwen2_sliding_window_in_use_is_rejected():
-  with pytest.raises(ValueError, match="use_sliding_window"):
-    LlamaConfig.from_hf({**hf_config("qwen2"), "use_sliding_window": True})
+@pytest.mark.parametrize(
+  "name, field, value",
+  [
+    ("llama", "sliding_window", 16),  # transformers' Llama ignores it; Mistral has it
+    ("gemma3", "final_logit_softcapping", 30.0),  # Gemma 2
+    ("gemma3", "attn_logit_softcapping", 50.0),
+    ("gemma3", "use_bidirectional_attention", True),
+    ("gemma3", "layer_types", ["sliding_attention", "chunked_attention", "full_attention"]),
+    ("qwen3", "attention_bias", True),
+  ],
+)
+def test_unsupported_family_config_names_the_field(name, field, value):
+  with pytest.raises(ValueError, match=rf"\({name}\w*\): unsupported {field}="):
+    LlamaConfig.from_hf({**hf_config(name), field: value})
 
 
 def test_partitioning_metadata(llama):
@@ -113,23 +182,27 @@ def test_packing_equals_separate_sequences(llama):
   assert np.isfinite(np.asarray(logits)).all()  # padding rows too
 
 
-def test_kv_cache_matches_full_forward(llama):
-  _, ids, _ = load_fixture("llama")
-  full = forward(llama, jnp.asarray(ids))
-  cache = llama.init_cache(ids.shape[0], 16)
+@pytest.mark.parametrize("name", ["llama", "gemma3"])  # gemma3: sliding layers, window 4
+def test_kv_cache_matches_full_forward(name):
+  path, ids, _ = load_fixture(name)
+  model, _ = load_pretrained(path)
+  full = forward(model, jnp.asarray(ids))
+  cache = model.init_cache(ids.shape[0], 16)
   step = jax.jit(lambda m, x, c: m(x, cache=c))  # nnx modules are pytrees
-  logits, cache = step(llama, jnp.asarray(ids[:, :7]), cache)
+  logits, cache = step(model, jnp.asarray(ids[:, :7]), cache)
   pieces = [logits]
   for i in range(7, ids.shape[1]):
-    logits, cache = step(llama, jnp.asarray(ids[:, i : i + 1]), cache)
+    logits, cache = step(model, jnp.asarray(ids[:, i : i + 1]), cache)
     pieces.append(logits)
   assert int(cache["index"]) == ids.shape[1]
   np.testing.assert_allclose(np.concatenate(pieces, axis=1), full, atol=1e-5)
 
 
-def test_splash_kernel_equals_xla_attention_with_packed_segments():
+@pytest.mark.parametrize("window", [None, 64])
+def test_splash_kernel_equals_xla_attention_with_packed_segments(window):
   """The TPU splash kernel (run by the Pallas interpreter) against the XLA path:
-  outputs and gradients, two packed segments in one row and padding in the other."""
+  outputs and gradients, two packed segments in one row and padding in the other; with a
+  sliding window shorter than both segments, or none."""
   rng = np.random.default_rng(0)
   b, s, k_heads, groups, h = 2, 256, 2, 2, 32
   q = jnp.asarray(rng.normal(size=(b, s, k_heads, groups, h)), jnp.float32) * h**-0.5
@@ -137,8 +210,10 @@ def test_splash_kernel_equals_xla_attention_with_packed_segments():
   segment_ids = np.ones((b, s), np.int32)
   segment_ids[0, 100:] = 2
   segment_ids[1, 200:] = 0
-  splash = lambda q, k, v: splash_attention(q, k, v, jnp.asarray(segment_ids), interpret=True)
-  assert_attention_matches_xla(splash, q, k, v, segment_ids)
+  splash = lambda q, k, v: splash_attention(
+    q, k, v, jnp.asarray(segment_ids), window=window, interpret=True
+  )
+  assert_attention_matches_xla(splash, q, k, v, segment_ids, window)
 
 
 def test_remat_same_values_and_gradients():
@@ -156,13 +231,20 @@ def test_remat_same_values_and_gradients():
     np.testing.assert_allclose(x, y, atol=1e-6)
 
 
-def test_bfloat16_compute_is_close():
-  path, ids, expected = load_fixture("mistral")
+@pytest.mark.parametrize("name", ["mistral", "gemma3"])
+def test_bfloat16_compute_is_close(name):
+  path, ids, expected = load_fixture(name)
   model, _ = load_pretrained(path, dtype=jnp.bfloat16)
   assert model.layers.mlp.up_proj.kernel.dtype == jnp.bfloat16
   logits = forward(model, jnp.asarray(ids))
   assert logits.dtype == jnp.float32
   np.testing.assert_allclose(np.asarray(logits), expected, atol=0.1)
+
+
+def test_bfloat16_sliding_window_is_close(tmp_path):
+  path, ids, expected = load_variant(tmp_path, "qwen3", "sliding_window")
+  model, _ = load_pretrained(path, dtype=jnp.bfloat16)
+  np.testing.assert_allclose(np.asarray(forward(model, jnp.asarray(ids))), expected, atol=0.1)
 
 
 def test_random_init_without_mesh():

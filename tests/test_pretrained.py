@@ -23,7 +23,7 @@ import safetensors
 import safetensors.numpy
 from flax import nnx
 
-from tests.conftest import FIXTURES, load_fixture
+from tests.conftest import FIXTURES, fixture_with_config, load_fixture, load_variant
 from train import run_dir
 from train.config import load_config
 from train.models import gguf_import, pretrained
@@ -55,7 +55,7 @@ def test_tokenizer_from_dir():
   assert tok.encode(text)[0] == tok.bos_token_id
 
 
-@pytest.mark.parametrize("name", ["llama", "qwen2"])
+@pytest.mark.parametrize("name", ["llama", "qwen2", "gemma3"])
 def test_round_trip_identical_params(name, tmp_path):
   model, tok = load_pretrained(os.path.join(FIXTURES, name))
   out = export_pretrained(model, tok, str(tmp_path / "export"))
@@ -173,14 +173,19 @@ def test_export_loads_in_transformers(tmp_path):
   transformers = pytest.importorskip(
     "transformers", reason="the compare extra (transformers) is not installed"
   )
-  for name in ("llama", "qwen2", "mistral"):
-    path, ids, expected = load_fixture(name)
+  cases = [(name, None) for name in ("llama", "qwen2", "mistral", "qwen3", "gemma3")]
+  cases += [("qwen3", "sliding_window"), ("gemma3", "no_sliding_window")]
+  for name, variant in cases:
+    if variant is None:
+      path, ids, expected = load_fixture(name)
+    else:
+      path, ids, expected = load_variant(tmp_path / variant, name, variant)
     model, tok = load_pretrained(path)
-    out = export_pretrained(model, tok, str(tmp_path / name))
+    out = export_pretrained(model, tok, str(tmp_path / f"{name}-{variant}"))
     hf = transformers.AutoModelForCausalLM.from_pretrained(out)
     with torch.no_grad():
       logits = hf(torch.from_numpy(ids).long()).logits.numpy()
-    np.testing.assert_allclose(logits, expected, atol=1e-4, err_msg=name)
+    np.testing.assert_allclose(logits, expected, atol=1e-4, err_msg=f"{name} {variant}")
   hf_tok = transformers.AutoTokenizer.from_pretrained(out)
   assert hf_tok.encode("hello world") == tok.encode("hello world")
 
@@ -262,18 +267,9 @@ def test_an_integer_tensor_is_refused_naming_it(tmp_path, dtype):
     load_pretrained(str(broken))
 
 
-def fixture_with_config(tmp_path, name, **changes):
-  """A copy of fixture ``name`` with ``changes`` written into its config.json."""
-  broken = tmp_path / "broken"
-  shutil.copytree(os.path.join(FIXTURES, name), broken)
-  config = json.loads((broken / "config.json").read_text())
-  (broken / "config.json").write_text(json.dumps(config | changes))
-  return str(broken)
-
-
 def test_unsupported_config_field(tmp_path):
-  with pytest.raises(ValueError, match="sliding_window"):
-    load_pretrained(fixture_with_config(tmp_path, "mistral", sliding_window=4))
+  with pytest.raises(ValueError, match="hidden_act='gelu'"):
+    load_pretrained(fixture_with_config(tmp_path, "mistral", hidden_act="gelu"))
 
 
 def test_wrong_tensor_shape_names_tensor(tmp_path):

@@ -40,17 +40,48 @@ from jax.sharding import PartitionSpec as P
 
 log = logging.getLogger(__name__)
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
-_ARCHITECTURES = {
-  "llama": "LlamaForCausalLM",
-  "mistral": "MistralForCausalLM",
-  "qwen2": "Qwen2ForCausalLM",
+# model_type -> (the transformers class, the LlamaConfig fields every checkpoint of the family has).
+FAMILIES = {
+  "llama": ("LlamaForCausalLM", {}),
+  "mistral": ("MistralForCausalLM", {}),
+  "qwen2": ("Qwen2ForCausalLM", {"attention_bias": True}),
+  "qwen3": ("Qwen3ForCausalLM", {"qk_norm": True}),
+  "gemma3_text": (
+    "Gemma3ForCausalLM",
+    {"qk_norm": True, "norm_unit_offset": True, "sandwich_norms": True, "scale_embeddings": True},
+  ),
 }
+# gemma3 (multimodal): the text model of its text_config; the vision tower is not loaded.
+SUPPORTED_MODEL_TYPES = (*FAMILIES, "gemma3")
+# Gemma3TextConfig's defaults, for the keys Gemma 3 config.json files leave out (a multimodal
+# text_config lists little more than what differs from them).
+_GEMMA3_TEXT_DEFAULTS = {
+  "vocab_size": 262_208,
+  "hidden_size": 2304,
+  "intermediate_size": 9216,
+  "num_hidden_layers": 26,
+  "num_attention_heads": 8,
+  "num_key_value_heads": 4,
+  "head_dim": 256,
+  "hidden_activation": "gelu_pytorch_tanh",
+  "max_position_embeddings": 131_072,
+  "rms_norm_eps": 1e-6,
+  "tie_word_embeddings": True,
+  "query_pre_attn_scalar": 256,
+  "sliding_window": 4096,
+  "sliding_window_pattern": 6,
+}
+# MLP activations by their transformers name (ACT2FN): the gate of SwiGLU / GeGLU.
+ACTIVATIONS = {
+  "silu": jax.nn.silu,
+  "gelu_pytorch_tanh": functools.partial(jax.nn.gelu, approximate=True),
+}
+LAYER_TYPES = ("full_attention", "sliding_attention")
 
 
 @dataclasses.dataclass(frozen=True)
 class LlamaConfig:
-  """Shape and numerics of a Llama-family decoder."""
+  """Shape and numerics of a Llama-family decoder (Llama, Mistral, Qwen2/3, Gemma 3)."""
 
   vocab_size: int
   hidden_size: int
@@ -66,11 +97,32 @@ class LlamaConfig:
   tie_word_embeddings: bool = False
   attention_bias: bool = False
   model_type: str = "llama"
+  hidden_act: str = "silu"  # an ACTIVATIONS name
+  qk_norm: bool = False  # RMSNorm of each query and key head before RoPE (Qwen3, Gemma 3)
+  # Gemma: norm weights stored as w - 1 (the norm scales by 1 + w, in float32); a norm after
+  # each sub-layer's output as well as before its input; embeddings times sqrt(hidden_size).
+  norm_unit_offset: bool = False
+  sandwich_norms: bool = False
+  scale_embeddings: bool = False
+  query_pre_attn_scalar: int | None = None  # queries scaled by its -1/2 power; None: head_dim
+  # A sliding layer's query sees itself and the sliding_window - 1 tokens before it;
+  # layer_types names each layer's kind (LAYER_TYPES). None: every layer attends to all.
+  sliding_window: int | None = None
+  layer_types: tuple[str, ...] | None = None
+  # The RoPE base of sliding layers (Gemma 3's rope_local_base_freq, no scaling); None: the
+  # global layers' RoPE.
+  rope_local_theta: float | None = None
 
   def __hash__(self):
     # rope_scaling is a dict; the config is static jit/graph metadata, so it
     # must hash.
     return hash(json.dumps(dataclasses.asdict(self), sort_keys=True))
+
+  @property
+  def sliding_layers(self) -> np.ndarray:
+    """bool [num_layers]: which layers attend within the sliding window."""
+    types = self.layer_types or ("full_attention",) * self.num_layers
+    return np.array([t == "sliding_attention" for t in types])
 
   @classmethod
   def from_hf(cls, hf: dict) -> "LlamaConfig":
@@ -85,54 +137,40 @@ class LlamaConfig:
         f"config.json: unsupported model_type {model_type!r}; "
         f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
       )
+    if model_type == "gemma3":
+      hf = {**(hf.get("text_config") or {}), "model_type": "gemma3_text"}
+      model_type = "gemma3_text"
+    if model_type == "gemma3_text":
+      hf = {**_GEMMA3_TEXT_DEFAULTS, **hf}
 
     def unsupported(field, why):
       raise ValueError(f"config.json ({model_type}): unsupported {field}={hf.get(field)!r}: {why}")
 
-    if hf.get("hidden_act", "silu") != "silu":
-      unsupported("hidden_act", "only 'silu' (SwiGLU) is implemented")
+    act_field = "hidden_activation" if "hidden_activation" in hf else "hidden_act"
+    hidden_act = hf.get(act_field, "silu")
+    if hidden_act not in ACTIVATIONS:
+      unsupported(act_field, f"implemented: {', '.join(ACTIVATIONS)}")
     if hf.get("mlp_bias", False):
       unsupported("mlp_bias", "MLP biases are not implemented")
     if model_type != "qwen2" and hf.get("attention_bias", False):
       unsupported("attention_bias", "o_proj bias is not implemented")
-    if model_type == "qwen2":
-      if hf.get("use_sliding_window", False):
-        unsupported("use_sliding_window", "sliding-window attention is not implemented")
-      if any(t != "full_attention" for t in hf.get("layer_types") or ()):
-        unsupported("layer_types", "only full attention is implemented")
-    elif hf.get("sliding_window") is not None and (
-      hf["sliding_window"] < hf.get("max_position_embeddings", 2048)
-    ):
-      unsupported("sliding_window", "sliding-window attention is not implemented")
     if hf.get("partial_rotary_factor", 1.0) != 1.0:
       unsupported("partial_rotary_factor", "only full rotary embeddings")
+    for field in ("attn_logit_softcapping", "final_logit_softcapping"):
+      if hf.get(field) is not None:
+        unsupported(field, "soft-capping (Gemma 2) is not implemented")
+    if hf.get("use_bidirectional_attention"):
+      unsupported("use_bidirectional_attention", "only causal attention is implemented")
 
-    # transformers 5 writes `rope_parameters`; older files `rope_scaling` and
-    # `rope_theta`.
-    rope = dict(hf.get("rope_scaling") or hf.get("rope_parameters") or {})
-    rope_theta = float(hf.get("rope_theta", rope.pop("rope_theta", 10000.0)))
-    rope.pop("rope_theta", None)
-    rope_type = rope.get("rope_type", rope.get("type", "default"))
-    field = "rope_scaling" if "rope_scaling" in hf else "rope_parameters"
-    if rope_type == "default":
-      rope_scaling = None
-    elif rope_type == "llama3":
-      rope_scaling = {
-        "rope_type": "llama3",
-        "factor": float(rope["factor"]),
-        "low_freq_factor": float(rope["low_freq_factor"]),
-        "high_freq_factor": float(rope["high_freq_factor"]),
-        "original_max_position_embeddings": int(rope["original_max_position_embeddings"]),
-      }
-    else:
-      unsupported(field, f"rope type {rope_type!r} (only default and 'llama3')")
-
+    num_layers = hf["num_hidden_layers"]
+    sliding_window, layer_types = _sliding_window(hf, model_type, num_layers, unsupported)
+    rope_theta, rope_scaling, rope_local_theta = _rope(hf, model_type, unsupported)
     num_heads = hf["num_attention_heads"]
     return cls(
       vocab_size=hf["vocab_size"],
       hidden_size=hf["hidden_size"],
       intermediate_size=hf["intermediate_size"],
-      num_layers=hf["num_hidden_layers"],
+      num_layers=num_layers,
       num_heads=num_heads,
       num_kv_heads=hf.get("num_key_value_heads") or num_heads,
       head_dim=hf.get("head_dim") or hf["hidden_size"] // num_heads,
@@ -141,8 +179,13 @@ class LlamaConfig:
       rope_scaling=rope_scaling,
       max_position_embeddings=hf.get("max_position_embeddings", 2048),
       tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-      attention_bias=model_type == "qwen2",
       model_type=model_type,
+      hidden_act=hidden_act,
+      query_pre_attn_scalar=hf["query_pre_attn_scalar"] if model_type == "gemma3_text" else None,
+      sliding_window=sliding_window,
+      layer_types=layer_types,
+      rope_local_theta=rope_local_theta,
+      **FAMILIES[model_type][1],
     )
 
   def to_hf(self) -> dict:
@@ -151,7 +194,7 @@ class LlamaConfig:
     if self.rope_scaling:
       rope.update(self.rope_scaling)
     hf = {
-      "architectures": [_ARCHITECTURES[self.model_type]],
+      "architectures": [FAMILIES[self.model_type][0]],
       "model_type": self.model_type,
       "vocab_size": self.vocab_size,
       "hidden_size": self.hidden_size,
@@ -160,23 +203,123 @@ class LlamaConfig:
       "num_attention_heads": self.num_heads,
       "num_key_value_heads": self.num_kv_heads,
       "head_dim": self.head_dim,
-      "hidden_act": "silu",
+      "hidden_act": self.hidden_act,
       "rms_norm_eps": self.rms_norm_eps,
       "rope_theta": self.rope_theta,
       "rope_scaling": rope if self.rope_scaling else None,
       "rope_parameters": rope,
       "max_position_embeddings": self.max_position_embeddings,
       "tie_word_embeddings": self.tie_word_embeddings,
+      "attention_bias": self.attention_bias,
       "torch_dtype": "float32",
       "dtype": "float32",
     }
-    if self.model_type == "qwen2":
-      hf.update(use_sliding_window=False, sliding_window=None)
+    layer_types = list(self.layer_types or ("full_attention",) * self.num_layers)
+    if self.model_type in ("qwen2", "qwen3"):
+      hf.update(
+        use_sliding_window=self.sliding_window is not None,
+        sliding_window=self.sliding_window,
+        max_window_layers=self.num_layers,  # unused: layer_types names each layer
+        layer_types=layer_types,
+      )
     elif self.model_type == "mistral":
-      hf["sliding_window"] = None
+      hf["sliding_window"] = self.sliding_window
+    elif self.model_type == "gemma3_text":
+      del hf["hidden_act"]
+      hf.update(
+        hidden_activation=self.hidden_act,
+        query_pre_attn_scalar=self.query_pre_attn_scalar,
+        sliding_window=self.sliding_window,
+        layer_types=layer_types,
+        rope_local_base_freq=self.rope_local_theta,
+        rope_parameters={
+          "full_attention": rope,
+          "sliding_attention": {"rope_type": "default", "rope_theta": self.rope_local_theta},
+        },
+        attn_logit_softcapping=None,
+        final_logit_softcapping=None,
+      )
     else:
-      hf.update(attention_bias=False, mlp_bias=False)
+      hf["mlp_bias"] = False
     return hf
+
+
+def _sliding_window(hf: dict, model_type: str, num_layers: int, unsupported) -> tuple:
+  """``(sliding_window, layer_types)`` as transformers reads them for ``model_type``:
+  Mistral slides in every layer, Qwen2/3 (``use_sliding_window``) in the layers from
+  ``max_window_layers`` on, Gemma 3 in all but every ``sliding_window_pattern``-th."""
+  window = hf.get("sliding_window")
+  if model_type in ("qwen2", "qwen3") and not hf.get("use_sliding_window", False):
+    window = None
+  if window is None:
+    return None, None
+  if model_type == "llama":
+    unsupported("sliding_window", "LlamaForCausalLM has no sliding window (model_type mistral has)")
+  if not isinstance(window, int) or window < 1:
+    unsupported("sliding_window", "expected a positive number of tokens")
+  layer_types = hf.get("layer_types")
+  if model_type == "mistral":
+    layer_types = ["sliding_attention"] * num_layers
+  elif layer_types is None and model_type == "gemma3_text":
+    pattern = hf.get("sliding_window_pattern", hf.get("_sliding_window_pattern"))
+    layer_types = [
+      "sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(num_layers)
+    ]
+  elif layer_types is None:
+    first = hf.get("max_window_layers", num_layers)
+    layer_types = [
+      "sliding_attention" if i >= first else "full_attention" for i in range(num_layers)
+    ]
+  if len(layer_types) != num_layers or not set(layer_types) <= set(LAYER_TYPES):
+    unsupported("layer_types", f"expected {num_layers} of {LAYER_TYPES}")
+  return window, tuple(layer_types)
+
+
+def _rope(hf: dict, model_type: str, unsupported) -> tuple:
+  """``(rope_theta, rope_scaling, rope_local_theta)``: transformers 5 writes
+  ``rope_parameters`` (Gemma 3: one per layer type), older files ``rope_scaling`` and
+  ``rope_theta`` (Gemma 3: and ``rope_local_base_freq``). A top-level key comes first."""
+  parameters = hf.get("rope_parameters") or {}
+  by_layer_type = "full_attention" in parameters
+  rope = hf.get("rope_scaling") or (parameters["full_attention"] if by_layer_type else parameters)
+  field = "rope_scaling" if hf.get("rope_scaling") else "rope_parameters"
+  default_theta = 1_000_000.0 if model_type == "gemma3_text" else 10000.0
+  theta = hf.get("rope_theta") or rope.get("rope_theta") or default_theta
+  scaling = _rope_scaling(rope, field, unsupported)
+  if model_type != "gemma3_text":
+    return float(theta), scaling, None
+  local = parameters.get("sliding_attention") or {}
+  if _rope_scaling(local, "rope_parameters", unsupported):
+    unsupported("rope_parameters", "RoPE scaling of the sliding layers is not implemented")
+  local_theta = hf.get("rope_local_base_freq") or local.get("rope_theta") or 10000.0
+  return float(theta), scaling, float(local_theta)
+
+
+def _rope_scaling(rope: dict, field: str, unsupported) -> dict | None:
+  """The ``rope_scaling`` of a RoPE mapping: None for the default, else its keys."""
+  rope_type = rope.get("rope_type", rope.get("type", "default"))
+  keys = _ROPE_SCALING_KEYS.get(rope_type)
+  if keys is None:
+    unsupported(field, f"rope type {rope_type!r} (implemented: {', '.join(_ROPE_SCALING_KEYS)})")
+  missing = [key for key in keys if key not in rope]
+  if missing:
+    unsupported(field, f"rope type {rope_type!r} needs {missing}")
+  if not keys:
+    return None
+  return {"rope_type": rope_type, **{key: cast(rope[key]) for key, cast in keys.items()}}
+
+
+# The keys of each implemented rope_type (see rope_inv_freq).
+_ROPE_SCALING_KEYS = {
+  "default": {},
+  "linear": {"factor": float},
+  "llama3": {
+    "factor": float,
+    "low_freq_factor": float,
+    "high_freq_factor": float,
+    "original_max_position_embeddings": int,
+  },
+}
 
 
 BATCH = ("data", "fsdp")  # mesh axes the batch is split over (every axis but tensor)
@@ -269,25 +412,39 @@ class Linear(nnx.Module):
 
 
 class RMSNorm(nnx.Module):
-  """RMSNorm computed in float32, as the reference implementation does."""
+  """RMSNorm computed in float32, as the reference implementation does.
 
-  def __init__(self, dim, eps, *, rngs, dtype, param_dtype):
-    self.weight = _param(rngs, nnx.initializers.ones, (dim,), (None,), param_dtype)
+  ``unit_offset`` (Gemma): the weight stores ``w - 1`` (initialised to zeros), and the scale
+  ``1 + w`` multiplies in float32 before the cast, as transformers' Gemma3RMSNorm does;
+  otherwise the normed input is cast first, then scaled (Llama).
+  """
+
+  def __init__(self, dim, eps, *, unit_offset=False, rngs, dtype, param_dtype):
+    init = nnx.initializers.zeros if unit_offset else nnx.initializers.ones
+    self.weight = _param(rngs, init, (dim,), (None,), param_dtype)
     self.eps = eps
+    self.unit_offset = unit_offset
     self.dtype = dtype
 
   def __call__(self, x):
     x32 = x.astype(jnp.float32)
     x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    if self.unit_offset:
+      return (x32 * (1.0 + self.weight[...].astype(jnp.float32))).astype(self.dtype)
     return self.weight[...].astype(self.dtype) * x32.astype(self.dtype)
 
 
-def rope_inv_freq(config: LlamaConfig) -> np.ndarray:
-  """Inverse RoPE frequencies [head_dim // 2], with Llama 3.1 scaling if set."""
+def rope_inv_freq(config: LlamaConfig, sliding: bool = False) -> np.ndarray:
+  """Inverse RoPE frequencies [head_dim // 2] of the global layers, with their scaling
+  (linear, Llama 3.1) if set; ``sliding``: of the sliding layers (``rope_local_theta``)."""
   dim = config.head_dim
   exponent = np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / np.float32(dim)
+  if sliding and config.rope_local_theta is not None:
+    return (1.0 / (np.float32(config.rope_local_theta) ** exponent)).astype(np.float32)
   inv_freq = (1.0 / (np.float32(config.rope_theta) ** exponent)).astype(np.float32)
   scaling = config.rope_scaling
+  if scaling and scaling["rope_type"] == "linear":
+    return (inv_freq / np.float32(scaling["factor"])).astype(np.float32)
   if scaling:
     factor = scaling["factor"]
     low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
@@ -378,11 +535,12 @@ _attention.defvjp(_attention_fwd, _attention_bwd)
 ATTENTION_KINDS = ("xla", "splash", "cudnn")
 
 
-def splash_attention(q, k, v, segment_ids, *, interpret: bool = False):
+def splash_attention(q, k, v, segment_ids, *, window: int | None = None, interpret: bool = False):
   """Causal attention within packed segments by the TPU splash kernel (Pallas).
 
   Same contract as :func:`attention` with the mask of ``segment_ids`` [B, S]
-  (0 = padding, whose outputs are unspecified). The kernel is not
+  (0 = padding, whose outputs are unspecified), within a sliding ``window`` if given
+  (:func:`packing_mask`; the kernel then skips the blocks outside it). The kernel is not
   auto-partitioned, so under a mesh it runs in ``shard_map``: rows over the
   batch axes, kv heads over ``tensor``. ``interpret`` runs it on any backend
   (tests).
@@ -395,8 +553,12 @@ def splash_attention(q, k, v, segment_ids, *, interpret: bool = False):
 
   def local(q, k, v, segment_ids):
     # One kv head serves its group of query heads: the kernel's multi-query form.
+    # LocalMask's window counts the keys before the query: window - 1 of them, then itself.
+    mask = (
+      masks.CausalMask((s, s)) if window is None else masks.LocalMask((s, s), (window - 1, 0), 0)
+    )
     kernel = splash.make_splash_mqa_single_device(
-      masks.MultiHeadMask([masks.CausalMask((s, s))] * groups), interpret=interpret
+      masks.MultiHeadMask([mask] * groups), interpret=interpret
     )
 
     def one_row(q, k, v, segment_ids):  # q [K, G, S, H], k/v [K, S, H], segment_ids [S]
@@ -425,28 +587,31 @@ def _per_shard(local, q, k, v, segment_ids):
   )(q, k, v, segment_ids)
 
 
-def packing_mask(q_segment_ids, kv_segment_ids, q_slots, kv_slots):
+def packing_mask(q_segment_ids, kv_segment_ids, q_slots, kv_slots, window: int | None = None):
   """bool [B, S, T]: query s may attend to key t, an earlier (or the same) slot of the same
-  nonzero segment. Segment ids are [B, S] and [B, T], slots (positions in the row or
-  cache) [S] and [T]."""
+  nonzero segment, and with a sliding ``window`` fewer than ``window`` slots before it (as
+  transformers' sliding-window mask). Segment ids are [B, S] and [B, T], slots (positions in
+  the row or cache) [S] and [T]."""
   same_segment = q_segment_ids[:, :, None] == kv_segment_ids[:, None, :]
-  return same_segment & (kv_segment_ids[:, None, :] != 0) & (q_slots[:, None] >= kv_slots)[None]
+  distance = q_slots[:, None] - kv_slots[None, :]
+  causal = (distance >= 0) if window is None else (distance >= 0) & (distance < window)
+  return same_segment & (kv_segment_ids[:, None, :] != 0) & causal[None]
 
 
-def cudnn_attention(q, k, v, segment_ids, *, implementation: str = "cudnn"):
+def cudnn_attention(q, k, v, segment_ids, *, window: int | None = None, implementation="cudnn"):
   """Causal attention within packed segments by cuDNN's fused (flash) kernel.
 
   Same contract as :func:`splash_attention`: the :func:`packing_mask` of
-  ``segment_ids`` [B, S] goes to the kernel as its mask, with ``is_causal`` so
-  that it skips the blocks above the diagonal; outputs at padding (segment 0)
-  are unspecified. Needs an NVIDIA GPU (see :func:`resolve_attention`);
+  ``segment_ids`` [B, S] (and ``window``) goes to the kernel as its mask, with ``is_causal``
+  (and ``local_window_size``) so that it skips the blocks above the diagonal (and before
+  the window); outputs at padding (segment 0) are unspecified. Needs an NVIDIA GPU (see :func:`resolve_attention`);
   ``implementation="xla"`` makes the same call on any backend (tests).
   """
 
   def local(q, k, v, segment_ids):
     b, s, _, _, h = q.shape
     slots = jnp.arange(s)
-    mask = packing_mask(segment_ids, segment_ids, slots, slots)[:, None]  # [B, 1, S, S]
+    mask = packing_mask(segment_ids, segment_ids, slots, slots, window)[:, None]  # [B, 1, S, S]
     # Query head k * G + g is the g-th of kv head k: the grouping the kernel assumes.
     out = jax.nn.dot_product_attention(
       q.reshape(b, s, -1, h),
@@ -455,6 +620,7 @@ def cudnn_attention(q, k, v, segment_ids, *, implementation: str = "cudnn"):
       mask=mask,
       scale=1.0,
       is_causal=True,
+      local_window_size=None if window is None else (window - 1, 0),
       implementation=implementation,
     )
     return out.reshape(q.shape)
@@ -527,7 +693,14 @@ class Attention(nnx.Module):
       d, config.num_kv_heads * h, sharding=("fsdp", "tensor"), use_bias=bias, **kw
     )
     self.o_proj = Linear(config.num_heads * h, d, sharding=("tensor", "fsdp"), **kw)
+    if config.qk_norm:
+      norm = functools.partial(
+        RMSNorm, h, config.rms_norm_eps, unit_offset=config.norm_unit_offset, **kw
+      )
+      self.q_norm, self.k_norm = norm(), norm()
+    self.qk_norm = config.qk_norm
     self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, h
+    self.query_scale = (config.query_pre_attn_scalar or h) ** -0.5
     self.dtype = dtype
 
   def __call__(self, x, cos, sin, attend, layer_cache=None, cache_index=None):
@@ -539,6 +712,8 @@ class Attention(nnx.Module):
       constrain(checkpoint_name(proj(x), name).reshape(b, s, -1, h), *heads)
       for proj, name in ((self.q_proj, "q_proj"), (self.k_proj, "k_proj"), (self.v_proj, "v_proj"))
     )
+    if self.qk_norm:
+      q, k = self.q_norm(q), self.k_norm(k)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     new_cache = None
     if layer_cache is not None:
@@ -547,13 +722,13 @@ class Attention(nnx.Module):
       v = jax.lax.dynamic_update_slice(layer_cache["v"], v.astype(layer_cache["v"].dtype), start)
       new_cache = {"k": k, "v": v}
       k, v = k.astype(self.dtype), v.astype(self.dtype)
-    q = q.reshape(b, s, k_heads, groups, h) * jnp.asarray(h**-0.5, self.dtype)
+    q = q.reshape(b, s, k_heads, groups, h) * jnp.asarray(self.query_scale, self.dtype)
     out = attend(q, k, v).reshape(b, s, self.num_heads * h)
     return checkpoint_name(self.o_proj(out), "o_proj"), new_cache
 
 
 class MLP(nnx.Module):
-  """SwiGLU: ``down(silu(gate(x)) * up(x))``."""
+  """Gated: ``down(act(gate(x)) * up(x))``, SwiGLU (silu) or GeGLU (tanh GELU, Gemma)."""
 
   def __init__(self, config: LlamaConfig, *, rngs, dtype, param_dtype):
     d, f = config.hidden_size, config.intermediate_size
@@ -561,30 +736,48 @@ class MLP(nnx.Module):
     self.gate_proj = Linear(d, f, sharding=("fsdp", "tensor"), **kw)
     self.up_proj = Linear(d, f, sharding=("fsdp", "tensor"), **kw)
     self.down_proj = Linear(f, d, sharding=("tensor", "fsdp"), **kw)
+    self.hidden_act = config.hidden_act
 
   def __call__(self, x):
     features = (BATCH, None, "tensor")
     gate = constrain(checkpoint_name(self.gate_proj(x), "gate_proj"), *features)
     up = constrain(checkpoint_name(self.up_proj(x), "up_proj"), *features)
-    return checkpoint_name(self.down_proj(jax.nn.silu(gate) * up), "down_proj")
+    act = ACTIVATIONS[self.hidden_act]
+    return checkpoint_name(self.down_proj(act(gate) * up), "down_proj")
 
 
 class DecoderLayer(nnx.Module):
-  """Pre-norm attention and MLP blocks with residual connections."""
+  """Pre-norm attention and MLP blocks with residual connections.
+
+  With ``sandwich_norms`` (Gemma) each block's output is normed too before it joins the
+  residual: then ``post_attention_layernorm`` norms the attention output (in Llama it is the
+  MLP's input norm) and ``pre_feedforward_layernorm`` the MLP's input.
+  """
 
   def __init__(self, config: LlamaConfig, *, rngs, dtype, param_dtype):
     kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
-    self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, **kw)
+    norm = functools.partial(
+      RMSNorm, config.hidden_size, config.rms_norm_eps, unit_offset=config.norm_unit_offset, **kw
+    )
+    self.input_layernorm = norm()
     self.self_attn = Attention(config, **kw)
-    self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, **kw)
+    self.post_attention_layernorm = norm()
+    if config.sandwich_norms:
+      self.pre_feedforward_layernorm = norm()
+      self.post_feedforward_layernorm = norm()
+    self.sandwich_norms = config.sandwich_norms
     self.mlp = MLP(config, **kw)
 
   def __call__(self, x, cos, sin, attend, layer_cache=None, cache_index=None):
     attn, new_cache = self.self_attn(
       self.input_layernorm(x), cos, sin, attend, layer_cache, cache_index
     )
-    x = x + attn
-    x = x + self.mlp(self.post_attention_layernorm(x))
+    if self.sandwich_norms:
+      x = x + self.post_attention_layernorm(attn)
+      x = x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
+    else:
+      x = x + attn
+      x = x + self.mlp(self.post_attention_layernorm(x))
     return x, new_cache
 
 
@@ -639,7 +832,9 @@ class Llama(nnx.Module):
       return DecoderLayer(config, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
 
     self.layers = stacked_layers(rngs)  # every parameter [num_layers, ...]
-    self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, **kw)
+    self.norm = RMSNorm(
+      config.hidden_size, config.rms_norm_eps, unit_offset=config.norm_unit_offset, **kw
+    )
     self.lm_head = (
       None
       if config.tie_word_embeddings
@@ -714,27 +909,42 @@ class Llama(nnx.Module):
         cache["segment_ids"], q_seg.astype(jnp.int32), (0, start)
       )
       kv_slot = jnp.arange(kv_seg.shape[1])
+    window = self.config.sliding_window
     kernels = {"splash": splash_attention, "cudnn": cudnn_attention}
     if self.attention in kernels and cache is None:
-      attend = functools.partial(kernels[self.attention], segment_ids=q_seg)
+      full = functools.partial(kernels[self.attention], segment_ids=q_seg)
+      sliding = functools.partial(full, window=window)
     else:
-      attend = functools.partial(attention, mask=packing_mask(q_seg, kv_seg, q_slot, kv_slot))
+      full = functools.partial(attention, mask=packing_mask(q_seg, kv_seg, q_slot, kv_slot))
+      sliding = functools.partial(
+        attention, mask=packing_mask(q_seg, kv_seg, q_slot, kv_slot, window)
+      )
+    attend = _by_layer_kind(self.config.sliding_layers, full, sliding)
 
-    freqs = positions.astype(jnp.float32)[..., None] * jnp.asarray(rope_inv_freq(self.config))
-    freqs = jnp.concatenate([freqs, freqs], axis=-1)
-    cos, sin = jnp.cos(freqs).astype(self.dtype), jnp.sin(freqs).astype(self.dtype)
+    def rope(inv_freq):
+      freqs = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)
+      freqs = jnp.concatenate([freqs, freqs], axis=-1)
+      return jnp.cos(freqs).astype(self.dtype), jnp.sin(freqs).astype(self.dtype)
+
+    full_rope = rope(rope_inv_freq(self.config))
+    sliding_rope = rope(rope_inv_freq(self.config, sliding=True))
 
     # Cast before the lookup (the same values): the table's gradient then reaches the
     # parameter in the compute dtype, and its all-to-all moves half the bytes.
     table = constrain(self.embed_tokens[...].astype(self.dtype), None, "fsdp")
     x = constrain(jnp.take(table, input_ids, axis=0), None, None, "fsdp")
+    if self.config.scale_embeddings:  # the scale rounded to the compute dtype, as transformers
+      x = x * jnp.asarray(math.sqrt(self.config.hidden_size), self.dtype)
     x = constrain(x, BATCH, None, "tensor")
     layers_graph, layers_state = nnx.split(self.layers)
 
-    def layer_step(x, layer_and_cache):
-      layer_state, layer_cache = layer_and_cache
+    def layer_step(x, layer_inputs):
+      layer_state, layer_cache, is_sliding = layer_inputs
       layer = nnx.merge(layers_graph, layer_state)
-      x, new_layer_cache = layer(x, cos, sin, attend, layer_cache, start)
+      # The layer's kind is scanned data, so one layer body serves sliding and full layers.
+      cos, sin = (jnp.where(is_sliding, s, f) for s, f in zip(sliding_rope, full_rope))
+      layer_attend = functools.partial(attend, is_sliding=is_sliding)
+      x, new_layer_cache = layer(x, cos, sin, layer_attend, layer_cache, start)
       return constrain(x, BATCH, None, "tensor"), new_layer_cache
 
     saved = REMAT_POLICIES[self.remat]
@@ -745,11 +955,24 @@ class Llama(nnx.Module):
         policy=jax.checkpoint_policies.save_only_these_names(*saved),
       )
     layer_caches = None if cache is None else cache["layers"]
-    x, new_layer_caches = jax.lax.scan(layer_step, x, (layers_state, layer_caches))
+    is_sliding = jnp.asarray(self.config.sliding_layers)
+    x, new_layer_caches = jax.lax.scan(layer_step, x, (layers_state, layer_caches, is_sliding))
     x = self.norm(x)
     if cache is None:
       return x, None
     return x, {"index": start + s, "segment_ids": kv_seg, "layers": new_layer_caches}
+
+
+def _by_layer_kind(sliding_layers: np.ndarray, full, sliding):
+  """``attend(q, k, v, is_sliding)``: ``sliding`` in the sliding layers, ``full`` in the others.
+
+  ``is_sliding`` is a traced bool scanned along the layers, so ``lax.cond`` picks the
+  attention of each layer; a model whose layers are all of one kind compiles only that one.
+  """
+  if sliding_layers.all() or not sliding_layers.any():
+    only = sliding if sliding_layers.all() else full
+    return lambda q, k, v, is_sliding: only(q, k, v)
+  return lambda q, k, v, is_sliding: jax.lax.cond(is_sliding, sliding, full, q, k, v)
 
 
 def abstract_model(config: LlamaConfig, **options) -> tuple:

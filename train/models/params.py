@@ -26,13 +26,23 @@ NAME_TABLE = [
   ("model.embed_tokens.weight", "embed_tokens", False),
   ("model.layers.{i}.self_attn.{p}_proj.weight", "layers.self_attn.{p}_proj.kernel", True),
   ("model.layers.{i}.self_attn.{p}_proj.bias", "layers.self_attn.{p}_proj.bias", False),
+  ("model.layers.{i}.self_attn.{p}_norm.weight", "layers.self_attn.{p}_norm.weight", False),
   ("model.layers.{i}.mlp.{p}_proj.weight", "layers.mlp.{p}_proj.kernel", True),
   ("model.layers.{i}.{p}_layernorm.weight", "layers.{p}_layernorm.weight", False),
   ("model.norm.weight", "norm.weight", False),
   ("lm_head.weight", "lm_head.kernel", True),
 ]
-# HF tensors that carry no parameters (old checkpoints store RoPE buffers).
-_IGNORED_HF = re.compile(r".*rotary_emb\.inv_freq$")
+# HF tensors that carry no parameters of the decoder: RoPE buffers (old checkpoints), the
+# vision tower of a multimodal Gemma 3 (model_type gemma3), whose text model is loaded.
+_IGNORED_HF = re.compile(
+  r".*rotary_emb\.inv_freq$|(model\.)?(vision_tower|multi_modal_projector)\."
+)
+# The text model's tensors in multimodal Gemma 3 checkpoints (transformers 5, then 4), read
+# as the names of the text-only model (Gemma3ForCausalLM).
+_HF_ALIASES = (
+  (re.compile(r"^(model\.language_model|language_model\.model)\."), "model."),
+  (re.compile(r"^language_model\.lm_head\."), "lm_head."),
+)
 
 
 def _template_regex(template: str) -> re.Pattern:
@@ -56,6 +66,8 @@ def translate_name(name: str, table, src: int, dst: int, **fields):
 
 def hf_to_nnx_name(name: str) -> tuple[str | None, int | None, bool]:
   """``(NNX dotted path, layer index or None, transpose)`` for a Hugging Face tensor name."""
+  for alias, replacement in _HF_ALIASES:
+    name = alias.sub(replacement, name, count=1)
   path, row, matched = translate_name(name, NAME_TABLE, 0, 1)
   layer = int(matched["i"]) if "i" in matched else None
   return path, layer, bool(row and row[2])
