@@ -2,11 +2,14 @@
 
 import dataclasses
 import inspect
+import json
+import os
 import re
 import typing
 
 import pytest
 
+from tests.conftest import FIXTURES
 from train import config as config_module
 from train.config import Config, ConfigError, load_config, save_config
 from train.models.decoder import LlamaConfig
@@ -207,6 +210,17 @@ def test_hf_config_keys_are_the_ones_the_decoder_reads():
   lacking = {k: v for k, v in TINY_HF.items() if k != "vocab_size"}
   with pytest.raises(ConfigError, match=r"model.hf_config lacks \['vocab_size'\]"):
     load_config({"model": {"path": None, "hf_config": lacking}})
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen2", "mistral", "qwen3", "gemma3"])
+def test_each_family_config_json_is_a_valid_hf_config(name):
+  """transformers' own config.json of each family, as model.hf_config (a random init)."""
+  with open(os.path.join(FIXTURES, name, "config.json")) as f:
+    hf = json.load(f)
+  assert load_config({"model": {"path": None, "hf_config": hf}}).model.hf_config == hf
+  multimodal = {"model_type": "gemma3", "text_config": {**hf, "sliding_windo": 3}}
+  with pytest.raises(ConfigError, match=r"hf_config.text_config.sliding_windo; did you mean"):
+    load_config({"model": {"path": None, "hf_config": multimodal}})
 
 
 def test_hf_config_keys_cover_every_key_from_hf_reads():

@@ -95,12 +95,22 @@ _HF_CONFIG_KEYS = {
   "max_position_embeddings": Interval("[1, inf)"),
   "tie_word_embeddings": None,
   "hidden_act": None,
+  "hidden_activation": None,  # Gemma's name for hidden_act
   "mlp_bias": None,
   "attention_bias": None,
-  "sliding_window": None,
+  "sliding_window": Interval("[1, inf)"),
   "use_sliding_window": None,
+  "max_window_layers": Interval("[0, inf)"),  # qwen2/3: the layers from this one on slide
   "layer_types": None,
+  "sliding_window_pattern": Interval("[1, inf)"),  # gemma3: every n-th layer is global
+  "_sliding_window_pattern": Interval("[1, inf)"),  # as transformers 5 writes it
+  "rope_local_base_freq": Interval("(0, inf)"),  # gemma3: the sliding layers' RoPE base
+  "query_pre_attn_scalar": Interval("(0, inf)"),
+  "attn_logit_softcapping": None,  # Gemma 2's, refused by from_hf unless null
+  "final_logit_softcapping": None,
+  "use_bidirectional_attention": None,
   "partial_rotary_factor": None,
+  "text_config": None,  # gemma3 (multimodal): its text model's keys, checked as these
 }
 _HF_CONFIG_HARMLESS_KEYS = (
   "architectures",
@@ -115,7 +125,7 @@ _HF_CONFIG_HARMLESS_KEYS = (
   "initializer_range",  # random init here is flax's own
   "pretraining_tp",  # a matmul split that changes rounding only
   "attention_dropout",
-  "max_window_layers",  # qwen2: only with use_sliding_window, refused by from_hf
+  "cache_implementation",  # gemma3: generate's cache
 )
 _HF_CONFIG_REQUIRED = (
   "model_type",
@@ -183,10 +193,12 @@ def _check_rope(key: str, rope: Any) -> None:
     raise ConfigError(f"{key} lacks {missing}: rope_type {rope_type!r} needs them")
 
 
-def _check_hf_config(key: str, hf: dict | None) -> None:
+def _check_hf_config(key: str, hf: dict | None, required=_HF_CONFIG_REQUIRED) -> None:
   """Refuses an unknown, missing or out-of-range key of `model.hf_config` (a random init)."""
   if hf is None:
     return
+  if not isinstance(hf, dict):
+    raise ConfigError(f"{key}={hf!r}: expected a mapping")
   known = [*_HF_CONFIG_KEYS, *_HF_CONFIG_HARMLESS_KEYS]
   for name, value in hf.items():
     if name not in known:
@@ -196,10 +208,12 @@ def _check_hf_config(key: str, hf: dict | None) -> None:
       )
     if name in ("rope_scaling", "rope_parameters"):
       _check_rope(f"{key}.{name}", value)
+    if name == "text_config":  # Gemma3TextConfig's defaults fill what it leaves out
+      _check_hf_config(f"{key}.{name}", value, required=())
     _check_range(f"{key}.{name}", value, _HF_CONFIG_KEYS.get(name))
-  missing = [name for name in _HF_CONFIG_REQUIRED if name not in hf]
+  missing = [name for name in required if name not in hf]
   if missing:
-    raise ConfigError(f"{key} lacks {missing}: a random init needs {list(_HF_CONFIG_REQUIRED)}")
+    raise ConfigError(f"{key} lacks {missing}: a random init needs {list(required)}")
 
 
 def missing_extra(module: str, extra: str) -> str | None:
