@@ -27,7 +27,7 @@ from tests.conftest import FIXTURES, fixture_with_config, load_fixture, load_var
 from train import run_dir
 from train.config import load_config
 from train.models import gguf_import, pretrained
-from train.models.decoder import fit_spec
+from train.models.decoder import LlamaConfig, fit_spec
 from train.models.gguf_import import default_gguf_path, permute_rope_rows, unpermute_rope_rows
 from train.models.pretrained import export_pretrained, load_pretrained
 from train.models.tokenizer import Tokenizer
@@ -188,6 +188,31 @@ def test_export_loads_in_transformers(tmp_path):
     np.testing.assert_allclose(logits, expected, atol=1e-4, err_msg=f"{name} {variant}")
   hf_tok = transformers.AutoTokenizer.from_pretrained(out)
   assert hf_tok.encode("hello world") == tok.encode("hello world")
+
+
+def test_multimodal_gemma3_loads_its_text_model(tmp_path):
+  """A Gemma3ForConditionalGeneration checkpoint (model_type gemma3: a text_config, the text
+  model's tensors under language_model., a vision tower) loads as its text model, with
+  transformers' logits of a text-only input."""
+  torch = pytest.importorskip("torch", reason="the compare extra (torch) is not installed")
+  transformers = pytest.importorskip(
+    "transformers", reason="the compare extra (transformers) is not installed"
+  )
+  text = json.loads((pathlib.Path(FIXTURES) / "gemma3" / "config.json").read_text())
+  vision = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
+  config = transformers.Gemma3Config(
+    text_config=text, vision_config=vision | dict(image_size=28, patch_size=14)
+  )
+  torch.manual_seed(0)
+  hf = transformers.Gemma3ForConditionalGeneration(config).eval()
+  hf.save_pretrained(tmp_path)
+  shutil.copy(os.path.join(FIXTURES, "gemma3", "tokenizer.json"), tmp_path)
+  _, ids, _ = load_fixture("gemma3")
+  with torch.no_grad():
+    expected = hf(input_ids=torch.from_numpy(ids).long()).logits.numpy()
+  model, _ = load_pretrained(str(tmp_path))
+  assert model.config == LlamaConfig.from_hf(text)
+  np.testing.assert_allclose(np.asarray(model(jnp.asarray(ids))), expected, atol=1e-4)
 
 
 def test_sharded_load_matches_unsharded():

@@ -111,15 +111,17 @@ def test_packing_mask_is_the_mask_the_xla_path_applies():
         assert mask[row, q, t] == (ids[q] == ids[t] != 0 and t <= q), (row, q, t)
 
 
-def test_cudnn_call_equals_xla_attention_with_packed_segments():
-  """cudnn_attention's call (mask, grouping, scale), run by jax's XLA implementation of the
-  same API on this CPU, against the model's XLA path: values and gradients at real tokens."""
+@pytest.mark.parametrize("window", [None, 3])
+def test_cudnn_call_equals_xla_attention_with_packed_segments(window):
+  """cudnn_attention's call (mask, grouping, scale, sliding window), run by jax's XLA
+  implementation of the same API on this CPU, against the model's XLA path: values and
+  gradients at real tokens."""
   s = SEGMENTS.shape[1]
   keys = jax.random.split(jax.random.key(0), 3)
   q = jax.random.normal(keys[0], (2, s, 2, 3, 8))
   k, v = jax.random.normal(keys[1], (2, s, 2, 8)), jax.random.normal(keys[2], (2, s, 2, 8))
-  fused = lambda q, k, v: cudnn_attention(q, k, v, SEGMENTS, implementation="xla")
-  assert_attention_matches_xla(fused, q, k, v, SEGMENTS)
+  fused = lambda q, k, v: cudnn_attention(q, k, v, SEGMENTS, window=window, implementation="xla")
+  assert_attention_matches_xla(fused, q, k, v, SEGMENTS, window)
 
 
 def test_plan_remat_sweep_trades_memory_for_flops():
