@@ -318,6 +318,9 @@ def test_slices_compile_as_provisioned():
     "chip_config_name": "default",
     "wrap": (False, True, False),
   }
+  # One chip (a Colab TPU) is a host of its own, not a part of libtpu's default 2x2 one.
+  assert plan.slice_links("v5e:1x1")["chips_per_host_bounds"] == (1, 1, 1)
+  assert len(plan.topology_devices("v5e:1x1")) == 1
   with pytest.raises(ValueError, match="v5p:4xx4"):
     plan.slice_links("v5p:4xx4")
 

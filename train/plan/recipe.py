@@ -111,7 +111,10 @@ def slice_links(name: str) -> dict:
     torus = len(sides) == 3 and all(n % 4 == 0 for n in sides)
     return {"chip_config_name": "megacore", "wrap": (torus,) * 3}
   wrap = tuple(n == 16 for n in sides) + (False,) * (3 - len(sides))
-  return {"chip_config_name": "default", "wrap": wrap}
+  links = {"chip_config_name": "default", "wrap": wrap}
+  if any(n < 2 for n in sides):  # smaller than libtpu's default 2x2 host (v5e-1, a Colab TPU)
+    links["chips_per_host_bounds"] = tuple(min(n, 2) for n in sides) + (1,) * (3 - len(sides))
+  return links
 
 
 def _shard_bytes(tree) -> int:
