@@ -17,7 +17,7 @@ import pytest
 
 import train
 from tests.test_train import ROOT, TINY, _launch_two_processes, _losses
-from train.checkpoints import PREEMPTED_EXIT_CODE, Preemption
+from train.checkpoints import PREEMPTED_EXIT_CODE, Interrupted, Preemption
 from train.config import ConfigError
 from train.paths import RunPaths
 from train.run_dir import RunDirInUse, RunLock
@@ -53,6 +53,39 @@ def _cli(tmp_path: Path, config: dict, *overrides: str) -> subprocess.Popen:
     stderr=subprocess.PIPE,
     text=True,
   )
+
+
+# `python -m train ARGS...` that sends itself SIGTERM when FUNCTION (module:name) is called for
+# the Nth time: moments a test cannot hit from outside. Its printed commands are `python -m
+# train ARGS...`, which they stand for.
+_SIGNALLED = """
+import importlib, os, runpy, signal, sys
+function, nth, *args = sys.argv[1:]
+module_name, name = function.split(":")
+module = importlib.import_module(module_name)
+original, calls = getattr(module, name), []
+def signalled(*a, **k):
+  calls.append(1)
+  if len(calls) == int(nth):
+    os.kill(os.getpid(), signal.SIGTERM)
+  return original(*a, **k)
+setattr(module, name, signalled)
+sys.argv = ["train", *args]
+sys.orig_argv = [sys.executable, "-m", "train", *args]
+runpy.run_module("train", run_name="__main__")
+"""
+
+
+def _signalled_cli(tmp_path: Path, config: dict, function: str, nth: int = 1) -> tuple:
+  """(exit code, stdout, stderr) of `python -m train --config <config>`, which sends itself
+  SIGTERM at the `nth` call of `function`."""
+  path = tmp_path / f"config-{len(list(tmp_path.glob('config-*')))}.json"
+  path.write_text(json.dumps(config))
+  command = [sys.executable, "-c", _SIGNALLED, function, str(nth), "--config", str(path)]
+  done = subprocess.run(
+    command, cwd=ROOT, env=_env(tmp_path), capture_output=True, text=True, timeout=900
+  )
+  return done.returncode, done.stdout, done.stderr
 
 
 def _wait_for_steps(out: Path, steps: int, procs: list, timeout: float = 900) -> None:
@@ -133,6 +166,102 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_one_saved_step(tmp_path):
   outputs = [p.communicate(timeout=900)[0] for p in resumed]
   assert [p.returncode for p in resumed] == [0, 0], outputs
   assert _losses(tmp_path / "stopped") == _losses(tmp_path / "straight")  # bit for bit
+
+
+def test_sigterm_in_the_evaluation_after_training_stops_it_and_the_resume_runs_what_is_left(
+  tmp_path,
+):
+  """SIGTERM as the evaluation after training begins, with `checkpoint.save_final=false`: the
+  run stops before its next batch, saves the final checkpoint, exits 75 and says what is
+  done and what is left; the printed command runs only the evaluation and the export."""
+  out = tmp_path / "run"
+  config = {
+    **_config(out, 3),
+    "eval": {"before": False, "after": True, "accuracy": False},
+    "checkpoint": {"save_final": False, "export": True},
+  }
+  code, stdout, stderr = _signalled_cli(tmp_path, config, "train.eval.evaluator:held_out_loss")
+  assert code == PREEMPTED_EXIT_CODE, stderr
+  assert (
+    "SIGTERM: stopping after the current batch of the evaluation after training, saving the "
+    "final checkpoint (exit 75); the resume runs only the evaluation after training and the "
+    "export\n"
+  ) in stderr
+  last = stderr.rstrip().splitlines()[-1]
+  stopped = re.fullmatch(
+    rf"SIGTERM: stopped after step 3, saved in {out}/checkpoints/3, during the evaluation "
+    r"after training: training is done; the resume runs only the evaluation after training "
+    r"and the export; resume with: (.+)",
+    last,
+  )
+  assert stopped, last
+  assert "[eval after]" not in stdout and not (out / "hf").exists()  # neither ran
+  assert os.listdir(out / "checkpoints") == ["3"] and sorted(_losses(out)) == [1, 2, 3]
+  resumed = subprocess.run(
+    shlex.split(stopped[1]), cwd=ROOT, env=_env(tmp_path), capture_output=True, text=True
+  )
+  assert resumed.returncode == 0, resumed.stderr
+  assert f"resumed from {out}/checkpoints at step 3" in resumed.stdout
+  assert "[eval after]" in resumed.stdout and (out / "hf" / "model.safetensors").is_file()
+  assert sorted(_losses(out)) == [1, 2, 3]  # no step ran again
+
+
+def test_sigterm_in_the_export_stops_it_at_once_and_once_all_is_written_changes_nothing(
+  tmp_path,
+):
+  """SIGTERM after the export's first tensor: it stops at once, leaves no partial export,
+  exits 75 and says what is done; the printed command exports. A SIGTERM once that run has
+  written everything (its last line printed, while the interpreter exits) changes nothing:
+  no promise of 75, exit 0."""
+  out = tmp_path / "run"
+  config = {**_config(out, 2), "checkpoint": {"export": True}}
+  code, _, stderr = _signalled_cli(tmp_path, config, "train.models.pretrained:to_host", nth=2)
+  assert code == PREEMPTED_EXIT_CODE, stderr
+  assert f"SIGTERM: stopping the export to {out}/hf at once (exit 75)\n" in stderr
+  last = stderr.rstrip().splitlines()[-1]
+  stopped = re.fullmatch(
+    rf"SIGTERM: stopped after step 2, saved in {out}/checkpoints/2, during the export to "
+    rf"{out}/hf: training is done; the resume runs only the export; resume with: (.+)",
+    last,
+  )
+  assert stopped, last
+  assert sorted(p.name for p in out.iterdir() if "hf" in p.name) == []  # nor a temporary one
+  resumed = subprocess.Popen(
+    shlex.split(stopped[1]),
+    cwd=ROOT,
+    env=_env(tmp_path),
+    stdout=subprocess.PIPE,
+    stderr=subprocess.STDOUT,
+    text=True,
+  )
+  for line in resumed.stdout:
+    if line.startswith("outputs: "):  # the run's last line
+      resumed.send_signal(signal.SIGTERM)  # (if it has not exited yet)
+      break
+  output = line + resumed.communicate(timeout=900)[0]
+  assert resumed.returncode == 0, output
+  assert "exit 75" not in output and "Traceback" not in output
+  assert (out / "hf" / "model.safetensors").is_file()
+
+
+def test_a_stop_request_in_work_a_resume_redoes_stops_it_at_once_and_after_all_is_written_none(
+  capsys,
+):
+  with Preemption() as preemption:
+    preemption.stop_at_once("the export")
+    with pytest.raises(Interrupted):
+      os.kill(os.getpid(), signal.SIGTERM)
+      time.sleep(0.1)  # the handler runs between bytecodes
+    assert preemption.reached()
+    with pytest.raises(Interrupted):  # asked before it began
+      preemption.stop_at_once("the export, again")
+    preemption.ignore("all is written")
+    os.kill(os.getpid(), signal.SIGINT)
+    time.sleep(0.1)
+  assert capsys.readouterr().err.splitlines() == [
+    "SIGTERM: stopping the export at once (exit 75)",
+    "SIGINT: ignored: all is written",
+  ]
 
 
 def test_sigint_stops_after_the_step_and_a_second_sigint_at_once():

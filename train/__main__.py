@@ -3,6 +3,7 @@
 import argparse
 import os
 import shlex
+import signal
 import sys
 
 from train.config import ConfigError, load_config
@@ -28,6 +29,11 @@ def _last_words(message: str) -> None:
   stderr = os.dup(2)
   os.dup2(os.open(os.devnull, os.O_WRONLY), 2)
   os.write(stderr, f"\n{message}\n".encode())
+
+
+def _ignore_stop_request(signum, frame) -> None:
+  name = signal.Signals(signum).name
+  print(f"{name}: ignored: the run has written everything; it ends (exit 0)", file=sys.stderr)
 
 
 def main(argv=None) -> int:
@@ -67,14 +73,20 @@ def main(argv=None) -> int:
   except (NonFiniteLossError, CorruptCheckpointError, OSError) as e:
     _last_words(f"error: {e}")
     return 1
+  # Everything is written: a stop request from now on changes nothing (the run has ended
+  # with 0), while the processes leave the coordination service together.
+  for s in (signal.SIGTERM, signal.SIGINT):
+    signal.signal(s, _ignore_stop_request)
+  jax.distributed.shutdown()
   return 0
 
 
 if __name__ == "__main__":
   code = main()
-  if code:
-    # Fail without interpreter teardown: Orbax's TensorStore threads would otherwise
-    # print "Event loop is closed" tracebacks after the last line printed above.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
+  # Exit without interpreter teardown: it takes seconds (XLA's destructors), in which Python
+  # runs no signal handler, so a SIGTERM would turn a finished run into 143; and after an
+  # error, Orbax's TensorStore threads would print "Event loop is closed" tracebacks after the
+  # last line printed above.
+  sys.stdout.flush()
+  sys.stderr.flush()
+  os._exit(code)

@@ -75,13 +75,22 @@ class Preempted(Exception):
   """The run was asked to stop (SIGTERM/SIGINT) after `step` updates.
 
   `saved`: its state is in checkpoint `step` (resume it); False: it stopped before its
-  first step and nothing is lost (start it again).
+  first step and nothing is lost (start it again). `detail`: what was done and what the
+  resume runs, when it is not simply the steps after `step`.
   """
 
-  def __init__(self, step: int, directory: Path, signal_name: str, saved: bool = True):
+  def __init__(
+    self, step: int, directory: Path, signal_name: str, saved: bool = True, detail: str = ""
+  ):
     self.step, self.directory, self.signal_name, self.saved = step, directory, signal_name, saved
     where = f"saved in {directory / str(step)}" if saved else "nothing to save"
-    super().__init__(f"{signal_name}: stopped after step {step}, {where}")
+    super().__init__(f"{signal_name}: stopped after step {step}, {where}{detail}")
+
+
+class Interrupted(BaseException):
+  """A stop request ended, where the main thread was, work that a resume redoes
+  (`Preemption.stop_at_once`). A BaseException, as KeyboardInterrupt: no `except Exception`
+  swallows it."""
 
 
 def data_fingerprint(config: Config) -> dict:
@@ -158,6 +167,11 @@ class Preemption:
   A SIGINT is passed on to that service as a SIGTERM. With one process, a handler of both
   signals sets a flag. A second SIGINT stops at once (KeyboardInterrupt), without saving.
 
+  The run says what a stop request does where it is: stop at the next `reached`
+  (`stop_after`: training, the evaluation after it), raise `Interrupted` at once
+  (`stop_at_once`: the export, which a resume redoes), or nothing (`ignore`: all is written,
+  the run ends with 0). The handler prints that promise, and the exit code keeps it.
+
   Signals reach Python's main thread only: in another thread this handles none (JAX's
   service still does).
   """
@@ -166,6 +180,35 @@ class Preemption:
     self._calls = 0
     self._previous: dict = {}
     self.signal_name: str | None = None
+    # (what a stop request does now: "after", "at_once" or "ignore"; the line it prints). One
+    # attribute, so that a handler never sees half of a change.
+    self._on_stop = (
+      "after",
+      "finishing the current step, saving a checkpoint and stopping "
+      f"(exit {PREEMPTED_EXIT_CODE}); SIGINT again stops at once, without saving",
+    )
+
+  def stop_after(self, plan: str) -> None:
+    """From now on a stop request is acted on at the next `reached`; `plan` says how."""
+    self._on_stop = ("after", plan)
+
+  def stop_at_once(self, what: str) -> None:
+    """From now on a stop request raises `Interrupted` at once, in `what`: work that saves
+    nothing and that a resume redoes. Raises it now if one came already.
+
+    With several processes `what` is collective (every process takes part in it), so one
+    process alone cannot leave it: it is finished and the run ends with 0."""
+    if self.reached():
+      raise Interrupted
+    if jax.process_count() == 1:
+      self._on_stop = ("at_once", f"stopping {what} at once (exit {PREEMPTED_EXIT_CODE})")
+    else:
+      self.ignore(f"{what} is finished first, as every process takes part in it (exit 0)")
+
+  def ignore(self, reason: str) -> None:
+    """From now on a stop request changes nothing: the run ends as it would, with 0;
+    `reason` says why."""
+    self._on_stop = ("ignore", reason)
 
   def __enter__(self) -> "Preemption":
     if threading.current_thread() is threading.main_thread():
@@ -179,15 +222,17 @@ class Preemption:
       signal.signal(s, signal.SIG_DFL if handler is None else handler)
 
   def _handle(self, signum, frame) -> None:
+    name = signal.Signals(signum).name
+    action, message = self._on_stop
+    if action == "ignore":
+      print(f"{name}: ignored: {message}", file=sys.stderr, flush=True)
+      return
     if signum == signal.SIGINT and self.signal_name is not None:
       raise KeyboardInterrupt  # asked twice: stop now, without saving
-    self.signal_name = signal.Signals(signum).name
-    print(
-      f"{self.signal_name}: finishing the current step, saving a checkpoint and stopping "
-      f"(exit {PREEMPTED_EXIT_CODE}); SIGINT again stops at once, without saving",
-      file=sys.stderr,
-      flush=True,
-    )
+    self.signal_name = name
+    print(f"{name}: {message}", file=sys.stderr, flush=True)
+    if action == "at_once":
+      raise Interrupted
     if jax.process_count() > 1:
       os.kill(os.getpid(), signal.SIGTERM)  # to JAX's handler, which tells the other processes
 

@@ -5,7 +5,10 @@ directory; `train.run_setup.setup_run` builds the mesh, model, data and steps on
 the `Evaluator` scores the held-out data before, every `eval.every` steps and after; the
 `Trainer` runs the updates with per-step logs (`metrics.loggers`) and Orbax checkpoints.
 Everything it writes goes under `train.output_dir` (`train.paths.RunPaths`). Asked to stop
-(SIGTERM, SIGINT), it finishes the current step, saves it and raises `Preempted`.
+(SIGTERM, SIGINT), it finishes the current step, saves it and raises `Preempted`; after the
+last step, it stops the evaluation after its current batch and the export at once, and the
+resume from the final checkpoint runs only those two. Once everything is written, a stop
+request changes nothing.
 """
 
 from __future__ import annotations
@@ -25,7 +28,9 @@ from tqdm.auto import tqdm
 
 from train import run_dir
 from train.checkpoints import (
+  PREEMPTED_EXIT_CODE,
   Checkpoints,
+  Interrupted,
   Preempted,
   Preemption,
   check_fingerprint,
@@ -34,7 +39,7 @@ from train.checkpoints import (
   state_fingerprint,
 )
 from train.config import Config, load_config
-from train.eval.evaluator import Evaluator, all_sequence_logps
+from train.eval.evaluator import EvaluationStopped, Evaluator, all_sequence_logps
 from train.examples import check_task_options
 from train.mesh import check_same_config, initialize_distributed
 from train.metrics import Meter, MetricWriter, flops_per_token, peak_flops_per_device
@@ -153,8 +158,20 @@ def _run(
   trained = trainer.train(params, opt_state, first_step, reference_args, evaluator)
   params = trained.params
   summary.update((f"step_{step}", metrics) for step, metrics in trained.evaluations.items())
+  # A preemptible VM kills a few seconds after its SIGTERM: what is left after the last step
+  # stops within a batch, and the resume from the final checkpoint runs only that.
+  where = " after the current batch of the evaluation after training" if config.eval.after else ""
+  saving = "" if checkpoints.latest_step() == run.total_steps else ", saving the final checkpoint"
+  preemption.stop_after(
+    f"stopping{where}{saving} (exit {PREEMPTED_EXIT_CODE}); {_left_after_training(config)}"
+  )
   if config.eval.after:
-    summary["after"] = evaluator("after", run.total_steps, params)
+    try:
+      summary["after"] = evaluator("after", run.total_steps, params, stop=preemption.reached)
+    except EvaluationStopped:
+      raise trainer.stopped_after_training(
+        trained, ", during the evaluation after training: training is done"
+      ) from None
   writer.close()
   summary.update(_comparison(evaluator.answers))
   if trained.step_times:
@@ -164,7 +181,18 @@ def _run(
     summary["median_step_time_s"] = float(multihost_utils.broadcast_one_to_all(median))
   summary["steps"] = run.total_steps
   if config.checkpoint.export:
-    summary["export_dir"] = _export(run, paths, params)
+    export_dir = Path(config.checkpoint.export_dir or paths.export)
+    try:
+      preemption.stop_at_once(f"the export to {export_dir}")
+      summary["export_dir"] = _export(run, export_dir, params)
+    except Interrupted:
+      done = (
+        "training and the evaluation after it are done" if config.eval.after else "training is done"
+      )
+      raise trainer.stopped_after_training(
+        trained, f", during the export to {export_dir}: {done}"
+      ) from None
+  preemption.ignore(f"the run has written everything to {out}; it ends (exit 0)")
   # Process 0's wall time and load average (other jobs slow every timing), as for step times.
   timing = np.array([time.time() - started, *os.getloadavg()], np.float32)
   timing = [float(x) for x in multihost_utils.broadcast_one_to_all(timing)]
@@ -254,11 +282,21 @@ def _evaluate_before(run: Run, evaluator: Evaluator, params, cache: dict | None)
   return result
 
 
+def _left_after_training(config: Config) -> str:
+  """What a resume from the final checkpoint runs."""
+  left = ["the evaluation after training"] if config.eval.after else []
+  left += ["the export"] if config.checkpoint.export else []
+  return (
+    f"the resume runs only {' and '.join(left)}" if left else "the resume only writes the summary"
+  )
+
+
 class Trained(NamedTuple):
-  """What `Trainer.train` measured: the final parameters, the evaluations during training
-  by step, and each logged step's seconds."""
+  """What `Trainer.train` measured: the final parameters and optimizer state, the
+  evaluations during training by step, and each logged step's seconds."""
 
   params: Any
+  opt_state: Any
   evaluations: dict[int, dict]
   step_times: list[float]
 
@@ -325,12 +363,22 @@ class Trainer:
   def _close(self) -> None:
     self.progress.close()
 
-  def _stopped(self, step: int, saved: bool = True) -> Preempted:
+  def _stopped(self, step: int, saved: bool = True, detail: str = "") -> Preempted:
     """Closes the outputs; the error that ends the run after `step`."""
     self._close()
     self.writer.close()
     signal_name = self.preemption.signal_name or "SIGTERM"
-    return Preempted(step, self.checkpoints.directory, signal_name, saved)
+    return Preempted(step, self.checkpoints.directory, signal_name, saved, detail)
+
+  def stopped_after_training(self, trained: Trained, during: str = "") -> Preempted:
+    """The error that ends a run asked to stop after its last step (`during`: in what). Its
+    final checkpoint is saved, even with `checkpoint.save_final=false`: the resume starts
+    from it and runs only what was left."""
+    total_steps = self.run.total_steps
+    if self.checkpoints.latest_step() != total_steps:
+      meta = self.meta(total_steps)
+      self.checkpoints.save_final(total_steps, trained.params, trained.opt_state, meta)
+    return self._stopped(total_steps, detail=f"{during}; {_left_after_training(self.run.config)}")
 
   def train(
     self, params, opt_state, first_step: int, reference_args: tuple, evaluator: Evaluator
@@ -382,11 +430,10 @@ class Trainer:
     if run.config.checkpoint.save_final and total_steps > first_step:
       checkpoints.save_final(total_steps, params, opt_state, self.meta(total_steps))
     checkpoints.wait()
+    trained = Trained(params, opt_state, evaluations, self.step_times)
     if self.preemption.reached():  # asked while the last steps ran: skip the evaluation after
-      if checkpoints.latest_step() != total_steps:  # checkpoint.save_final=false
-        checkpoints.save_final(total_steps, params, opt_state, self.meta(total_steps))
-      raise self._stopped(total_steps)
-    return Trained(params, evaluations, self.step_times)
+      raise self.stopped_after_training(trained, ": training is done")
+    return trained
 
 
 class _Profile:
@@ -428,10 +475,9 @@ def _comparison(answers: dict) -> dict:
   }
 
 
-def _export(run: Run, paths: RunPaths, params) -> str:
-  """Writes the trained model (and its tokenizer, unless bytes) in Hugging Face format;
-  returns the directory."""
-  export_dir = Path(run.config.checkpoint.export_dir or paths.export)
+def _export(run: Run, export_dir: Path, params) -> str:
+  """Writes the trained model (and its tokenizer, unless bytes) in Hugging Face format to
+  `export_dir`; returns it."""
   tokenizer = run.tokenizer
   plain = tokenizer.tokenizer if isinstance(tokenizer, AlpacaTemplate) else tokenizer
   export_pretrained(

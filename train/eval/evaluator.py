@@ -2,7 +2,9 @@
 held-out pairs (DPO), exact-match answers by greedy decoding or a benchmark's score.
 
 `Evaluator` is built once per run and called at each evaluation point (before, every
-`eval.every` steps, after) with the current parameters.
+`eval.every` steps, after) with the current parameters; given `stop`, it asks it before each
+batch and raises `EvaluationStopped` when it says so (a preempted run stops after the
+current batch).
 """
 
 from __future__ import annotations
@@ -38,13 +40,24 @@ _SHOWN = (
 )
 
 
-def _device_chunks(rows: dict, batch_size: int, mesh):
+class EvaluationStopped(Exception):
+  """`stop()` was true before a batch: the evaluation was left unfinished."""
+
+
+def _stop_if_asked(stop) -> None:
+  if stop is not None and stop():
+    raise EvaluationStopped
+
+
+def _device_chunks(rows: dict, batch_size: int, mesh, stop=None):
   """Yields (sharded chunk of the token fields, number of real rows), `batch_size` rows at a
-  time (rounded up to split evenly over devices), the last chunk padded with empty rows."""
+  time (rounded up to split evenly over devices), the last chunk padded with empty rows;
+  asks `stop` before each."""
   shards = batch_shards(mesh.shape)
   batch_size = -(-batch_size // shards) * shards
   sharding = rows_sharding(mesh)
   for start in range(0, len(rows["inputs"]), batch_size):
+    _stop_if_asked(stop)
     chunk = {}
     for name in ROW_FIELDS:
       part = rows[name][start : start + batch_size]
@@ -54,21 +67,23 @@ def _device_chunks(rows: dict, batch_size: int, mesh):
     yield chunk, len(part)
 
 
-def held_out_loss(eval_step, params, rows: dict, batch_size: int, mesh) -> float:
+def held_out_loss(eval_step, params, rows: dict, batch_size: int, mesh, stop=None) -> float:
   """Mean cross-entropy over the loss tokens of all held-out rows."""
   total, tokens = 0.0, 0.0
-  for chunk, _ in _device_chunks(rows, batch_size, mesh):
+  for chunk, _ in _device_chunks(rows, batch_size, mesh, stop):
     loss_sum, count = eval_step(params, chunk)
     total += float(loss_sum)
     tokens += float(count)
   return total / max(tokens, 1.0)
 
 
-def all_sequence_logps(logps_step, params, rows: dict, batch_size: int, mesh) -> np.ndarray:
+def all_sequence_logps(
+  logps_step, params, rows: dict, batch_size: int, mesh, stop=None
+) -> np.ndarray:
   """[N] float32: each row's sequence log-probability (`Steps.logps` of `train.step.build_steps`)."""
   parts = [
     to_host(logps_step(params, chunk))[:real]
-    for chunk, real in _device_chunks(rows, batch_size, mesh)
+    for chunk, real in _device_chunks(rows, batch_size, mesh, stop)
   ]
   return np.concatenate(parts).astype(np.float32)
 
@@ -94,6 +109,21 @@ def preference_stats(
   }
 
 
+def _greedy_texts(model, tokenizer, prompts, *, max_new_tokens, batch_size, stop) -> list[str]:
+  """`greedy_texts`, a batch at a time, asking `stop` before each."""
+  texts = []
+  for start in range(0, len(prompts), batch_size):
+    _stop_if_asked(stop)
+    texts += greedy_texts(
+      model,
+      tokenizer,
+      prompts[start : start + batch_size],
+      max_new_tokens=max_new_tokens,
+      batch_size=batch_size,
+    )
+  return texts
+
+
 def answer_records(
   model,
   tokenizer,
@@ -102,18 +132,20 @@ def answer_records(
   max_new_tokens: int,
   batch_size: int,
   samples_path: Path | None = None,
+  stop=None,
 ) -> list[dict]:
   """Greedy completions of the held-out prompts, parsed and scored; saved as JSONL.
 
   Each record: question, completion, prediction, reference, exact (0/1), score (the task's
   scorer, which may give partial credit).
   """
-  texts = greedy_texts(
+  texts = _greedy_texts(
     model,
     tokenizer,
     [it["prompt_ids"] for it in items],
     max_new_tokens=max_new_tokens,
     batch_size=batch_size,
+    stop=stop,
   )
   records = []
   for item, text in zip(items, texts):
@@ -142,15 +174,18 @@ def benchmark_accuracy(
   max_new_tokens: int,
   batch_size: int,
   samples_path: Path | None = None,
+  stop=None,
 ) -> float:
   """Greedy completions of a benchmark's items scored by its harness; records saved as JSONL."""
-  texts = greedy_texts(
+  texts = _greedy_texts(
     model,
     tokenizer,
     instruction_prompts(tokenizer, [it["instruction"] for it in items]),
     max_new_tokens=max_new_tokens,
     batch_size=batch_size,
+    stop=stop,
   )
+  _stop_if_asked(stop)  # running the completions can take minutes too
   value, records = harness.score_benchmark(benchmark, items, texts)
   if samples_path is not None and jax.process_index() == 0:
     write_jsonl(samples_path, records)
@@ -175,11 +210,14 @@ class Evaluator:
   reference_logps: np.ndarray | None = None
   answers: dict = dataclasses.field(default_factory=dict)
 
-  def __call__(self, tag: str, step: int, params, policy_logps=None) -> dict:
-    """The metrics at ``step`` (logged under ``eval/``); ``policy_logps`` when already known."""
+  def __call__(self, tag: str, step: int, params, policy_logps=None, stop=None) -> dict:
+    """The metrics at ``step`` (logged under ``eval/``); ``policy_logps`` when already known.
+
+    ``stop``: asked before each batch (on every process alike: it may be collective);
+    when true, `EvaluationStopped` is raised and nothing is logged."""
     start = time.time()
-    result = self._held_out(params, policy_logps)
-    result.update(self._accuracy(tag, params))
+    result = self._held_out(params, policy_logps, stop)
+    result.update(self._accuracy(tag, params, stop))
     self.writer.write(
       step, {k: v for k, v in result.items() if isinstance(v, (int, float))}, "eval/"
     )
@@ -187,25 +225,27 @@ class Evaluator:
     log(f"[eval {tag}] {shown} ({time.time() - start:.1f} s)")
     return result
 
-  def _held_out(self, params, policy_logps) -> dict:
+  def _held_out(self, params, policy_logps, stop) -> dict:
     run = self.run
     if run.eval_rows is None:
       return {}
     batch_size = run.config.eval.batch_size
     if self.reference_logps is None:
       return {
-        "eval_loss": held_out_loss(run.steps.eval, params, run.eval_rows, batch_size, run.mesh)
+        "eval_loss": held_out_loss(
+          run.steps.eval, params, run.eval_rows, batch_size, run.mesh, stop
+        )
       }
     if policy_logps is None:
       policy_logps = all_sequence_logps(
-        run.steps.logps, params, run.eval_rows, batch_size, run.mesh
+        run.steps.logps, params, run.eval_rows, batch_size, run.mesh, stop
       )
     dpo_cfg = run.config.dpo
     return preference_stats(
       policy_logps, self.reference_logps, dpo_cfg.beta, dpo_cfg.label_smoothing
     )
 
-  def _accuracy(self, tag: str, params) -> dict:
+  def _accuracy(self, tag: str, params, stop) -> dict:
     cfg, items, tokenizer = self.run.config.eval, self.run.eval_items, self.run.tokenizer
     if not cfg.accuracy or (cfg.benchmark == "held_out" and not items):
       return {}
@@ -214,6 +254,7 @@ class Evaluator:
       max_new_tokens=cfg.max_new_tokens,
       batch_size=cfg.generate_batch_size,
       samples_path=self.paths.eval_samples(tag),
+      stop=stop,
     )
     if cfg.benchmark != "held_out":
       return {"accuracy": benchmark_accuracy(model, tokenizer, cfg.benchmark, items, **options)}
