@@ -3,6 +3,10 @@ harness does (train/eval/harness.py)::
 
     python -m train.eval --model PATH|smollm2 --benchmark humaneval [--limit N] [--completions FILE]
 
+or on tasks of EleutherAI's lm-evaluation-harness (`train.eval.lm_eval_adapter`)::
+
+    python -m train.eval --model RUN_DIR|HF_DIR --lm-eval arc_easy,hellaswag [--output FILE]
+
 In-training evaluation (held-out loss, DPO preference metrics, answer accuracy) is
 `train.eval.evaluator`.
 """
@@ -12,6 +16,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from train.config import missing_extra
 from train.eval import harness
 from train.eval.generate import greedy_texts, instruction_prompts
 from train.models.gguf_import import resolve_model_path
@@ -25,6 +30,17 @@ def _argument_errors(args) -> list[str]:
   errors = []
   if (args.model is None) == (args.completions is None):
     errors.append("give exactly one of --model and --completions")
+  if (args.benchmark is None) == (args.lm_eval is None):
+    errors.append("give exactly one of --benchmark and --lm-eval")
+  if args.lm_eval is not None:
+    if args.completions is not None:
+      errors.append("--completions scores a --benchmark; --lm-eval scores a --model")
+    if missing := missing_extra("lm_eval", "lm-eval"):
+      errors.append(f"--lm-eval: {missing}")
+  if args.lm_eval_include is not None and not Path(args.lm_eval_include).is_dir():
+    errors.append(f"--lm-eval-include={args.lm_eval_include}: no such directory")
+  if args.num_fewshot is not None and args.num_fewshot < 0:
+    errors.append(f"--num-fewshot={args.num_fewshot} must be >= 0")
   if args.limit is not None and args.limit < 1:
     errors.append(f"--limit={args.limit} must be >= 1 (leave it out to score every problem)")
   for flag, value in (
@@ -52,7 +68,10 @@ def main(argv=None) -> None:
     description="Score a model (or a completions file) on a benchmark."
   )
   parser.add_argument("--model", help="what model.path takes: HF directory, .gguf, or smollm2")
-  parser.add_argument("--benchmark", choices=["humaneval", "gsm8k", "math"], required=True)
+  parser.add_argument("--benchmark", choices=["humaneval", "gsm8k", "math"])
+  parser.add_argument("--lm-eval", help="lm-eval task names, comma-separated (its --tasks)")
+  parser.add_argument("--lm-eval-include", help="a folder of lm-eval task YAMLs (include_path)")
+  parser.add_argument("--num-fewshot", type=int, help="lm-eval: examples before each question")
   parser.add_argument("--limit", type=int, help="the first N problems only")
   parser.add_argument(
     "--completions", help="JSONL of {task_id, completion} to score instead of generating"
@@ -66,12 +85,31 @@ def main(argv=None) -> None:
   parser.add_argument("--max-new-tokens", type=int, default=512)
   parser.add_argument("--batch-size", type=int, default=16)
   parser.add_argument("--timeout", type=float, default=10.0, help="seconds per HumanEval problem")
-  parser.add_argument("--output", help="write one JSONL record per problem here")
+  parser.add_argument(
+    "--output", help="one JSONL record per problem here (--lm-eval: lm-eval's results JSON)"
+  )
   args = parser.parse_args(argv)
   errors = _argument_errors(args)
   if errors:
     parser.error("; ".join(errors))  # exit code 2, before any problem is loaded or scored
 
+  if args.lm_eval:
+    from train.eval import lm_eval_adapter  # here: lm-eval is an optional extra
+
+    try:
+      model_path = lm_eval_adapter.model_directory(args.model)
+    except FileNotFoundError as e:
+      parser.error(str(e))  # exit code 2, before any model is loaded
+    results = lm_eval_adapter.evaluate_tasks(
+      model_path,
+      args.lm_eval.split(","),
+      include_path=args.lm_eval_include,
+      num_fewshot=args.num_fewshot,
+      limit=args.limit,
+      batch_size=args.batch_size,
+    )
+    lm_eval_adapter.report(results, args.output)
+    return
   benchmark_items = harness.load_items(args.benchmark)
   items = benchmark_items[: args.limit]
   if args.completions:
