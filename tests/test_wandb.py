@@ -11,6 +11,7 @@ import pytest
 import train
 from tests.test_tensorboard import _scalars
 from tests.test_train import TINY
+from train.__main__ import main
 from train.config import ConfigError, load_config
 
 wandb_internal_pb2 = pytest.importorskip("wandb.proto.wandb_internal_pb2")
@@ -101,11 +102,13 @@ def test_wandb_offline_holds_the_logged_scalars_and_a_resume_continues_its_run(
   ]
 
 
-def test_asking_for_wandb_without_it_installed_names_the_extra(monkeypatch):
+def test_asking_for_wandb_without_it_installed_names_the_extra(monkeypatch, capsys):
   from importlib import util
 
   find_spec = util.find_spec
   monkeypatch.setattr(util, "find_spec", lambda name: None if name == "wandb" else find_spec(name))
   with pytest.raises(ConfigError, match=r'metrics.loggers.*pip install "gmt-optax\[wandb\]"'):
     load_config(TINY, ["metrics.loggers=[jsonl,tensorboard,wandb]"])
+  assert main(["metrics.loggers=[jsonl,tensorboard,wandb]"]) == 2  # at load, before any model
+  assert 'pip install "gmt-optax[wandb]"' in capsys.readouterr().err
   assert load_config(TINY, ["metrics.loggers=[jsonl]"]).metrics.loggers == ("jsonl",)
