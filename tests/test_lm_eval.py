@@ -84,6 +84,8 @@ def test_requests_score_as_lm_evals_hf_backend_in_fixed_shapes(exported, hf_back
   assert lm.generate_until(_requests("generate_until", prompts)) == hf_backend.generate_until(
     _requests("generate_until", prompts)
   )
+  with pytest.raises(ValueError, match="ask for sampling.*decodes greedily only"):
+    lm.generate_until(_requests("generate_until", [("Hello", {"do_sample": True})]))
 
 
 def test_the_cli_scores_local_tasks_of_a_run_as_the_hf_backend(

@@ -167,12 +167,19 @@ class JaxLM(TemplateLM):
       until = options.pop("until", None) or []
       until = [until] if isinstance(until, str) else list(until)
       max_gen_toks = int(options.pop("max_gen_toks", self.max_gen_toks))
-      if options.pop("do_sample", False) and options.get("temperature", 0.0) > 0:
+      task = requests[members[0]].task_name or "generate_until"
+      # As lm-eval's hf backend: do_sample with temperature 0 is greedy; its default is 1.
+      if options.pop("do_sample", False) and options.get("temperature", 1.0) != 0:
         raise ValueError(
-          f"generate_until: sampling (do_sample with temperature "
-          f"{options['temperature']}) is not supported; greedy decoding only"
+          f"{task}: generation_kwargs ask for sampling (do_sample, temperature "
+          f"{options.get('temperature', 1.0)}); this model decodes greedily only"
         )
       keep = self.max_length - max_gen_toks
+      if keep < 1:
+        raise ValueError(
+          f"{task}: max_gen_toks={max_gen_toks} leaves no room for the prompt in the "
+          f"model's {self.max_length} positions"
+        )
       prompts = [self.tok_encode(requests[i].args[0])[-keep:] for i in members]
       order = sorted(range(len(members)), key=lambda j: -len(prompts[j]))
       # Every call gets `batch_size` prompts (the last batch filled with copies): one shape.
