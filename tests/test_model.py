@@ -90,6 +90,8 @@ def test_gemma3_config_forms_read_alike():
     sliding_window_pattern=2,
   )
   assert LlamaConfig.from_hf(old) == LlamaConfig.from_hf(new)
+  del old["sliding_window_pattern"]  # transformers 5's spelling only
+  assert LlamaConfig.from_hf({**old, "_sliding_window_pattern": 2}) == LlamaConfig.from_hf(new)
   text = {"hidden_size": 2560, "num_hidden_layers": 34, "sliding_window": 1024}
   multimodal = LlamaConfig.from_hf({"model_type": "gemma3", "text_config": text})
   assert multimodal.model_type == "gemma3_text" and multimodal.vocab_size == 262_208

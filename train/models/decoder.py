@@ -1,8 +1,10 @@
-"""A Flax NNX decoder for the Llama family (Llama 2/3/3.1, Mistral, Qwen2, SmolLM2).
+"""A Flax NNX decoder for the Llama family (Llama 2/3/3.1, Mistral, Qwen2/3, SmolLM2, Gemma 3).
 
 One flat file: config, layers, model and KV cache. Parameter names mirror the
 Hugging Face module names so that checkpoint mapping stays a table of regexes
-(see :mod:`train.models.pretrained`).
+(see :mod:`train.models.params`). What sets the families apart are fields of
+:class:`LlamaConfig` (:data:`FAMILIES`); what sets a model's layers apart (sliding-window
+or global attention, each with its RoPE) is data scanned along the stacked layers.
 
 Scale, as MaxText and Levanter do it:
 
@@ -69,7 +71,6 @@ _GEMMA3_TEXT_DEFAULTS = {
   "tie_word_embeddings": True,
   "query_pre_attn_scalar": 256,
   "sliding_window": 4096,
-  "sliding_window_pattern": 6,
 }
 # MLP activations by their transformers name (ACT2FN): the gate of SwiGLU / GeGLU.
 ACTIVATIONS = {
@@ -261,7 +262,7 @@ def _sliding_window(hf: dict, model_type: str, num_layers: int, unsupported) -> 
   if model_type == "mistral":
     layer_types = ["sliding_attention"] * num_layers
   elif layer_types is None and model_type == "gemma3_text":
-    pattern = hf.get("sliding_window_pattern", hf.get("_sliding_window_pattern"))
+    pattern = hf.get("sliding_window_pattern") or hf.get("_sliding_window_pattern") or 6
     layer_types = [
       "sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(num_layers)
     ]
