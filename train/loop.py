@@ -180,19 +180,24 @@ def _run(
     # Timings differ per process: every process returns process 0's, so summaries match.
     summary["median_step_time_s"] = float(multihost_utils.broadcast_one_to_all(median))
   summary["steps"] = run.total_steps
+  done = (
+    "training and the evaluation after it are done" if config.eval.after else "training is done"
+  )
+  finished = f"the run in {out} has finished its work; it ends (exit 0)"
   if config.checkpoint.export:
     export_dir = Path(config.checkpoint.export_dir or paths.export)
     try:
       preemption.stop_at_once(f"the export to {export_dir}")
       summary["export_dir"] = _export(run, export_dir, params)
+      preemption.ignore(finished)  # (a request until here interrupts: it was promised 75)
     except Interrupted:
-      done = (
-        "training and the evaluation after it are done" if config.eval.after else "training is done"
-      )
       raise trainer.stopped_after_training(
         trained, f", during the export to {export_dir}: {done}"
       ) from None
-  preemption.ignore(f"the run has written everything to {out}; it ends (exit 0)")
+  else:
+    preemption.ignore(finished)
+    if preemption.reached():  # asked since the evaluation's last batch: stop, as promised
+      raise trainer.stopped_after_training(trained, f": {done}")
   # Process 0's wall time and load average (other jobs slow every timing), as for step times.
   timing = np.array([time.time() - started, *os.getloadavg()], np.float32)
   timing = [float(x) for x in multihost_utils.broadcast_one_to_all(timing)]
@@ -396,6 +401,9 @@ class Trainer:
       disable=not t.tqdm or jax.process_index() != 0,
     )
     if self.preemption.reached():  # asked before the first step: nothing new to save
+      if first_step == total_steps:  # resumed after the last step
+        trained = Trained(params, opt_state, evaluations, self.step_times)
+        raise self.stopped_after_training(trained, ": training is done")
       raise self._stopped(first_step, saved=checkpoints.latest_step() is not None)
     profile = _Profile(t.profile_steps, self.paths.profile, total_steps)
     every = run.config.eval.every
