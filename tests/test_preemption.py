@@ -2,8 +2,10 @@
 saved step and a resume continues bit for bit (1 and 2 processes), one run per directory
 (`run.lock`), resumes that name what changed, another run's directory left untouched."""
 
+import collections
 import json
 import os
+import random
 import re
 import shlex
 import signal
@@ -391,3 +393,98 @@ def test_resuming_from_another_run_never_writes_there(tmp_path):
   with pytest.raises(FileNotFoundError, match=rf"train.resume={missing}: no such directory"):
     train.run(_config(tmp_path / "run2", 3), [f"train.resume={missing}"])
   assert not missing.exists() and not (tmp_path / "run2").exists()  # before any work
+
+
+def _lines(path: Path) -> int:
+  """How many lines `path` has now (0 if none): a log being written, not parsed."""
+  return len(path.read_text().splitlines()) if path.is_file() else 0
+
+
+def _under_way(out: Path, log: Path, first: bool) -> bool:
+  """Whether a soak cycle's run is past its start-up: the first has saved its first
+  checkpoint, a resumed one has restored its state."""
+  return (out / "checkpoints" / "1").is_dir() if first else "resumed from " in log.read_text()
+
+
+def _cycle_ended_as_promised(signal_sent, code: int, output: str) -> str:
+  """Where the signal of one soak cycle landed, judged by its exit code and output; fails
+  when the two disagree (an error, a broken promise, a death by SIGTERM after work began)."""
+  last = output.rstrip().splitlines()[-1] if output.strip() else ""
+  if code == 0:  # it had written everything (the signal came after, or was ignored)
+    assert "\noutputs: " in output and "exit 75" not in output, output[-3000:]
+    return "ignored, the work done" if ": ignored: " in output else "after the run ended"
+  if signal_sent == signal.SIGKILL and code == -signal.SIGKILL:
+    return "killed"
+  assert signal_sent == signal.SIGTERM, (code, output[-3000:])
+  if code == -signal.SIGTERM:  # before the run installed its handler: nothing was done
+    assert "\nmesh " not in f"\n{output}", output[-3000:]
+    return "before the run began"
+  assert code == PREEMPTED_EXIT_CODE and "resume with: " in last, (code, output[-3000:])
+  for during in ("the evaluation after training", "the export"):
+    if f"during {during}" in last:
+      return f"during {during}"
+  return "after the last step" if "training is done" in last else "during training"
+
+
+@pytest.mark.slow
+def test_soak_sigterm_and_sigkill_at_random_moments_resume_to_the_straight_run_bit_for_bit(
+  tmp_path,
+):
+  """20 cycles: a run (from the second cycle on, its resume command) gets SIGTERM or SIGKILL
+  at a random moment: in start-up, a step, a checkpoint save, the evaluation after training,
+  the export or the exit. Each cycle ends as its signal promises, the next resumes, and the
+  finished run's losses, evaluation and export equal those of a run never stopped, bit for
+  bit."""
+  cycles, steps = 20, 45
+  seed = random.randrange(2**32)
+  rng = random.Random(seed)
+  out, straight = tmp_path / "soak", tmp_path / "straight"
+  config = {
+    **_config(out, steps),
+    "eval": {"before": False, "after": True, "accuracy": False},
+    "checkpoint": {"every": 1, "keep": 2, "export": True},
+  }
+  path = tmp_path / "soak.json"
+  path.write_text(json.dumps(config))
+  resume = [sys.executable, "-m", "train", "--config", str(path), "train.resume=true"]
+  landed: list[str] = []
+  started = time.monotonic()
+  env = {**_env(tmp_path), "PYTHONUNBUFFERED": "1"}  # its lines in the log as they come
+  for cycle in range(cycles):
+    log = tmp_path / f"cycle-{cycle}.log"
+    with open(log, "w") as output:
+      command = resume if cycle else resume[:-1]
+      run = subprocess.Popen(command, cwd=ROOT, env=env, stdout=output, stderr=subprocess.STDOUT)
+    # A random moment: in a quarter of the cycles any time from the start (mostly start-up),
+    # else once the run is under way (resumed, or its first checkpoint saved: a run killed
+    # before that has nothing to resume from); then after a random time, or once a random
+    # number of steps more ran (a step, a save, the evaluation after, the export, the exit).
+    under_way = cycle == 0 or rng.random() < 0.75
+    while under_way and run.poll() is None and not _under_way(out, log, cycle == 0):
+      time.sleep(0.05)
+    deadline = time.monotonic() + rng.uniform(0, 10 if under_way else 12)
+    more, logged = rng.randint(1, 8), _lines(out / "train_log.jsonl")
+    while run.poll() is None and time.monotonic() < deadline:
+      if _lines(out / "train_log.jsonl") >= logged + more:
+        break
+      time.sleep(0.05)
+    signal_sent = rng.choice((signal.SIGTERM, signal.SIGKILL))
+    run.send_signal(signal_sent)  # (unless it has ended)
+    code = run.wait(timeout=900)
+    where = _cycle_ended_as_promised(signal_sent, code, log.read_text())
+    landed.append(f"{signal.Signals(signal_sent).name} {where}")
+    print(f"cycle {cycle} (seed {seed}): {landed[-1]}, exit {code}")  # shown if one fails
+  finished = subprocess.run(resume, cwd=ROOT, env=_env(tmp_path), capture_output=True, text=True)
+  seconds = time.monotonic() - started
+  report = (
+    f"{cycles} cycles (seed {seed}) in {seconds:.0f} s: "
+    f"{', '.join(f'{n} {c}' for c, n in sorted(collections.Counter(landed).items()))}"
+  )
+  print(report)
+  assert finished.returncode == 0, (report, finished.stderr[-3000:])
+  train.run({**config, "train": {**config["train"], "output_dir": str(straight)}})
+  assert _losses(out) == _losses(straight), report  # every step once, bit for bit
+  after = [json.loads(RunPaths(d).summary.read_text())["after"] for d in (out, straight)]
+  assert after[0] == after[1], report
+  exported = [(d / "hf" / "model.safetensors").read_bytes() for d in (out, straight)]
+  assert exported[0] == exported[1], report
