@@ -416,7 +416,7 @@ def test_chunked_dequantize_equals_whole():
   )
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "gemma3"])
+@pytest.mark.parametrize("arch", ["gpt2", "phi3"])
 def test_gguf_other_architecture(tmp_path, arch):
   path = write_gguf(os.path.join(FIXTURES, "mistral"), tmp_path / "other.gguf", arch=arch)
   with pytest.raises(ValueError, match=rf"other\.gguf: GGUF architecture '{arch}' is not supp"):
@@ -439,6 +439,178 @@ def test_truncated_gguf_is_named(tmp_path):
     cut.write_bytes(whole[:size])
     with pytest.raises(ValueError, match=rf"cut\.gguf: not a GGUF file \(truncated {part}: "):
       load_pretrained(str(cut))
+
+
+GEMMA_TEXTS = [
+  "hello world",
+  "The capital of France is Paris.",
+  "  two  spaces, ü and 😀 by bytes\n\tdigits 2026",
+  "<start_of_turn>user\nhello<end_of_turn>\n",
+  "5 €",  # not in the training texts: by byte fallback
+]
+
+
+def gemma_sentencepiece(tmp_path):
+  """A directory with ``tokenizer.model``: SentencePiece BPE trained with Gemma's options
+  (byte fallback, no dummy prefix, whitespace pieces, split digits; pad, eos, bos, unk at
+  0-3; user-defined turn markers)."""
+  import io
+
+  import sentencepiece
+
+  model = io.BytesIO()
+  sentencepiece.SentencePieceTrainer.train(
+    sentence_iterator=iter(GEMMA_TEXTS[:3] * 20 + ["the quick brown fox jumps over it"] * 20),
+    model_writer=model,
+    model_type="bpe",
+    vocab_size=400,
+    hard_vocab_limit=False,
+    byte_fallback=True,
+    split_digits=True,
+    add_dummy_prefix=False,
+    remove_extra_whitespaces=False,
+    allow_whitespace_only_pieces=True,
+    normalization_rule_name="identity",
+    pad_id=0,
+    eos_id=1,
+    bos_id=2,
+    unk_id=3,
+    user_defined_symbols=["<start_of_turn>", "<end_of_turn>"],
+    minloglevel=2,
+  )
+  (tmp_path / "tokenizer.model").write_bytes(model.getvalue())
+  return tmp_path
+
+
+def write_gemma3_gguf(tmp_path):
+  """``(gguf path, input ids, transformers' logits, HF config)`` of a random 6-layer
+  Gemma3ForCausalLM (5 sliding layers, then a global one with linear RoPE scaling) with a
+  Gemma SentencePiece tokenizer, written as llama.cpp's convert_hf_to_gguf.py (Gemma3Model)
+  does: its metadata keys, norm weights + 1, embedding rows cut to the tokenizer's."""
+  import sentencepiece
+  import torch
+  import transformers
+
+  sp = sentencepiece.SentencePieceProcessor(
+    model_file=str(gemma_sentencepiece(tmp_path) / "tokenizer.model")
+  )
+  tokens = [sp.id_to_piece(i) for i in range(sp.get_piece_size())]
+  config = transformers.Gemma3TextConfig(
+    vocab_size=len(tokens) + 8,  # as Gemma 3's 262208 rows for 262144 tokens
+    hidden_size=32,
+    intermediate_size=48,
+    num_hidden_layers=6,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    query_pre_attn_scalar=16,
+    sliding_window=4,
+    max_position_embeddings=128,
+    rope_parameters={
+      "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6},
+      "sliding_attention": {"rope_type": "default", "rope_theta": 1e4},
+    },
+  )
+  torch.manual_seed(0)
+  model = transformers.Gemma3ForCausalLM(config).eval()
+  with torch.no_grad():
+    for name, p in model.named_parameters():
+      if "norm" in name:
+        p.add_(0.1 * torch.randn_like(p))
+  ids = np.random.default_rng(0).integers(4, len(tokens), size=(2, 12))
+  with torch.no_grad():
+    logits = model(torch.tensor(ids)).logits.numpy()
+
+  out = str(tmp_path / "gemma3.gguf")
+  writer = gguf.GGUFWriter(out, "gemma3")
+  writer.add_context_length(config.max_position_embeddings)
+  writer.add_embedding_length(config.hidden_size)
+  writer.add_block_count(config.num_hidden_layers)
+  writer.add_feed_forward_length(config.intermediate_size)
+  writer.add_head_count(config.num_attention_heads)
+  writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+  writer.add_key_length(config.head_dim)
+  writer.add_value_length(config.head_dim)
+  writer.add_rope_freq_base(1e6)
+  writer.add_sliding_window(config.sliding_window)
+  writer.add_head_count_kv(config.num_key_value_heads)
+  writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+  writer.add_rope_scaling_factor(8.0)
+  writer.add_tokenizer_model("llama")
+  writer.add_tokenizer_pre("default")
+  writer.add_token_list(tokens)
+  writer.add_token_scores([sp.get_score(i) for i in range(len(tokens))])
+  types = gguf.TokenType
+  writer.add_token_types(
+    [
+      types.UNKNOWN
+      if sp.is_unknown(i)
+      else types.CONTROL
+      if sp.is_control(i)
+      else types.BYTE
+      if sp.is_byte(i)
+      else types.USER_DEFINED
+      if t.startswith("<") and t.endswith("_turn>")  # tokenizer_config's added tokens
+      else types.NORMAL
+      for i, t in enumerate(tokens)
+    ]
+  )
+  writer.add_bos_token_id(2)
+  writer.add_eos_token_id(1)
+  writer.add_unk_token_id(3)
+  writer.add_pad_token_id(0)
+  writer.add_add_bos_token(True)
+  writer.add_add_eos_token(False)
+  writer.add_add_space_prefix(False)
+  # The sandwich norms' rows last: their post_attention_layernorm is not Llama's ffn_norm.
+  names = {v: k for k, v in gguf_import.GGUF_NAME_TABLE + gguf_import.GGUF_SANDWICH_NORM_TABLE}
+  for name, tensor in model.state_dict().items():
+    if name == "lm_head.weight":  # tied
+      continue
+    array = tensor.numpy()
+    if name.endswith("norm.weight"):
+      array = array + 1
+    elif name == "model.embed_tokens.weight":
+      array = array[: len(tokens)]
+    layer = name.split(".")[2] if name.startswith("model.layers.") else None
+    key = name.replace(f".{layer}.", ".{i}.") if layer else name
+    writer.add_tensor(names[key].format(i=layer), np.ascontiguousarray(array))
+  writer.write_header_to_file()
+  writer.write_kv_data_to_file()
+  writer.write_tensors_to_file()
+  writer.close()
+  return out, ids, logits[..., : len(tokens)], config
+
+
+def test_gemma3_gguf_matches_hf_logits(tmp_path):
+  path, ids, expected, hf_config = write_gemma3_gguf(tmp_path)
+  model, _ = load_pretrained(path)
+  config = model.config
+  assert config.model_type == "gemma3_text"
+  assert config.layer_types == tuple(hf_config.layer_types)  # llama.cpp's pattern of 6
+  assert (config.rope_theta, config.rope_local_theta) == (1e6, 1e4)
+  assert config.rope_scaling == {"rope_type": "linear", "factor": 8.0}
+  np.testing.assert_allclose(np.asarray(model(jnp.asarray(ids))), expected, atol=1e-4)
+
+
+def test_gemma3_gguf_tokenizer_matches_hf(tmp_path):
+  import transformers
+
+  path, *_ = write_gemma3_gguf(tmp_path)
+  tok = gguf_import.gguf_tokenizer(gguf_import.read_gguf(path), path)
+  hf_tok = transformers.GemmaTokenizer.from_pretrained(str(tmp_path))  # its tokenizer.model
+  for text in GEMMA_TEXTS:
+    ids = tok.encode(text)
+    assert ids == hf_tok.encode(text, add_special_tokens=False), text
+    assert tok.decode(ids, skip_special_tokens=False) == text
+  assert tok.tokenizer.encode("€", add_special_tokens=False).tokens == [
+    "<0xE2>",
+    "<0x82>",
+    "<0xAC>",
+  ]
+  assert tok.encode("<start_of_turn>") == [4]
+  assert tok.encode("hi", add_special_tokens=True)[0] == tok.bos_token_id == 2
+  assert (tok.eos_token_id, tok.pad_token_id) == (1, 0)
 
 
 def test_default_gguf_path(smollm2_path):

