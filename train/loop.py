@@ -127,11 +127,11 @@ def _run(
   """`run` once the output directory is this run's: set up, evaluate before, train,
   evaluate after, export and summarise."""
   paths = RunPaths(out)
-  run = setup_run(config, cache)
-  params = run.model.params
-  opt_state = jax.jit(run.steps.tx.init, out_shardings=run.steps.shardings["opt_state"])(params)
+  setup = setup_run(config, cache)
+  params = setup.model.params
+  opt_state = jax.jit(setup.steps.tx.init, out_shardings=setup.steps.shardings["opt_state"])(params)
   # DPO's reference is the initial weights, so it is taken before any checkpoint is restored.
-  reference_args, eval_reference = _dpo_reference(run)
+  reference_args, eval_reference = _dpo_reference(setup)
   c = config.checkpoint
   checkpoints = Checkpoints(
     paths.checkpoints,
@@ -142,32 +142,32 @@ def _run(
   )
   first_step = 0
   if config.train.resume:
-    params, opt_state, first_step = _resume(run, checkpoints, params, opt_state, out)
+    params, opt_state, first_step = _resume(setup, checkpoints, params, opt_state, out)
 
   summary: dict = {
     "output_dir": str(out),
-    "num_params": run.model.num_params,
-    "data": run.data_report,
+    "num_params": setup.model.num_params,
+    "data": setup.data_report,
   }
   writer = MetricWriter(paths, config, jax.process_index() == 0)
-  evaluator = Evaluator(run, paths, writer, eval_reference)
+  evaluator = Evaluator(setup, paths, writer, eval_reference)
   if config.eval.before and first_step == 0:
-    summary["before"] = _evaluate_before(run, evaluator, params, cache)
+    summary["before"] = _evaluate_before(setup, evaluator, params, cache)
 
-  trainer = Trainer(run, paths, checkpoints, writer, preemption)
+  trainer = Trainer(setup, paths, checkpoints, writer, preemption)
   trained = trainer.train(params, opt_state, first_step, reference_args, evaluator)
   params = trained.params
   summary.update((f"step_{step}", metrics) for step, metrics in trained.evaluations.items())
   # A preemptible VM kills a few seconds after its SIGTERM: what is left after the last step
   # stops within a batch, and the resume from the final checkpoint runs only that.
   where = " after the current batch of the evaluation after training" if config.eval.after else ""
-  saving = "" if checkpoints.latest_step() == run.total_steps else ", saving the final checkpoint"
+  saving = "" if checkpoints.latest_step() == setup.total_steps else ", saving the final checkpoint"
   preemption.stop_after(
     f"stopping{where}{saving} (exit {PREEMPTED_EXIT_CODE}); {_left_after_training(config)}"
   )
   if config.eval.after:
     try:
-      summary["after"] = evaluator("after", run.total_steps, params, stop=preemption.reached)
+      summary["after"] = evaluator("after", setup.total_steps, params, stop=preemption.reached)
     except EvaluationStopped:
       raise trainer.stopped_after_training(
         trained, ", during the evaluation after training: training is done"
@@ -179,7 +179,7 @@ def _run(
     median = np.float32(np.median(times[1:] or times))
     # Timings differ per process: every process returns process 0's, so summaries match.
     summary["median_step_time_s"] = float(multihost_utils.broadcast_one_to_all(median))
-  summary["steps"] = run.total_steps
+  summary["steps"] = setup.total_steps
   done = (
     "training and the evaluation after it are done" if config.eval.after else "training is done"
   )
@@ -188,7 +188,7 @@ def _run(
     export_dir = Path(config.checkpoint.export_dir or paths.export)
     try:
       preemption.stop_at_once(f"the export to {export_dir}")
-      summary["export_dir"] = _export(run, export_dir, params)
+      summary["export_dir"] = _export(setup, export_dir, params)
       preemption.ignore(finished)  # (a request until here interrupts: it was promised 75)
     except Interrupted:
       raise trainer.stopped_after_training(
@@ -212,37 +212,37 @@ def _run(
   return summary
 
 
-def _dpo_reference(run: Run) -> tuple[tuple, np.ndarray | None]:
+def _dpo_reference(setup: Run) -> tuple[tuple, np.ndarray | None]:
   """DPO: (the train step's extra reference arguments, the reference's log-probs of the
   held-out rows); the training rows get theirs as "reference_logps" when precomputed.
   SFT: ((), None)."""
-  config = run.config
+  config = setup.config
   dpo_cfg = config.dpo_objective
   if dpo_cfg is None:
     return (), None
   start = time.time()
-  params, logps, batch_size = run.model.params, run.steps.logps, config.eval.batch_size
+  params, logps, batch_size = setup.model.params, setup.steps.logps, config.eval.batch_size
   eval_reference = None
-  if run.eval_rows is not None:
-    eval_reference = all_sequence_logps(logps, params, run.eval_rows, batch_size, run.mesh)
+  if setup.eval_rows is not None:
+    eval_reference = all_sequence_logps(logps, params, setup.eval_rows, batch_size, setup.mesh)
   reference_args = ()
   if dpo_cfg.precompute_reference:
-    run.train_rows["reference_logps"] = all_sequence_logps(
-      logps, params, run.train_rows, batch_size, run.mesh
+    setup.train_rows["reference_logps"] = all_sequence_logps(
+      logps, params, setup.train_rows, batch_size, setup.mesh
     )
   else:
     dtype = jnp.dtype(config.model.dtype)
-    reference_args = (reference_copy(params, run.model.shardings, dtype),)
+    reference_args = (reference_copy(params, setup.model.shardings, dtype),)
   kind = "log-probs of every pair" if dpo_cfg.precompute_reference else "a frozen copy"
   log(f"dpo reference: {kind}, {config.model.dtype} ({time.time() - start:.1f} s)")
   return reference_args, eval_reference
 
 
-def _resume(run: Run, checkpoints: Checkpoints, params, opt_state, out: Path) -> tuple:
+def _resume(setup: Run, checkpoints: Checkpoints, params, opt_state, out: Path) -> tuple:
   """(params, optimizer state, step) of the checkpoint `train.resume` names: this run's
   latest, or another run's. Refused before any array is read when it holds other rows,
   another model or another optimizer's state."""
-  config, c = run.config, run.config.checkpoint
+  config, c = setup.config, setup.config.checkpoint
   source = (
     checkpoints
     if config.train.resume is True
@@ -257,7 +257,7 @@ def _resume(run: Run, checkpoints: Checkpoints, params, opt_state, out: Path) ->
     raise FileNotFoundError(f"train.resume: no checkpoint in {source.directory}")
   meta = source.read_meta()
   check_fingerprint(meta, config, source.directory)
-  cast = check_state(meta, run.model_config, config, source.directory)
+  cast = check_state(meta, setup.model_config, config, source.directory)
   if cast:
     log(cast)
   params, opt_state, meta = source.restore(params, opt_state)
@@ -266,16 +266,16 @@ def _resume(run: Run, checkpoints: Checkpoints, params, opt_state, out: Path) ->
   return params, opt_state, meta["step"]
 
 
-def _evaluate_before(run: Run, evaluator: Evaluator, params, cache: dict | None) -> dict:
+def _evaluate_before(setup: Run, evaluator: Evaluator, params, cache: dict | None) -> dict:
   """The evaluation before training, shared through `cache` by runs that agree on it."""
-  config = run.config
+  config = setup.config
   # Generated held-out items do not depend on the shuffle: every seed scores the same before.
   reordered_only = config.data.source == "reasoning_gym"
   data_key = dataclasses.replace(config.data, shuffle_seed=0) if reordered_only else config.data
   answers = evaluator.answers
   result, answers["before"] = shared(
     cache,
-    ("before", run.cache_key, data_key, config.eval, config.dpo_objective),
+    ("before", setup.cache_key, data_key, config.eval, config.dpo_objective),
     lambda: (
       # Before training the policy is the reference.
       evaluator("before", 0, params, policy_logps=evaluator.reference_logps),
@@ -314,39 +314,39 @@ class Trainer:
 
   def __init__(
     self,
-    run: Run,
+    setup: Run,
     paths: RunPaths,
     checkpoints: Checkpoints,
     writer: MetricWriter,
     preemption: Preemption,
   ):
-    self.run, self.paths, self.checkpoints = run, paths, checkpoints
+    self.setup, self.paths, self.checkpoints = setup, paths, checkpoints
     self.writer, self.preemption = writer, preemption
     self.step_times: list[float] = []
-    model_config, config = run.model_config, run.config
+    model_config, config = setup.model_config, setup.config
     peak = peak_flops_per_device(config.train.peak_flops_per_device)
     self.meter = Meter(
       flops_per_token(
-        run.model.num_params,
+        setup.model.num_params,
         model_config.num_layers,
         config.data.max_length,
         model_config.hidden_size,
       ),
       peak and peak * jax.device_count(),
-      run.model.shardings,  # names the layers of mask telemetry
+      setup.model.shardings,  # names the layers of mask telemetry
     )
     self.progress = None
 
   def meta(self, step: int) -> dict:
     """What a checkpoint at `step` records besides the arrays: where the data stands and
     what must match to resume from it."""
-    config = self.run.config
+    config = self.setup.config
     return {
       "step": step,
       "data_position": step * config.train.batch_size,
       "optimizer_seed": config.optimizer.seed,
       "fingerprint": data_fingerprint(config),
-      "state_fingerprint": state_fingerprint(self.run.model_config, config),
+      "state_fingerprint": state_fingerprint(self.setup.model_config, config),
       "param_dtype": config.model.param_dtype,
     }
 
@@ -355,7 +355,7 @@ class Trainer:
     was saved, decides whether that checkpoint is kept (a non-finite loss stops the run)."""
     if record is None:
       return
-    record["epoch"] = self.run.batches.epoch(record["step"])
+    record["epoch"] = self.setup.batches.epoch(record["step"])
     self.step_times.append(record["step_time_s"])
     self.writer.write(record["step"], record, "train/")
     self.checkpoints.check(record["step"] - 1, record["loss"])
@@ -379,7 +379,7 @@ class Trainer:
     """The error that ends a run asked to stop after its last step (`during`: in what). Its
     final checkpoint is saved, even with `checkpoint.save_final=false`: the resume starts
     from it and runs only what was left."""
-    total_steps = self.run.total_steps
+    total_steps = self.setup.total_steps
     if self.checkpoints.latest_step() != total_steps:
       meta = self.meta(total_steps)
       self.checkpoints.save_final(total_steps, trained.params, trained.opt_state, meta)
@@ -391,13 +391,13 @@ class Trainer:
     """Trains from `first_step`, evaluating every `eval.every` steps; returns the final
     parameters (saved when `checkpoint.save_final`), those evaluations and the step times."""
     evaluations: dict[int, dict] = {}
-    run, checkpoints, meter = self.run, self.checkpoints, self.meter
-    t, total_steps = run.config.train, run.total_steps
+    setup, checkpoints, meter = self.setup, self.checkpoints, self.meter
+    t, total_steps = setup.config.train, setup.total_steps
     self.progress = tqdm(
       range(first_step, total_steps),
       initial=first_step,
       total=total_steps,
-      desc=run.config.optimizer.method,
+      desc=setup.config.optimizer.method,
       disable=not t.tqdm or jax.process_index() != 0,
     )
     if self.preemption.reached():  # asked before the first step: nothing new to save
@@ -406,11 +406,11 @@ class Trainer:
         raise self.stopped_after_training(trained, ": training is done")
       raise self._stopped(first_step, saved=checkpoints.latest_step() is not None)
     profile = _Profile(t.profile_steps, self.paths.profile, total_steps)
-    every = run.config.eval.every
+    every = setup.config.eval.every
     for step in self.progress:
       profile.before(step)
-      batch = run.batches.global_batch(step, run.steps.shardings["batch"])
-      params, opt_state, metrics = run.steps.train(
+      batch = setup.batches.global_batch(step, setup.steps.shardings["batch"])
+      params, opt_state, metrics = setup.steps.train(
         params, opt_state, batch, jnp.int32(step), *reference_args
       )
       profile.after(step, metrics)
@@ -422,7 +422,7 @@ class Trainer:
       # whose loss is on the weights of an unconfirmed checkpoint is always logged.
       log_now = (step + 1) % t.log_every == 0 or step + 1 == total_steps
       log_now = log_now or step in checkpoints.unconfirmed or stopping
-      self.report(meter.push(step + 1, metrics, run.batches.tokens(step), log_now))
+      self.report(meter.push(step + 1, metrics, setup.batches.tokens(step), log_now))
       if stopping:  # this step is done: log and save it, and stop
         self.report(meter.flush())
         checkpoints.save_final(step + 1, params, opt_state, self.meta(step + 1))
@@ -435,7 +435,7 @@ class Trainer:
         meter.restart()  # evaluating is not step time
     self.report(meter.flush())
     self._close()
-    if run.config.checkpoint.save_final and total_steps > first_step:
+    if setup.config.checkpoint.save_final and total_steps > first_step:
       checkpoints.save_final(total_steps, params, opt_state, self.meta(total_steps))
     checkpoints.wait()
     trained = Trained(params, opt_state, evaluations, self.step_times)
@@ -483,13 +483,13 @@ def _comparison(answers: dict) -> dict:
   }
 
 
-def _export(run: Run, export_dir: Path, params) -> str:
+def _export(setup: Run, export_dir: Path, params) -> str:
   """Writes the trained model (and its tokenizer, unless bytes) in Hugging Face format to
   `export_dir`; returns it."""
-  tokenizer = run.tokenizer
+  tokenizer = setup.tokenizer
   plain = tokenizer.tokenizer if isinstance(tokenizer, AlpacaTemplate) else tokenizer
   export_pretrained(
-    run.model.merged(params),
+    setup.model.merged(params),
     None if isinstance(plain, ByteTokenizer) else plain,
     str(export_dir),
   )

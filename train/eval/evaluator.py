@@ -198,13 +198,13 @@ class Evaluator:
   ``paths.eval_samples(tag)`` and held-out answers to ``answers[tag]``.
 
   Attributes:
-    run: the run (`train.run_setup.Run`): its held-out rows give the held-out loss, its
-      held-out prompts (or a benchmark's problems) the accuracy.
+    setup: the run as `train.run_setup.setup_run` built it: its held-out rows give the
+      held-out loss, its held-out prompts (or a benchmark's problems) the accuracy.
     reference_logps: DPO: the reference's log-probabilities of the held-out rows; then the
       rows are pairs and the preference metrics replace the token loss.
   """
 
-  run: Run
+  setup: Run
   paths: RunPaths
   writer: MetricWriter
   reference_logps: np.ndarray | None = None
@@ -226,30 +226,30 @@ class Evaluator:
     return result
 
   def _held_out(self, params, policy_logps, stop) -> dict:
-    run = self.run
-    if run.eval_rows is None:
+    setup = self.setup
+    if setup.eval_rows is None:
       return {}
-    batch_size = run.config.eval.batch_size
+    batch_size = setup.config.eval.batch_size
     if self.reference_logps is None:
       return {
         "eval_loss": held_out_loss(
-          run.steps.eval, params, run.eval_rows, batch_size, run.mesh, stop
+          setup.steps.eval, params, setup.eval_rows, batch_size, setup.mesh, stop
         )
       }
     if policy_logps is None:
       policy_logps = all_sequence_logps(
-        run.steps.logps, params, run.eval_rows, batch_size, run.mesh, stop
+        setup.steps.logps, params, setup.eval_rows, batch_size, setup.mesh, stop
       )
-    dpo_cfg = run.config.dpo
+    dpo_cfg = setup.config.dpo
     return preference_stats(
       policy_logps, self.reference_logps, dpo_cfg.beta, dpo_cfg.label_smoothing
     )
 
   def _accuracy(self, tag: str, params, stop) -> dict:
-    cfg, items, tokenizer = self.run.config.eval, self.run.eval_items, self.run.tokenizer
+    cfg, items, tokenizer = self.setup.config.eval, self.setup.eval_items, self.setup.tokenizer
     if not cfg.accuracy or (cfg.benchmark == "held_out" and not items):
       return {}
-    model = self.run.model.merged(params)
+    model = self.setup.model.merged(params)
     options = dict(
       max_new_tokens=cfg.max_new_tokens,
       batch_size=cfg.generate_batch_size,
