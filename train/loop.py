@@ -383,7 +383,7 @@ class Trainer:
     if self.checkpoints.latest_step() != total_steps:
       meta = self.meta(total_steps)
       self.checkpoints.save_final(total_steps, trained.params, trained.opt_state, meta)
-    return self._stopped(total_steps, detail=f"{during}; {_left_after_training(self.run.config)}")
+    return self._stopped(total_steps, detail=f"{during}; {_left_after_training(self.setup.config)}")
 
   def train(
     self, params, opt_state, first_step: int, reference_args: tuple, evaluator: Evaluator
