@@ -111,20 +111,17 @@ def tokens_per_chip(config, topology: str) -> float:
 
 
 def model_flops_per_chip(config, topology: str) -> float:
-  """The model's FLOPs per chip per step of `config` (6N per token plus attention), what
-  `train.plan` divides for MFU: MaxText's MFU here divides the same work as ours."""
+  """The model's FLOPs per chip per step of `config`, what `train.plan` divides for MFU:
+  MaxText's MFU here divides the same work as ours."""
   import jax
 
-  from train.metrics import flops_per_token
   from train.models.decoder import abstract_model
-  from train.plan.recipe import model_config_of
+  from train.plan.recipe import model_config_of, model_flops_per_step
 
   model_config = model_config_of(config)
   num_params = sum(x.size for x in jax.tree.leaves(abstract_model(model_config)[1]))
-  per_token = flops_per_token(
-    num_params, model_config.num_layers, config.data.max_length, model_config.hidden_size
-  )
-  return tokens_per_chip(config, topology) * per_token
+  chips = math.prod(int(n) for n in topology.partition(":")[2].split("x"))
+  return model_flops_per_step(config, model_config, num_params) / chips
 
 
 def _summary(compiled, compile_s: float, topology: str, tokens: float, model_flops: float) -> dict:

@@ -233,6 +233,18 @@ def _memory_report(compiled, hbm_bytes: int | None, params, opt_state, reference
   }
 
 
+def model_flops_per_step(
+  config: Config, model_config: LlamaConfig, num_params: int, passes: float = 1
+) -> float:
+  """The model's FLOPs per step of `config` (6N per token plus causal attention, times
+  `passes`: a live DPO reference adds a forward, 4/3), what MFU divides."""
+  tokens = config.train.batch_size * config.rows_per_item * config.data.max_length
+  per_token = flops_per_token(
+    num_params, model_config.num_layers, config.data.max_length, model_config.hidden_size
+  )
+  return tokens * passes * per_token
+
+
 def _work_report(
   compiled, config: Config, model_config: LlamaConfig, num_params: int, passes: float, devices: list
 ) -> dict:
@@ -243,11 +255,7 @@ def _work_report(
   t, length = config.train, config.data.max_length
   rows_per_item = config.rows_per_item  # DPO: batch sizes count pairs
   tokens = t.batch_size * rows_per_item * length
-  model_flops = (
-    tokens
-    * passes
-    * flops_per_token(num_params, model_config.num_layers, length, model_config.hidden_size)
-  )
+  model_flops = model_flops_per_step(config, model_config, num_params, passes)
   text = compiled.as_text()
   flops, hbm_bytes = Module.parse(text).work_per_step()
   chip = CHIP_OF_KIND.get(devices[0].device_kind)
