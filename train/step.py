@@ -202,8 +202,8 @@ def _accumulate(grad_fn, params, batch, reference_params, params_shardings):
     grad_sum, sums = carry
     # Tied to the micro-batch, the parameters are no loop invariant that XLA could hoist:
     # their bfloat16 casts and the gathered LM head would otherwise be made once before the
-    # scan and live through all of it, beside the gradient sums (Llama 3 70B on v5p-1024:
-    # 0.29 GB more per chip than MaxText's step at full remat).
+    # scan and live through all of it, beside the gradient sums (0.29 GB per chip for
+    # Llama 3 70B on v5p-1024 at full remat).
     step_params, micro_batch = jax.lax.optimization_barrier((params, micro_batch))
     (loss, micro_sums), grads = grad_fn(step_params, micro_batch, reference_params)
     grad_sum = jax.tree.map(jnp.add, grad_sum, grads)
