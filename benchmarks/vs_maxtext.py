@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import math
 import os
 import statistics
 import subprocess
@@ -57,8 +56,9 @@ def maxtext_topology(topology: str) -> str:
       f"--topology {topology!r}: expected <kind>:<shape> with kind one of "
       f"{sorted(_CORES_PER_CHIP)}, e.g. v5p:4x4x4"
     )
-  chips = math.prod(int(n) for n in shape.split("x"))
-  return f"{kind}-{chips * _CORES_PER_CHIP[kind]}"
+  from train.plan.chips import chips_in
+
+  return f"{kind}-{chips_in(topology) * _CORES_PER_CHIP[kind]}"
 
 
 def _our_overrides(layers: int | None, remat: str | None) -> list[str]:
@@ -72,9 +72,10 @@ def maxtext_argv(config, topology: str, model: str, layers: int | None, out_dir:
   import maxtext  # the MaxText venv only
 
   from train.mesh import check_micro_batch, mesh_sizes
+  from train.plan.chips import chips_in
 
   t = config.train
-  chips = math.prod(int(n) for n in topology.partition(":")[2].split("x"))
+  chips = chips_in(topology)
   mesh = mesh_sizes(config.mesh, chips)
   # MaxText counts rows per chip, a fraction where tensor parallelism shares a row.
   rows_per_chip = t.micro_batch_size / chips
@@ -106,8 +107,10 @@ def maxtext_argv(config, topology: str, model: str, layers: int | None, out_dir:
 
 def tokens_per_chip(config, topology: str) -> float:
   """Tokens one chip processes per step of `config` on `topology`."""
-  chips = math.prod(int(n) for n in topology.partition(":")[2].split("x"))
-  return config.train.batch_size * config.rows_per_item * config.data.max_length / chips
+  from train.plan.chips import chips_in
+  from train.plan.recipe import tokens_per_step
+
+  return tokens_per_step(config) / chips_in(topology)
 
 
 def model_flops_per_chip(config, topology: str) -> float:
@@ -116,12 +119,12 @@ def model_flops_per_chip(config, topology: str) -> float:
   import jax
 
   from train.models.decoder import abstract_model
+  from train.plan.chips import chips_in
   from train.plan.recipe import model_config_of, model_flops_per_step
 
   model_config = model_config_of(config)
   num_params = sum(x.size for x in jax.tree.leaves(abstract_model(model_config)[1]))
-  chips = math.prod(int(n) for n in topology.partition(":")[2].split("x"))
-  return model_flops_per_step(config, model_config, num_params) / chips
+  return model_flops_per_step(config, model_config, num_params) / chips_in(topology)
 
 
 def _summary(compiled, compile_s: float, topology: str, tokens: float, model_flops: float) -> dict:

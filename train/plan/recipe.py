@@ -233,16 +233,20 @@ def _memory_report(compiled, hbm_bytes: int | None, params, opt_state, reference
   }
 
 
+def tokens_per_step(config: Config) -> int:
+  """Tokens of one update of `config` (DPO: both responses of each pair)."""
+  return config.train.batch_size * config.rows_per_item * config.data.max_length
+
+
 def model_flops_per_step(
   config: Config, model_config: LlamaConfig, num_params: int, passes: float = 1
 ) -> float:
   """The model's FLOPs per step of `config` (6N per token plus causal attention, times
   `passes`: a live DPO reference adds a forward, 4/3), what MFU divides."""
-  tokens = config.train.batch_size * config.rows_per_item * config.data.max_length
   per_token = flops_per_token(
     num_params, model_config.num_layers, config.data.max_length, model_config.hidden_size
   )
-  return tokens * passes * per_token
+  return tokens_per_step(config) * passes * per_token
 
 
 def _work_report(
@@ -254,7 +258,6 @@ def _work_report(
   a forward: 4/3)."""
   t, length = config.train, config.data.max_length
   rows_per_item = config.rows_per_item  # DPO: batch sizes count pairs
-  tokens = t.batch_size * rows_per_item * length
   model_flops = model_flops_per_step(config, model_config, num_params, passes)
   text = compiled.as_text()
   flops, hbm_bytes = Module.parse(text).work_per_step()
@@ -273,7 +276,7 @@ def _work_report(
     "model_flops_per_step": model_flops,
     "collectives": collectives(text),
     "step_model": chip
-    and step_model(text, chip, tokens / len(devices), model_flops / len(devices)),
+    and step_model(text, chip, tokens_per_step(config) / len(devices), model_flops / len(devices)),
   }
 
 
