@@ -19,9 +19,11 @@ import pytest
 
 import train
 from tests.test_train import ROOT, TINY, _launch_two_processes, _losses
-from train.checkpoints import PREEMPTED_EXIT_CODE, Interrupted, Preemption
+from train.checkpoints import PREEMPTED_EXIT_CODE, Interrupted, Preempted, Preemption
 from train.config import ConfigError
+from train.eval import evaluator as evaluator_module
 from train.paths import RunPaths
+from train.records import read_jsonl
 from train.run_dir import RunDirInUse, RunLock
 
 # No evaluation: these tests are about steps, checkpoints and the directory.
@@ -136,7 +138,7 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_one_saved_step(tmp_path):
   by process 0's clock, at steps both processes agree on (a disagreement would hang)."""
   # Enough steps that the stop notice reaches both processes before the run ends: on a quiet
   # machine 40 tiny steps could finish first.
-  steps = 200
+  steps = 100
   config = {**_config(tmp_path / "stopped", steps), "checkpoint": {"keep": 100}}
   stopped = _launch_two_processes(
     config, tmp_path / "stopped.json", "checkpoint.every_seconds=1", cli=True
@@ -206,6 +208,61 @@ def test_sigterm_in_the_evaluation_after_training_stops_it_and_the_resume_runs_w
   assert f"resumed from {out}/checkpoints at step 3" in resumed.stdout
   assert "[eval after]" in resumed.stdout and (out / "hf" / "model.safetensors").is_file()
   assert sorted(_losses(out)) == [1, 2, 3]  # no step ran again
+
+
+def _sigterm_when_called(monkeypatch, module, name: str) -> None:
+  """In this process: `module.name` sends SIGTERM to it as it is called."""
+  original = getattr(module, name)
+
+  def signalled(*args, **kwargs):
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(0.1)  # the handler runs between bytecodes
+    return original(*args, **kwargs)
+
+  monkeypatch.setattr(module, name, signalled)
+
+
+def test_sigterm_in_an_evaluation_during_training_saves_its_step_and_the_resume_runs_it_first(
+  tmp_path, monkeypatch, capsys
+):
+  """SIGTERM as the evaluation at step 2 begins, its step's save in flight
+  (`checkpoint.every=2`): the evaluation stops before its first batch, step 2 is kept and the
+  run stops there. The resume evaluates at step 2 first, once, then trains on."""
+  sections = {"eval": {**QUICK["eval"], "every": 2}, "checkpoint": {"every": 2}}
+  stopped = tmp_path / "stopped"
+  _sigterm_when_called(monkeypatch, evaluator_module, "held_out_loss")
+  with pytest.raises(Preempted) as raised:
+    train.run(_config(stopped, 4, **sections))
+  assert str(raised.value) == (
+    f"SIGTERM: stopped after step 2, saved in {stopped}/checkpoints/2, during the evaluation "
+    "at step 2; the resume runs it first"
+  )
+  assert (
+    "SIGTERM: stopping after the current batch of the evaluation at step 2, saving step 2 "
+    "(exit 75); the resume runs that evaluation first\n"
+  ) in capsys.readouterr().err
+  assert os.listdir(stopped / "checkpoints") == ["2"] and sorted(_losses(stopped)) == [1, 2]
+  assert not RunPaths(stopped).eval_log.exists()
+  monkeypatch.undo()
+  train.run(_config(stopped, 4, **sections), ["train.resume=true"])
+  assert "the evaluation due at step 2 is not in the eval log: it runs first" in (
+    capsys.readouterr().out
+  )
+  assert sorted(_losses(stopped)) == [1, 2, 3, 4]
+  assert [r["step"] for r in read_jsonl(RunPaths(stopped).eval_log)] == [2]
+
+
+def test_sigterm_in_the_evaluation_before_training_stops_it_with_nothing_to_save(
+  tmp_path, monkeypatch
+):
+  out = tmp_path / "run"
+  _sigterm_when_called(monkeypatch, evaluator_module, "held_out_loss")
+  with pytest.raises(Preempted) as raised:
+    train.run(_config(out, 2, eval={**QUICK["eval"], "before": True}))
+  assert not raised.value.saved and str(raised.value) == (
+    "SIGTERM: stopped after step 0, nothing to save, during the evaluation before training"
+  )
+  assert not (out / "train_log.jsonl").exists()
 
 
 def test_sigterm_in_the_export_stops_it_at_once_and_once_all_is_written_changes_nothing(

@@ -168,7 +168,7 @@ class Preemption:
   signals sets a flag. A second SIGINT stops at once (KeyboardInterrupt), without saving.
 
   The run says what a stop request does where it is: stop at the next `reached`
-  (`stop_after`: training, the evaluation after it), raise `Interrupted` at once
+  (`stop_after`: training, the evaluations), raise `Interrupted` at once
   (`stop_at_once`: the export, which a resume redoes), or nothing (`ignore`: all is written,
   the run ends with 0). The handler prints that promise, and the exit code keeps it.
 
@@ -176,17 +176,18 @@ class Preemption:
   service still does).
   """
 
+  AFTER_THE_STEP = (
+    "finishing the current step, saving a checkpoint and stopping "
+    f"(exit {PREEMPTED_EXIT_CODE}); SIGINT again stops at once, without saving"
+  )
+
   def __init__(self):
     self._calls = 0
     self._previous: dict = {}
     self.signal_name: str | None = None
     # (what a stop request does now: "after", "at_once" or "ignore"; the line it prints). One
     # attribute, so that a handler never sees half of a change.
-    self._on_stop = (
-      "after",
-      "finishing the current step, saving a checkpoint and stopping "
-      f"(exit {PREEMPTED_EXIT_CODE}); SIGINT again stops at once, without saving",
-    )
+    self._on_stop = ("after", self.AFTER_THE_STEP)
 
   def stop_after(self, plan: str) -> None:
     """From now on a stop request is acted on at the next `reached`; `plan` says how."""
@@ -366,10 +367,12 @@ class Checkpoints:
 
   def save_final(self, step: int, params, opt_state, meta: dict) -> None:
     """No step runs on the last weights (of the run, or before it stops): they are kept if
-    every parameter is finite."""
+    every parameter is finite. When the latest checkpoint is `step` already (saved just
+    before, or restored: a stop in an evaluation at that step), it is not saved again."""
     if not _all_finite(params):
       self.check(step, math.nan, what=f"a parameter is not finite after step {step}")
-    self.save(step, params, opt_state, meta)
+    if step != self.latest_step():
+      self.save(step, params, opt_state, meta)
     self.wait()
     self._confirm(step)
 

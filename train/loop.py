@@ -5,10 +5,11 @@ directory; `train.run_setup.setup_run` builds the mesh, model, data and steps on
 the `Evaluator` scores the held-out data before, every `eval.every` steps and after; the
 `Trainer` runs the updates with per-step logs (`metrics.loggers`) and Orbax checkpoints.
 Everything it writes goes under `train.output_dir` (`train.paths.RunPaths`). Asked to stop
-(SIGTERM, SIGINT), it finishes the current step, saves it and raises `Preempted`; after the
-last step, it stops the evaluation after its current batch and the export at once, and the
-resume from the final checkpoint runs only those two. Once everything is written, a stop
-request changes nothing.
+(SIGTERM, SIGINT), it finishes the current step, saves it and raises `Preempted`; an
+evaluation stops after its current batch (one during training saves its step, and the resume
+runs it first); after the last step, the export stops at once, and the resume from the final
+checkpoint runs only the evaluation after training and the export. Once everything is
+written, a stop request changes nothing.
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ from train.metrics import Meter, MetricWriter, flops_per_token, peak_flops_per_d
 from train.models.pretrained import export_pretrained
 from train.models.tokenizer import AlpacaTemplate, ByteTokenizer
 from train.paths import RunPaths
-from train.records import log
+from train.records import log, read_jsonl
 from train.run_setup import Run, setup_run, shared
 from train.stats import paired_gain
 from train.step import reference_copy
@@ -151,10 +152,17 @@ def _run(
   }
   writer = MetricWriter(paths, config, jax.process_index() == 0)
   evaluator = Evaluator(setup, paths, writer, eval_reference)
-  if config.eval.before and first_step == 0:
-    summary["before"] = _evaluate_before(setup, evaluator, params, cache)
-
   trainer = Trainer(setup, paths, checkpoints, writer, preemption)
+  if config.eval.before and first_step == 0:
+    preemption.stop_after(
+      "stopping after the current batch of the evaluation before training (exit "
+      f"{PREEMPTED_EXIT_CODE}); nothing is trained yet: the run starts again"
+    )
+    try:
+      summary["before"] = _evaluate_before(setup, evaluator, params, cache, preemption.reached)
+    except EvaluationStopped:
+      raise trainer.stopped_before_training(", during the evaluation before training") from None
+    preemption.stop_after(Preemption.AFTER_THE_STEP)
   trained = trainer.train(params, opt_state, first_step, reference_args, evaluator)
   params = trained.params
   summary.update((f"step_{step}", metrics) for step, metrics in trained.evaluations.items())
@@ -266,8 +274,9 @@ def _resume(setup: Run, checkpoints: Checkpoints, params, opt_state, out: Path) 
   return params, opt_state, meta["step"]
 
 
-def _evaluate_before(setup: Run, evaluator: Evaluator, params, cache: dict | None) -> dict:
-  """The evaluation before training, shared through `cache` by runs that agree on it."""
+def _evaluate_before(setup: Run, evaluator: Evaluator, params, cache: dict | None, stop) -> dict:
+  """The evaluation before training, shared through `cache` by runs that agree on it; `stop`
+  as the `Evaluator` takes it."""
   config = setup.config
   # Generated held-out items do not depend on the shuffle: every seed scores the same before.
   reordered_only = config.data.source == "reasoning_gym"
@@ -278,7 +287,7 @@ def _evaluate_before(setup: Run, evaluator: Evaluator, params, cache: dict | Non
     ("before", setup.cache_key, data_key, config.eval, config.dpo_objective),
     lambda: (
       # Before training the policy is the reference.
-      evaluator("before", 0, params, policy_logps=evaluator.reference_logps),
+      evaluator("before", 0, params, policy_logps=evaluator.reference_logps, stop=stop),
       answers.get("before"),
     ),
   )
@@ -366,7 +375,8 @@ class Trainer:
     )
 
   def _close(self) -> None:
-    self.progress.close()
+    if self.progress is not None:
+      self.progress.close()
 
   def _stopped(self, step: int, saved: bool = True, detail: str = "") -> Preempted:
     """Closes the outputs; the error that ends the run after `step`."""
@@ -380,10 +390,45 @@ class Trainer:
     final checkpoint is saved, even with `checkpoint.save_final=false`: the resume starts
     from it and runs only what was left."""
     total_steps = self.setup.total_steps
-    if self.checkpoints.latest_step() != total_steps:
-      meta = self.meta(total_steps)
-      self.checkpoints.save_final(total_steps, trained.params, trained.opt_state, meta)
+    meta = self.meta(total_steps)
+    self.checkpoints.save_final(total_steps, trained.params, trained.opt_state, meta)
     return self._stopped(total_steps, detail=f"{during}; {_left_after_training(self.setup.config)}")
+
+  def stopped_before_training(self, during: str) -> Preempted:
+    """The error that ends a run asked to stop before its first step, in `during`."""
+    return self._stopped(0, saved=False, detail=during)
+
+  def evaluate(self, step: int, params, opt_state, evaluator: Evaluator) -> dict:
+    """The evaluation at `step`, during training. Asked to stop, it stops after its current
+    batch, `step` is saved (unless its checkpoint is the latest already) and the run ends;
+    the resume runs this evaluation first (`owes_evaluation`)."""
+    self.preemption.stop_after(
+      f"stopping after the current batch of the evaluation at step {step}, saving step {step} "
+      f"(exit {PREEMPTED_EXIT_CODE}); the resume runs that evaluation first"
+    )
+    try:
+      result = evaluator(f"step{step}", step, params, stop=self.preemption.reached)
+    except EvaluationStopped:
+      self.checkpoints.save_final(step, params, opt_state, self.meta(step))
+      raise self._stopped(
+        step, detail=f", during the evaluation at step {step}; the resume runs it first"
+      ) from None
+    self.preemption.stop_after(Preemption.AFTER_THE_STEP)
+    return result
+
+  def owes_evaluation(self, step: int) -> bool:
+    """Whether a run resumed at `step` runs the evaluation there first: one is due at `step`
+    (`eval.every`) and the eval log lacks it (a stop came in it or in the step before it).
+    Without the JSON-lines logger it cannot tell, and runs it."""
+    setup = self.setup
+    every = setup.config.eval.every
+    if not (every and 0 < step < setup.total_steps and step % every == 0):
+      return False
+    logged = False
+    if jax.process_index() == 0 and self.paths.eval_log.is_file():
+      logged = any(record["step"] == step for record in read_jsonl(self.paths.eval_log))
+    # Every process evaluates, or none: process 0 read the log.
+    return not int(multihost_utils.broadcast_one_to_all(np.int32(logged)))
 
   def train(
     self, params, opt_state, first_step: int, reference_args: tuple, evaluator: Evaluator
@@ -405,6 +450,9 @@ class Trainer:
         trained = Trained(params, opt_state, evaluations, self.step_times)
         raise self.stopped_after_training(trained, ": training is done")
       raise self._stopped(first_step, saved=checkpoints.latest_step() is not None)
+    if self.owes_evaluation(first_step):
+      log(f"the evaluation due at step {first_step} is not in the eval log: it runs first")
+      evaluations[first_step] = self.evaluate(first_step, params, opt_state, evaluator)
     profile = _Profile(t.profile_steps, self.paths.profile, total_steps)
     every = setup.config.eval.every
     for step in self.progress:
@@ -431,7 +479,7 @@ class Trainer:
         checkpoints.save(step + 1, params, opt_state, self.meta(step + 1))
       if eval_now:
         self.report(meter.flush())
-        evaluations[step + 1] = evaluator(f"step{step + 1}", step + 1, params)
+        evaluations[step + 1] = self.evaluate(step + 1, params, opt_state, evaluator)
         meter.restart()  # evaluating is not step time
     self.report(meter.flush())
     self._close()
