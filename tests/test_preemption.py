@@ -15,12 +15,14 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import train
 from tests.test_train import ROOT, TINY, _launch_two_processes, _losses
+from train import run_dir
 from train.checkpoints import PREEMPTED_EXIT_CODE, Interrupted, Preempted, Preemption
-from train.config import ConfigError
+from train.config import ConfigError, load_config
 from train.eval import evaluator as evaluator_module
 from train.paths import RunPaths
 from train.records import read_jsonl
@@ -210,14 +212,16 @@ def test_sigterm_in_the_evaluation_after_training_stops_it_and_the_resume_runs_w
   assert sorted(_losses(out)) == [1, 2, 3]  # no step ran again
 
 
-def _sigterm_when_called(monkeypatch, module, name: str) -> None:
-  """In this process: `module.name` sends SIGTERM to it as it is called."""
+def _sigterm_when_called(monkeypatch, module, name: str, returned: bool = False) -> None:
+  """In this process: `module.name` sends SIGTERM to it as it is called (`returned`: as it
+  returns, as a signal in its last moments would)."""
   original = getattr(module, name)
 
   def signalled(*args, **kwargs):
+    result = original(*args, **kwargs) if returned else None
     os.kill(os.getpid(), signal.SIGTERM)
     time.sleep(0.1)  # the handler runs between bytecodes
-    return original(*args, **kwargs)
+    return result if returned else original(*args, **kwargs)
 
   monkeypatch.setattr(module, name, signalled)
 
@@ -227,29 +231,41 @@ def test_sigterm_in_an_evaluation_during_training_saves_its_step_and_the_resume_
 ):
   """SIGTERM as the evaluation at step 2 begins, its step's save in flight
   (`checkpoint.every=2`): the evaluation stops before its first batch, step 2 is kept and the
-  run stops there. The resume evaluates at step 2 first, once, then trains on."""
-  sections = {"eval": {**QUICK["eval"], "every": 2}, "checkpoint": {"every": 2}}
-  stopped = tmp_path / "stopped"
+  run stops there. The resume evaluates at step 2 first; a SIGTERM in its last batch stops
+  it once it is logged. The next resume does not evaluate again, and trains on."""
+  out = tmp_path / "run"
+  evaluation = {**QUICK["eval"], "accuracy": False, "every": 2}  # the held-out loss alone
+  config = _config(out, 4, eval=evaluation, checkpoint={"every": 2})
   _sigterm_when_called(monkeypatch, evaluator_module, "held_out_loss")
   with pytest.raises(Preempted) as raised:
-    train.run(_config(stopped, 4, **sections))
+    train.run(config)
   assert str(raised.value) == (
-    f"SIGTERM: stopped after step 2, saved in {stopped}/checkpoints/2, during the evaluation "
-    "at step 2; the resume runs it first"
+    f"SIGTERM: stopped after step 2, saved in {out}/checkpoints/2, during the evaluation at "
+    "step 2; the resume runs it first"
   )
   assert (
     "SIGTERM: stopping after the current batch of the evaluation at step 2, saving step 2 "
     "(exit 75); the resume runs that evaluation first\n"
   ) in capsys.readouterr().err
-  assert os.listdir(stopped / "checkpoints") == ["2"] and sorted(_losses(stopped)) == [1, 2]
-  assert not RunPaths(stopped).eval_log.exists()
+  assert os.listdir(out / "checkpoints") == ["2"] and sorted(_losses(out)) == [1, 2]
+  assert not RunPaths(out).eval_log.exists()
+
+  owed = "the evaluation due at step 2 is not in the eval log: it runs first"
   monkeypatch.undo()
-  train.run(_config(stopped, 4, **sections), ["train.resume=true"])
-  assert "the evaluation due at step 2 is not in the eval log: it runs first" in (
-    capsys.readouterr().out
+  _sigterm_when_called(monkeypatch, evaluator_module, "held_out_loss", returned=True)
+  with pytest.raises(Preempted) as raised:
+    train.run(config, ["train.resume=true"])
+  assert str(raised.value) == (
+    f"SIGTERM: stopped after step 2, saved in {out}/checkpoints/2, after the evaluation at step 2"
   )
-  assert sorted(_losses(stopped)) == [1, 2, 3, 4]
-  assert [r["step"] for r in read_jsonl(RunPaths(stopped).eval_log)] == [2]
+  assert owed in capsys.readouterr().out
+  assert [r["step"] for r in read_jsonl(RunPaths(out).eval_log)] == [2]
+
+  monkeypatch.undo()
+  train.run(config, ["train.resume=true"])
+  assert owed not in capsys.readouterr().out
+  assert sorted(_losses(out)) == [1, 2, 3, 4]
+  assert [r["step"] for r in read_jsonl(RunPaths(out).eval_log)] == [2]
 
 
 def test_sigterm_in_the_evaluation_before_training_stops_it_with_nothing_to_save(
@@ -269,18 +285,24 @@ def test_sigterm_in_the_export_stops_it_at_once_and_once_all_is_written_changes_
   tmp_path,
 ):
   """SIGTERM after the export's first tensor: it stops at once, leaves no partial export,
-  exits 75 and says what is done; the printed command exports. A SIGTERM once that run has
+  exits 75 and says what is done; the printed command evaluates again (its record replaces
+  the first) and exports. A SIGTERM once that run has
   written everything (its last line printed, while the interpreter exits) changes nothing:
   no promise of 75, exit 0."""
   out = tmp_path / "run"
-  config = {**_config(out, 2), "checkpoint": {"export": True}}
+  config = {
+    **_config(out, 2),
+    "eval": {**QUICK["eval"], "after": True, "accuracy": False},
+    "checkpoint": {"export": True},
+  }
   code, _, stderr = _signalled_cli(tmp_path, config, "train.models.pretrained:to_host", nth=2)
   assert code == PREEMPTED_EXIT_CODE, stderr
   assert f"SIGTERM: stopping the export to {out}/hf at once (exit 75)\n" in stderr
   last = stderr.rstrip().splitlines()[-1]
   stopped = re.fullmatch(
     rf"SIGTERM: stopped after step 2, saved in {out}/checkpoints/2, during the export to "
-    rf"{out}/hf: training is done; the resume runs only the export; resume with: (.+)",
+    rf"{out}/hf: training and the evaluation after it are done; the resume runs only the "
+    rf"evaluation after training and the export; resume with: (.+)",
     last,
   )
   assert stopped, last
@@ -301,6 +323,8 @@ def test_sigterm_in_the_export_stops_it_at_once_and_once_all_is_written_changes_
   assert resumed.returncode == 0, output
   assert "exit 75" not in output and "Traceback" not in output
   assert (out / "hf" / "model.safetensors").is_file()
+  # The resume evaluated after training again: its record replaced the first one.
+  assert [r["step"] for r in read_jsonl(RunPaths(out).eval_log)] == [2]
 
 
 def test_a_stop_request_in_work_a_resume_redoes_stops_it_at_once_and_after_all_is_written_none(
@@ -407,6 +431,31 @@ def test_the_lock_is_released_when_the_run_fails(tmp_path):
     train.run(config)
   assert RunPaths(out).lock.read_text() == ""
   RunLock(out).release()
+
+
+def test_a_directory_whose_run_trained_nothing_is_started_afresh(tmp_path):
+  """A run stopped before its first step left its config and the evaluation before: the same
+  command starts again there, and that evaluation is logged once."""
+  out = tmp_path / "run"
+  paths = RunPaths(out)
+  out.mkdir()
+  paths.config.write_text("stale: true\n")
+  paths.eval_log.write_text('{"step": 0, "eval_loss": 5.5}\n')
+  run_dir.claim(out, load_config(_config(out, 2))).release()
+  assert not paths.eval_log.exists() and "stale" not in paths.config.read_text()
+
+
+def test_a_process_that_cannot_write_the_directory_stops_every_process(tmp_path, monkeypatch):
+  """Seen from process 0 of 2, whose claim succeeded: process 1 reports that it cannot write
+  the directory, and process 0 stops too (rather than wait for it in a collective), naming
+  it and releasing the lock."""
+  out = tmp_path / "run"
+  monkeypatch.setattr(run_dir.jax, "process_count", lambda: 2)
+  monkeypatch.setattr(run_dir.multihost_utils, "broadcast_one_to_all", lambda x: x)
+  monkeypatch.setattr(run_dir.multihost_utils, "process_allgather", lambda x: np.array([x, 1]))
+  with pytest.raises(OSError, match=rf"^process 1 of this run cannot write {out}; its output"):
+    run_dir.claim(out, load_config(_config(out, 2)))
+  RunLock(out).release()  # free: process 0 released it
 
 
 def test_a_resume_names_the_changed_model_or_method_and_keeps_the_checkpoint(tmp_path, capsys):

@@ -19,8 +19,9 @@ and the checkpoint stays where it is; the one before it is restored only when as
 this run's own weights in it gave a non-finite loss, never because it failed its checksums.
 
 `Preemption` turns SIGTERM (what preemptible TPU VMs, spot VMs, Kubernetes and
-SLURM send before they kill) and SIGINT into "stop after this step": the loop
-saves that step, and the command line exits with `PREEMPTED_EXIT_CODE`.
+SLURM send before they kill) and SIGINT into "stop after this step" (or after this
+evaluation batch): the loop saves that step, and the command line exits with
+`PREEMPTED_EXIT_CODE`.
 """
 
 from __future__ import annotations
@@ -157,7 +158,8 @@ class _StepInfo:
 
 
 class Preemption:
-  """Stop requests: SIGTERM or SIGINT to any process stops every process after one step.
+  """Stop requests: SIGTERM or SIGINT to any process stops every process at one point (after
+  a step, or an evaluation's batch).
 
   With several processes, JAX's preemption service (started by `jax.distributed.initialize`)
   catches SIGTERM in each process, tells the others through the coordination service and

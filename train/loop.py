@@ -7,9 +7,9 @@ the `Evaluator` scores the held-out data before, every `eval.every` steps and af
 Everything it writes goes under `train.output_dir` (`train.paths.RunPaths`). Asked to stop
 (SIGTERM, SIGINT), it finishes the current step, saves it and raises `Preempted`; an
 evaluation stops after its current batch (one during training saves its step, and the resume
-runs it first); after the last step, the export stops at once, and the resume from the final
-checkpoint runs only the evaluation after training and the export. Once everything is
-written, a stop request changes nothing.
+runs it first); after the last step, the export stops at once (one process; with several it
+finishes), and the resume from the final checkpoint runs only the evaluation after training
+and the export. Once everything is written, a stop request changes nothing.
 """
 
 from __future__ import annotations
@@ -269,7 +269,9 @@ def _resume(setup: Run, checkpoints: Checkpoints, params, opt_state, out: Path) 
   if cast:
     log(cast)
   params, opt_state, meta = source.restore(params, opt_state)
-  run_dir.resumed(out, config, meta["step"])
+  # Resumed after the last step, it evaluates again: that step's evaluation is run anew.
+  again = meta["step"] == setup.total_steps and config.eval.after
+  run_dir.resumed(out, config, meta["step"], evaluates_again=again)
   log(f"resumed from {source.directory} at step {meta['step']} (row {meta['data_position']})")
   return params, opt_state, meta["step"]
 
@@ -409,10 +411,13 @@ class Trainer:
     try:
       result = evaluator(f"step{step}", step, params, stop=self.preemption.reached)
     except EvaluationStopped:
+      result = None
+    # Asked during its last batch: it is logged, and the run stops now, as promised.
+    if result is None or self.preemption.reached():
       self.checkpoints.save_final(step, params, opt_state, self.meta(step))
-      raise self._stopped(
-        step, detail=f", during the evaluation at step {step}; the resume runs it first"
-      ) from None
+      during = "during the evaluation" if result is None else "after the evaluation"
+      left = "; the resume runs it first" if result is None else ""
+      raise self._stopped(step, detail=f", {during} at step {step}{left}")
     self.preemption.stop_after(Preemption.AFTER_THE_STEP)
     return result
 
@@ -455,32 +460,39 @@ class Trainer:
       evaluations[first_step] = self.evaluate(first_step, params, opt_state, evaluator)
     profile = _Profile(t.profile_steps, self.paths.profile, total_steps)
     every = setup.config.eval.every
-    for step in self.progress:
-      profile.before(step)
-      batch = setup.batches.global_batch(step, setup.steps.shardings["batch"])
-      params, opt_state, metrics = setup.steps.train(
-        params, opt_state, batch, jnp.int32(step), *reference_args
-      )
-      profile.after(step, metrics)
-      # Both are agreed on by every process: each calls them at every step.
-      save_now = checkpoints.due(step + 1) and step + 1 < total_steps
-      stopping = self.preemption.reached()
-      eval_now = every and (step + 1) % every == 0 and step + 1 < total_steps
-      # The previous log step's metrics are read only now, with this step queued. A step
-      # whose loss is on the weights of an unconfirmed checkpoint is always logged.
-      log_now = (step + 1) % t.log_every == 0 or step + 1 == total_steps
-      log_now = log_now or step in checkpoints.unconfirmed or stopping
-      self.report(meter.push(step + 1, metrics, setup.batches.tokens(step), log_now))
-      if stopping:  # this step is done: log and save it, and stop
-        self.report(meter.flush())
-        checkpoints.save_final(step + 1, params, opt_state, self.meta(step + 1))
-        raise self._stopped(step + 1)
-      if save_now:
-        checkpoints.save(step + 1, params, opt_state, self.meta(step + 1))
-      if eval_now:
-        self.report(meter.flush())
-        evaluations[step + 1] = self.evaluate(step + 1, params, opt_state, evaluator)
-        meter.restart()  # evaluating is not step time
+    meter.restart()  # the evaluations before are not step time
+    try:
+      for step in self.progress:
+        profile.before(step)
+        batch = setup.batches.global_batch(step, setup.steps.shardings["batch"])
+        params, opt_state, metrics = setup.steps.train(
+          params, opt_state, batch, jnp.int32(step), *reference_args
+        )
+        profile.after(step, metrics)
+        # Both are agreed on by every process: each calls them at every step.
+        save_now = checkpoints.due(step + 1) and step + 1 < total_steps
+        stopping = self.preemption.reached()
+        eval_now = every and (step + 1) % every == 0 and step + 1 < total_steps
+        # The previous log step's metrics are read only now, with this step queued. A step
+        # whose loss is on the weights of an unconfirmed checkpoint is always logged.
+        log_now = (step + 1) % t.log_every == 0 or step + 1 == total_steps
+        log_now = log_now or step in checkpoints.unconfirmed or stopping
+        self.report(meter.push(step + 1, metrics, setup.batches.tokens(step), log_now))
+        if stopping:  # this step is done: log and save it, and stop
+          self.report(meter.flush())
+          if step + 1 == total_steps:
+            trained = Trained(params, opt_state, evaluations, self.step_times)
+            raise self.stopped_after_training(trained, ": training is done")
+          checkpoints.save_final(step + 1, params, opt_state, self.meta(step + 1))
+          raise self._stopped(step + 1)
+        if save_now:
+          checkpoints.save(step + 1, params, opt_state, self.meta(step + 1))
+        if eval_now:
+          self.report(meter.flush())
+          evaluations[step + 1] = self.evaluate(step + 1, params, opt_state, evaluator)
+          meter.restart()  # evaluating is not step time
+    finally:
+      profile.stop()  # a stop or an error in the window keeps the trace so far
     self.report(meter.flush())
     self._close()
     if setup.config.checkpoint.save_final and total_steps > first_step:
@@ -509,6 +521,10 @@ class _Profile:
   def after(self, step: int, metrics) -> None:
     if self.tracing and step + 1 in (self.window[1], self.total_steps):
       jax.block_until_ready(metrics)  # the trace holds the window's device work
+      self.stop()
+
+  def stop(self) -> None:
+    if self.tracing:
       jax.profiler.stop_trace()
       self.tracing = False
 

@@ -4,7 +4,8 @@ A directory with another run's log or checkpoints is refused unless the run cont
 (`train.resume=true`) or replaces it (`train.overwrite=true` moves it aside);
 the directory and its `checkpoints/` must be writable. A resumed run keeps the
 original `config.yaml`, writes its own beside it and drops the log records
-after the step it resumes from, so every step is logged once.
+after the step it resumes from (and the evaluation at that step, when it runs again), so
+every step and evaluation is logged once.
 
 A live run holds `run.lock` in its directory for its whole life, so a second run
 into the same directory is refused before any work, naming the first. The lock is
@@ -13,7 +14,8 @@ ends (SIGKILL included); the file names the holder (pid, host, start time) for
 that message and is emptied when the run ends. A file that still names a run
 whose lock is free (it was killed) is taken over, saying so. Holding the lock, a
 run removes the temporary folders that a killed run's Hugging Face export left.
-With several processes only process 0 locks, and all of them stop if it cannot. On a shared
+With several processes only process 0 locks, and all of them stop if it cannot, or if
+another process cannot write the directory. On a shared
 file system (NFS), `flock` excludes runs on other hosts too; a file system
 without cross-host locks (some FUSE mounts) cannot tell two hosts' runs apart.
 """
@@ -133,8 +135,8 @@ def _lock_and_check(out: Path, config: Config) -> RunLock:
   _writable(out)
   lock = RunLock(out)
   try:
-    # A run that trained left log records or checkpoints; a config.yaml alone (a
-    # run that failed before its first step) is simply replaced.
+    # A run that trained left log records or checkpoints; a config.yaml and an eval log of
+    # the evaluation before (a run that stopped before its first step) are simply replaced.
     previous = [
       p.name
       for p in (RunPaths(out).train_log, RunPaths(out).checkpoints)
@@ -158,6 +160,7 @@ def _lock_and_check(out: Path, config: Config) -> RunLock:
     _remove_unfinished_exports(out, config)
     if t.resume is not True:
       save_config(config, RunPaths(out).config)
+      RunPaths(out).eval_log.unlink(missing_ok=True)  # this run evaluates before again
   except BaseException:
     lock.release()
     raise
@@ -212,24 +215,41 @@ def claim(out: Path, config: Config) -> RunLock | None:
       raise ConfigError(f"process 0 could not claim {out}; its output says why")
   if error is not None:
     raise error
-  if jax.process_index() != 0:
-    for directory in (out, RunPaths(out).checkpoints):
-      _writable(directory)
+  if jax.process_index() != 0:  # (now that process 0 has made them)
+    try:
+      for directory in (out, RunPaths(out).checkpoints):
+        _writable(directory)
+    except OSError as e:
+      error = e
+  if jax.process_count() > 1:  # as above: every process stops, or none
+    failed = np.flatnonzero(multihost_utils.process_allgather(np.int32(error is not None)))
+    if error is None and failed.size:
+      if lock is not None:
+        lock.release()
+      raise OSError(
+        f"process {', '.join(map(str, failed))} of this run cannot write {out}; its output says why"
+      )
+  if error is not None:
+    raise error
   return lock
 
 
-def resumed(out: Path, config: Config, step: int) -> None:
+def resumed(out: Path, config: Config, step: int, evaluates_again: bool = False) -> None:
   """Continuing the run in `out` at `step`: its config beside the original, the train and eval
-  logs cut at `step`."""
+  logs cut at `step` (the eval log before it when the resume `evaluates_again` there)."""
   if jax.process_index() != 0 or config.train.resume is not True:
     return
   save_config(config, RunPaths(out).resumed_config(step))
-  for log in (RunPaths(out).train_log, RunPaths(out).eval_log):
+  paths = RunPaths(out)
+  for log, last in (
+    (paths.train_log, step),
+    (paths.eval_log, step - 1 if evaluates_again else step),
+  ):
     if log.is_file():
       kept = []
       for line in log.read_text().splitlines():
         try:
-          if json.loads(line)["step"] <= step:
+          if json.loads(line)["step"] <= last:
             kept.append(line + "\n")
         except (json.JSONDecodeError, KeyError):  # a line torn by a kill
           pass
