@@ -68,6 +68,9 @@ def test_study_reports_resumes_and_reproduces(tmp_path, monkeypatch):
   assert list(csv.DictReader(open(out / "sweep.csv")))[0]["validation_items"]
   cell = out / "runs" / "sum2" / "gmt_0.5" / "seed1"
   assert (cell / "config.yaml").is_file() and (cell / "eval_after.jsonl").is_file()
+  # The study evaluates before training once per task; every run's logs hold it.
+  assert (cell / "eval_before.jsonl").is_file()
+  assert json.loads((cell / "eval_log.jsonl").read_text().splitlines()[0])["step"] == 0
 
   # Resume: finished runs are read back, never rerun; an interrupted one is run again.
   first = json.loads((cell / "study_result.json").read_text())

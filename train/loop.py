@@ -283,16 +283,18 @@ def _evaluate_before(setup: Run, evaluator: Evaluator, params, cache: dict | Non
   # Generated held-out items do not depend on the shuffle: every seed scores the same before.
   reordered_only = config.data.source == "reasoning_gym"
   data_key = dataclasses.replace(config.data, shuffle_seed=0) if reordered_only else config.data
-  answers = evaluator.answers
-  result, answers["before"] = shared(
-    cache,
-    ("before", setup.cache_key, data_key, config.eval, config.dpo_objective),
-    lambda: (
-      # Before training the policy is the reference.
-      evaluator("before", 0, params, policy_logps=evaluator.reference_logps, stop=stop),
-      answers.get("before"),
-    ),
-  )
+  answers, made = evaluator.answers, []
+
+  def evaluate():
+    made.append(True)
+    # Before training the policy is the reference.
+    result = evaluator("before", 0, params, policy_logps=evaluator.reference_logps, stop=stop)
+    return result, answers.get("before")
+
+  key = ("before", setup.cache_key, data_key, config.eval, config.dpo_objective)
+  result, answers["before"] = shared(cache, key, evaluate)
+  if not made:  # an earlier run in this process made it: this run's logs get it too
+    evaluator.log_shared("before", 0, result, answers["before"])
   if answers["before"] is None:
     del answers["before"]
   return result

@@ -218,12 +218,24 @@ class Evaluator:
     start = time.time()
     result = self._held_out(params, policy_logps, stop)
     result.update(self._accuracy(tag, params, stop))
+    self.log(tag, step, result, f"{time.time() - start:.1f} s")
+    return result
+
+  def log(self, tag: str, step: int, result: dict, note: str) -> None:
+    """Logs an evaluation's `result` at `step` under ``eval/``, with one line ending in
+    `note`."""
     self.writer.write(
       step, {k: v for k, v in result.items() if isinstance(v, (int, float))}, "eval/"
     )
     shown = ", ".join(f"{k} {v:.4f}" for k, v in result.items() if k in _SHOWN)
-    log(f"[eval {tag}] {shown} ({time.time() - start:.1f} s)")
-    return result
+    log(f"[eval {tag}] {shown} ({note})")
+
+  def log_shared(self, tag: str, step: int, result: dict, records: list[dict] | None) -> None:
+    """Logs an evaluation that an earlier run in this process made (`train.study`): its
+    `result` and, when kept, its answers (`records`, to the samples file)."""
+    self.log(tag, step, result, "shared with an earlier run")
+    if records is not None and jax.process_index() == 0:
+      write_jsonl(self.paths.eval_samples(tag), records)
 
   def _held_out(self, params, policy_logps, stop) -> dict:
     setup = self.setup
