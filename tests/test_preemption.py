@@ -139,7 +139,7 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_one_saved_step(tmp_path):
   equal those of a 2-process run never stopped. Meanwhile `checkpoint.every_seconds` saves
   by process 0's clock, at steps both processes agree on (a disagreement would hang)."""
   # Enough steps that the stop notice reaches both processes before the run ends: on a quiet
-  # machine 40 tiny steps could finish first.
+  # machine 40 tiny steps could finish first; here the stop lands 2 steps after the signal.
   steps = 100
   config = {**_config(tmp_path / "stopped", steps), "checkpoint": {"keep": 100}}
   stopped = _launch_two_processes(
@@ -157,7 +157,9 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_one_saved_step(tmp_path):
       p.kill()  # (only one left running: SIGTERM would not end it)
   assert [p.returncode for p in stopped] == [PREEMPTED_EXIT_CODE] * 2, outputs[:2]
   assert [p.returncode for p in straight] == [0, 0], outputs[2:]
-  lines = [STOPPED.search(output).groups() for output in outputs[:2]]
+  found = [STOPPED.search(output) for output in outputs[:2]]
+  assert all(found), outputs[:2]  # (a stop at the last step would say "training is done")
+  lines = [match.groups() for match in found]
   step = int(lines[0][1])
   assert lines[0][1:3] == lines[1][1:3] and step < steps  # the same step and checkpoint
   assert [f"mesh.process_id={i}" in line[3] for i, line in enumerate(lines)] == [True, True]
@@ -446,16 +448,26 @@ def test_a_directory_whose_run_trained_nothing_is_started_afresh(tmp_path):
 
 
 def test_a_process_that_cannot_write_the_directory_stops_every_process(tmp_path, monkeypatch):
-  """Seen from process 0 of 2, whose claim succeeded: process 1 reports that it cannot write
-  the directory, and process 0 stops too (rather than wait for it in a collective), naming
-  it and releasing the lock."""
+  """Claims of a 2-process run, seen from each process in turn. Process 0 claimed the
+  directory, then process 1 reports that it cannot write it: process 0 stops too (rather than
+  wait for it in a collective), naming it, and releases the lock. Process 1, on a host where
+  that directory is not the one process 0 made (a mount missing), says so."""
   out = tmp_path / "run"
+  config = load_config(_config(out, 2))
   monkeypatch.setattr(run_dir.jax, "process_count", lambda: 2)
-  monkeypatch.setattr(run_dir.multihost_utils, "broadcast_one_to_all", lambda x: x)
-  monkeypatch.setattr(run_dir.multihost_utils, "process_allgather", lambda x: np.array([x, 1]))
+  reports = iter([0, 1])  # process 1's: it claimed nothing; it cannot write
+  monkeypatch.setattr(
+    run_dir.multihost_utils, "process_allgather", lambda x: np.array([x, next(reports)])
+  )
   with pytest.raises(OSError, match=rf"^process 1 of this run cannot write {out}; its output"):
-    run_dir.claim(out, load_config(_config(out, 2)))
+    run_dir.claim(out, config)
   RunLock(out).release()  # free: process 0 released it
+
+  monkeypatch.setattr(run_dir.jax, "process_index", lambda: 1)
+  monkeypatch.setattr(run_dir.multihost_utils, "process_allgather", lambda x: np.array([0, x]))
+  elsewhere = tmp_path / "not_mounted"
+  with pytest.raises(OSError, match="on this host is not the directory process 0 made"):
+    run_dir.claim(elsewhere, load_config(_config(elsewhere, 2)))
 
 
 def test_a_resume_names_the_changed_model_or_method_and_keeps_the_checkpoint(tmp_path, capsys):

@@ -247,10 +247,11 @@ class Preemption:
     return self.signal_name is not None
 
 
-def _all_finite(tree) -> bool:
-  return bool(
-    jax.jit(lambda t: jnp.all(jnp.stack([jnp.isfinite(x).all() for x in jax.tree.leaves(t)])))(tree)
-  )
+@jax.jit
+def _finite(tree) -> jax.Array:
+  """Whether every element of `tree` is finite (compiled once per tree: a stop asks it in
+  its grace period)."""
+  return jnp.all(jnp.stack([jnp.isfinite(x).all() for x in jax.tree.leaves(tree)]))
 
 
 class Checkpoints:
@@ -370,10 +371,12 @@ class Checkpoints:
   def save_final(self, step: int, params, opt_state, meta: dict) -> None:
     """No step runs on the last weights (of the run, or before it stops): they are kept if
     every parameter is finite. When the latest checkpoint is `step` already (saved just
-    before, or restored: a stop in an evaluation at that step), it is not saved again."""
-    if not _all_finite(params):
+    before, or restored: a stop in an evaluation at that step), it is not saved again, and
+    checked only if no loss confirmed it yet."""
+    saved = step == self.latest_step()
+    if (not saved or step in self.unconfirmed) and not bool(_finite(params)):
       self.check(step, math.nan, what=f"a parameter is not finite after step {step}")
-    if step != self.latest_step():
+    if not saved:
       self.save(step, params, opt_state, meta)
     self.wait()
     self._confirm(step)

@@ -154,6 +154,8 @@ def _run(
   evaluator = Evaluator(setup, paths, writer, eval_reference)
   trainer = Trainer(setup, paths, checkpoints, writer, preemption)
   if config.eval.before and first_step == 0:
+    if preemption.reached():  # asked while it loaded or compiled
+      raise trainer.stopped_before_training("")
     preemption.stop_after(
       "stopping after the current batch of the evaluation before training (exit "
       f"{PREEMPTED_EXIT_CODE}); nothing is trained yet: the run starts again"

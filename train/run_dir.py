@@ -202,36 +202,42 @@ def claim(out: Path, config: Config) -> RunLock | None:
   :raises ConfigError: `out` holds a finished or stopped run that this one would mix with.
   :raises OSError: `out` is not writable, or `train.resume=<path>` does not exist.
   """
-  resume_source(config)
   lock, error = None, None
-  if jax.process_index() == 0:
-    try:
+  try:
+    resume_source(config)
+    if jax.process_index() == 0:
       lock = _lock_and_check(out, config)
-    except (ConfigError, OSError) as e:
-      error = e
-  if jax.process_count() > 1:  # the others stop too, rather than wait in a collective
-    failed = multihost_utils.broadcast_one_to_all(np.int32(error is not None))
-    if failed and error is None:
-      raise ConfigError(f"process 0 could not claim {out}; its output says why")
-  if error is not None:
-    raise error
-  if jax.process_index() != 0:  # (now that process 0 has made them)
+  except (ConfigError, OSError) as e:
+    error = e
+  _stop_together(error, lock, f"could not claim {out}", ConfigError)
+  if jax.process_index() != 0:  # now that process 0 has made the directory
     try:
+      if not RunPaths(out).lock.is_file():
+        raise OSError(
+          errno.ENOENT,
+          f"{out} on this host is not the directory process 0 made (it holds no "
+          f"{RunPaths(out).lock.name}): mount the same file system at that path on every host",
+        )
       for directory in (out, RunPaths(out).checkpoints):
         _writable(directory)
     except OSError as e:
       error = e
-  if jax.process_count() > 1:  # as above: every process stops, or none
+  _stop_together(error, lock, f"cannot write {out}", OSError)
+  return lock
+
+
+def _stop_together(error: Exception | None, lock: RunLock | None, what: str, kind) -> None:
+  """Raises `error`; with several processes, one raised in another process raises a `kind`
+  here naming it (and releases `lock`): every process stops, rather than wait for it in the
+  next collective."""
+  if jax.process_count() > 1:
     failed = np.flatnonzero(multihost_utils.process_allgather(np.int32(error is not None)))
     if error is None and failed.size:
       if lock is not None:
         lock.release()
-      raise OSError(
-        f"process {', '.join(map(str, failed))} of this run cannot write {out}; its output says why"
-      )
+      raise kind(f"process {', '.join(map(str, failed))} of this run {what}; its output says why")
   if error is not None:
     raise error
-  return lock
 
 
 def resumed(out: Path, config: Config, step: int, evaluates_again: bool = False) -> None:

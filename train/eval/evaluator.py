@@ -232,7 +232,8 @@ class Evaluator:
 
   def log_shared(self, tag: str, step: int, result: dict, records: list[dict] | None) -> None:
     """Logs an evaluation that an earlier run in this process made (`train.study`): its
-    `result` and, when kept, its answers (`records`, to the samples file)."""
+    `result` and, when kept (held-out answers; a benchmark's are not), its answers
+    (`records`, to the samples file)."""
     self.log(tag, step, result, "shared with an earlier run")
     if records is not None and jax.process_index() == 0:
       write_jsonl(self.paths.eval_samples(tag), records)
