@@ -20,6 +20,7 @@ import pytest
 
 import train
 from tests.test_train import ROOT, TINY, _launch_two_processes, _losses
+from train import loop as loop_module
 from train import run_dir
 from train.checkpoints import PREEMPTED_EXIT_CODE, Interrupted, Preempted, Preemption
 from train.config import ConfigError, load_config
@@ -270,17 +271,28 @@ def test_sigterm_in_an_evaluation_during_training_saves_its_step_and_the_resume_
   assert [r["step"] for r in read_jsonl(RunPaths(out).eval_log)] == [2]
 
 
-def test_sigterm_in_the_evaluation_before_training_stops_it_with_nothing_to_save(
-  tmp_path, monkeypatch
-):
+def test_sigterm_before_the_first_step_stops_it_with_nothing_to_save(tmp_path, monkeypatch, capsys):
+  """SIGTERM in the evaluation before training stops it within a batch; SIGTERM while the run
+  loads stops it before that evaluation. Both say so, and that nothing is saved."""
   out = tmp_path / "run"
+  config = _config(out, 2, eval={**QUICK["eval"], "before": True, "accuracy": False})
   _sigterm_when_called(monkeypatch, evaluator_module, "held_out_loss")
   with pytest.raises(Preempted) as raised:
-    train.run(_config(out, 2, eval={**QUICK["eval"], "before": True}))
+    train.run(config)
   assert not raised.value.saved and str(raised.value) == (
     "SIGTERM: stopped after step 0, nothing to save, during the evaluation before training"
   )
+  assert capsys.readouterr().err == (
+    "SIGTERM: stopping after the current batch of the evaluation before training (exit 75); "
+    "nothing is trained yet: the run starts again\n"
+  )
   assert not (out / "train_log.jsonl").exists()
+  monkeypatch.undo()
+  _sigterm_when_called(monkeypatch, loop_module, "setup_run")
+  with pytest.raises(Preempted) as raised:
+    train.run(config)  # (a run that trained nothing is started afresh)
+  assert str(raised.value) == "SIGTERM: stopped after step 0, nothing to save"
+  assert capsys.readouterr().err == "SIGTERM: stopping before the first step (exit 75)\n"
 
 
 def test_sigterm_in_the_export_stops_it_at_once_and_once_all_is_written_changes_nothing(

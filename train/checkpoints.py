@@ -182,6 +182,7 @@ class Preemption:
     "finishing the current step, saving a checkpoint and stopping "
     f"(exit {PREEMPTED_EXIT_CODE}); SIGINT again stops at once, without saving"
   )
+  BEFORE_THE_FIRST_STEP = f"stopping before the first step (exit {PREEMPTED_EXIT_CODE})"
 
   def __init__(self):
     self._calls = 0

@@ -127,6 +127,7 @@ def _run(
 ) -> dict:
   """`run` once the output directory is this run's: set up, evaluate before, train,
   evaluate after, export and summarise."""
+  preemption.stop_after(Preemption.BEFORE_THE_FIRST_STEP)  # (the trainer says when it starts)
   paths = RunPaths(out)
   setup = setup_run(config, cache)
   params = setup.model.params
@@ -164,7 +165,7 @@ def _run(
       summary["before"] = _evaluate_before(setup, evaluator, params, cache, preemption.reached)
     except EvaluationStopped:
       raise trainer.stopped_before_training(", during the evaluation before training") from None
-    preemption.stop_after(Preemption.AFTER_THE_STEP)
+    preemption.stop_after(Preemption.BEFORE_THE_FIRST_STEP)
   trained = trainer.train(params, opt_state, first_step, reference_args, evaluator)
   params = trained.params
   summary.update((f"step_{step}", metrics) for step, metrics in trained.evaluations.items())
@@ -465,6 +466,7 @@ class Trainer:
     profile = _Profile(t.profile_steps, self.paths.profile, total_steps)
     every = setup.config.eval.every
     meter.restart()  # the evaluations before are not step time
+    self.preemption.stop_after(Preemption.AFTER_THE_STEP)
     try:
       for step in self.progress:
         profile.before(step)
