@@ -27,6 +27,7 @@ evaluation batch): the loop saves that step, and the command line exits with
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import dataclasses
 import datetime
 import errno
@@ -195,6 +196,16 @@ class Preemption:
   def stop_after(self, plan: str) -> None:
     """From now on a stop request is acted on at the next `reached`; `plan` says how."""
     self._on_stop = ("after", plan)
+
+  @contextlib.contextmanager
+  def stopping_after(self, plan: str):
+    """`stop_after(plan)` for the work inside (an evaluation); the plan before it after."""
+    previous = self._on_stop
+    self.stop_after(plan)
+    try:
+      yield
+    finally:
+      self._on_stop = previous
 
   def stop_at_once(self, what: str) -> None:
     """From now on a stop request raises `Interrupted` at once, in `what`: work that saves

@@ -155,17 +155,7 @@ def _run(
   evaluator = Evaluator(setup, paths, writer, eval_reference)
   trainer = Trainer(setup, paths, checkpoints, writer, preemption)
   if config.eval.before and first_step == 0:
-    if preemption.reached():  # asked while it loaded or compiled
-      raise trainer.stopped_before_training("")
-    preemption.stop_after(
-      "stopping after the current batch of the evaluation before training (exit "
-      f"{PREEMPTED_EXIT_CODE}); nothing is trained yet: the run starts again"
-    )
-    try:
-      summary["before"] = _evaluate_before(setup, evaluator, params, cache, preemption.reached)
-    except EvaluationStopped:
-      raise trainer.stopped_before_training(", during the evaluation before training") from None
-    preemption.stop_after(Preemption.BEFORE_THE_FIRST_STEP)
+    summary["before"] = _evaluate_before(trainer, evaluator, params, cache)
   trained = trainer.train(params, opt_state, first_step, reference_args, evaluator)
   params = trained.params
   summary.update((f"step_{step}", metrics) for step, metrics in trained.evaluations.items())
@@ -279,9 +269,28 @@ def _resume(setup: Run, checkpoints: Checkpoints, params, opt_state, out: Path) 
   return params, opt_state, meta["step"]
 
 
-def _evaluate_before(setup: Run, evaluator: Evaluator, params, cache: dict | None, stop) -> dict:
-  """The evaluation before training, shared through `cache` by runs that agree on it; `stop`
-  as the `Evaluator` takes it."""
+def _evaluate_before(trainer: Trainer, evaluator: Evaluator, params, cache: dict | None) -> dict:
+  """The evaluation before training, shared through `cache` by runs that agree on it. Asked
+  to stop, before it or after one of its batches, the run ends with nothing to save."""
+  setup, preemption = trainer.setup, trainer.preemption
+  if preemption.reached():  # asked while it loaded or compiled
+    raise trainer.stopped_before_training("")
+  plan = (
+    "stopping after the current batch of the evaluation before training (exit "
+    f"{PREEMPTED_EXIT_CODE}); nothing is trained yet: the run starts again"
+  )
+  try:
+    with preemption.stopping_after(plan):
+      return _shared_evaluation_before(setup, evaluator, params, cache, preemption.reached)
+  except EvaluationStopped:
+    raise trainer.stopped_before_training(", during the evaluation before training") from None
+
+
+def _shared_evaluation_before(
+  setup: Run, evaluator: Evaluator, params, cache: dict | None, stop
+) -> dict:
+  """The evaluation before training, or the one an earlier run in this process made of the
+  same model and data (`cache`); `stop` as the `Evaluator` takes it."""
   config = setup.config
   # Generated held-out items do not depend on the shuffle: every seed scores the same before.
   reordered_only = config.data.source == "reasoning_gym"
@@ -409,21 +418,21 @@ class Trainer:
     """The evaluation at `step`, during training. Asked to stop, it stops after its current
     batch, `step` is saved (unless its checkpoint is the latest already) and the run ends;
     the resume runs this evaluation first (`owes_evaluation`)."""
-    self.preemption.stop_after(
+    plan = (
       f"stopping after the current batch of the evaluation at step {step}, saving step {step} "
       f"(exit {PREEMPTED_EXIT_CODE}); the resume runs that evaluation first"
     )
-    try:
-      result = evaluator(f"step{step}", step, params, stop=self.preemption.reached)
-    except EvaluationStopped:
-      result = None
-    # Asked during its last batch: it is logged, and the run stops now, as promised.
-    if result is None or self.preemption.reached():
-      self.checkpoints.save_final(step, params, opt_state, self.meta(step))
-      during = "during the evaluation" if result is None else "after the evaluation"
-      left = "; the resume runs it first" if result is None else ""
-      raise self._stopped(step, detail=f", {during} at step {step}{left}")
-    self.preemption.stop_after(Preemption.AFTER_THE_STEP)
+    with self.preemption.stopping_after(plan):
+      try:
+        result = evaluator(f"step{step}", step, params, stop=self.preemption.reached)
+      except EvaluationStopped:
+        result = None
+      # Asked during its last batch: it is logged, and the run stops now, as promised.
+      if result is None or self.preemption.reached():
+        self.checkpoints.save_final(step, params, opt_state, self.meta(step))
+        during = "during the evaluation" if result is None else "after the evaluation"
+        left = "; the resume runs it first" if result is None else ""
+        raise self._stopped(step, detail=f", {during} at step {step}{left}")
     return result
 
   def owes_evaluation(self, step: int) -> bool:

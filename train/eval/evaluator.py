@@ -218,10 +218,10 @@ class Evaluator:
     start = time.time()
     result = self._held_out(params, policy_logps, stop)
     result.update(self._accuracy(tag, params, stop))
-    self.log(tag, step, result, f"{time.time() - start:.1f} s")
+    self._report(tag, step, result, f"{time.time() - start:.1f} s")
     return result
 
-  def log(self, tag: str, step: int, result: dict, note: str) -> None:
+  def _report(self, tag: str, step: int, result: dict, note: str) -> None:
     """Logs an evaluation's `result` at `step` under ``eval/``, with one line ending in
     `note`."""
     self.writer.write(
@@ -234,7 +234,7 @@ class Evaluator:
     """Logs an evaluation that an earlier run in this process made (`train.study`): its
     `result` and, when kept (held-out answers; a benchmark's are not), its answers
     (`records`, to the samples file)."""
-    self.log(tag, step, result, "shared with an earlier run")
+    self._report(tag, step, result, "shared with an earlier run")
     if records is not None and jax.process_index() == 0:
       write_jsonl(self.paths.eval_samples(tag), records)
 
